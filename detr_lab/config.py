@@ -1,0 +1,388 @@
+"""Typed configuration: the schema, YAML loading with `_base_` inheritance, dotted overrides.
+
+A run is described by one `Config` tree. YAML files under `configs/` are merged onto the schema's
+defaults by OmegaConf, which rejects unknown keys and wrong types; `validate` then checks values
+(choices, ranges). Every failure is a `ConfigError` naming the file and the dotted key, and for an
+unknown key the closest valid one.
+
+    cfg = load_config("configs/deformable.yaml", overrides=["model.num_queries=100"])
+    save_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is invalid. The message names which."""
+
+
+def _choice(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+def _positive(default: Any) -> Any:
+    return field(default=default, metadata={"min": 0, "exclusive": True})
+
+
+def _non_negative(default: Any) -> Any:
+    return field(default=default, metadata={"min": 0})
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    name: str = _choice("resnet18", "resnet34", "resnet50", "resnet101", default="resnet50")
+    # ImageNet weights: `pretrained: true` uses torchvision's download (cached in TORCH_HOME);
+    # `weights_path` loads a local torchvision state dict instead and never touches the network.
+    pretrained: bool = False
+    weights_path: str | None = None
+    dilation: bool = False  # dilate the last stage ("DC5"): stride 16 instead of 32
+    frozen_stages: int = field(default=1, metadata={"min": 0, "max": 4})  # stem + layer1 as in DETR
+
+
+@dataclass
+class ActConfig:
+    """Adaptive clustering attention (E2LSH hashing of the queries)."""
+
+    q_hashes: int = _positive(32)  # L: number of hash rounds
+    bucket_width: float = _positive(1.0)  # r: E2LSH bucket width
+    seed: int = 0  # seeds the hash draws so evaluation is reproducible
+
+
+@dataclass
+class EncoderConfig:
+    num_layers: int = _non_negative(6)
+    attention: str = _choice("plain", "deformable", "act", default="plain")
+    num_points: int = _positive(4)  # deformable attention: sampling points per head and level
+    act: ActConfig = field(default_factory=ActConfig)
+
+
+@dataclass
+class DecoderConfig:
+    num_layers: int = _positive(6)
+    cross_attention: str = _choice("plain", "deformable", default="plain")
+    num_points: int = _positive(4)
+
+
+@dataclass
+class ModelConfig:
+    # Real classes; "no object" is index `num_classes` for softmax classification.
+    num_classes: int = _positive(91)
+    hidden_dim: int = _positive(256)
+    num_heads: int = _positive(8)
+    ffn_dim: int = _positive(2048)
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    num_queries: int = _positive(100)
+    num_feature_levels: int = field(default=1, metadata={"min": 1, "max": 4})
+    position_encoding: str = _choice("sine", "learned", default="sine")
+    classification: str = _choice("softmax", "sigmoid", default="softmax")  # sigmoid = focal loss
+    box_refine: bool = False  # Deformable DETR iterative bounding-box refinement
+    two_stage: bool = False  # Deformable DETR two-stage (encoder proposals as reference points)
+    aux_loss: bool = True
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class LossConfig:
+    """Matching costs and loss weights, in one place (the criterion and matcher read these)."""
+
+    cost_class: float = _non_negative(1.0)
+    cost_bbox: float = _non_negative(5.0)
+    cost_giou: float = _non_negative(2.0)
+    class_weight: float = _non_negative(1.0)
+    bbox_weight: float = _non_negative(5.0)
+    giou_weight: float = _non_negative(2.0)
+    eos_coef: float = _non_negative(0.1)  # softmax: weight of the "no object" class
+    focal_alpha: float = field(default=0.25, metadata={"min": 0, "max": 1})
+    focal_gamma: float = _non_negative(2.0)
+
+
+@dataclass
+class DistillConfig:
+    """Multi-task knowledge distillation of an ACT student from a plain-attention teacher."""
+
+    enabled: bool = False
+    teacher_checkpoint: str | None = None
+    feature_weight: float = _non_negative(1.0)  # MSE between encoder outputs
+    box_l1_weight: float = _non_negative(5.0)
+    box_giou_weight: float = _non_negative(2.0)
+    class_kl_weight: float = _non_negative(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class AugmentConfig:
+    """Sizes in pixels. Training follows the DETR recipe; evaluation resizes the shorter side."""
+
+    train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = _positive(1333)
+    hflip_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    crop_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min_size: int = _positive(384)
+    crop_max_size: int = _positive(600)
+    eval_size: int = _positive(800)
+    eval_max_size: int = _positive(1333)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic COCO-format dataset, generated under `data.root` on first use."""
+
+    num_train: int = _positive(400)
+    num_val: int = _positive(80)
+    image_size: int = _positive(256)  # longer side of the generated images
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _choice("coco", "synthetic", default="coco")
+    root: str = "data/coco"
+    # COCO 2017 layout by default: <root>/train2017, <root>/annotations/instances_train2017.json.
+    # Relative paths below are resolved against `root`.
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    batch_size: int = _positive(2)  # per device
+    num_workers: int = _non_negative(2)
+    skip_corrupt_images: bool = True  # training only: a corrupt image is skipped and counted
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+# ------------------------------------------------------------------------------------ optimization
+@dataclass
+class OptimConfig:
+    lr: float = _positive(1e-4)
+    lr_backbone: float = _non_negative(1e-5)
+    weight_decay: float = _non_negative(1e-4)
+    # Parameter-name substring -> LR multiplier (e.g. Deformable DETR: sampling_offsets: 0.1).
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [200])
+    lr_drop_factor: float = _positive(0.1)
+    clip_grad_norm: float = _non_negative(0.1)  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/default"
+    max_epochs: int = _positive(50)
+    max_steps: int = -1  # -1: no step limit
+    accelerator: str = _choice("auto", "cpu", "gpu", "cuda", "mps", default="auto")
+    devices: str = "auto"  # "auto", a count ("8") or a list ("0,1")
+    num_nodes: int = _positive(1)
+    strategy: str = "auto"  # "auto", "ddp", "ddp_find_unused_parameters_true", ...
+    precision: str = _choice("32", "32-true", "bf16-mixed", "16-mixed", default="32")
+    accumulate_grad_batches: int = _positive(1)
+    check_val_every_n_epoch: int = _positive(1)
+    log_every_n_steps: int = _positive(50)
+    limit_train_batches: float = _positive(1.0)
+    limit_val_batches: float = _positive(1.0)
+    seed: int = 42
+    save_every_n_steps: int = _non_negative(0)  # 0: checkpoint at each epoch end only
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _valid_keys(node: DictConfig) -> list[str]:
+    return [str(k) for k in node.keys()]
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(candidates))}"
+
+
+def _check_keys(schema: DictConfig, data: Any, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `data` that the schema does not have."""
+    if not isinstance(data, DictConfig):
+        return
+    for key in data.keys():
+        key = str(key)
+        dotted = f"{prefix}{key}"
+        if key == BASE_KEY and not prefix:
+            continue
+        if key not in schema:
+            # A dict-typed field (lr_multipliers) accepts any key.
+            if OmegaConf.get_type(schema) is dict:
+                continue
+            parent = prefix[:-1] or "the top level"
+            raise ConfigError(
+                f"{where}: unknown key '{dotted}' under {parent}{_suggest(key, _valid_keys(schema))}"
+            )
+        child_schema = schema._get_node(key)
+        if isinstance(child_schema, DictConfig) and OmegaConf.get_type(child_schema) is not dict:
+            _check_keys(child_schema, data._get_node(key), where, f"{dotted}.")
+
+
+def _merge(schema: DictConfig, data: DictConfig, where: str) -> DictConfig:
+    _check_keys(schema, data, where)
+    try:
+        return OmegaConf.merge(schema, data)  # type: ignore[return-value]
+    except (ValidationError, ConfigKeyError) as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid value for '{key}': {msg}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Read `path` with its `_base_` files merged underneath (paths relative to the file)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"_base_ cycle: {cycle}")
+    if not path.is_file():
+        origin = f" (named in _base_ of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{origin}")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in several types
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None or isinstance(data, ListConfig):
+        if data is None:
+            data = OmegaConf.create({})
+        else:
+            raise ConfigError(f"{path}: the top level must be a mapping, not a list")
+    bases = data.pop(BASE_KEY, None) if isinstance(data, DictConfig) else None
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for base in bases:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: '_base_' must be a file path or a list of paths, got {base!r}")
+        base_data = _read_yaml(path.parent / base, (*chain, path))
+        merged = OmegaConf.merge(merged, base_data)
+    return OmegaConf.merge(merged, data)  # type: ignore[return-value]
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides: {str(err).splitlines()[0]}") from None
+
+
+def _walk_validate(obj: Any, prefix: str, where: str) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _walk_validate(value, f"{dotted}.", where)
+            continue
+        meta = f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            options = ", ".join(meta["choices"])
+            close = difflib.get_close_matches(str(value), meta["choices"], n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: '{dotted}' is {value!r}; expected one of: {options}{hint}")
+        if "min" in meta and value is not None:
+            low = meta["min"]
+            if value < low or (meta.get("exclusive") and value == low):
+                op = ">" if meta.get("exclusive") else ">="
+                raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be {op} {low}")
+        if "max" in meta and value is not None and value > meta["max"]:
+            raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be <= {meta['max']}")
+
+
+def validate(cfg: Config, where: str = "config") -> Config:
+    """Check choices and ranges, and the cross-field rules the schema's types cannot express."""
+    _walk_validate(cfg, "", where)
+    m = cfg.model
+    if m.hidden_dim % m.num_heads:
+        raise ConfigError(
+            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by 'model.num_heads' ({m.num_heads})"
+        )
+    deformable = m.encoder.attention == "deformable" or m.decoder.cross_attention == "deformable"
+    if m.num_feature_levels > 1 and not deformable:
+        raise ConfigError(
+            f"{where}: 'model.num_feature_levels' is {m.num_feature_levels}, but multi-scale features need "
+            "deformable attention ('model.encoder.attention' or 'model.decoder.cross_attention')"
+        )
+    if (m.box_refine or m.two_stage) and m.decoder.cross_attention != "deformable":
+        raise ConfigError(
+            f"{where}: 'model.box_refine' and 'model.two_stage' need 'model.decoder.cross_attention: deformable'"
+        )
+    if m.two_stage and not m.box_refine:
+        raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")
+    for i, scale in enumerate(cfg.data.augment.train_scales):
+        if scale <= 0:
+            raise ConfigError(f"{where}: 'data.augment.train_scales[{i}]' is {scale}; sizes must be > 0")
+    if not cfg.data.augment.train_scales:
+        raise ConfigError(f"{where}: 'data.augment.train_scales' must not be empty")
+    for name in ("mean", "std"):
+        if len(getattr(cfg.data.augment, name)) != 3:
+            raise ConfigError(f"{where}: 'data.augment.{name}' must have 3 values (R, G, B)")
+    return cfg
+
+
+def config_from_dict(data: dict | DictConfig, where: str = "config") -> Config:
+    """Build a validated `Config` from a (possibly partial) nested mapping, e.g. one saved in a checkpoint."""
+    schema = OmegaConf.structured(Config)
+    merged = _merge(schema, OmegaConf.create(data) if isinstance(data, dict) else data, where)
+    return validate(OmegaConf.to_object(merged), where)  # type: ignore[arg-type]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (with its `_base_` chain) onto the schema defaults, then apply overrides.
+
+    Args:
+        path: YAML file, or None for the schema defaults.
+        overrides: dotted `key.path=value` strings, applied last.
+    Raises:
+        ConfigError: a missing file, an unknown key (with the closest valid key), a wrong type or value.
+    """
+    merged: DictConfig = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), str(path))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(list(overrides)), "command-line override")
+    where = str(path) if path is not None else "config"
+    return validate(OmegaConf.to_object(merged), where)  # type: ignore[arg-type]
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of `cfg` (for checkpoints and logging)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config as YAML (atomically) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+    return path
