@@ -1,0 +1,96 @@
+"""Plain multi-head attention (DETR), batch-first, on `scaled_dot_product_attention`.
+
+The call contract is shared by every attention module in this package:
+
+    attn(query, key, value, *, key_padding_mask=None, reference_points=None,
+         spatial_shapes=None, level_start_index=None) -> [B, Lq, d]
+
+Attention modules only mix tokens: no residual connection and no normalization inside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PlainAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections.
+
+    Args:
+        embed_dim: model width d (divisible by `num_heads`).
+        num_heads: number of heads.
+        dropout: dropout on the attention weights (training only).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As nn.MultiheadAttention: xavier-uniform over the packed [3d, d] in-projection, zero biases.
+        bound = (6.0 / (self.embed_dim + 3 * self.embed_dim)) ** 0.5
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.uniform_(proj.weight, -bound, bound)
+            nn.init.zeros_(proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """`[B, L, d]` -> `[B, heads, L, head_dim]`."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        """`[B, heads, L, head_dim]` -> `[B, L, d]`."""
+        batch, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, length, self.embed_dim)
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project and split heads: each `[B, heads, L, head_dim]` (queries not yet scaled)."""
+        return (
+            self.split_heads(self.q_proj(query)),
+            self.split_heads(self.k_proj(key)),
+            self.split_heads(self.v_proj(value)),
+        )
+
+    @staticmethod
+    def attention_mask(key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """bool `[B, Lk]` (True = padding) -> additive float mask `[B, 1, 1, Lk]` (-inf at padding)."""
+        if key_padding_mask is None:
+            return None
+        mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+        return mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
+        level_start_index: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from `query` `[B, Lq, d]` to `key`/`value` `[B, Lk, d]` -> `[B, Lq, d]`.
+
+        `key_padding_mask` is bool `[B, Lk]`, True = padding (those keys get no weight). The
+        multi-scale arguments are accepted for the shared contract and ignored.
+        """
+        q, k, v = self.project(query, key, value)  # (B, nh, L, hd)
+        mask = self.attention_mask(key_padding_mask, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, Lq, hd)
+        return self.out_proj(self.merge_heads(out))
