@@ -100,9 +100,9 @@ def group_equal_rows(group_ids: Tensor, rows: Tensor, *, fingerprint_bits: int =
         return torch.zeros(0, dtype=torch.long, device=rows.device)
     num_groups = int(group_ids.max()) + 1
     group_bits = max(1, math.ceil(math.log2(num_groups + 1)))
-    bits = min(fingerprint_bits, 62 - group_bits)
-    if bits < 16:  # too many groups to keep a useful fingerprint beside the group id
+    if 62 - group_bits < 16:  # too many groups to keep a useful fingerprint beside the group id
         return _exact_groups(group_ids, rows)
+    bits = min(fingerprint_bits, 62 - group_bits)
     generator = torch.Generator().manual_seed(_FINGERPRINT_SEED)
     multipliers = torch.randint(-(2**62), 2**62, (num_columns,), generator=generator) | 1
     # Wrapping int64 arithmetic: a random linear fingerprint of the row, then a xor-shift to mix
