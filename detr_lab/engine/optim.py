@@ -1,0 +1,73 @@
+"""Optimizer and LR schedule of the DETR recipe: AdamW with per-name learning rates, step decay.
+
+Every trainable parameter gets `optim.lr`, or `optim.lr_backbone` when its name contains "backbone";
+each `optim.lr_multipliers` substring found in the name multiplies that rate (several matches
+multiply together). `lr_backbone: 0` freezes the backbone instead of training it at rate zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detr_lab.config import ConfigError, OptimConfig
+
+BACKBONE_KEY = "backbone"
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Set requires_grad False on every parameter whose name contains "backbone"; return how many."""
+    count = 0
+    for name, parameter in model.named_parameters():
+        if BACKBONE_KEY in name:
+            parameter.requires_grad_(False)
+            count += 1
+    return count
+
+
+def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters of `model`, one per distinct rate rule.
+
+    Each group is `{"params": [...], "lr": float, "name": str, "param_names": [...]}`; `name` is
+    "backbone" or "default", followed by the multiplier keys that matched (e.g. "default*sampling_offsets").
+    Raises:
+        ConfigError: a key of `optim.lr_multipliers` matches no parameter name (likely a typo).
+    """
+    all_names = [name for name, _ in model.named_parameters()]
+    for key in optim.lr_multipliers:
+        if not any(key in name for name in all_names):
+            raise ConfigError(f"'optim.lr_multipliers' key '{key}' matches no parameter name of the model")
+    groups: dict[str, dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_backbone = BACKBONE_KEY in name
+        lr = optim.lr_backbone if is_backbone else optim.lr
+        matched = [key for key in optim.lr_multipliers if key in name]
+        for key in matched:
+            lr *= optim.lr_multipliers[key]
+        group_name = "*".join([BACKBONE_KEY if is_backbone else "default", *matched])
+        group = groups.setdefault(group_name, {"params": [], "lr": lr, "name": group_name, "param_names": []})
+        group["params"].append(parameter)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `build_param_groups(model, optim)` with `optim.weight_decay` on every group."""
+    groups = build_param_groups(model, optim)
+    if not groups:
+        raise ConfigError("the model has no trainable parameter (check 'optim.lr_backbone' and the backbone)")
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Multiply every group's rate by `optim.lr_drop_factor` at each epoch of `optim.lr_drop_epochs`.
+
+    Stepped once per epoch, so the drop applies from epoch `lr_drop_epochs[i]` (0-based) onwards.
+    """
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=sorted(optim.lr_drop_epochs), gamma=optim.lr_drop_factor
+    )
