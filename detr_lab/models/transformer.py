@@ -1,0 +1,372 @@
+"""Encoder-decoder transformer whose layers receive their attention modules.
+
+Layers are post-norm as in DETR: `x = norm(x + dropout(sublayer(x)))`. Every attention module is
+called with the shared contract of `detr_lab.models.attention` (batch-first, `key_padding_mask`
+True = padding, multi-scale arguments passed along and ignored by attention that does not need them),
+so a new attention variant plugs in without a new layer class.
+
+Token layout: feature levels are flattened row-major and concatenated, shallowest level first; the
+flat index of pixel (y, x) of level l is `level_start_index[l] + y * W_l + x`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP `linear2(dropout(relu(linear1(x))))`: `[..., d]` -> `[..., d]`."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention over the flattened feature tokens, then a feed-forward block (post-norm).
+
+    Args:
+        self_attn: an attention module with the shared call contract, width `embed_dim`.
+        embed_dim: token width d. ffn_dim: hidden width of the feed-forward block.
+        dropout: on the residual branches and inside the feed-forward block.
+    """
+
+    def __init__(self, *, self_attn: nn.Module, embed_dim: int, ffn_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(embed_dim)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
+        level_start_index: Tensor | None = None,
+    ) -> Tensor:
+        """Tokens `x` and their position embeddings `pos` `[B, S, d]` -> `[B, S, d]`.
+
+        `padding_mask` bool `[B, S]` (True = padding); `reference_points` `[B, S, levels, 2]`,
+        `spatial_shapes` `[levels, 2]`, `level_start_index` `[levels]` go to the attention module.
+        """
+        query_key = x + pos
+        attended = self.self_attn(
+            query=query_key,
+            key=query_key,
+            value=x,
+            key_padding_mask=padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
+        x = self.self_attn_norm(x + self.self_attn_dropout(attended))
+        return self.ffn_norm(x + self.ffn_dropout(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Query self-attention, cross-attention to the encoder memory, feed-forward (each post-norm).
+
+    Args:
+        self_attn: attention among the object queries (plain in every DETR variant).
+        cross_attn: attention from the queries to the memory (plain for DETR, deformable later).
+        embed_dim: token width d. ffn_dim: hidden width of the feed-forward block.
+        dropout: on the residual branches and inside the feed-forward block.
+    """
+
+    def __init__(
+        self,
+        *,
+        self_attn: nn.Module,
+        cross_attn: nn.Module,
+        embed_dim: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(embed_dim)
+        self.cross_attn = cross_attn
+        self.cross_attn_dropout = nn.Dropout(dropout)
+        self.cross_attn_norm = nn.LayerNorm(embed_dim)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        queries: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        *,
+        memory_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
+        level_start_index: Tensor | None = None,
+    ) -> Tensor:
+        """`queries`, `query_pos` `[B, Q, d]`; `memory`, `memory_pos` `[B, S, d]` -> queries `[B, Q, d]`.
+
+        `memory_padding_mask` bool `[B, S]` (True = padding). `reference_points` `[B, Q, levels, 2 or 4]`
+        (normalized), `spatial_shapes`, `level_start_index` are passed to the cross-attention.
+        """
+        query_key = queries + query_pos
+        attended = self.self_attn(query=query_key, key=query_key, value=queries)
+        queries = self.self_attn_norm(queries + self.self_attn_dropout(attended))
+        attended = self.cross_attn(
+            query=queries + query_pos,
+            key=memory + memory_pos,
+            value=memory,
+            key_padding_mask=memory_padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
+        queries = self.cross_attn_norm(queries + self.cross_attn_dropout(attended))
+        return self.ffn_norm(queries + self.ffn_dropout(self.ffn(queries)))
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderLayer`s (no final norm: post-norm layers end normalized)."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor, pos: Tensor, **attention_kwargs: Tensor | None) -> Tensor:
+        """`[B, S, d]` tokens and positions -> memory `[B, S, d]`; kwargs as `EncoderLayer.forward`."""
+        for layer in self.layers:
+            x = layer(x, pos, **attention_kwargs)
+        return x
+
+
+class Decoder(nn.Module):
+    """A stack of `DecoderLayer`s returning every layer's output, each through the final `norm`.
+
+    Args:
+        layers: the decoder layers.
+        norm: applied to each layer's output before it is returned (DETR: LayerNorm); None skips it
+            (Deformable DETR has no final decoder norm).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(
+        self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, **kwargs
+    ) -> Tensor:
+        """Queries `[B, Q, d]` through every layer -> `[num_layers, B, Q, d]`.
+
+        Keyword arguments are passed to every `DecoderLayer.forward`.
+        """
+        outputs = []
+        for layer in self.layers:
+            queries = layer(queries, query_pos, memory, memory_pos, **kwargs)
+            outputs.append(self.norm(queries) if self.norm is not None else queries)
+        return torch.stack(outputs)
+
+
+@dataclass
+class EncoderOutput:
+    """What the decoder (and distillation) needs from the encoder.
+
+    memory `[B, S, d]`; memory_pos `[B, S, d]` (position + level embeddings); memory_padding_mask
+    bool `[B, S]` (True = padding); spatial_shapes int64 `[levels, 2]` (H, W); level_start_index
+    int64 `[levels]`; valid_ratios float `[B, levels, 2]` (x, y): the unpadded fraction of each level.
+    """
+
+    memory: Tensor
+    memory_pos: Tensor
+    memory_padding_mask: Tensor
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+
+
+def flatten_levels(
+    features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flatten and concatenate feature levels into one token sequence.
+
+    Args:
+        features, pos: per level float `[B, d, H_l, W_l]`; masks: per level bool `[B, H_l, W_l]`.
+    Returns:
+        tokens `[B, S, d]`, pos `[B, S, d]`, padding_mask `[B, S]` (True = padding),
+        spatial_shapes int64 `[levels, 2]` (H, W), level_start_index int64 `[levels]`.
+    """
+    if not (len(features) == len(masks) == len(pos)) or not features:
+        raise ValueError(
+            f"need the same non-zero number of feature maps, masks and position maps; got "
+            f"{len(features)}, {len(masks)}, {len(pos)}"
+        )
+    shapes = [tuple(f.shape[-2:]) for f in features]
+    tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # (B, S, d)
+    flat_pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], dim=1)
+    padding_mask = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
+    device = tokens.device
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)  # (levels, 2)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
+    return tokens, flat_pos, padding_mask, spatial_shapes, level_start_index
+
+
+def valid_ratios(masks: Sequence[Tensor]) -> Tensor:
+    """Per level bool `[B, H_l, W_l]` (True = padding) -> `[B, levels, 2]` (x, y) unpadded fraction."""
+    ratios = []
+    for mask in masks:
+        height, width = mask.shape[-2:]
+        valid_h = (~mask[:, :, 0]).sum(1).float() / height
+        valid_w = (~mask[:, 0, :]).sum(1).float() / width
+        ratios.append(torch.stack((valid_w, valid_h), dim=-1))
+    return torch.stack(ratios, dim=1)
+
+
+def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+    """Pixel-centre reference points of every token for multi-scale attention.
+
+    Each token's centre is normalized by its own level's valid extent, then expressed in every
+    level's normalized coordinates (multiplied by that level's valid ratio), as Deformable DETR.
+
+    Args:
+        spatial_shapes: int64 `[levels, 2]` (H, W). ratios: `[B, levels, 2]` (x, y), from `valid_ratios`.
+    Returns:
+        `[B, S, levels, 2]` (x, y).
+    """
+    points = []
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.arange(height, dtype=ratios.dtype, device=ratios.device) + 0.5,
+            torch.arange(width, dtype=ratios.dtype, device=ratios.device) + 0.5,
+            indexing="ij",
+        )  # (H, W) each
+        x = xs.reshape(1, -1) / (ratios[:, None, level, 0] * width)  # (B, H*W)
+        y = ys.reshape(1, -1) / (ratios[:, None, level, 1] * height)
+        points.append(torch.stack((x, y), dim=-1))  # (B, H*W, 2)
+    reference = torch.cat(points, dim=1)  # (B, S, 2)
+    return reference[:, :, None] * ratios[:, None]  # (B, S, levels, 2)
+
+
+class Transformer(nn.Module):
+    """Encoder over flattened multi-level features and a decoder of object queries.
+
+    Args:
+        encoder: an `Encoder` (its layers hold their own self-attention modules).
+        decoder: a `Decoder`.
+        embed_dim: token width d.
+        num_levels: when given, a learned level embedding `level_embed` `[num_levels, d]` is added to
+            each level's position embedding (multi-scale models); None (DETR) adds nothing.
+
+    `forward` = `encode` + `decode`; models that build their queries from the memory (two-stage)
+    call the two halves themselves.
+    """
+
+    def __init__(
+        self, encoder: Encoder, decoder: Decoder, *, embed_dim: int, num_levels: int | None = None
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.embed_dim = embed_dim
+        self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dim)) if num_levels else None
+        self.reset_parameters()
+
+    def attention_modules(self) -> list[nn.Module]:
+        modules = [layer.self_attn for layer in self.encoder.layers]
+        for layer in self.decoder.layers:
+            modules += [layer.self_attn, layer.cross_attn]
+        return modules
+
+    def reset_parameters(self) -> None:
+        # As the reference models: Xavier-uniform for every matrix, then each attention module's own
+        # initialisation (which reproduces nn.MultiheadAttention's packed-projection scheme or the
+        # deformable sampling-offset grid), then the level embedding ~ N(0, 1).
+        for param in self.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        for module in self.attention_modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
+
+    def encode(
+        self, features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor]
+    ) -> EncoderOutput:
+        """Run the encoder on feature levels already projected to width d.
+
+        Args:
+            features: per level `[B, d, H_l, W_l]`; masks: per level bool `[B, H_l, W_l]` (True =
+                padding); pos: per level position embeddings `[B, d, H_l, W_l]`.
+        """
+        if self.level_embed is not None:
+            if len(pos) != self.level_embed.shape[0]:
+                raise ValueError(
+                    f"transformer expects {self.level_embed.shape[0]} feature levels, got {len(pos)}"
+                )
+            pos = [p + self.level_embed[level].view(1, -1, 1, 1) for level, p in enumerate(pos)]
+        tokens, memory_pos, padding_mask, spatial_shapes, level_start_index = flatten_levels(
+            features, masks, pos
+        )
+        ratios = valid_ratios(masks).to(tokens.dtype)
+        memory = self.encoder(
+            tokens,
+            memory_pos,
+            padding_mask=padding_mask,
+            reference_points=encoder_reference_points(spatial_shapes, ratios),
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
+        return EncoderOutput(memory, memory_pos, padding_mask, spatial_shapes, level_start_index, ratios)
+
+    def decode(
+        self,
+        queries: Tensor,
+        query_pos: Tensor,
+        encoded: EncoderOutput,
+        *,
+        reference_points: Tensor | None = None,
+    ) -> Tensor:
+        """Decode queries `[B, Q, d]` with embeddings `query_pos` `[B, Q, d]` -> `[num_layers, B, Q, d]`.
+
+        `reference_points` `[B, Q, levels, 2 or 4]` (normalized) are handed to the cross-attention.
+        """
+        return self.decoder(
+            queries,
+            query_pos,
+            encoded.memory,
+            encoded.memory_pos,
+            memory_padding_mask=encoded.memory_padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=encoded.spatial_shapes,
+            level_start_index=encoded.level_start_index,
+        )
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        pos: Sequence[Tensor],
+        queries: Tensor,
+        query_pos: Tensor,
+    ) -> tuple[Tensor, EncoderOutput]:
+        """Encode the levels, decode the queries: -> (`[num_layers, B, Q, d]`, `EncoderOutput`)."""
+        encoded = self.encode(features, masks, pos)
+        return self.decode(queries, query_pos, encoded), encoded
