@@ -1,0 +1,536 @@
+"""Checkpoints: safe loading, detr_lab's own format, Lightning checkpoints and official DETR weights.
+
+    loaded = load_checkpoint("runs/x/model.pt")               # detr_lab, Lightning or official file
+    model, cfg = load_official("detr-r50-e632da11.pth")       # official DETR -> detr_lab model
+    save_checkpoint("model.pt", model, cfg, category_ids, class_names)
+
+Every file goes through `safe_load` (`torch.load(weights_only=True)`): a file that would need to run
+pickled code is refused. Official checkpoints are converted by an explicit key map per detector
+family (`OFFICIAL_FAMILIES`); a key left unmapped or a parameter left unfilled is an error, so a
+partial load cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from detr_lab.config import Config, ConfigError, config_from_dict, config_to_dict
+from detr_lab.models.build import build_model
+
+FORMAT_NAME = "detr_lab"
+FORMAT_VERSION = 1
+LIGHTNING_META_KEY = "detr_lab"  # the entry the training engine adds to Lightning checkpoints
+LIGHTNING_MODEL_PREFIX = "model."
+
+# COCO 2017 category id -> name (80 categories with gaps in 1..90).
+COCO_CATEGORY_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
+    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
+    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
+    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
+    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
+    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
+    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or dict cannot be read or does not fit the model. The message says which."""
+
+
+# -------------------------------------------------------------------------------------- safe loading
+_GLOBAL_PATTERN = re.compile(r"Unsupported global: GLOBAL ([\w.<>]+)")
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU, with clear errors.
+
+    Tensors, containers, numbers, strings and `argparse.Namespace` (official checkpoints store their
+    training arguments as one) load; anything that needs other pickled code (functions, custom
+    classes) is refused.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a PyTorch file, or needs pickled code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _GLOBAL_PATTERN.search(str(err))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: loading it would run pickled code ({found.group(1)}); only tensors, "
+                "containers, numbers and strings are accepted"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt or another format)"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+
+
+def _read(source: str | os.PathLike | Mapping) -> tuple[Any, str]:
+    """(loaded object, a name for messages)."""
+    if isinstance(source, Mapping):
+        return source, "checkpoint dict"
+    return safe_load(source), str(source)
+
+
+# ------------------------------------------------------------------------------- state-dict checks
+def load_state_exactly(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """`model.load_state_dict(state)` that fails with a message naming a few offending keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
+        if mismatched:
+            shapes = [
+                f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched[:5]
+            ]
+            problems.append(f"{len(mismatched)} with a different shape (e.g. {'; '.join(shapes)})")
+        raise CheckpointError(f"{source}: weights do not fit the configured model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _build_loaded(cfg: Config, state: Mapping[str, Tensor], source: str) -> nn.Module:
+    """Build `cfg.model` without fetching ImageNet weights, load `state` exactly, eval mode."""
+    backbone = dataclasses.replace(cfg.model.backbone, pretrained=False, weights_path=None)
+    model = build_model(dataclasses.replace(cfg.model, backbone=backbone))
+    load_state_exactly(model, state, source)
+    return model.eval()
+
+
+def apply_overrides(stored: Mapping | Config, overrides: Sequence[str], where: str) -> Config:
+    """A stored config (dict or `Config`) with dotted `key.path=value` overrides applied and validated."""
+    data = config_to_dict(stored) if isinstance(stored, Config) else dict(stored)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+    merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
+    return config_from_dict(merged, where)
+
+
+# ---------------------------------------------------------------------------- official checkpoints
+def _count_indices(state: Mapping[str, Tensor], prefix: str) -> int:
+    """Number of consecutive integer children `prefix{i}.` (0, 1, ...) among the keys."""
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def _require(state: Mapping[str, Tensor], key: str, family: str) -> Tensor:
+    if key not in state:
+        raise CheckpointError(f"official {family} checkpoint: missing key '{key}'")
+    return state[key]
+
+
+RESNET_DEPTHS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+}
+
+
+def infer_resnet(state: Mapping[str, Tensor], prefix: str) -> str:
+    """ResNet name from the block counts of `{prefix}layer1..4` and the block type (bottleneck = conv3)."""
+    counts = tuple(_count_indices(state, f"{prefix}layer{i}.") for i in range(1, 5))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+    name = RESNET_DEPTHS.get((bottleneck, counts))
+    if name is None:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise CheckpointError(
+            f"unsupported backbone in checkpoint: {kind} blocks {counts} per stage under '{prefix}' "
+            "(supported: ResNet-18/34/50/101)"
+        )
+    return name
+
+
+# Official DETR key -> detr_lab keys. A rule maps a key matching `pattern` to one or more target
+# templates (several: the tensor is split evenly along dim 0, e.g. a packed q/k/v projection);
+# an empty tuple drops the key on purpose.
+KeyRule = tuple[str, tuple[str, ...]]
+
+_DETR_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
+DETR_KEY_RULES: list[KeyRule] = [
+    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
+    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
+    (r"backbone\.1\.(?P<table>row_embed|col_embed)\.weight", ("position_encoding.{table}.weight",)),
+    (r"input_proj\.(?P<p>weight|bias)", ("input_proj.0.{p}",)),
+    (r"query_embed\.weight", ("query_embed.weight",)),
+    (r"class_embed\.(?P<p>weight|bias)", ("class_embed.{p}",)),
+    (r"bbox_embed\.layers\.(?P<j>\d+)\.(?P<p>weight|bias)", ("bbox_embed.layers.{j}.{p}",)),
+    (
+        _DETR_LAYER + r"(?P<attn>self_attn|multihead_attn)\.in_proj_(?P<p>weight|bias)",
+        (
+            "transformer.{stack}.layers.{i}.{attn}.q_proj.{p}",
+            "transformer.{stack}.layers.{i}.{attn}.k_proj.{p}",
+            "transformer.{stack}.layers.{i}.{attn}.v_proj.{p}",
+        ),
+    ),
+    (
+        _DETR_LAYER + r"(?P<attn>self_attn|multihead_attn)\.out_proj\.(?P<p>weight|bias)",
+        ("transformer.{stack}.layers.{i}.{attn}.out_proj.{p}",),
+    ),
+    (
+        _DETR_LAYER + r"linear(?P<n>[12])\.(?P<p>weight|bias)",
+        ("transformer.{stack}.layers.{i}.ffn.linear{n}.{p}",),
+    ),
+    (
+        _DETR_LAYER + r"norm(?P<norm>[123])\.(?P<p>weight|bias)",
+        ("transformer.{stack}.layers.{i}.{norm}.{p}",),
+    ),
+    (r"transformer\.decoder\.norm\.(?P<p>weight|bias)", ("transformer.decoder.norm.{p}",)),
+]
+# Post-norm layers: which residual branch each official norm follows.
+_DETR_NORMS = {
+    "encoder": {"1": "self_attn_norm", "2": "ffn_norm"},
+    "decoder": {"1": "self_attn_norm", "2": "cross_attn_norm", "3": "ffn_norm"},
+}
+_DETR_ATTENTION = {"self_attn": "self_attn", "multihead_attn": "cross_attn"}
+
+
+def _detr_fields(groups: dict[str, str]) -> dict[str, str] | None:
+    fields = dict(groups)
+    if "attn" in fields:
+        fields["attn"] = _DETR_ATTENTION[fields["attn"]]
+    if "norm" in fields:
+        norm = _DETR_NORMS[fields["stack"]].get(fields["norm"])
+        if norm is None:  # e.g. an encoder norm3: no such branch
+            return None
+        fields["norm"] = norm
+    return fields
+
+
+def map_keys(
+    state: Mapping[str, Tensor],
+    rules: Sequence[KeyRule],
+    fields: Callable[[dict[str, str]], dict[str, str] | None],
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Apply key rules: -> (mapped state dict, official keys no rule mapped)."""
+    compiled = [(re.compile(pattern), targets) for pattern, targets in rules]
+    mapped: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in state.items():
+        for pattern, targets in compiled:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            values = fields(match.groupdict())
+            if values is None:
+                continue
+            if targets:
+                parts = tensor.chunk(len(targets)) if len(targets) > 1 else (tensor,)
+                for target, part in zip(targets, parts, strict=True):
+                    mapped[target.format(**values)] = part.clone()
+            break
+        else:
+            unmapped.append(key)
+    return mapped, unmapped
+
+
+@dataclass
+class OfficialFamily:
+    """How one official detector family's checkpoints become detr_lab models.
+
+    `matches(state)` recognises the family's keys; `infer_config(state, overrides)` returns the
+    `Config` the weights describe; `rules`/`fields` map its keys to detr_lab's (see `map_keys`).
+    """
+
+    name: str
+    override_keys: tuple[str, ...]
+    matches: Callable[[Mapping[str, Tensor]], bool]
+    infer_config: Callable[[Mapping[str, Tensor], dict[str, Any]], Config]
+    rules: Sequence[KeyRule]
+    fields: Callable[[dict[str, str]], dict[str, str] | None]
+
+
+def _is_detr(state: Mapping[str, Tensor]) -> bool:
+    return (
+        "query_embed.weight" in state
+        and "class_embed.weight" in state
+        and any(k.startswith("transformer.decoder.layers.0.multihead_attn.") for k in state)
+    )
+
+
+def _infer_detr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -> Config:
+    family = "DETR"
+    query_embed = _require(state, "query_embed.weight", family)
+    num_queries, hidden_dim = query_embed.shape
+    num_classes = _require(state, "class_embed.weight", family).shape[0] - 1
+    encoder_layers = _count_indices(state, "transformer.encoder.layers.")
+    decoder_layers = _count_indices(state, "transformer.decoder.layers.")
+    stack = "encoder" if encoder_layers else "decoder"
+    ffn_dim = _require(state, f"transformer.{stack}.layers.0.linear1.weight", family).shape[0]
+    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
+        raise CheckpointError(
+            f"num_queries={overrides['num_queries']} given, but the checkpoint's query_embed holds "
+            f"{num_queries} queries"
+        )
+    model = {
+        "num_classes": num_classes,
+        "hidden_dim": hidden_dim,
+        "num_heads": overrides.get("num_heads", 8),
+        "ffn_dim": ffn_dim,
+        "num_queries": num_queries,
+        "num_feature_levels": 1,
+        "position_encoding": "learned" if "backbone.1.row_embed.weight" in state else "sine",
+        "classification": "softmax",
+        "backbone": {
+            "name": infer_resnet(state, "backbone.0.body."),
+            "dilation": bool(overrides.get("dilation", False)),
+            "pretrained": False,
+            "weights_path": None,
+        },
+        "encoder": {"num_layers": encoder_layers, "attention": "plain"},
+        "decoder": {"num_layers": decoder_layers, "cross_attention": "plain"},
+    }
+    return config_from_dict({"model": model}, "official DETR checkpoint")
+
+
+DETR_FAMILY = OfficialFamily(
+    name="DETR",
+    override_keys=("dilation", "num_heads", "num_queries"),
+    matches=_is_detr,
+    infer_config=_infer_detr_config,
+    rules=DETR_KEY_RULES,
+    fields=_detr_fields,
+)
+
+# Deformable DETR is added here as a second family (its own key rules and config inference).
+OFFICIAL_FAMILIES: list[OfficialFamily] = [DETR_FAMILY]
+
+
+def _official_state(checkpoint: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], str]:
+    data, source = _read(checkpoint)
+    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping) or not data or not all(isinstance(v, Tensor) for v in data.values()):
+        raise CheckpointError(
+            f"{source}: expected an official state dict (name -> tensor), or a dict with 'model'"
+        )
+    return dict(data), source
+
+
+def official_family(state: Mapping[str, Tensor], source: str = "checkpoint") -> OfficialFamily:
+    """The official detector family whose key layout `state` has."""
+    for family in OFFICIAL_FAMILIES:
+        if family.matches(state):
+            return family
+    if any(".sampling_offsets." in k for k in state) or "transformer.level_embed" in state:
+        raise NotImplementedError(f"{source}: Deformable DETR checkpoints are not supported yet")
+    known = ", ".join(f.name for f in OFFICIAL_FAMILIES)
+    raise CheckpointError(
+        f"{source}: not an official checkpoint of a known family ({known}); first keys: {list(state)[:3]}"
+    )
+
+
+def convert_official(
+    checkpoint: str | os.PathLike | Mapping, **overrides: Any
+) -> tuple[Config, dict[str, Tensor]]:
+    """Official checkpoint -> (the `Config` it describes, a detr_lab state dict). See `load_official`."""
+    state, source = _official_state(checkpoint)
+    family = official_family(state, source)
+    unknown = sorted(set(overrides) - set(family.override_keys))
+    if unknown:
+        raise CheckpointError(
+            f"unknown override(s) {', '.join(unknown)} for official {family.name} checkpoints; "
+            f"valid: {', '.join(family.override_keys)}"
+        )
+    cfg = family.infer_config(state, overrides)
+    mapped, unmapped = map_keys(state, family.rules, family.fields)
+    if unmapped:
+        raise CheckpointError(
+            f"{source}: {len(unmapped)} official {family.name} key(s) have no place in the detr_lab model "
+            f"(e.g. {', '.join(unmapped[:5])})"
+        )
+    return cfg, mapped
+
+
+def load_official(checkpoint: str | os.PathLike | Mapping, **overrides: Any) -> tuple[nn.Module, Config]:
+    """Load an official DETR checkpoint into a detr_lab model.
+
+    Args:
+        checkpoint: a file path, a dict with `model`, or a bare official state dict.
+        overrides: what weights cannot tell: `dilation=True` (DC5), `num_heads=N` (default 8);
+            `num_queries=N` is checked against the weights.
+    Returns:
+        (eval-mode model, `Config` describing it). The architecture (backbone depth, layer counts,
+        widths, query and class counts) is inferred from the weights.
+    Raises:
+        CheckpointError: unreadable input, unknown overrides, official keys without a place in the
+            model, or model parameters the checkpoint does not fill.
+    """
+    cfg, state = convert_official(checkpoint, **overrides)
+    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "official checkpoint"
+    return _build_loaded(cfg, state, source), cfg
+
+
+def official_class_names(num_classes: int) -> list[str]:
+    """Class names of an official checkpoint, whose class index is the COCO category id.
+
+    COCO-sized heads (>= 91 classes) get the COCO name at each id and "N/A" at unused ids; smaller
+    heads (fine-tuned on other data) get placeholder names `class_<i>`.
+    """
+    if num_classes >= 91:
+        return [COCO_CATEGORY_NAMES.get(i, "N/A") for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _looks_official(data: Mapping) -> bool:
+    state = data.get("model") if isinstance(data.get("model"), Mapping) else data
+    return any(str(k).startswith("backbone.0.body.") for k in state)
+
+
+# --------------------------------------------------------------------------- detr_lab checkpoints
+@dataclass
+class LoadedCheckpoint:
+    """A ready (eval-mode) model with its config and class metadata (class index -> id / name)."""
+
+    model: nn.Module
+    config: Config
+    category_ids: list[int]
+    class_names: list[str]
+
+
+def _check_classes(
+    num_classes: int, category_ids: Sequence[int], class_names: Sequence[str], source: str
+) -> None:
+    if len(category_ids) != num_classes or len(class_names) != num_classes:
+        raise CheckpointError(
+            f"{source}: {len(category_ids)} category ids and {len(class_names)} class names for a model "
+            f"with num_classes={num_classes}; they must all agree"
+        )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    cfg: Config,
+    category_ids: Iterable[int],
+    class_names: Iterable[str],
+) -> Path:
+    """Write a detr_lab checkpoint atomically (temporary file, then rename) and return its path.
+
+    The file holds `{"format": "detr_lab", "version": 1, "config", "state_dict", "category_ids",
+    "class_names"}`; `load_checkpoint` reads it back.
+    """
+    path = Path(path)
+    category_ids = [int(i) for i in category_ids]
+    class_names = [str(n) for n in class_names]
+    _check_classes(cfg.model.num_classes, category_ids, class_names, str(path))
+    payload = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": config_to_dict(cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "category_ids": category_ids,
+        "class_names": class_names,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str] = ()) -> LoadedCheckpoint:
+    """Load a detr_lab, Lightning or official DETR checkpoint as a ready model.
+
+    Args:
+        source: a file path or an already loaded dict of one of:
+            - detr_lab format (`save_checkpoint`);
+            - a Lightning checkpoint: `state_dict` with the model under `model.` (other prefixes such
+              as `criterion.` or `teacher.` are ignored) and a `detr_lab` entry holding `config`,
+              `category_ids` and `class_names`;
+            - an official DETR checkpoint (category ids = class indices, COCO names).
+        overrides: dotted config overrides applied to the stored config before building, e.g.
+            `model.encoder.attention=act`.
+    Raises:
+        CheckpointError: unreadable file, unknown layout, or weights that do not fit the config.
+        ConfigError: an invalid stored config or override.
+    """
+    data, name = _read(source)
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{name}: expected a checkpoint dict, got {type(data).__name__}")
+
+    if data.get("format") == FORMAT_NAME:
+        if data.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{name}: detr_lab checkpoint version {data.get('version')!r}; "
+                f"this code reads version {FORMAT_VERSION}"
+            )
+        meta, state = data, data.get("state_dict")
+    elif isinstance(data.get("state_dict"), Mapping) and LIGHTNING_META_KEY in data:
+        meta = data[LIGHTNING_META_KEY]
+        state = {
+            k[len(LIGHTNING_MODEL_PREFIX) :]: v
+            for k, v in data["state_dict"].items()
+            if k.startswith(LIGHTNING_MODEL_PREFIX)
+        }
+        if not state:
+            raise CheckpointError(f"{name}: Lightning checkpoint without '{LIGHTNING_MODEL_PREFIX}*' weights")
+    elif _looks_official(data):
+        cfg, state = convert_official(data)
+        num_classes = cfg.model.num_classes
+        cfg = apply_overrides(cfg, overrides, f"{name} (official config with overrides)")
+        model = _build_loaded(cfg, state, name)
+        return LoadedCheckpoint(model, cfg, list(range(num_classes)), official_class_names(num_classes))
+    else:
+        raise CheckpointError(
+            f"{name}: unknown checkpoint layout (not detr_lab format, not a Lightning checkpoint with a "
+            f"'{LIGHTNING_META_KEY}' entry, not an official DETR checkpoint); "
+            f"top-level keys: {list(data)[:8]}"
+        )
+
+    for key in ("config", "category_ids", "class_names"):
+        if key not in meta:
+            raise CheckpointError(f"{name}: checkpoint metadata lacks '{key}'")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{name}: 'state_dict' is missing or not a dict")
+    cfg = apply_overrides(meta["config"], overrides, f"{name} (stored config)")
+    category_ids = [int(i) for i in meta["category_ids"]]
+    class_names = [str(n) for n in meta["class_names"]]
+    _check_classes(cfg.model.num_classes, category_ids, class_names, name)
+    model = _build_loaded(cfg, state, name)
+    return LoadedCheckpoint(model, cfg, category_ids, class_names)
