@@ -230,13 +230,17 @@ class AdaptiveClusteringAttention(PlainAttention):
 
         `key_padding_mask` is bool `[B, Lk]`, True = padding (those keys get no weight).
         `query_padding_mask` (optional, bool `[B, Lq]`, True = padding) keeps padded queries out of
-        the real queries' clusters; without it padded queries are clustered like any other. The
-        multi-scale arguments are accepted for the shared contract and ignored.
+        the real queries' clusters. When it is not given and `query` is the very tensor passed as
+        `key` (encoder self-attention), `key_padding_mask` serves for the queries too; otherwise
+        padded queries are clustered like any other. The multi-scale arguments are accepted for the
+        shared contract and ignored.
         """
         batch, num_queries, _ = query.shape
         num_keys = key.shape[1]
         self._check_mask("key_padding_mask", key_padding_mask, batch, num_keys)
         self._check_mask("query_padding_mask", query_padding_mask, batch, num_queries)
+        if query_padding_mask is None and query is key:
+            query_padding_mask = key_padding_mask
         q, k, v = self.project(query, key, value)  # (B, nh, L, hd)
         q = q * self.head_dim**-0.5
         hashes = self.hash_queries(q)  # (B, nh, Lq, L)
