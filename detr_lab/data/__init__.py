@@ -1,0 +1,50 @@
+"""Data pipeline: COCO-format datasets, DETR augmentation, padding collate, synthetic shapes set.
+
+`DetectionDataModule` (Lightning) is imported lazily, so the rest loads without Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from detr_lab.data.coco import CocoDetectionDataset, RawSample, read_categories, read_coco_json
+from detr_lab.data.collate import collate_detection, pad_images
+from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
+from detr_lab.data.images import load_rgb_image
+from detr_lab.data.synthetic import (
+    SYNTHETIC_CATEGORY_IDS,
+    SYNTHETIC_CLASS_NAMES,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+)
+from detr_lab.data.transforms import DetectionTransform, build_eval_transform, build_train_transform
+
+__all__ = [
+    "AnnotationWarning",
+    "CocoDetectionDataset",
+    "CorruptImageError",
+    "DatasetError",
+    "DetectionDataModule",
+    "DetectionTransform",
+    "MissingImageError",
+    "RawSample",
+    "SYNTHETIC_CATEGORY_IDS",
+    "SYNTHETIC_CLASS_NAMES",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_detection",
+    "ensure_synthetic_dataset",
+    "generate_synthetic_dataset",
+    "load_rgb_image",
+    "pad_images",
+    "read_categories",
+    "read_coco_json",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DetectionDataModule":
+        from detr_lab.data.datamodule import DetectionDataModule
+
+        return DetectionDataModule
+    raise AttributeError(f"module 'detr_lab.data' has no attribute {name!r}")

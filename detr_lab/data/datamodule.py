@@ -1,0 +1,134 @@
+"""LightningDataModule: train/val COCO-format datasets and their DataLoaders from `cfg.data`.
+
+    dm = DetectionDataModule(cfg)                 # or category_ids=checkpoint's list
+    dm.num_classes, dm.category_ids, dm.class_names   # known before setup
+    dm.prepare_data(); dm.setup("fit")
+    images, padding_mask, targets = next(iter(dm.train_dataloader()))
+
+The class mapping (class index -> category id) is, unless given, the sorted category ids of the
+validation annotation file (the synthetic set's fixed ids for `dataset: synthetic`); both splits use
+the same mapping, so a training annotation whose category is not in it is an error naming it.
+Under DDP, Lightning inserts the DistributedSampler itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from detr_lab.config import Config
+from detr_lab.data.coco import CocoDetectionDataset, read_categories
+from detr_lab.data.collate import collate_detection
+from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
+from detr_lab.data.transforms import build_eval_transform, build_train_transform
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Datasets and loaders for `cfg.data` (`dataset: coco` or `synthetic`).
+
+    Batches are `(images [B, 3, H, W], padding_mask [B, H, W] bool True = padding, targets)`, see
+    `detr_lab.data.collate.collate_detection`.
+
+    Args:
+        cfg: the run's config; reads `cfg.data` only.
+        category_ids: explicit class index -> category id mapping (e.g. from a checkpoint); None: derived
+            from the data (see the module docstring).
+    """
+
+    def __init__(self, cfg: Config, category_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data_cfg = cfg.data
+        self._requested_category_ids = list(category_ids) if category_ids is not None else None
+        self._categories: tuple[list[int], list[str]] | None = None
+        self.train_dataset: CocoDetectionDataset | None = None
+        self.val_dataset: CocoDetectionDataset | None = None
+
+    # ------------------------------------------------------------------------------------- paths
+    def _paths(self, split: str) -> tuple[Path, Path]:
+        root = Path(self.data_cfg.root)
+        images = self.data_cfg.train_images if split == "train" else self.data_cfg.val_images
+        annotations = self.data_cfg.train_annotations if split == "train" else self.data_cfg.val_annotations
+        return root / images, root / annotations
+
+    # ------------------------------------------------------------------------------- class mapping
+    def _resolve_categories(self) -> tuple[list[int], list[str]]:
+        if self._categories is None:
+            if self.data_cfg.dataset == "synthetic":
+                ids = self._requested_category_ids or list(SYNTHETIC_CATEGORY_IDS)
+                name_of = dict(zip(SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, strict=True))
+                self._categories = (ids, [name_of.get(i, "N/A") for i in ids])
+            else:
+                _, annotation_file = self._paths("val")
+                self._categories = read_categories(annotation_file, self._requested_category_ids)
+        return self._categories
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Class index -> dataset category id."""
+        return list(self._resolve_categories()[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class index -> category name."""
+        return list(self._resolve_categories()[1])
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes (the model's "no object" class is index `num_classes`)."""
+        return len(self._resolve_categories()[0])
+
+    # -------------------------------------------------------------------------------- lightning
+    def prepare_data(self) -> None:
+        if self.data_cfg.dataset == "synthetic":
+            ensure_synthetic_dataset(self.data_cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_cfg.dataset == "synthetic":
+            ensure_synthetic_dataset(self.data_cfg)  # no-op when prepare_data has run
+        category_ids = self.category_ids
+        if stage in (None, "fit") and self.train_dataset is None:
+            images, annotations = self._paths("train")
+            self.train_dataset = CocoDetectionDataset(
+                images,
+                annotations,
+                transforms=build_train_transform(self.data_cfg.augment),
+                category_ids=category_ids,
+                skip_corrupt_images=self.data_cfg.skip_corrupt_images,
+            )
+        if self.val_dataset is None:
+            images, annotations = self._paths("val")
+            self.val_dataset = CocoDetectionDataset(
+                images,
+                annotations,
+                transforms=build_eval_transform(self.data_cfg.augment),
+                category_ids=category_ids,
+                skip_corrupt_images=False,  # evaluation must see every image
+            )
+
+    def _loader(self, dataset: CocoDetectionDataset | None, split: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"DetectionDataModule: the {split} dataset is not built; call setup() first")
+        workers = self.data_cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.data_cfg.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_detection,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", shuffle=False)

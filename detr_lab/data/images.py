@@ -1,0 +1,83 @@
+"""Image decoding: any file PIL reads -> 8-bit RGB in its displayed orientation.
+
+The EXIF orientation tag is applied (`ImageOps.exif_transpose`), so the returned array and its size
+are those of the image as a viewer displays it; annotation coordinates are taken to refer to that
+displayed image. Pixel formats are converted as follows:
+
+- grayscale, palette (with or without transparency), CMYK, YCbCr, LAB, HSV -> RGB;
+- an alpha channel is dropped (the colour channels are kept as stored, not blended);
+- 16-bit modes (`I;16`, `I;16B`, ...) are scaled to 8 bits (value / 257);
+- 32-bit integer `I` and float `F` images are scaled from 16 bits when any value exceeds 255
+  (PNG 16-bit grayscale may decode as `I`), else (for `F`: when all values are <= 1, from [0, 1])
+  taken as 8-bit values;
+- multi-frame files (GIF, TIFF) give their first frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from detr_lab.data.errors import CorruptImageError, MissingImageError
+
+logger = logging.getLogger(__name__)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """2-D array of a 16-bit, 32-bit integer or float image -> uint8 [H, W]."""
+    values = values.astype(np.float64)
+    if mode in _SIXTEEN_BIT_MODES:
+        scaled = values / 257.0
+    elif values.size and values.max() > 255:
+        scaled = np.clip(values, 0, 65535) / 257.0
+    elif mode == "F" and values.size and values.max() <= 1.0:
+        scaled = values * 255.0
+    else:
+        scaled = values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> contiguous uint8 array [H, W, 3] (RGB), following the module's conversion rules."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        gray = _wide_to_uint8(np.asarray(image), mode)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode in ("P", "PA"):
+        # Going through RGBA keeps palette transparency from producing a PIL warning.
+        image = image.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def load_rgb_image(path: str | os.PathLike, image_id: int | None = None) -> np.ndarray:
+    """Read an image file as uint8 `[H, W, 3]` RGB, EXIF orientation applied.
+
+    Raises:
+        MissingImageError: the file does not exist.
+        CorruptImageError: the file cannot be decoded (truncated, not an image, too large...).
+    """
+    path = Path(path)
+    where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+    if not path.is_file():
+        raise MissingImageError(f"image file not found: {where}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except Exception as err:  # malformed EXIF: keep the stored orientation
+                warnings.warn(f"{where}: unreadable EXIF orientation ({err}); using the stored orientation",
+                              stacklevel=2)
+                upright = image
+            return pil_to_rgb_array(upright)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot decode image {where}: {type(err).__name__}: {err}") from err
