@@ -12,7 +12,8 @@ call at DC5 resolution (an 800 x 1066 image -> stride-16 map 50 x 67 = 3350 toke
   padded to the largest count over heads, which is what the counter sees; the "ideal" column uses
   the mean count instead (what a packed kernel would do);
 - CPU time: median of `--runs` timed calls after `--warmup` calls, plain and ACT with the same
-  weights, in eval mode under `torch.no_grad()`.
+  weights, in eval mode under `torch.no_grad()`; plain, ACT and ACT's hashing + clustering alone
+  are called in turn, so that load from other processes affects all three alike.
 
 Inputs (`source` in the output says which was used):
 - `--tokens PATH`: a tensor `[B, HW, d]` saved with `torch.save` (query = key = value), or a dict with
@@ -142,16 +143,17 @@ def ideal_act_flops(batch: int, dim: int, heads: int, tokens: int, keys: int, ro
     return int(round(projections + hashing + attention))
 
 
-def median_seconds(function, runs: int, warmup: int) -> float:
+def interleaved_timings(functions: dict, runs: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median and minimum milliseconds of each function, called in turn so load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
     with torch.no_grad():
-        for _ in range(warmup):
-            function()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for index in range(warmup + runs):
+            for name, function in functions.items():
+                start = time.perf_counter()
+                function()
+                if index >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t)} for name, t in times.items()}
 
 
 def machine_description() -> dict:
@@ -211,9 +213,6 @@ def run(args: argparse.Namespace) -> dict:
 
     plain = PlainAttention(dim, args.heads).eval()
     plain_flops = counted_flops(plain, query, value, padding)
-    plain_seconds = median_seconds(
-        lambda: plain(query, query, value, key_padding_mask=padding), args.runs, args.warmup
-    )
     rows = []
     for bucket_width in args.bucket_width:
         for rounds in args.hashes:
@@ -224,15 +223,19 @@ def run(args: argparse.Namespace) -> dict:
             flops = counted_flops(act, query, value, padding)
             clusters = act.last_num_clusters
             max_clusters = int(act.last_clusters_per_head.max())
-            seconds = median_seconds(
-                lambda act=act: act(query, query, value, key_padding_mask=padding), args.runs, args.warmup
+            with torch.no_grad():
+                scaled = act.split_heads(act.q_proj(query)) * head_dim**-0.5
+            timings = interleaved_timings(
+                {
+                    "plain": lambda: plain(query, query, value, key_padding_mask=padding),
+                    "act": lambda act=act: act(query, query, value, key_padding_mask=padding),
+                    "hash_and_cluster": lambda act=act, scaled=scaled: act.cluster_queries(
+                        act.hash_queries(scaled)
+                    ),
+                },
+                args.runs,
+                args.warmup,
             )
-            scaled = act.split_heads(act.q_proj(query)) * head_dim**-0.5
-
-            def clustering_only(act=act, scaled=scaled):
-                act.cluster_queries(act.hash_queries(scaled))
-
-            clustering_seconds = median_seconds(clustering_only, args.runs, args.warmup)
             extra = act_extra_flops(batch, args.heads, tokens, rounds, head_dim, clusters)
             rows.append(
                 {
@@ -246,8 +249,11 @@ def run(args: argparse.Namespace) -> dict:
                         ideal_act_flops(batch, dim, args.heads, tokens, keys, rounds, clusters) + extra
                     )
                     / 1e9,
-                    "act_ms": seconds * 1e3,
-                    "act_hash_and_cluster_ms": clustering_seconds * 1e3,
+                    "plain_ms": timings["plain"]["median_ms"],
+                    "act_ms": timings["act"]["median_ms"],
+                    "act_hash_and_cluster_ms": timings["hash_and_cluster"]["median_ms"],
+                    "speedup": timings["plain"]["median_ms"] / timings["act"]["median_ms"],
+                    "min_ms": {name: timing["min_ms"] for name, timing in timings.items()},
                 }
             )
     return {
@@ -267,7 +273,10 @@ def run(args: argparse.Namespace) -> dict:
             "flop_convention": "one multiply-add = 2 FLOPs; matmuls counted by FlopCounterMode",
         },
         "machine": machine_description(),
-        "plain": {"gflops": plain_flops / 1e9, "ms": plain_seconds * 1e3},
+        "plain": {
+            "gflops": plain_flops / 1e9,
+            "ms": statistics.median(row["plain_ms"] for row in rows) if rows else None,
+        },
         "act": rows,
     }
 
@@ -279,17 +288,18 @@ def format_table(result: dict) -> str:
         f"tokens {result['setting']['tokens']} x batch {result['setting']['batch']}, "
         f"d {result['setting']['embed_dim']}, {result['setting']['heads']} heads; "
         f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} threads",
-        f"plain: {plain['gflops']:.3f} GFLOPs, {plain['ms']:.1f} ms",
+        f"load average (1 min) at the end: {result['machine']['load_average_1min']}",
+        f"plain: {plain['gflops']:.3f} GFLOPs, median {plain['ms']:.1f} ms over the rows below",
         f"{'L':>3} {'r':>6} {'clusters':>9} {'max':>5} {'GFLOPs':>8} {'ideal':>7} {'ratio':>6} "
-        f"{'ms':>8} {'hash+cl':>8} {'speedup':>7}",
+        f"{'plain ms':>9} {'ACT ms':>8} {'hash+cl':>8} {'speedup':>7}",
     ]
     for row in result["act"]:
         total = row["act_gflops_counted"] + row["act_gflops_extra"]
         lines.append(
             f"{row['q_hashes']:>3} {row['bucket_width']:>6g} {row['mean_clusters']:>9.1f} "
             f"{row['max_clusters']:>5} {total:>8.3f} {row['act_gflops_ideal']:>7.3f} "
-            f"{total / plain['gflops']:>6.2f} {row['act_ms']:>8.1f} {row['act_hash_and_cluster_ms']:>8.1f} "
-            f"{plain['ms'] / row['act_ms']:>7.2f}"
+            f"{total / plain['gflops']:>6.2f} {row['plain_ms']:>9.1f} {row['act_ms']:>8.1f} "
+            f"{row['act_hash_and_cluster_ms']:>8.1f} {row['speedup']:>7.2f}"
         )
     return "\n".join(lines)
 
