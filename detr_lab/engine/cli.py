@@ -1,0 +1,69 @@
+"""What the command-line tools share: `--set` overrides, `--debug`, one-line errors and exit codes.
+
+Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
+2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
+130 interrupted. Without `--debug` a failure prints one line `<tool>: error: <message>` on stderr;
+with it the exception propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from detr_lab.config import ConfigError
+
+EXIT_FAILURE = 1
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class ToolError(RuntimeError):
+    """A failure a tool reports in one line: the message names the file or value at fault."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
+    if overrides:
+        parser.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)",
+        )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not text:
+        return type(err).__name__
+    if len(lines) > 1:
+        text += " [...]"
+    if isinstance(err, (ConfigError, ToolError, FileNotFoundError, ValueError)):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
+    """Run `body()`, turning an exception into a one-line message and an exit code (see module doc)."""
+    try:
+        body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        code = EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_FAILURE
+        hint = "" if isinstance(err, (ConfigError, ToolError)) else " (run with --debug for the traceback)"
+        print(f"{prog}: error: {one_line(err)}{hint}", file=sys.stderr)
+        return code
+    return 0
+
+
+def split_model_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Split `key=value` overrides into those under `model.` and the rest (order kept)."""
+    model = [item for item in overrides if item.strip().startswith("model.")]
+    other = [item for item in overrides if not item.strip().startswith("model.")]
+    return model, other

@@ -1,0 +1,227 @@
+"""Detection on image files with a checkpoint (behind `tools/infer.py`).
+
+    predictor = Predictor.from_checkpoint("runs/demo_detr/checkpoints/last.ckpt", device="cpu")
+    detections = predictor.predict([load_rgb_image("a.jpg"), load_rgb_image("b.jpg")])
+
+Images go through the checkpoint config's evaluation transform (shorter side `eval_size`, longer side
+<= `eval_max_size`, normalization) and are batched with zero padding and a padding mask, exactly as
+validation batches are. Boxes come back as absolute (x1, y1, x2, y2) pixels of each original image.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from detr_lab.config import Config, load_config
+from detr_lab.data.collate import pad_images
+from detr_lab.data.images import load_rgb_image
+from detr_lab.data.transforms import build_eval_transform
+from detr_lab.engine.cli import ToolError, split_model_overrides
+from detr_lab.engine.evaluate import resolve_device
+from detr_lab.models.build import build_model, build_postprocess
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+DETECTIONS_FILE = "detections.json"
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named on the command line; a folder contributes its image files (sorted, not recursive).
+
+    Raises:
+        ToolError: a path that does not exist, or a folder without image files.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ToolError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise ToolError(f"image not found: {path}")
+    if not paths:
+        raise ToolError("no input images given")
+    return paths
+
+
+@dataclass
+class Predictor:
+    """A model, its post-processing and its evaluation transform, ready for `predict`."""
+
+    model: torch.nn.Module
+    config: Config
+    category_ids: list[int]
+    class_names: list[str]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.model = self.model.to(self.device).eval()
+        self.postprocess = build_postprocess(self.config.model)
+        self.transform = build_eval_transform(self.config.data.augment)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike,
+        *,
+        config_path: str | os.PathLike | None = None,
+        overrides: Sequence[str] = (),
+        device: str = "cpu",
+    ) -> Predictor:
+        """Load any checkpoint `load_checkpoint` reads.
+
+        Args:
+            config_path: optional YAML whose model must fit the checkpoint's weights (a mismatch is a
+                `CheckpointError` naming the differing tensors); its `data.augment` sets the transform.
+            overrides: dotted `key=value`; `model.*` ones go to the checkpoint's stored config.
+        """
+        from detr_lab.checkpoints import load_checkpoint, load_state_exactly
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ToolError(f"checkpoint not found: {path}")
+        model_overrides, other_overrides = split_model_overrides(list(overrides))
+        loaded = load_checkpoint(path, overrides=model_overrides)
+        model, config = loaded.model, loaded.config
+        if config_path is not None:
+            config = load_config(config_path, [*model_overrides, *other_overrides])
+            backbone = dataclasses.replace(config.model.backbone, pretrained=False, weights_path=None)
+            model = build_model(dataclasses.replace(config.model, backbone=backbone))
+            where = f"{path} with the model of {config_path}"
+            load_state_exactly(model, loaded.model.state_dict(), where)
+        elif other_overrides:
+            config = _apply_overrides(loaded.config, other_overrides)
+        return cls(model, config, loaded.category_ids, loaded.class_names, resolve_device(device))
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Detections for a batch of uint8 `[H, W, 3]` RGB images (any sizes).
+
+        Returns:
+            per image: `scores` `[K]`, `labels` int64 `[K]` (class indices), `boxes` `[K, 4]` absolute
+            (x1, y1, x2, y2) pixels of that image, all on the CPU; every query's best class (no threshold).
+        """
+        no_boxes, no_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+        tensors = [self.transform(image, no_boxes, no_labels)[0] for image in images]
+        batch, padding_mask = pad_images(tensors)  # [B, 3, H, W], [B, H, W] True = padding
+        outputs = self.model(batch.to(self.device), padding_mask.to(self.device))
+        orig_sizes = torch.tensor([image.shape[:2] for image in images], device=self.device)  # [B, 2] (h, w)
+        detections = self.postprocess(outputs, orig_sizes)
+        return [{key: value.cpu() for key, value in detection.items()} for detection in detections]
+
+    def records(self, detection: dict[str, torch.Tensor], score_threshold: float) -> list[dict]:
+        """JSON-ready detections above the threshold, best first: box (xyxy px), score, category id, class."""
+        keep = detection["scores"] >= score_threshold
+        order = detection["scores"][keep].argsort(descending=True)
+        scores = detection["scores"][keep][order].tolist()
+        labels = detection["labels"][keep][order].tolist()
+        boxes = detection["boxes"][keep][order].tolist()
+        return [
+            {
+                "box": [round(v, 2) for v in box],
+                "score": round(score, 4),
+                "category_id": self.category_ids[label],
+                "class_name": self.class_names[label],
+            }
+            for box, score, label in zip(boxes, scores, labels, strict=True)
+        ]
+
+
+def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    from detr_lab.checkpoints import apply_overrides
+
+    return apply_overrides(cfg, overrides, "command-line override")
+
+
+def class_color(index: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour per class index (golden-ratio hue steps)."""
+    red, green, blue = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.85, 1.0)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def draw_detections(image: np.ndarray, records: Sequence[dict], class_names: Sequence[str]) -> Image.Image:
+    """An RGB copy of uint8 `[H, W, 3]` `image` with each record's box and "name score" label drawn."""
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(canvas.size) / 200))
+    for record in records:
+        x1, y1, x2, y2 = record["box"]
+        color = class_color(list(class_names).index(record["class_name"]))
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
+        text = f"{record['class_name']} {record['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        label_top = max(0, y1 - (bottom - top) - 2)
+        draw.rectangle((x1, label_top, x1 + (right - left) + 4, label_top + (bottom - top) + 2), fill=color)
+        draw.text((x1 + 2, label_top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    name, index = f"{path.stem}.jpg", 1
+    while name in used:
+        name, index = f"{path.stem}_{index}.jpg", index + 1
+    used.add(name)
+    return name
+
+
+def run_inference(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    *,
+    output_dir: str | os.PathLike = "detections",
+    score_threshold: float = 0.5,
+    device: str = "cpu",
+    batch_size: int = 4,
+    config_path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
+
+    The json holds `{"checkpoint", "score_threshold", "images": [{"file", "width", "height",
+    "annotated", "detections": [{"box": [x1, y1, x2, y2], "score", "category_id", "class_name"}]}]}`.
+    Returns the json's path.
+    Raises:
+        ToolError: a missing image or checkpoint; CorruptImageError: an unreadable image;
+        CheckpointError / ConfigError: a checkpoint that does not fit the config.
+    """
+    if batch_size < 1:
+        raise ToolError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ToolError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+    paths = collect_images(inputs)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, config_path=config_path, overrides=overrides, device=device
+    )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    entries = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = [load_rgb_image(path) for path in chunk]
+        for path, image, detection in zip(chunk, images, predictor.predict(images), strict=True):
+            records = predictor.records(detection, score_threshold)
+            name = _output_name(path, used)
+            draw_detections(image, records, predictor.class_names).save(output_dir / name, quality=92)
+            height, width = image.shape[:2]
+            entries.append({
+                "file": str(path), "width": width, "height": height, "annotated": name, "detections": records,
+            })
+    result = {"checkpoint": str(checkpoint), "score_threshold": score_threshold, "images": entries}
+    json_path = output_dir / DETECTIONS_FILE
+    json_path.write_text(json.dumps(result, indent=2))
+    return json_path

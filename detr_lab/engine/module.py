@@ -1,0 +1,134 @@
+"""The training system: a LightningModule that trains and validates a detector built from the config.
+
+The detector, criterion and post-processor stay plain `nn.Module`s built by `detr_lab.models.build`;
+this module adds what training needs around them: loss logging, the optimizer and LR schedule, COCO
+evaluation of the validation set, and the run metadata stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from pycocotools.coco import COCO
+
+from detr_lab.config import Config, ConfigError, config_to_dict
+from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
+from detr_lab.models.build import build_criterion, build_model, build_postprocess
+
+CHECKPOINT_KEY = "detr_lab"
+LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+
+
+class DetectionModule(L.LightningModule):
+    """Trains `build_model(cfg.model)` with `build_criterion(cfg.model, cfg.loss)`.
+
+    Batches are `(images, padding_mask, targets)` as the data pipeline collates them: images float
+    `[B, 3, H, W]`, padding_mask bool `[B, H, W]` (True = padding), targets a list of B dicts with
+    normalized cxcywh `boxes`, class-index `labels`, `image_id` and `orig_size` (h, w).
+
+    Args:
+        cfg: the run's full config.
+        category_ids: class index -> original dataset category id (length `cfg.model.num_classes`).
+        class_names: class index -> name (same length).
+    Logged: `train/<term>` per step and epoch and `val/<term>` per epoch for every loss term, their
+    weighted sum `train/loss` / `val/loss`, and after each validation epoch `val/AP`, `val/AP50`,
+    `val/AP75`, `val/APs`, `val/APm`, `val/APl`, `val/AR100` (COCOeval, bbox).
+    """
+
+    def __init__(self, cfg: Config, category_ids: Sequence[int], class_names: Sequence[str]):
+        super().__init__()
+        if len(category_ids) != cfg.model.num_classes or len(class_names) != cfg.model.num_classes:
+            raise ConfigError(
+                f"'model.num_classes' is {cfg.model.num_classes} but the dataset has {len(category_ids)} "
+                f"category ids and {len(class_names)} class names; set model.num_classes={len(category_ids)}"
+            )
+        self.cfg = cfg
+        self.category_ids = [int(c) for c in category_ids]
+        self.class_names = [str(n) for n in class_names]
+        self.model = build_model(cfg.model)
+        self.criterion = build_criterion(cfg.model, cfg.loss)
+        self.postprocess = build_postprocess(cfg.model)
+        if cfg.optim.lr_backbone == 0:
+            freeze_backbone(self.model)
+        # Ground truth of the validation set; taken from `trainer.datamodule.val_dataset.coco` unless set.
+        self.coco_gt: COCO | None = None
+        self.evaluator: CocoEvaluator | None = None
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
+        """images `[B, 3, H, W]`, padding_mask bool `[B, H, W]` (True = padding) -> the model outputs."""
+        return self.model(images, padding_mask)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, padding_mask, targets = batch
+        outputs = self(images, padding_mask)
+        losses = self.criterion(outputs, targets)
+        total = self.criterion.total_loss(losses)
+        self._log_losses("train", losses, total, batch_size=len(targets))
+        return total
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, padding_mask, targets = batch
+        outputs = self(images, padding_mask)
+        losses = self.criterion(outputs, targets)
+        total = self.criterion.total_loss(losses)
+        self._log_losses("val", losses, total, batch_size=len(targets))
+        orig_sizes = torch.stack([target["orig_size"] for target in targets])  # [B, 2] (h, w)
+        detections = self.postprocess(outputs, orig_sizes)
+        if self.evaluator is not None:
+            by_image = zip(targets, detections, strict=True)
+            self.evaluator.update({int(target["image_id"]): detection for target, detection in by_image})
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator = CocoEvaluator(self._validation_coco(), self.category_ids)
+
+    def on_validation_epoch_end(self) -> None:
+        evaluator, self.evaluator = self.evaluator, None
+        if evaluator is None or self.trainer.sanity_checking:
+            return  # the sanity check sees a couple of batches only: no COCO numbers from it
+        evaluator.gather()
+        stats = None
+        if self.trainer.is_global_zero:
+            stats = evaluator.compute()
+            rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{evaluator.summary_text()}")
+        stats = self.trainer.strategy.broadcast(stats, src=0)
+        # Every rank holds the same values now: no reduction needed.
+        for name in LOGGED_STATS:
+            self.log(f"val/{name}", stats[name], prog_bar=name == "AP", sync_dist=False)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.cfg.optim)
+        scheduler = build_lr_scheduler(optimizer, self.cfg.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "config": config_to_dict(self.cfg),
+            "category_ids": list(self.category_ids),
+            "class_names": list(self.class_names),
+        }
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _log_losses(self, stage: str, losses: dict, total: torch.Tensor, batch_size: int) -> None:
+        # Training logs per step (this rank) and per epoch; validation per epoch, averaged over ranks.
+        train = stage == "train"
+        options = {"on_step": train, "on_epoch": True, "batch_size": batch_size, "sync_dist": not train}
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value, **options)
+        self.log(f"{stage}/loss", total, prog_bar=True, **options)
+
+    def _validation_coco(self) -> COCO:
+        if self.coco_gt is not None:
+            return self.coco_gt
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "val_dataset", None)
+        coco = getattr(dataset, "coco", None)
+        if coco is None:
+            raise RuntimeError(
+                "DetectionModule needs the validation ground truth: fit with a datamodule whose "
+                "'val_dataset.coco' is a pycocotools COCO, or set module.coco_gt"
+            )
+        return coco

@@ -1,0 +1,262 @@
+"""Config -> Lightning Trainer, and the training entry point behind `tools/train.py`.
+
+    trainer = train(load_config("configs/demo.yaml"), resume="auto")
+
+Run directory (`cfg.trainer.output_dir`):
+    config.yaml                 the fully resolved config, written before training starts
+    checkpoints/last.ckpt       the latest state (epoch end, and every `save_every_n_steps` steps)
+    checkpoints/best-*.ckpt     the best epoch by val/AP
+    tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
+
+Multi-GPU and multi-node training use Lightning's DDP strategy: set `trainer.devices` and
+`trainer.num_nodes` and launch one process per GPU with torchrun or srun (Lightning reads the
+rank from their environment variables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
+from detr_lab.engine.module import DetectionModule
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.trainer.output_dir) / "checkpoints"
+
+
+def parse_devices(value: str) -> int | str | list[int]:
+    """`trainer.devices` -> Lightning's argument: "auto", a count ("8" -> 8) or a list ("0,1" -> [0, 1])."""
+    text = str(value).strip()
+    try:
+        if text == "auto":
+            return "auto"
+        if "," in text:
+            return [int(item) for item in text.split(",") if item.strip()]
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"'trainer.devices' is {value!r}; expected 'auto', a count such as '8' or a list such as '0,1'"
+        ) from None
+
+
+def build_callbacks(cfg: Config, *, progress_bar: bool = True) -> list[Callback]:
+    """Checkpointing (best by val/AP, last, optional every-N-steps last), LR monitor, progress bar."""
+    directory = checkpoint_dir(cfg)
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=directory,
+            filename="best-epoch{epoch:03d}-ap{val/AP:.4f}",
+            auto_insert_metric_name=False,
+            monitor="val/AP",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,  # both callbacks refresh the same last.ckpt
+        ),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.trainer.save_every_n_steps > 0:
+        # Refreshes last.ckpt mid-epoch so that an interrupted run loses at most N steps.
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=directory,
+                every_n_train_steps=cfg.trainer.save_every_n_steps,
+                save_top_k=0,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        )
+    if progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    return callbacks
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    callbacks: Sequence[Callback] = (),
+    progress_bar: bool = True,
+    loggers: bool = True,
+) -> L.Trainer:
+    """A Lightning Trainer configured from `cfg.trainer` and `cfg.optim.clip_grad_norm`.
+
+    Args:
+        callbacks: extra callbacks, added after the standard ones (see `build_callbacks`).
+        progress_bar: show the TQDM progress bar.
+        loggers: write TensorBoard and CSV logs under the output directory.
+    """
+    t = cfg.trainer
+    output_dir = Path(t.output_dir)
+    logger: list | bool = False
+    if loggers:
+        logger = [
+            TensorBoardLogger(save_dir=output_dir, name="tensorboard"),
+            CSVLogger(save_dir=output_dir, name="csv"),
+        ]
+    clip = cfg.optim.clip_grad_norm
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=parse_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=clip if clip > 0 else None,
+        gradient_clip_algorithm="norm",
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches),
+        default_root_dir=output_dir,
+        logger=logger,
+        callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *callbacks],
+        enable_progress_bar=progress_bar,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def _limit(value: float) -> float | int | None:
+    # Lightning reads a float as a fraction and an int as a number of batches: 1.0 is "all", 5.0 is 5 batches.
+    if value == 1.0:
+        return None  # Lightning's default (all batches), without its notice about the explicit value
+    return int(value) if value > 1 and float(value).is_integer() else value
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
+    """`--resume` -> checkpoint: None, "auto" (`<output_dir>/checkpoints/last.ckpt` if present) or a path.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        last = checkpoint_dir(cfg) / LAST_CHECKPOINT
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------ fine-tuning init
+@dataclass
+class WeightTransfer:
+    """What `load_matching_weights` copied: by parameter/buffer name, and why the rest was not."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    # name, shape in the source, shape in the model: kept at the model's fresh initialisation.
+    reinitialised: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the source
+    unused: list[str] = field(default_factory=list)  # in the source, not in the model
+
+    def report(self) -> str:
+        total = len(self.loaded) + len(self.reinitialised) + len(self.missing)
+        count = f"loaded {len(self.loaded)} of {total} model tensors (matched by name and shape)"
+        lines = [f"init from {self.source}: {count}"]
+        for name, source_shape, model_shape in self.reinitialised:
+            shapes = f"shape {list(source_shape)} in checkpoint, {list(model_shape)} here"
+            lines.append(f"  re-initialised ({shapes}): {name}")
+        for name in self.missing:
+            lines.append(f"  not in checkpoint (kept fresh initialisation): {name}")
+        for name in self.unused:
+            lines.append(f"  in checkpoint, not in this model (ignored): {name}")
+        return "\n".join(lines)
+
+
+def load_matching_weights(
+    model: nn.Module, source: dict[str, torch.Tensor], source_name: str
+) -> WeightTransfer:
+    """Copy every tensor of `source` whose name and shape match one of `model`'s state; report the rest.
+
+    The typical use is fine-tuning on a dataset with another class count: the class head differs in
+    shape, stays freshly initialised, and everything else is loaded.
+    """
+    transfer = WeightTransfer(source=source_name)
+    target = model.state_dict()
+    matched = {}
+    for name, tensor in target.items():
+        if name not in source:
+            transfer.missing.append(name)
+        elif tuple(source[name].shape) != tuple(tensor.shape):
+            transfer.reinitialised.append((name, tuple(source[name].shape), tuple(tensor.shape)))
+        else:
+            matched[name] = source[name]
+            transfer.loaded.append(name)
+    transfer.unused = [name for name in source if name not in target]
+    model.load_state_dict(matched, strict=False)
+    return transfer
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> WeightTransfer:
+    """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR)."""
+    from detr_lab.checkpoints import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from: checkpoint not found: {path}")
+    loaded = load_checkpoint(path)
+    return load_matching_weights(model, loaded.model.state_dict(), str(path))
+
+
+# ------------------------------------------------------------------------------------- training
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    init_from: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress_bar: bool = True,
+) -> L.Trainer:
+    """Train `cfg` from scratch, from `init_from` weights, or resume an interrupted run.
+
+    Args:
+        resume: None, "auto" (resume from `<output_dir>/checkpoints/last.ckpt` when it exists, else
+            start) or a checkpoint path. Resuming restores weights, optimizer, LR schedule, epoch and
+            global step; `init_from` is then ignored.
+        init_from: a checkpoint whose weights initialise the model where names and shapes match
+            (see `load_matching_weights`); a report of what was loaded is printed.
+    Returns:
+        The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`).
+    """
+    from detr_lab.data.datamodule import DetectionDataModule
+
+    L.seed_everything(cfg.trainer.seed, workers=True)
+    ckpt_path = resolve_resume(cfg, resume)
+    datamodule = DetectionDataModule(cfg)
+    module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
+    if ckpt_path is not None:
+        rank_zero_info(f"resuming from {ckpt_path}")
+        if init_from:
+            rank_zero_info(f"--init-from {init_from} ignored: the resumed checkpoint holds the weights")
+    elif init_from:
+        rank_zero_info(init_from_checkpoint(module.model, init_from).report())
+    elif resume == "auto":
+        rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
+    _save_run_config(cfg)
+    trainer = build_trainer(cfg, callbacks=callbacks, progress_bar=progress_bar)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+@rank_zero_only
+def _save_run_config(cfg: Config) -> None:
+    path = save_config(cfg, Path(cfg.trainer.output_dir) / "config.yaml")
+    rank_zero_info(f"config written to {path}")
+

@@ -1,0 +1,50 @@
+"""Detect objects in images: `python tools/infer.py IMAGE|FOLDER [...] --checkpoint CKPT [--output-dir DIR]`.
+
+Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
+category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from detr_lab.engine.cli import add_common_arguments, run_tool
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    parser.add_argument("--checkpoint", required=True, help="detr_lab, Lightning or official DETR file")
+    parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> None:
+        from detr_lab.engine.inference import run_inference
+
+        path = run_inference(
+            args.inputs,
+            args.checkpoint,
+            output_dir=args.output_dir,
+            score_threshold=args.score_threshold,
+            device=args.device,
+            batch_size=args.batch_size,
+            config_path=args.config,
+            overrides=args.overrides,
+        )
+        print(f"detections written to {path}")
+
+    return run_tool("infer.py", body, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
