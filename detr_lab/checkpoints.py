@@ -412,6 +412,19 @@ def official_class_names(num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
+def convert_official_checkpoint(
+    source: str | os.PathLike | Mapping, destination: str | os.PathLike, **overrides: Any
+) -> Path:
+    """Convert an official checkpoint (see `load_official`) and save it in detr_lab format.
+
+    Class index = COCO category id in official checkpoints, so the category ids are 0..C-1 and the
+    names come from `official_class_names`.
+    """
+    model, cfg = load_official(source, **overrides)
+    num_classes = cfg.model.num_classes
+    return save_checkpoint(destination, model, cfg, range(num_classes), official_class_names(num_classes))
+
+
 def _looks_official(data: Mapping) -> bool:
     state = data.get("model") if isinstance(data.get("model"), Mapping) else data
     return any(str(k).startswith("backbone.0.body.") for k in state)
