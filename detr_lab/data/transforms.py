@@ -17,6 +17,7 @@ labels int64 [N'])`.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,16 +160,20 @@ class DetectionTransform:
     ) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (R, G, B), got mean={list(mean)}, std={list(std)}")
-        self.pipeline = A.Compose(
-            [*geometric, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0, p=1.0)],
-            bbox_params=A.BboxParams(
-                format="pascal_voc",
-                label_fields=["labels"],
-                min_width=MIN_BOX_SIDE,
-                min_height=MIN_BOX_SIDE,
-                clip=True,
-            ),
-        )
+        with warnings.catch_warnings():
+            # Without geometric transforms albumentations warns that no transform processes the boxes;
+            # they then pass through unchanged, which is what is wanted.
+            warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform")
+            self.pipeline = A.Compose(
+                [*geometric, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0, p=1.0)],
+                bbox_params=A.BboxParams(
+                    format="pascal_voc",
+                    label_fields=["labels"],
+                    min_width=MIN_BOX_SIDE,
+                    min_height=MIN_BOX_SIDE,
+                    clip=True,
+                ),
+            )
         self.set_random_seed(seed)
 
     def set_random_seed(self, seed: int | None) -> None:
