@@ -8,9 +8,12 @@ For one head, with queries `q` already scaled by 1/sqrt(head_dim), round i hashe
 
     h_i(q) = floor((q . a_i + b_i) / r),     a_i ~ N(0, I_head_dim),  b_i ~ U(0, r),
 
-and two queries share a cluster when all L rounds agree (the whole vector h_1..h_L is the cluster
-key; rounds are never packed into the bits of one integer, so nothing can alias). Cost per head:
-the prototype attention is O(K * Lk) instead of O(Lq * Lk) for K clusters.
+and two queries share a cluster when all L rounds agree. The whole vector h_1..h_L is the cluster
+key: rounds are never packed into the bits of one integer. Grouping sorts a random 64-bit
+fingerprint of each vector and then compares the vectors behind equal fingerprints element by
+element; on any collision it falls back to an exact lexicographic `unique`, so two different
+vectors never share a cluster, for any L and any bucket index up to 2**62. Cost per head: the
+prototype attention is O(K * Lk) instead of O(Lq * Lk) for K clusters.
 
 The module has exactly the parameters of `PlainAttention` (q/k/v/out projections), so a checkpoint
 trained with plain encoder attention loads unchanged. The hash draws are non-persistent buffers
@@ -22,8 +25,9 @@ trained with plain encoder attention loads unchanged. The hash draws are non-per
   (more rounds never merge clusters);
 - modules built with the same seed (e.g. every encoder layer from one config) hash identically.
 
-Differences from the original code: hash draws are fixed instead of redrawn on every call (so
-evaluation is reproducible), b is uniform on [0, r) as in E2LSH, and all L rounds take part.
+The authors' released code redraws the hash functions on every call and uses r = 8 with
+b ~ U(0, 1); here the draws are fixed (so evaluation is reproducible), b ~ U(0, r) as in E2LSH, and
+r is a constructor argument.
 """
 
 from __future__ import annotations
