@@ -259,9 +259,12 @@ class AdaptiveClusteringAttention(PlainAttention):
         slot = (first_slot + cluster_index).reshape(-1)  # (B*nh*Lq,) row in the padded prototypes
         # In-place index_add_ / index_select: much faster on CPU than out-of-place index_add / [].
         num_slots = batch * heads * max_clusters
-        sums = q.new_zeros(num_slots, head_dim).index_add_(0, slot, q.reshape(-1, head_dim))
+        sum_dtype = torch.promote_types(q.dtype, torch.float32)  # half-precision sums drift
+        sums = q.new_zeros(num_slots, head_dim, dtype=sum_dtype)
+        sums = sums.index_add_(0, slot, q.reshape(-1, head_dim).to(sum_dtype))
         sizes = torch.bincount(slot, minlength=num_slots).clamp(min=1)
-        prototypes = (sums / sizes[:, None].to(q.dtype)).view(batch, heads, max_clusters, head_dim)
+        prototypes = (sums / sizes[:, None].to(sum_dtype)).to(q.dtype)
+        prototypes = prototypes.view(batch, heads, max_clusters, head_dim)
 
         mask = self.attention_mask(key_padding_mask, q.dtype)  # (B, 1, 1, Lk) or None
         out = F.scaled_dot_product_attention(
