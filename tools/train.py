@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from detr_lab.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come fast
         from detr_lab.engine.trainer import train
 
-        cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume, init_from=args.init_from)
 
     return run_tool("train.py", body, debug=args.debug)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from detr_lab.config import load_config
+from detr_lab.config import Config, load_config
 from detr_lab.engine.cli import split_model_overrides
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.models.build import build_postprocess
@@ -30,6 +30,7 @@ class EvaluationResult:
     summary: str  # the 12-line COCOeval summary
     results_path: Path  # COCO results json, original category ids
     num_images: int
+    config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
 
 
 def resolve_device(device: str) -> torch.device:
@@ -40,6 +41,27 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' requested but CUDA is not available")
     return resolved
+
+
+@torch.inference_mode()
+def predict_dataset(
+    model: torch.nn.Module,
+    postprocess: torch.nn.Module,
+    loader: Iterable,
+    evaluator: CocoEvaluator,
+    device: torch.device,
+    *,
+    progress: bool = False,
+) -> CocoEvaluator:
+    """Feed every batch `(images, padding_mask, targets)` of `loader` through `model` (as it is: call
+    `.eval()` first) and `postprocess`, adding the detections to `evaluator`; return it."""
+    for images, padding_mask, targets in tqdm(loader, desc="evaluating", disable=not progress):
+        outputs = model(images.to(device), padding_mask.to(device))
+        orig_sizes = torch.stack([target["orig_size"] for target in targets]).to(device)  # [B, 2] (h, w)
+        detections = postprocess(outputs, orig_sizes)
+        by_image = zip(targets, detections, strict=True)
+        evaluator.update({int(target["image_id"]): detection for target, detection in by_image})
+    return evaluator
 
 
 def evaluate_checkpoint(
@@ -79,16 +101,8 @@ def evaluate_checkpoint(
     postprocess = build_postprocess(loaded.config.model)
     target_device = resolve_device(device)
     model = loaded.model.to(target_device).eval()
-
     loader = datamodule.val_dataloader()
-    with torch.inference_mode():
-        for images, padding_mask, targets in tqdm(loader, desc="evaluating", disable=not progress):
-            outputs = model(images.to(target_device), padding_mask.to(target_device))
-            orig_sizes = torch.stack([target["orig_size"] for target in targets]).to(target_device)
-            detections = postprocess(outputs, orig_sizes)
-            by_image = zip(targets, detections, strict=True)
-            evaluator.update({int(target["image_id"]): detection for target, detection in by_image})
-
+    predict_dataset(model, postprocess, loader, evaluator, target_device, progress=progress)
     stats = evaluator.compute()
     results_path = evaluator.write_results(output or Path(cfg.trainer.output_dir) / "coco_results.json")
-    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results))
+    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg)

@@ -57,6 +57,21 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
+def check_readable(paths: Sequence[Path]) -> None:
+    """Fail early, before loading a model, on a file PIL cannot identify as an image.
+
+    (A file with an intact header but corrupt pixel data is caught later, when it is decoded.)
+    Raises:
+        ToolError: naming the first unreadable file.
+    """
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:
+            raise ToolError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
 @dataclass
 class Predictor:
     """A model, its post-processing and its evaluation transform, ready for `predict`."""
@@ -203,6 +218,7 @@ def run_inference(
     if not 0.0 <= score_threshold <= 1.0:
         raise ToolError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     paths = collect_images(inputs)
+    check_readable(paths)
     predictor = Predictor.from_checkpoint(
         checkpoint, config_path=config_path, overrides=overrides, device=device
     )

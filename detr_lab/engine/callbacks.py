@@ -1,0 +1,108 @@
+"""Lightning callbacks of the engine.
+
+`TimedEvaluation` measures accuracy against training time: at given marks of training wall time
+(evaluation time excluded) it evaluates the validation set with COCOeval, records a row, optionally
+saves a checkpoint, and stops training after the last mark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from detr_lab.engine.evaluate import predict_dataset
+from detr_lab.engine.evaluator import CocoEvaluator
+
+
+@dataclass
+class TimedRecord:
+    mark_minutes: float  # the mark this row answers
+    train_minutes: float  # training time when evaluated (>= the mark by at most one step), eval excluded
+    wall_minutes: float  # wall time since training started, evaluations included
+    epoch: int
+    global_step: int
+    stats: dict[str, float]  # COCOeval numbers by name (AP, AP50, ...)
+
+
+class TimedEvaluation(Callback):
+    """Evaluate the model on the validation set once training time passes each mark (minutes).
+
+    Checked after every training batch, so each evaluation happens at most one step after its mark.
+    Single-process only (it evaluates the whole validation set itself).
+
+    Args:
+        marks_minutes: increasing training-time marks.
+        checkpoint_dir: if set, `trainer.save_checkpoint(<dir>/at_<mark>min.ckpt)` at each mark.
+        stop_after_last: stop training once the last mark is evaluated.
+    """
+
+    def __init__(
+        self,
+        marks_minutes: Sequence[float],
+        *,
+        checkpoint_dir: str | Path | None = None,
+        stop_after_last: bool = True,
+    ) -> None:
+        marks = [float(m) for m in marks_minutes]
+        if not marks or marks != sorted(marks) or marks[0] <= 0:
+            raise ValueError(f"marks_minutes must be increasing positive numbers, got {list(marks_minutes)}")
+        self.marks = marks
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.stop_after_last = stop_after_last
+        self.records: list[TimedRecord] = []
+        self._start = 0.0
+        self._eval_seconds = 0.0
+
+    def training_minutes(self) -> float:
+        return (time.monotonic() - self._start - self._eval_seconds) / 60.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise RuntimeError("TimedEvaluation runs in a single process; use one device")
+        self._start = time.monotonic()
+        self._eval_seconds = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        done = len(self.records)
+        if done == len(self.marks) or self.training_minutes() < self.marks[done]:
+            return
+        train_minutes = self.training_minutes()
+        began = time.monotonic()
+        stats = self._evaluate(trainer, pl_module)
+        record = TimedRecord(
+            mark_minutes=self.marks[done],
+            train_minutes=train_minutes,
+            wall_minutes=(began - self._start) / 60.0,
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            stats=stats,
+        )
+        self.records.append(record)
+        rank_zero_info(
+            f"[{record.mark_minutes:g} min mark] training {record.train_minutes:.2f} min, "
+            f"epoch {record.epoch}, step {record.global_step}: AP {stats['AP']:.4f}, AP50 {stats['AP50']:.4f}"
+        )
+        if self.checkpoint_dir is not None:
+            path = self.checkpoint_dir / f"at_{record.mark_minutes:g}min.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)  # full training state
+        self._eval_seconds += time.monotonic() - began
+        if self.stop_after_last and len(self.records) == len(self.marks):
+            trainer.should_stop = True
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        datamodule = trainer.datamodule
+        evaluator = CocoEvaluator(datamodule.val_dataset.coco, pl_module.category_ids)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            loader = datamodule.val_dataloader()
+            predict_dataset(pl_module.model, pl_module.postprocess, loader, evaluator, pl_module.device)
+        finally:
+            pl_module.train(was_training)
+        return evaluator.compute()

@@ -1,0 +1,237 @@
+"""End to end on a tiny synthetic set: train -> checkpoint -> resume -> eval (= pycocotools) -> infer.
+
+One short training run (3 steps, a checkpoint every step) is shared by the tests of this file.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detr_lab.checkpoints import load_checkpoint
+from detr_lab.config import load_config
+from detr_lab.engine.evaluate import evaluate_checkpoint
+from detr_lab.engine.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+SYNTHETIC_IDS = [1, 2, 3, 5, 8, 13]
+
+TINY_YAML = """
+model:
+  num_classes: 6
+  hidden_dim: 32
+  num_heads: 2
+  ffn_dim: 64
+  dropout: 0.0
+  num_queries: 5
+  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
+  encoder: {{num_layers: 1}}
+  decoder: {{num_layers: 2}}
+data:
+  dataset: synthetic
+  root: {root}/data
+  batch_size: 2
+  num_workers: 0
+  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
+  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+optim: {{lr: 1.0e-4, lr_backbone: 0.0, lr_drop_epochs: [1], lr_drop_factor: 0.1}}
+trainer:
+  output_dir: {root}/run
+  accelerator: cpu
+  devices: "1"
+  max_epochs: 2
+  max_steps: 3
+  log_every_n_steps: 1
+  save_every_n_steps: 1
+  seed: 0
+"""
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    config_path = root / "tiny.yaml"
+    config_path.write_text(TINY_YAML.format(root=root))
+    torch.manual_seed(0)
+    trainer = train(load_config(config_path), progress_bar=False)
+    return {"root": root, "config": config_path, "trainer": trainer,
+            "last": root / "run" / "checkpoints" / "last.ckpt"}
+
+
+def test_training_writes_config_logs_and_checkpoints(trained):
+    run = trained["root"] / "run"
+    assert trained["trainer"].global_step == 3  # 2 steps per epoch: stopped mid-epoch 1 by max_steps
+    assert load_config(run / "config.yaml").model.hidden_dim == 32
+    assert list((run / "csv").glob("version_*/metrics.csv")) and list((run / "tensorboard").glob("version_*"))
+    best = list((run / "checkpoints").glob("best-epoch000-*.ckpt"))
+    assert len(best) == 1  # validation ran once, at the end of epoch 0
+    assert not list((run / "checkpoints").glob("*.tmp-*"))
+    checkpoint = torch.load(trained["last"], weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 3)
+    meta = checkpoint["detr_lab"]
+    assert meta["category_ids"] == SYNTHETIC_IDS and meta["class_names"][0] == "circle"
+    assert meta["config"]["model"]["num_queries"] == 5
+    logged = trained["trainer"].logged_metrics
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/AR100",
+                 "val/loss", "val/loss_ce", "val/loss_bbox_0", "train/loss_giou_epoch"):
+        assert name in logged, name
+    loaded = load_checkpoint(trained["last"])  # the Lightning checkpoint reads back as a model
+    assert loaded.category_ids == SYNTHETIC_IDS
+
+
+class FirstBatch(Callback):
+    """Records the trainer state at the first training batch, and the model weights at train start."""
+
+    def __init__(self):
+        self.seen = None
+        self.start_weights = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_weights = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen is None:
+            scheduler = trainer.lr_scheduler_configs[0].scheduler
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.seen = (trainer.current_epoch, trainer.global_step, scheduler.last_epoch, lr)
+
+
+def test_resume_continues_epoch_step_schedule_and_weights(trained, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained["last"], run / "checkpoints" / "last.ckpt")
+    cfg = load_config(trained["config"], [f"trainer.output_dir={run}", "trainer.max_steps=-1"])
+    probe = FirstBatch()
+    trainer = train(cfg, resume="auto", callbacks=[probe], progress_bar=False)
+    epoch, step, scheduler_epoch, lr = probe.seen
+    assert (epoch, step) == (1, 3)
+    assert scheduler_epoch == 1 and lr == pytest.approx(1e-5)  # dropped at epoch 1, state restored
+    assert trainer.global_step == 4 and trainer.current_epoch == 2
+    saved = torch.load(trained["last"], weights_only=True)["state_dict"]
+    for name, value in probe.start_weights.items():
+        assert torch.equal(value, saved[f"model.{name}"]), name
+
+
+def coco_summary(gt_file: Path, results_file: Path) -> tuple[list[float], str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_file))
+        coco_eval = COCOeval(coco, coco.loadRes(str(results_file)), "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    with contextlib.redirect_stdout(out):
+        coco_eval.summarize()
+    return [float(v) for v in coco_eval.stats], out.getvalue()
+
+
+def test_eval_matches_pycocotools_on_written_json(trained, tmp_path, capsys):
+    gt_file = trained["root"] / "data" / "annotations" / "instances_val2017.json"
+    result = evaluate_checkpoint(trained["config"], trained["last"], output=tmp_path / "lib.json",
+                                 device="cpu", progress=False)
+    stats, _ = coco_summary(gt_file, result.results_path)
+    assert [result.stats[name] for name in result.stats] == stats
+    assert result.num_images == 2
+    detections = json.loads(result.results_path.read_text())
+    assert len(detections) == 2 * 5  # every query of both images, softmax post-processing
+    assert {d["category_id"] for d in detections} <= set(SYNTHETIC_IDS)
+
+    output = tmp_path / "cli.json"
+    code = load_tool("eval").main(["--config", str(trained["config"]), "--checkpoint", str(trained["last"]),
+                                   "--output", str(output), "--device", "cpu", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    _, summary = coco_summary(gt_file, output)
+    assert printed.startswith(summary) and len(summary.splitlines()) == 12
+
+
+def test_eval_model_override_reaches_the_model(trained, tmp_path):
+    act = ["model.encoder.attention=act"]
+    result = evaluate_checkpoint(trained["config"], trained["last"], overrides=act,
+                                 output=tmp_path / "act.json", device="cpu", progress=False)
+    assert result.config.model.encoder.attention == "act"
+    assert result.config.model.hidden_dim == 32  # the model section is the checkpoint's
+
+
+def test_infer_writes_json_and_annotated_images(trained, tmp_path):
+    images = trained["root"] / "data" / "val2017"
+    out = tmp_path / "out"
+    code = load_tool("infer").main([str(images), "--checkpoint", str(trained["last"]), "--output-dir",
+                                    str(out), "--score-threshold", "0", "--batch-size", "2"])
+    assert code == 0
+    result = json.loads((out / "detections.json").read_text())
+    assert len(result["images"]) == 2
+    for entry in result["images"]:
+        with Image.open(entry["file"]) as original, Image.open(out / entry["annotated"]) as annotated:
+            assert annotated.size == original.size == (entry["width"], entry["height"])
+        assert len(entry["detections"]) == 5
+        for detection in entry["detections"]:
+            x1, y1, x2, y2 = detection["box"]
+            assert x1 <= x2 and y1 <= y2
+            assert detection["category_id"] in SYNTHETIC_IDS
+            assert detection["class_name"] == ["circle", "square", "triangle", "star", "ring", "cross"][
+                SYNTHETIC_IDS.index(detection["category_id"])]
+            assert 0.0 <= detection["score"] <= 1.0
+
+
+def single_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_infer_bad_inputs_fail_in_one_line(trained, tmp_path, capsys):
+    infer = load_tool("infer")
+    image = next((trained["root"] / "data" / "val2017").iterdir())
+    ckpt = str(trained["last"])
+
+    assert infer.main([str(image), "--checkpoint", str(tmp_path / "missing.ckpt")]) == 1
+    assert "checkpoint not found" in single_error_line(capsys)
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    assert infer.main([str(bad), "--checkpoint", ckpt, "--output-dir", str(tmp_path / "o")]) == 1
+    assert "broken.jpg" in single_error_line(capsys)
+
+    assert infer.main([str(tmp_path / "nope.jpg"), "--checkpoint", ckpt]) == 1
+    assert "image not found" in single_error_line(capsys)
+
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY_YAML.format(root=trained["root"]).replace("hidden_dim: 32", "hidden_dim: 64"))
+    code = infer.main([str(image), "--checkpoint", ckpt, "--config", str(other),
+                       "--output-dir", str(tmp_path / "o")])
+    assert code == 1
+    line = single_error_line(capsys)
+    assert "do not fit" in line and "other.yaml" in line
+
+    with pytest.raises(Exception, match="checkpoint not found"):
+        infer.main([str(image), "--checkpoint", str(tmp_path / "missing.ckpt"), "--debug"])
+
+
+def test_train_cli_bad_config_exits_2_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "optim.learning_rate" in lines[0] and "bad.yaml" in lines[0]
