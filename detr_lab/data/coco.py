@@ -18,7 +18,9 @@ Annotations in the targets:
 - images without annotations are kept, with empty targets.
 
 Orientation: images are decoded upright (EXIF orientation applied, see `detr_lab.data.images`), and
-box coordinates are taken to refer to that displayed image; `orig_size` is its size.
+box coordinates are taken to refer to that displayed image; `orig_size` is its size. Where the json's
+`width`/`height` disagree with the decoded size (for instance the stored size of an EXIF-rotated
+file), an `AnnotationWarning` names the file and the boxes are clipped to the decoded image.
 """
 
 from __future__ import annotations
@@ -380,9 +382,12 @@ class CocoDetectionDataset(Dataset):
         height, width = image.shape[:2]
         json_height, json_width = (int(v) for v in self._json_sizes[index])
         if json_width and (json_height, json_width) != (height, width):
+            swapped = (json_height, json_width) == (width, height)
+            hint = (" (sides swapped: the file's EXIF orientation rotates it, and the annotations may refer "
+                    "to the stored, unrotated pixels)" if swapped else "")
             warnings.warn(
                 f"{path} (image id {image_id}): decoded upright size (h, w) = ({height}, {width}) differs "
-                f"from the annotation file's ({json_height}, {json_width}); boxes are clipped to the "
+                f"from the annotation file's ({json_height}, {json_width}){hint}; boxes are clipped to the "
                 "decoded image",
                 AnnotationWarning,
                 stacklevel=2,

@@ -265,3 +265,19 @@ def test_worker_error_still_names_the_file(tmp_path):
     loader = DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate_detection)
     with pytest.raises(MissingImageError, match=r"a\.jpg \(image id 1\)"):
         next(iter(loader))
+
+
+def test_exif_rotated_image_with_stored_size_in_json_warns(tmp_path):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    solid_image(40, 20).save(images_dir / "r.jpg", exif=exif.tobytes())
+    ann_file = write_coco_json(
+        tmp_path / "ann.json", [{"id": 4, "file_name": "r.jpg", "width": 40, "height": 20}], [],
+        [{"id": 1, "name": "thing"}],
+    )
+    dataset = CocoDetectionDataset(images_dir, ann_file)
+    with pytest.warns(AnnotationWarning, match=r"r\.jpg \(image id 4\).*sides swapped: .*EXIF orientation"):
+        _, target = dataset[0]
+    assert target["orig_size"].tolist() == [40, 20]
