@@ -92,7 +92,7 @@ def safe_load(path: str | os.PathLike) -> Any:
         ) from None
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
-    except (RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:  # corrupt files surface as many error types (zip, pickle, index, EOF)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
 
@@ -257,7 +257,7 @@ def map_keys(
             if targets:
                 parts = tensor.chunk(len(targets)) if len(targets) > 1 else (tensor,)
                 for target, part in zip(targets, parts, strict=True):
-                    mapped[target.format(**values)] = part.clone()
+                    mapped[target.format(**values)] = part
             break
         else:
             unmapped.append(key)

@@ -51,7 +51,9 @@ def test_unavailable_variants_raise_clearly():
     cfg = load_config(overrides=[*TINY, "model.encoder.attention=deformable"])
     with pytest.raises(NotImplementedError, match="'model.encoder.attention: deformable' is not available"):
         build_model(cfg.model)
-    cfg = load_config(overrides=[*TINY, "model.decoder.cross_attention=deformable", "model.num_feature_levels=4"])
+    cfg = load_config(
+        overrides=[*TINY, "model.decoder.cross_attention=deformable", "model.num_feature_levels=4"]
+    )
     with pytest.raises(NotImplementedError, match="'model.num_feature_levels: 4' needs the Deformable DETR"):
         build_model(cfg.model)
     cfg = load_config(overrides=[*TINY, "model.classification=sigmoid"])

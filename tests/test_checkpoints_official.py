@@ -1,0 +1,292 @@
+"""Official DETR checkpoints: architecture inference, key mapping, variants, the convert tool.
+
+The official key layout is written out here by hand (torchvision's ResNet keys under
+`backbone.0.body.`, nn.MultiheadAttention's packed projections, norm1..3), independent of the
+converter's rules; weights come from the fixtures' deterministic `synth_state_dict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from detr_lab.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_official,
+    official_class_names,
+)
+from detr_lab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+synth = _load_module("official_ckpt_synth_weights", ROOT / "tests" / "fixtures" / "synth_weights.py")
+
+
+def official_detr_spec(
+    backbone: str = "resnet18",
+    *,
+    hidden: int = 32,
+    ffn: int = 64,
+    encoder_layers: int = 1,
+    decoder_layers: int = 2,
+    queries: int = 7,
+    classes: int = 5,
+    learned_position: bool = False,
+) -> dict[str, list[int]]:
+    """Key -> shape of an official facebookresearch/detr checkpoint with these settings."""
+    with torch.device("meta"):
+        resnet = getattr(torchvision.models, backbone)()
+    spec = {
+        f"backbone.0.body.{name}": list(tensor.shape)
+        for name, tensor in resnet.state_dict().items()
+        if not name.startswith("fc.") and not name.endswith("num_batches_tracked")
+    }
+    if learned_position:
+        spec["backbone.1.row_embed.weight"] = [50, hidden // 2]
+        spec["backbone.1.col_embed.weight"] = [50, hidden // 2]
+    d = hidden
+
+    def attention(prefix):
+        spec[f"{prefix}.in_proj_weight"] = [3 * d, d]
+        spec[f"{prefix}.in_proj_bias"] = [3 * d]
+        spec[f"{prefix}.out_proj.weight"] = [d, d]
+        spec[f"{prefix}.out_proj.bias"] = [d]
+
+    def feed_forward_and_norms(prefix, norms):
+        spec.update({f"{prefix}.linear1.weight": [ffn, d], f"{prefix}.linear1.bias": [ffn]})
+        spec.update({f"{prefix}.linear2.weight": [d, ffn], f"{prefix}.linear2.bias": [d]})
+        for n in range(1, norms + 1):
+            spec.update({f"{prefix}.norm{n}.weight": [d], f"{prefix}.norm{n}.bias": [d]})
+
+    for i in range(encoder_layers):
+        attention(f"transformer.encoder.layers.{i}.self_attn")
+        feed_forward_and_norms(f"transformer.encoder.layers.{i}", 2)
+    for i in range(decoder_layers):
+        attention(f"transformer.decoder.layers.{i}.self_attn")
+        attention(f"transformer.decoder.layers.{i}.multihead_attn")
+        feed_forward_and_norms(f"transformer.decoder.layers.{i}", 3)
+    spec.update({"transformer.decoder.norm.weight": [d], "transformer.decoder.norm.bias": [d]})
+    spec.update({"class_embed.weight": [classes + 1, d], "class_embed.bias": [classes + 1]})
+    for j, out in enumerate((d, d, 4)):
+        spec.update({f"bbox_embed.layers.{j}.weight": [out, d], f"bbox_embed.layers.{j}.bias": [out]})
+    spec["query_embed.weight"] = [queries, d]
+    channels = 512 if backbone in ("resnet18", "resnet34") else 2048
+    spec.update({"input_proj.weight": [d, channels, 1, 1], "input_proj.bias": [d]})
+    return spec
+
+
+def official_state(**kwargs) -> dict[str, torch.Tensor]:
+    return synth.synth_state_dict(official_detr_spec(**kwargs), 0)
+
+
+def quick_state(**kwargs) -> dict[str, torch.Tensor]:
+    """Like `official_state` but filled faster (float32 noise, unit BN statistics) for deep ResNets."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in official_detr_spec(**kwargs).items():
+        if name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
+            state[name] = torch.ones(shape)
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            state[name] = torch.randn(shape, generator=g) / fan_in**0.5 * (0.2 if len(shape) > 1 else 0.05)
+    return state
+
+
+def _forward(model, size=64):
+    with torch.no_grad():
+        return model(
+            torch.randn(1, 3, size, size), torch.zeros(1, size, size, dtype=torch.bool), return_memory=True
+        )
+
+
+@pytest.fixture(scope="module")
+def r18_state():
+    return official_state()
+
+
+# ------------------------------------------------------------------------------------- variants
+@pytest.mark.parametrize(
+    ("backbone", "dilation", "learned", "stride"),
+    [
+        ("resnet18", False, False, 32),
+        ("resnet34", False, True, 32),
+        ("resnet50", True, False, 16),  # R50-DC5
+        ("resnet101", True, False, 16),  # R101-DC5
+    ],
+)
+def test_variants_are_inferred_and_run(backbone, dilation, learned, stride):
+    sizes = {"hidden": 32, "ffn": 48, "encoder_layers": 2, "decoder_layers": 3, "queries": 9, "classes": 4}
+    state = quick_state(backbone=backbone, learned_position=learned, **sizes)
+    overrides = {"dilation": True} if dilation else {}
+    model, cfg = load_official(state, num_heads=4, **overrides)
+    m = cfg.model
+    assert (m.backbone.name, m.backbone.dilation, m.hidden_dim, m.ffn_dim, m.num_heads) == (
+        backbone,
+        dilation,
+        32,
+        48,
+        4,
+    )
+    assert (m.encoder.num_layers, m.decoder.num_layers, m.num_queries, m.num_classes) == (2, 3, 9, 4)
+    assert m.position_encoding == ("learned" if learned else "sine")
+    assert not model.training
+    outputs = _forward(model, size=2 * stride)  # a 2x2 feature map at the model's stride
+    assert tuple(outputs["pred_logits"].shape) == (1, 9, 5) and len(outputs["aux_outputs"]) == 2
+    assert outputs["memory"].shape[1] == 4
+    assert torch.isfinite(outputs["pred_boxes"]).all()
+    torch.testing.assert_close(model.class_embed.weight, state["class_embed.weight"])
+    if learned:
+        torch.testing.assert_close(
+            model.position_encoding.row_embed.weight, state["backbone.1.row_embed.weight"]
+        )
+
+
+def test_keys_land_in_the_right_modules(r18_state):
+    model, _ = load_official(r18_state)
+    d = 32
+    encoder = model.transformer.encoder.layers[0]
+    decoder = model.transformer.decoder.layers[1]
+    packed = r18_state["transformer.encoder.layers.0.self_attn.in_proj_weight"]
+    torch.testing.assert_close(encoder.self_attn.q_proj.weight, packed[:d])
+    torch.testing.assert_close(encoder.self_attn.k_proj.weight, packed[d : 2 * d])
+    torch.testing.assert_close(encoder.self_attn.v_proj.weight, packed[2 * d :])
+    packed_bias = r18_state["transformer.decoder.layers.1.multihead_attn.in_proj_bias"]
+    torch.testing.assert_close(decoder.cross_attn.v_proj.bias, packed_bias[2 * d :])
+    torch.testing.assert_close(
+        decoder.self_attn.out_proj.weight, r18_state["transformer.decoder.layers.1.self_attn.out_proj.weight"]
+    )
+    expected_norms = [
+        (encoder.self_attn_norm, "transformer.encoder.layers.0.norm1"),
+        (encoder.ffn_norm, "transformer.encoder.layers.0.norm2"),
+        (decoder.self_attn_norm, "transformer.decoder.layers.1.norm1"),
+        (decoder.cross_attn_norm, "transformer.decoder.layers.1.norm2"),
+        (decoder.ffn_norm, "transformer.decoder.layers.1.norm3"),
+        (model.transformer.decoder.norm, "transformer.decoder.norm"),
+    ]
+    for module, key in expected_norms:
+        torch.testing.assert_close(module.weight, r18_state[f"{key}.weight"])
+        torch.testing.assert_close(module.bias, r18_state[f"{key}.bias"])
+    torch.testing.assert_close(
+        decoder.ffn.linear2.weight, r18_state["transformer.decoder.layers.1.linear2.weight"]
+    )
+    torch.testing.assert_close(model.input_proj[0].weight, r18_state["input_proj.weight"])
+    torch.testing.assert_close(
+        model.backbone.body.layer3[1].bn2.running_var, r18_state["backbone.0.body.layer3.1.bn2.running_var"]
+    )
+    torch.testing.assert_close(model.bbox_embed.layers[2].bias, r18_state["bbox_embed.layers.2.bias"])
+
+
+def test_checkpoint_file_with_training_arguments(tmp_path, r18_state):
+    path = tmp_path / "detr.pth"
+    torch.save(
+        {"model": r18_state, "args": argparse.Namespace(backbone="resnet18", lr=1e-4), "epoch": 3}, path
+    )
+    model, cfg = load_official(path)
+    assert cfg.model.backbone.name == "resnet18"
+    torch.testing.assert_close(model.query_embed.weight, r18_state["query_embed.weight"])
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_unmapped_official_keys_are_an_error(r18_state):
+    state = dict(r18_state)
+    state["transformer.encoder.norm.weight"] = torch.ones(32)  # pre-norm checkpoints have it
+    state["transformer.encoder.layers.0.norm3.weight"] = torch.ones(32)
+    with pytest.raises(
+        CheckpointError, match=r"2 official DETR key\(s\) have no place .*transformer\.encoder\.norm"
+    ):
+        load_official(state)
+
+
+def test_unfilled_parameters_are_an_error(r18_state):
+    state = {k: v for k, v in r18_state.items() if k not in ("class_embed.bias", "input_proj.bias")}
+    with pytest.raises(CheckpointError, match=r"2 missing \(e\.g\. class_embed\.bias, input_proj\.0\.bias\)"):
+        load_official(state)
+
+
+def test_overrides_are_checked(r18_state):
+    with pytest.raises(
+        CheckpointError, match="unknown override.*dilatoin.*valid: dilation, num_heads, num_queries"
+    ):
+        load_official(r18_state, dilatoin=True)
+    with pytest.raises(
+        CheckpointError, match="num_queries=100 given, but the checkpoint's query_embed holds 7"
+    ):
+        load_official(r18_state, num_queries=100)
+    with pytest.raises(ConfigError, match="divisible"):
+        load_official(r18_state, num_heads=5)
+    _, cfg = load_official(r18_state, num_queries=7, num_heads=2)
+    assert cfg.model.num_heads == 2
+
+
+def test_unsupported_layouts(r18_state):
+    with torch.device("meta"):
+        names = torchvision.models.resnet152().state_dict().keys()
+    state = {f"backbone.0.body.{n}": torch.zeros(1) for n in names if not n.startswith("fc.")}
+    state.update({k: v for k, v in r18_state.items() if not k.startswith("backbone.")})
+    with pytest.raises(CheckpointError, match=r"bottleneck blocks \(3, 8, 36, 3\)"):
+        load_official(state)
+    deformable = torch.load(ROOT / "tests" / "fixtures" / "deformable_detr_r50.pt", weights_only=True)
+    with pytest.raises(NotImplementedError, match="Deformable DETR checkpoints"):
+        load_official({name: torch.zeros(1) for name, _ in deformable["state_dict_spec"]})
+    with pytest.raises(CheckpointError, match="not an official checkpoint"):
+        load_official({"encoder.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="expected an official state dict"):
+        load_official({"model": {"a": "b"}})
+
+
+# ------------------------------------------------------------------------- via load_checkpoint
+def test_load_checkpoint_reads_official_weights_with_coco_names(tmp_path):
+    state = official_state(classes=91)  # as the official COCO models: ids 0..90, plus "no object"
+    path = tmp_path / "detr.pth"
+    torch.save({"model": state}, path)
+    loaded = load_checkpoint(path)
+    assert loaded.category_ids == list(range(91))
+    names = loaded.class_names
+    assert len(names) == 91 and names[0] == "N/A" and names[1] == "person" and names[12] == "N/A"
+    assert names[90] == "toothbrush" and names[44] == "bottle"
+    assert sum(name != "N/A" for name in names) == 80
+    assert official_class_names(3) == ["class_0", "class_1", "class_2"]
+
+    act = load_checkpoint(path, overrides=["model.encoder.attention=act"])
+    assert type(act.model.transformer.encoder.layers[0].self_attn).__name__ == "AdaptiveClusteringAttention"
+    torch.testing.assert_close(act.model.class_embed.weight, state["class_embed.weight"])
+
+
+# ---------------------------------------------------------------------------- the convert tool
+@pytest.fixture(scope="module")
+def convert_tool():
+    return _load_module("convert_checkpoint_tool", ROOT / "tools" / "convert_checkpoint.py")
+
+
+def test_convert_tool_writes_a_detr_lab_checkpoint(tmp_path, convert_tool, r18_state, capsys):
+    src, dst = tmp_path / "official.pth", tmp_path / "out" / "converted.pt"
+    torch.save({"model": r18_state}, src)
+    assert convert_tool.main([str(src), str(dst), "--num-heads", "2", "--num-queries", "7"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = load_checkpoint(dst)
+    assert loaded.config.model.num_heads == 2 and loaded.category_ids == list(range(5))
+    torch.testing.assert_close(loaded.model.query_embed.weight, r18_state["query_embed.weight"])
+    assert torch.load(dst, weights_only=True)["format"] == "detr_lab"
+
+
+def test_convert_tool_errors_are_one_line(tmp_path, convert_tool, capsys):
+    missing = tmp_path / "missing.pth"
+    assert convert_tool.main([str(missing), str(tmp_path / "x.pt"), "--dilation"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint file not found") and err.count("\n") == 1
+    with pytest.raises(CheckpointError):
+        convert_tool.main([str(missing), str(tmp_path / "x.pt"), "--debug"])
