@@ -11,6 +11,7 @@ call at DC5 resolution (an 800 x 1066 image -> stride-16 map 50 x 67 = 3350 toke
   hashing (q . a for L rounds) + prototype attention. The prototype attention runs on prototypes
   padded to the largest count over heads, which is what the counter sees; the "ideal" column uses
   the mean count instead (what a packed kernel would do);
+- the relative error ||ACT - plain|| / ||plain|| of the attention output (same weights);
 - CPU time: median of `--runs` timed calls after `--warmup` calls, plain and ACT with the same
   weights, in eval mode under `torch.no_grad()`; plain, ACT and ACT's hashing + clustering alone
   are called in turn, so that load from other processes affects all three alike.
@@ -225,6 +226,9 @@ def run(args: argparse.Namespace) -> dict:
             max_clusters = int(act.last_clusters_per_head.max())
             with torch.no_grad():
                 scaled = act.split_heads(act.q_proj(query)) * head_dim**-0.5
+                exact = plain(query, query, value, key_padding_mask=padding)
+                approximate = act(query, query, value, key_padding_mask=padding)
+                relative_error = float((approximate - exact).norm() / exact.norm())
             timings = interleaved_timings(
                 {
                     "plain": lambda: plain(query, query, value, key_padding_mask=padding),
@@ -243,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
                     "bucket_width": bucket_width,
                     "mean_clusters": clusters,
                     "max_clusters": max_clusters,
+                    "relative_error": relative_error,
                     "act_gflops_counted": flops / 1e9,
                     "act_gflops_extra": extra / 1e9,
                     "act_gflops_ideal": (
@@ -291,7 +296,7 @@ def format_table(result: dict) -> str:
         f"load average (1 min) at the end: {result['machine']['load_average_1min']}",
         f"plain: {plain['gflops']:.3f} GFLOPs, median {plain['ms']:.1f} ms over the rows below",
         f"{'L':>3} {'r':>6} {'clusters':>9} {'max':>5} {'GFLOPs':>8} {'ideal':>7} {'ratio':>6} "
-        f"{'plain ms':>9} {'ACT ms':>8} {'hash+cl':>8} {'speedup':>7}",
+        f"{'plain ms':>9} {'ACT ms':>8} {'hash+cl':>8} {'speedup':>7} {'rel.err':>7}",
     ]
     for row in result["act"]:
         total = row["act_gflops_counted"] + row["act_gflops_extra"]
@@ -299,7 +304,7 @@ def format_table(result: dict) -> str:
             f"{row['q_hashes']:>3} {row['bucket_width']:>6g} {row['mean_clusters']:>9.1f} "
             f"{row['max_clusters']:>5} {total:>8.3f} {row['act_gflops_ideal']:>7.3f} "
             f"{total / plain['gflops']:>6.2f} {row['plain_ms']:>9.1f} {row['act_ms']:>8.1f} "
-            f"{row['act_hash_and_cluster_ms']:>8.1f} {row['speedup']:>7.2f}"
+            f"{row['act_hash_and_cluster_ms']:>8.1f} {row['speedup']:>7.2f} {row['relative_error']:>7.3f}"
         )
     return "\n".join(lines)
 

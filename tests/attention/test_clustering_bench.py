@@ -38,6 +38,7 @@ def test_flop_counts_match_closed_forms(bench, tmp_path):
     hashing = 2 * heads * tokens * head_dim * 4
     tiny, huge = result["act"]
     assert tiny["mean_clusters"] == tokens and huge["mean_clusters"] == 1
+    assert tiny["relative_error"] < 1e-5 < huge["relative_error"]
     for row, clusters in ((tiny, tokens), (huge, 1)):
         attention = 2 * 2 * heads * clusters * tokens * head_dim
         assert row["act_gflops_counted"] * 1e9 == pytest.approx(projections + hashing + attention)
