@@ -25,6 +25,7 @@ class TimedRecord:
     mark_minutes: float  # the mark this row answers
     train_minutes: float  # training time when evaluated (>= the mark by at most one step), eval excluded
     wall_minutes: float  # wall time since training started, evaluations included
+    cpu_minutes: float  # CPU time of this process (all its threads) for training, evaluation excluded
     epoch: int
     global_step: int
     stats: dict[str, float]  # COCOeval numbers by name (AP, AP50, ...)
@@ -58,6 +59,8 @@ class TimedEvaluation(Callback):
         self.records: list[TimedRecord] = []
         self._start = 0.0
         self._eval_seconds = 0.0
+        self._cpu_start = 0.0
+        self._eval_cpu_seconds = 0.0
 
     def training_minutes(self) -> float:
         return (time.monotonic() - self._start - self._eval_seconds) / 60.0
@@ -67,18 +70,22 @@ class TimedEvaluation(Callback):
             raise RuntimeError("TimedEvaluation runs in a single process; use one device")
         self._start = time.monotonic()
         self._eval_seconds = 0.0
+        self._cpu_start = time.process_time()
+        self._eval_cpu_seconds = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         done = len(self.records)
         if done == len(self.marks) or self.training_minutes() < self.marks[done]:
             return
         train_minutes = self.training_minutes()
-        began = time.monotonic()
+        cpu_minutes = (time.process_time() - self._cpu_start - self._eval_cpu_seconds) / 60.0
+        began, cpu_began = time.monotonic(), time.process_time()
         stats = self._evaluate(trainer, pl_module)
         record = TimedRecord(
             mark_minutes=self.marks[done],
             train_minutes=train_minutes,
             wall_minutes=(began - self._start) / 60.0,
+            cpu_minutes=cpu_minutes,
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
             stats=stats,
@@ -92,6 +99,7 @@ class TimedEvaluation(Callback):
             path = self.checkpoint_dir / f"at_{record.mark_minutes:g}min.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # full training state
         self._eval_seconds += time.monotonic() - began
+        self._eval_cpu_seconds += time.process_time() - cpu_began
         if self.stop_after_last and len(self.records) == len(self.marks):
             trainer.should_stop = True
 

@@ -95,9 +95,9 @@ class DetectionModule(L.LightningModule):
             stats = evaluator.compute()
             rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{evaluator.summary_text()}")
         stats = self.trainer.strategy.broadcast(stats, src=0)
-        # Every rank holds the same values now: no reduction needed.
+        # Every rank holds the same values now, so averaging over ranks leaves them unchanged.
         for name in LOGGED_STATS:
-            self.log(f"val/{name}", stats[name], prog_bar=name == "AP", sync_dist=False)
+            self.log(f"val/{name}", stats[name], prog_bar=name == "AP", sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.cfg.optim)
@@ -113,9 +113,8 @@ class DetectionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- helpers
     def _log_losses(self, stage: str, losses: dict, total: torch.Tensor, batch_size: int) -> None:
-        # Training logs per step (this rank) and per epoch; validation per epoch, averaged over ranks.
-        train = stage == "train"
-        options = {"on_step": train, "on_epoch": True, "batch_size": batch_size, "sync_dist": not train}
+        # Training per step and epoch, validation per epoch; averaged over ranks (scalars: cheap to reduce).
+        options = {"on_step": stage == "train", "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
         for name, value in losses.items():
             self.log(f"{stage}/{name}", value, **options)
         self.log(f"{stage}/loss", total, prog_bar=True, **options)
