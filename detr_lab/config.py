@@ -323,17 +323,21 @@ def validate(cfg: Config, where: str = "config") -> Config:
     m = cfg.model
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
-            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by 'model.num_heads' ({m.num_heads})"
+            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by "
+            f"'model.num_heads' ({m.num_heads})"
         )
+    # Deformable attention or several levels: Deformable DETR's GroupNorm(32) input projections.
+    # (Plain and ACT attention also run over several levels: all levels' tokens, concatenated.)
     deformable = m.encoder.attention == "deformable" or m.decoder.cross_attention == "deformable"
-    if m.num_feature_levels > 1 and not deformable:
+    if (deformable or m.num_feature_levels > 1) and m.hidden_dim % 32:
         raise ConfigError(
-            f"{where}: 'model.num_feature_levels' is {m.num_feature_levels}, but multi-scale features need "
-            "deformable attention ('model.encoder.attention' or 'model.decoder.cross_attention')"
+            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by 32: deformable attention or "
+            f"'model.num_feature_levels' > 1 ({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
     if (m.box_refine or m.two_stage) and m.decoder.cross_attention != "deformable":
         raise ConfigError(
-            f"{where}: 'model.box_refine' and 'model.two_stage' need 'model.decoder.cross_attention: deformable'"
+            f"{where}: 'model.box_refine' and 'model.two_stage' need "
+            "'model.decoder.cross_attention: deformable'"
         )
     if m.two_stage and not m.box_refine:
         raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")

@@ -95,8 +95,9 @@ def test_out_of_range_value_names_key():
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="divisible"):
         load_config(overrides=["model.hidden_dim=100", "model.num_heads=8"])
-    with pytest.raises(ConfigError, match="num_feature_levels"):
-        load_config(overrides=["model.num_feature_levels=4"])
+    with pytest.raises(ConfigError, match=r"'model.hidden_dim' \(48\) must be divisible by 32.*levels"):
+        load_config(overrides=["model.num_feature_levels=4", "model.hidden_dim=48"])
+    assert load_config(overrides=["model.num_feature_levels=4"]).model.encoder.attention == "plain"
     with pytest.raises(ConfigError, match="two_stage"):
         load_config(overrides=["model.decoder.cross_attention=deformable", "model.two_stage=true"])
 

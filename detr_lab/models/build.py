@@ -15,10 +15,11 @@ import importlib.util
 from torch import nn
 
 from detr_lab.config import LossConfig, ModelConfig
+from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbone import ResNetBackbone
 from detr_lab.models.criterion import SetCriterion
-from detr_lab.models.detector import Detector
+from detr_lab.models.detector import DeformableDetector, Detector, group_norm_projection
 from detr_lab.models.matcher import HungarianMatcher
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
 from detr_lab.models.postprocess import PostProcess
@@ -31,13 +32,26 @@ def uses_deformable(cfg: ModelConfig) -> bool:
     return cfg.encoder.attention == "deformable" or cfg.decoder.cross_attention == "deformable"
 
 
+def multiscale_inputs(cfg: ModelConfig) -> bool:
+    """Deformable DETR's input side (GroupNorm projections, level embeddings, half-pixel sine offset).
+
+    Used by every model with deformable attention or several feature levels; DETR (and ACT on
+    DETR) keep the plain 1x1 projection of a single level.
+    """
+    return uses_deformable(cfg) or cfg.num_feature_levels > 1
+
+
+def backbone_stages(num_levels: int) -> tuple[int, ...]:
+    """ResNet stages feeding `num_levels` levels: C5; C4-C5; C3-C5; C3-C5 plus extra strided levels."""
+    return ((4,), (3, 4))[num_levels - 1] if num_levels < 3 else (2, 3, 4)
+
+
 def build_backbone(cfg: ModelConfig) -> ResNetBackbone:
-    """ResNet returning the last stage (single level) or stages 2-4 (strides 8/16/32) for multi-scale."""
+    """ResNet returning the stages of `backbone_stages(cfg.num_feature_levels)` (strides 8/16/32)."""
     b = cfg.backbone
-    stages = (4,) if cfg.num_feature_levels == 1 else (2, 3, 4)
     return ResNetBackbone(
         b.name,
-        stages=stages,
+        stages=backbone_stages(cfg.num_feature_levels),
         dilation=b.dilation,
         frozen_stages=b.frozen_stages,
         pretrained=b.pretrained,
@@ -45,19 +59,40 @@ def build_backbone(cfg: ModelConfig) -> ResNetBackbone:
     )
 
 
+def build_input_proj(cfg: ModelConfig, backbone: ResNetBackbone) -> list[nn.Module]:
+    """One projection to `hidden_dim` per level: 1x1 convolutions (DETR), or Conv + GroupNorm(32) and
+    stride-2 3x3 Conv + GroupNorm(32) for each level past the deepest backbone stage (Deformable DETR)."""
+    d = cfg.hidden_dim
+    if not multiscale_inputs(cfg):
+        return [nn.Conv2d(channels, d, kernel_size=1) for channels in backbone.num_channels]
+    projections: list[nn.Module] = [group_norm_projection(c, d) for c in backbone.num_channels]
+    in_channels = backbone.num_channels[-1]
+    for _ in range(cfg.num_feature_levels - len(backbone.num_channels)):
+        projections.append(group_norm_projection(in_channels, d, kernel_size=3, stride=2))
+        in_channels = d
+    return projections
+
+
 def build_position_encoding(cfg: ModelConfig) -> nn.Module:
-    """Sine (Deformable DETR's half-pixel offset when deformable attention is used) or learned."""
+    """Sine (Deformable DETR's half-pixel offset for multi-scale inputs) or learned."""
     if cfg.hidden_dim % 2:
         raise ValueError(f"model.hidden_dim ({cfg.hidden_dim}) must be even for a 2-D position encoding")
     if cfg.position_encoding == "learned":
         return LearnedPositionEncoding(cfg.hidden_dim // 2)
-    return SinePositionEncoding(cfg.hidden_dim // 2, offset=-0.5 if uses_deformable(cfg) else 0.0)
+    return SinePositionEncoding(cfg.hidden_dim // 2, offset=-0.5 if multiscale_inputs(cfg) else 0.0)
 
 
-def build_attention(kind: str, cfg: ModelConfig, *, key: str) -> nn.Module:
-    """One attention module of the kind named by config entry `key` (for error messages)."""
+def build_attention(kind: str, cfg: ModelConfig, *, key: str, num_points: int = 4) -> nn.Module:
+    """One attention module of the kind named by config entry `key` (for error messages).
+
+    `num_points`: sampling points per head and level of deformable attention.
+    """
     if kind == "plain":
         return PlainAttention(cfg.hidden_dim, cfg.num_heads, dropout=cfg.dropout)
+    if kind == "deformable":
+        return MultiScaleDeformableAttention(
+            cfg.hidden_dim, cfg.num_feature_levels, cfg.num_heads, num_points, dropout=cfg.dropout
+        )
     if kind == "act" and importlib.util.find_spec(CLUSTERING_MODULE) is not None:
         from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 
@@ -74,11 +109,17 @@ def build_attention(kind: str, cfg: ModelConfig, *, key: str) -> nn.Module:
 
 
 def build_transformer(cfg: ModelConfig) -> Transformer:
-    """Post-norm encoder/decoder; the decoder's final LayerNorm is applied to every layer's output."""
+    """Post-norm encoder/decoder with the configured attention modules.
+
+    DETR's decoder applies a final LayerNorm to every layer's output; Deformable DETR's (a deformable
+    cross-attention) has none. Multi-scale inputs add a learned level embedding.
+    """
     d, ffn, dropout = cfg.hidden_dim, cfg.ffn_dim, cfg.dropout
     encoder_layers = [
         EncoderLayer(
-            self_attn=build_attention(cfg.encoder.attention, cfg, key="model.encoder.attention"),
+            self_attn=build_attention(
+                cfg.encoder.attention, cfg, key="model.encoder.attention", num_points=cfg.encoder.num_points
+            ),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
@@ -88,45 +129,55 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
     decoder_layers = [
         DecoderLayer(
             self_attn=PlainAttention(d, cfg.num_heads, dropout=dropout),
-            cross_attn=build_attention(cfg.decoder.cross_attention, cfg, key="model.decoder.cross_attention"),
+            cross_attn=build_attention(
+                cfg.decoder.cross_attention,
+                cfg,
+                key="model.decoder.cross_attention",
+                num_points=cfg.decoder.num_points,
+            ),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
         )
         for _ in range(cfg.decoder.num_layers)
     ]
-    return Transformer(Encoder(encoder_layers), Decoder(decoder_layers, nn.LayerNorm(d)), embed_dim=d)
+    final_norm = None if cfg.decoder.cross_attention == "deformable" else nn.LayerNorm(d)
+    num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) else None
+    return Transformer(
+        Encoder(encoder_layers), Decoder(decoder_layers, final_norm), embed_dim=d, num_levels=num_levels
+    )
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    unsupported = [
-        ("model.num_feature_levels", cfg.num_feature_levels != 1, cfg.num_feature_levels),
-        ("model.classification", cfg.classification != "softmax", cfg.classification),
-        ("model.box_refine", cfg.box_refine, cfg.box_refine),
-        ("model.two_stage", cfg.two_stage, cfg.two_stage),
-    ]
-    for key, bad, value in unsupported:
-        if bad:
-            raise NotImplementedError(
-                f"'{key}: {value}' needs the Deformable DETR detector, not available yet"
-            )
+    """Options only the Deformable DETR head has (the config validator enforces the same)."""
+    if (cfg.box_refine or cfg.two_stage) and cfg.decoder.cross_attention != "deformable":
+        raise ValueError(
+            "'model.box_refine' and 'model.two_stage' need 'model.decoder.cross_attention: deformable'"
+        )
 
 
-def build_model(cfg: ModelConfig) -> Detector:
-    """The detector described by `cfg` (randomly initialised apart from optional ImageNet weights)."""
+def build_model(cfg: ModelConfig) -> Detector | DeformableDetector:
+    """The detector described by `cfg` (randomly initialised apart from optional ImageNet weights).
+
+    A deformable decoder cross-attention gives a `DeformableDetector` (reference points, boxes
+    relative to them, optional box refinement and two-stage); otherwise a DETR `Detector`.
+    """
     check_supported(cfg)
     transformer = build_transformer(cfg)
     backbone = build_backbone(cfg)
-    input_proj = [nn.Conv2d(channels, cfg.hidden_dim, kernel_size=1) for channels in backbone.num_channels]
-    return Detector(
+    common = dict(
         backbone=backbone,
         position_encoding=build_position_encoding(cfg),
         transformer=transformer,
-        input_proj=input_proj,
+        input_proj=build_input_proj(cfg, backbone),
         num_classes=cfg.num_classes,
         num_queries=cfg.num_queries,
         aux_loss=cfg.aux_loss,
+        classification=cfg.classification,
     )
+    if cfg.decoder.cross_attention == "deformable":
+        return DeformableDetector(**common, box_refine=cfg.box_refine, two_stage=cfg.two_stage)
+    return Detector(**common)
 
 
 def build_matcher(model_cfg: ModelConfig, loss_cfg: LossConfig) -> HungarianMatcher:

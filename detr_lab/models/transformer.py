@@ -156,6 +156,44 @@ class Encoder(nn.Module):
         return x
 
 
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Logit of `x` clamped to [0, 1], with both probabilities kept >= `eps` (finite at 0 and 1)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def refine_boxes(deltas: Tensor, reference: Tensor) -> Tensor:
+    """Boxes predicted relative to reference points: `sigmoid(deltas + logit(reference))`.
+
+    Args:
+        deltas: `[..., 4]` unnormalized (cx, cy, w, h) offsets in logit space.
+        reference: `[..., 4]` normalized boxes (cx, cy, w, h), or `[..., 2]` normalized points (x, y),
+            which shift only the centre.
+    Returns:
+        `[..., 4]` normalized cxcywh boxes.
+    """
+    logits = inverse_sigmoid(reference)
+    if reference.shape[-1] == 4:
+        return (deltas + logits).sigmoid()
+    if reference.shape[-1] != 2:
+        raise ValueError(f"reference points must end in 2 or 4 values, got shape {tuple(reference.shape)}")
+    return torch.cat((deltas[..., :2] + logits, deltas[..., 2:]), dim=-1).sigmoid()
+
+
+@dataclass
+class DecoderOutput:
+    """Every decoder layer's queries and the reference points each layer attended around.
+
+    hidden `[num_layers, B, Q, d]`; references: one `[B, Q, 2 or 4]` per layer, the normalized
+    reference points (x, y) or boxes (cx, cy, w, h) *entering* that layer, relative to each image's
+    unpadded extent (with box refinement, points become boxes after the first layer); None when the
+    decoder ran without reference points.
+    """
+
+    hidden: Tensor
+    references: list[Tensor] | None = None
+
+
 class Decoder(nn.Module):
     """A stack of `DecoderLayer`s returning every layer's output, each through the final `norm`.
 
@@ -163,6 +201,11 @@ class Decoder(nn.Module):
         layers: the decoder layers.
         norm: applied to each layer's output before it is returned (DETR: LayerNorm); None skips it
             (Deformable DETR has no final decoder norm).
+
+    With reference points, every layer receives them scaled to each level's valid area; with
+    `box_heads` (iterative box refinement) layer i's output refines them into boxes for layer i+1:
+    `sigmoid(box_heads[i](queries) + logit(reference))`, detached so that each layer's box loss
+    trains only its own head.
     """
 
     def __init__(self, layers: Sequence[nn.Module], norm: nn.Module | None = None) -> None:
@@ -170,18 +213,59 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(
-        self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, **kwargs
-    ) -> Tensor:
-        """Queries `[B, Q, d]` through every layer -> `[num_layers, B, Q, d]`.
+    @staticmethod
+    def level_reference_points(reference_points: Tensor, valid_ratios: Tensor) -> Tensor:
+        """`[B, Q, 2 or 4]` relative to the unpadded image -> `[B, Q, levels, 2 or 4]` per level.
 
-        Keyword arguments are passed to every `DecoderLayer.forward`.
+        Each level's padded map is larger than the image, so coordinates shrink by its valid ratio
+        (`valid_ratios` `[B, levels, 2]`, (x, y)); box sizes shrink the same way.
         """
-        outputs = []
-        for layer in self.layers:
-            queries = layer(queries, query_pos, memory, memory_pos, **kwargs)
+        if reference_points.shape[-1] == 4:
+            valid_ratios = torch.cat((valid_ratios, valid_ratios), dim=-1)  # (B, levels, 4)
+        return reference_points[:, :, None] * valid_ratios[:, None]
+
+    def forward(
+        self,
+        queries: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        *,
+        reference_points: Tensor | None = None,
+        valid_ratios: Tensor | None = None,
+        box_heads: Sequence[nn.Module] | None = None,
+        **kwargs,
+    ) -> DecoderOutput:
+        """Queries `[B, Q, d]` through every layer.
+
+        Args:
+            queries, query_pos: `[B, Q, d]`. memory, memory_pos: `[B, S, d]`.
+            reference_points: `[B, Q, 2]` normalized (x, y) or `[B, Q, 4]` normalized (cx, cy, w, h),
+                relative to each image's unpadded extent; needs `valid_ratios` `[B, levels, 2]`.
+            box_heads: one module per layer mapping `[B, Q, d]` -> `[B, Q, 4]` box deltas; refines the
+                reference points between layers (needs `reference_points`).
+            kwargs: passed to every `DecoderLayer.forward` (`memory_padding_mask`, `spatial_shapes`,
+                `level_start_index`).
+        """
+        if box_heads is not None and (reference_points is None or len(box_heads) < len(self.layers)):
+            raise ValueError(
+                f"box refinement needs reference points and one box head per decoder layer "
+                f"({len(self.layers)}), got {'no' if box_heads is None else len(box_heads)} heads and "
+                f"{'no' if reference_points is None else 'some'} reference points"
+            )
+        if reference_points is not None and valid_ratios is None:
+            raise ValueError("reference points need the valid ratios of the feature levels")
+        outputs, references = [], []
+        for index, layer in enumerate(self.layers):
+            level_points = None
+            if reference_points is not None:
+                references.append(reference_points)
+                level_points = self.level_reference_points(reference_points, valid_ratios)
+            queries = layer(queries, query_pos, memory, memory_pos, reference_points=level_points, **kwargs)
             outputs.append(self.norm(queries) if self.norm is not None else queries)
-        return torch.stack(outputs)
+            if box_heads is not None:
+                reference_points = refine_boxes(box_heads[index](queries), reference_points).detach()
+        return DecoderOutput(torch.stack(outputs), references if references else None)
 
 
 @dataclass
@@ -343,18 +427,23 @@ class Transformer(nn.Module):
         encoded: EncoderOutput,
         *,
         reference_points: Tensor | None = None,
-    ) -> Tensor:
-        """Decode queries `[B, Q, d]` with embeddings `query_pos` `[B, Q, d]` -> `[num_layers, B, Q, d]`.
+        box_heads: Sequence[nn.Module] | None = None,
+    ) -> DecoderOutput:
+        """Decode queries `[B, Q, d]` with embeddings `query_pos` `[B, Q, d]` against the memory.
 
-        `reference_points` `[B, Q, levels, 2 or 4]` (normalized) are handed to the cross-attention.
+        `reference_points` `[B, Q, 2 or 4]` are normalized to each image's unpadded extent; the
+        decoder scales them to every level for the cross-attention. `box_heads` (one per layer)
+        turn on iterative box refinement (see `Decoder`).
         """
         return self.decoder(
             queries,
             query_pos,
             encoded.memory,
             encoded.memory_pos,
-            memory_padding_mask=encoded.memory_padding_mask,
             reference_points=reference_points,
+            valid_ratios=encoded.valid_ratios,
+            box_heads=box_heads,
+            memory_padding_mask=encoded.memory_padding_mask,
             spatial_shapes=encoded.spatial_shapes,
             level_start_index=encoded.level_start_index,
         )
@@ -366,7 +455,9 @@ class Transformer(nn.Module):
         pos: Sequence[Tensor],
         queries: Tensor,
         query_pos: Tensor,
-    ) -> tuple[Tensor, EncoderOutput]:
-        """Encode the levels, decode the queries: -> (`[num_layers, B, Q, d]`, `EncoderOutput`)."""
+        *,
+        reference_points: Tensor | None = None,
+    ) -> tuple[DecoderOutput, EncoderOutput]:
+        """Encode the levels, decode the queries: -> (`DecoderOutput`, `EncoderOutput`)."""
         encoded = self.encode(features, masks, pos)
-        return self.decode(queries, query_pos, encoded), encoded
+        return self.decode(queries, query_pos, encoded, reference_points=reference_points), encoded

@@ -86,8 +86,6 @@ def test_eval_outputs_are_deterministic_and_aux_can_be_disabled():
 
 
 def test_detector_checks_projection_count():
-    from torch import nn
-
     from detr_lab.models.detector import Detector
 
     cfg = load_config(overrides=TINY)
@@ -97,7 +95,7 @@ def test_detector_checks_projection_count():
             backbone=model.backbone,
             position_encoding=model.position_encoding,
             transformer=model.transformer,
-            input_proj=[nn.Conv2d(512, 32, 1), nn.Conv2d(512, 32, 1)],
+            input_proj=[],
             num_classes=5,
             num_queries=10,
         )

@@ -129,13 +129,13 @@ def test_decoder_returns_every_layer_through_the_final_norm():
     decoder = Decoder(layers, norm).eval()
     queries, query_pos, memory = torch.randn(2, 5, D), torch.randn(2, 5, D), torch.randn(2, 6, D)
     memory_pos = torch.randn(2, 6, D)
-    stacked = decoder(queries, query_pos, memory, memory_pos)
+    stacked = decoder(queries, query_pos, memory, memory_pos).hidden
     assert tuple(stacked.shape) == (3, 2, 5, D)
     x = queries
     for index, layer in enumerate(layers):
         x = layer(x, query_pos, memory, memory_pos)
         torch.testing.assert_close(stacked[index], norm(x))
-    raw = Decoder(layers, None).eval()(queries, query_pos, memory, memory_pos)
+    raw = Decoder(layers, None).eval()(queries, query_pos, memory, memory_pos).hidden
     torch.testing.assert_close(raw[-1], x)
 
 
@@ -192,8 +192,9 @@ def test_transformer_level_embedding_and_outputs():
     pos = [torch.randn(1, D, 2, 2), torch.randn(1, D, 1, 1)]
     masks = [torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 1, 1, dtype=torch.bool)]
     queries, query_pos = torch.zeros(1, 3, D), torch.randn(1, 3, D)
-    hidden, encoded = transformer(features, masks, pos, queries, query_pos)
-    assert tuple(hidden.shape) == (1, 1, 3, D) and tuple(encoded.memory.shape) == (1, 5, D)
+    decoded, encoded = transformer(features, masks, pos, queries, query_pos)
+    assert decoded.references is None
+    assert tuple(decoded.hidden.shape) == (1, 1, 3, D) and tuple(encoded.memory.shape) == (1, 5, D)
     torch.testing.assert_close(encoded.memory_pos[0, 4], pos[1][0, :, 0, 0] + transformer.level_embed[1])
     torch.testing.assert_close(encoded.memory_pos[0, 1], pos[0][0, :, 0, 1] + transformer.level_embed[0])
     with pytest.raises(ValueError, match="expects 2 feature levels, got 1"):

@@ -1,0 +1,134 @@
+"""Two-stage Deformable DETR: encoder tokens propose boxes; the best proposals become the queries.
+
+Every encoder token proposes a box centred on its pixel (size 0.05 * 2^level of the image); a
+detection head scores it and refines it in logit space, and the top-k proposals by the score of the
+first class become the decoder's reference boxes. Their sine embedding, through a linear layer and a
+LayerNorm, gives each query's position embedding and its content.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detr_lab.models.transformer import EncoderOutput
+
+# Proposals whose box leaves (0.01, 0.99) in any coordinate are dropped (their logits become +inf).
+PROPOSAL_MARGIN = 0.01
+PROPOSAL_BASE_SIZE = 0.05  # width and height of a level-0 proposal, as a fraction of the image
+
+
+def encoder_proposals(memory_padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """One box per encoder token, centred on its pixel, in logit space.
+
+    Args:
+        memory_padding_mask: bool `[B, S]` (True = padding), levels flattened row-major.
+        spatial_shapes: int64 `[levels, 2]` (H, W).
+    Returns:
+        proposals `[B, S, 4]`: inverse-sigmoid of normalized (cx, cy, w, h) relative to each image's
+        unpadded extent, +inf at padding and for boxes too close to the border; valid bool `[B, S, 1]`
+        (True = a usable proposal).
+    """
+    batch = memory_padding_mask.shape[0]
+    boxes, start = [], 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
+        start += height * width
+        valid_h = (~mask[:, :, 0]).sum(1)  # (B,)
+        valid_w = (~mask[:, 0, :]).sum(1)
+        ys, xs = torch.meshgrid(
+            torch.arange(height, dtype=torch.float32, device=mask.device),
+            torch.arange(width, dtype=torch.float32, device=mask.device),
+            indexing="ij",
+        )  # (H, W) each
+        extent = torch.stack((valid_w, valid_h), dim=-1).view(batch, 1, 1, 2)
+        centres = (torch.stack((xs, ys), dim=-1)[None] + 0.5) / extent  # (B, H, W, 2)
+        sizes = torch.full_like(centres, PROPOSAL_BASE_SIZE * 2.0**level)
+        boxes.append(torch.cat((centres, sizes), dim=-1).view(batch, -1, 4))
+    proposals = torch.cat(boxes, dim=1)  # (B, S, 4)
+    valid = ((proposals > PROPOSAL_MARGIN) & (proposals < 1 - PROPOSAL_MARGIN)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    proposals = proposals.masked_fill(memory_padding_mask[..., None], float("inf"))
+    proposals = proposals.masked_fill(~valid, float("inf"))
+    valid = valid & ~memory_padding_mask[..., None]
+    return proposals, valid
+
+
+def proposal_sine_embedding(proposals: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of boxes given in logit space.
+
+    Args:
+        proposals: `[B, K, 4]` inverse-sigmoid (cx, cy, w, h).
+        num_feats: features per coordinate (even).
+    Returns:
+        `[B, K, 4 * num_feats]`: per coordinate (in cx, cy, w, h order) sin/cos pairs of
+        `2 pi * sigmoid(coordinate)` over a geometric range of frequencies, interleaved.
+    """
+    exponent = 2 * torch.div(
+        torch.arange(num_feats, dtype=torch.float32, device=proposals.device), 2, rounding_mode="floor"
+    )
+    frequencies = temperature ** (exponent / num_feats)  # (F,) pairs share a frequency
+    angles = proposals.sigmoid()[..., None] * (2 * math.pi) / frequencies  # (B, K, 4, F)
+    embedding = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1)  # (B, K, 4, F/2, 2)
+    return embedding.flatten(2)
+
+
+class TwoStageQueries(nn.Module):
+    """The learned parts of the two-stage query selection (the scoring heads belong to the detector).
+
+    Args:
+        embed_dim: model width d.
+        num_queries: proposals kept (k of the top-k).
+
+    Attributes: `memory_proj` + `memory_norm` (Linear(d, d), LayerNorm) turn encoder tokens into
+    proposal features; `query_proj` + `query_norm` (Linear(2d, 2d), LayerNorm) turn a proposal's sine
+    embedding into (query_pos, queries).
+    """
+
+    def __init__(self, embed_dim: int, num_queries: int) -> None:
+        super().__init__()
+        if embed_dim % 4:
+            raise ValueError(f"two-stage queries need a model width divisible by 4, got {embed_dim}")
+        self.embed_dim = embed_dim
+        self.num_queries = num_queries
+        self.memory_proj = nn.Linear(embed_dim, embed_dim)
+        self.memory_norm = nn.LayerNorm(embed_dim)
+        self.query_proj = nn.Linear(2 * embed_dim, 2 * embed_dim)
+        self.query_norm = nn.LayerNorm(2 * embed_dim)
+        nn.init.xavier_uniform_(self.memory_proj.weight)
+        nn.init.xavier_uniform_(self.query_proj.weight)
+
+    def proposal_features(self, encoded: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """-> (features `[B, S, d]` for the proposal heads, proposals `[B, S, 4]` in logit space).
+
+        Padding tokens and unusable proposals get zero input features and +inf proposals.
+        """
+        proposals, valid = encoder_proposals(encoded.memory_padding_mask, encoded.spatial_shapes)
+        memory = encoded.memory.masked_fill(~valid, 0.0)
+        return self.memory_norm(self.memory_proj(memory)), proposals
+
+    def select(self, scores: Tensor, proposal_boxes: Tensor) -> Tensor:
+        """The `num_queries` best proposals.
+
+        Args:
+            scores: `[B, S]` (the first class logit of every proposal).
+            proposal_boxes: `[B, S, 4]` refined proposals in logit space.
+        Returns:
+            `[B, num_queries, 4]` in logit space, detached (the decoder does not train the proposals).
+        """
+        if scores.shape[1] < self.num_queries:
+            raise ValueError(
+                f"two-stage selection needs at least num_queries={self.num_queries} encoder tokens, "
+                f"got {scores.shape[1]} (larger images or fewer queries)"
+            )
+        top = scores.topk(self.num_queries, dim=1).indices  # (B, K)
+        chosen = proposal_boxes.gather(1, top[..., None].expand(-1, -1, proposal_boxes.shape[-1]))
+        return chosen.detach()
+
+    def queries(self, chosen: Tensor) -> tuple[Tensor, Tensor]:
+        """Selected proposals `[B, K, 4]` (logit space) -> (query_pos `[B, K, d]`, queries `[B, K, d]`)."""
+        embedding = proposal_sine_embedding(chosen, self.embed_dim // 2)  # (B, K, 2d)
+        query_pos, queries = self.query_norm(self.query_proj(embedding)).split(self.embed_dim, dim=-1)
+        return query_pos, queries
