@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 # Sampling points per chunk of the index and weight arithmetic (a few hundred KiB per tensor).
-_POINTS_PER_CHUNK = 1 << 15
+_POINTS_PER_CHUNK = 1 << 20
 _PAD_BEFORE = 1
 _PAD_AFTER = 2
 
@@ -64,6 +64,9 @@ class _PaddedLayout:
         sizes = [h * w for h, w in self.padded_shapes]
         self.padded_starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.num_rows = sum(sizes) * stride
+        # Table rows as int32 halve the memory traffic of the index arithmetic when they fit.
+        self.index_dtype = torch.int32 if self.num_rows + 2 * stride < 2**31 else torch.int64
+        index_dtype = self.index_dtype
 
         def per_point(values, dtype):  # one value per level -> [levels*points]
             return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_points)
@@ -79,15 +82,15 @@ class _PaddedLayout:
         self.y_upper = self.height + _PAD_BEFORE
         # Row of the top-left corner = (y * Wp + x) * stride + level_rows + (b * heads + h).
         self.stride = stride
-        self.y_coef = per_point([w * stride for _, w in self.padded_shapes], torch.int64)
-        self.level_rows = per_point([start * stride for start in self.padded_starts], torch.int64)
+        self.y_coef = per_point([w * stride for _, w in self.padded_shapes], index_dtype)
+        self.level_rows = per_point([start * stride for start in self.padded_starts], index_dtype)
         self.level_first_rows = torch.tensor(
-            [start * stride for start in self.padded_starts], dtype=torch.int64, device=device
+            [start * stride for start in self.padded_starts], dtype=index_dtype, device=device
         )
         # Row offsets of the corners (y0x0, y0x1, y1x0, y1x1) from the top-left one.
         self.level_corner_offsets = torch.tensor(
             [(0, stride, w * stride, (w + 1) * stride) for _, w in self.padded_shapes],
-            dtype=torch.int64,
+            dtype=index_dtype,
             device=device,
         )  # (L, 4)
         self.corner_offsets = self.level_corner_offsets.t().repeat_interleave(num_points, dim=1)  # (4, L*P)
@@ -129,10 +132,10 @@ class _ChunkGeometry:
 
     Args:
         x, y: `[n, L*P]` normalized sampling coordinates of `n` bags (flattened batch, query, head).
-        batch_head: int64 `[n, 1]`, `b * heads + h` of each bag.
+        batch_head: `[n, 1]`, `b * heads + h` of each bag (layout.index_dtype).
         with_inside: also record which positions were not clamped (for the location gradient).
     Attributes:
-        top_left: int64 `[n, L*P]`, table row of the top-left corner.
+        top_left: `[n, L*P]` (layout.index_dtype), table row of the top-left corner.
         frac_x, frac_y: `[n, L*P]` position past the top-left corner, in [0, 1).
         inside_x, inside_y: bool `[n, L*P]`, True where the position was not clamped.
     """
@@ -145,15 +148,15 @@ class _ChunkGeometry:
             self.inside_y = (pos_y >= 0) & (pos_y <= layout.y_upper)
         pos_x = pos_x.clamp_(min=layout.zero, max=layout.x_upper)
         pos_y = pos_y.clamp_(min=layout.zero, max=layout.y_upper)
-        corner_x = pos_x.long()  # truncation is the floor for positions >= 0
-        corner_y = pos_y.long()
+        corner_x = pos_x.to(layout.index_dtype)  # truncation is the floor for positions >= 0
+        corner_y = pos_y.to(layout.index_dtype)
         self.frac_x = pos_x.sub_(corner_x)
         self.frac_y = pos_y.sub_(corner_y)
         top_left = corner_y.mul_(layout.y_coef).add_(corner_x, alpha=layout.stride)
         self.top_left = top_left.add_(layout.level_rows).add_(batch_head)
 
     def corner_rows(self, layout: _PaddedLayout) -> Tensor:
-        """int64 `[n, 4, L*P]`: table rows of the corners (y0x0, y0x1, y1x0, y1x1)."""
+        """`[n, 4, L*P]` (layout.index_dtype): table rows of the corners (y0x0, y0x1, y1x0, y1x1)."""
         return self.top_left[:, None, :] + layout.corner_offsets
 
     def corner_weights(self, layout: _PaddedLayout, attention: Tensor) -> Tensor:
@@ -174,10 +177,11 @@ def _chunks(num_bags: int, points_per_bag: int):
         yield start, min(start + step, num_bags)
 
 
-def _batch_head(start: int, stop: int, num_queries: int, heads: int, device) -> Tensor:
-    """int64 `[stop - start, 1]`: `b * heads + h` of flattened bags `(b * Lq + q) * heads + h`."""
+def _batch_head(layout: _PaddedLayout, start: int, stop: int, num_queries: int, device) -> Tensor:
+    """`[stop - start, 1]`: `b * heads + h` of flattened bags `(b * Lq + q) * heads + h`."""
+    heads = layout.heads
     bags = torch.arange(start, stop, device=device)
-    return ((bags // (num_queries * heads)) * heads + bags % heads)[:, None]
+    return ((bags // (num_queries * heads)) * heads + bags % heads)[:, None].to(layout.index_dtype)
 
 
 def _corner_dots(grad_bags: Tensor, table: Tensor, rows: Tensor) -> Tensor:
@@ -201,25 +205,29 @@ def _value_gradient(layout: _PaddedLayout, grad_bags: Tensor, top_left: Tensor, 
 
     Args:
         grad_bags: `[N, dh]`, gradient of each output bag (N = B*Lq*heads).
-        top_left: int64 `[N, L*P]`, table row of each point's top-left corner.
-        weights: `[N, 4, L*P]` corner weights of the forward pass.
+        top_left: `[N, L*P]`, table row of each point's top-left corner.
+        weights: `[N, L*P, 4]` corner weights of the forward pass.
     """
-    num_bags, points_per_bag = top_left.shape
+    points_per_bag = top_left.shape[1]
     grad_table = grad_bags.new_zeros(layout.num_rows, grad_bags.shape[1])
-    keys, order = torch.sort(top_left.flatten(), stable=True)
+    # int64 keys: PyTorch radix-sorts those when it has several threads.
+    keys, order = torch.sort(top_left.flatten().long(), stable=True)
     segment_rows, counts = torch.unique_consecutive(keys, return_counts=True)
     offsets = counts.cumsum(0) - counts
-    bags = torch.div(order, points_per_bag, rounding_mode="floor")
+    if points_per_bag & (points_per_bag - 1) == 0:
+        bags = order >> (points_per_bag.bit_length() - 1)
+    else:
+        bags = torch.div(order, points_per_bag, rounding_mode="floor")
+    sorted_weights = weights.view(-1, 4).index_select(0, order)  # (points, 4), sorted by key
     # Levels occupy increasing row ranges, so each segment's level follows from its row.
-    segment_level = torch.bucketize(segment_rows, layout.level_first_rows, right=True) - 1
-    # Position of each sorted point's first-corner weight in the flat `weights` `[N, 4, L*P]`.
-    first_corner = bags * (3 * points_per_bag) + order
-    flat_weights = weights.view(-1)
+    level_first_rows = layout.level_first_rows.long()
+    segment_level = torch.bucketize(segment_rows, level_first_rows, right=True) - 1
+    corner_offsets = layout.level_corner_offsets.long()[segment_level]  # (segments, 4)
     for corner in range(4):
-        corner_weights = flat_weights[corner * points_per_bag :].index_select(0, first_corner)
-        summed = F.embedding_bag(bags, grad_bags, offsets, mode="sum", per_sample_weights=corner_weights)
-        rows = segment_rows + layout.level_corner_offsets[segment_level, corner]
-        grad_table.index_put_((rows,), summed, accumulate=True)
+        summed = F.embedding_bag(
+            bags, grad_bags, offsets, mode="sum", per_sample_weights=sorted_weights[:, corner].contiguous()
+        )  # (segments, dh)
+        grad_table.index_put_((segment_rows + corner_offsets[:, corner],), summed, accumulate=True)
     return grad_table
 
 
@@ -240,7 +248,7 @@ class _CpuFastCore(torch.autograd.Function):
                 layout,
                 locations[start:stop, :, 0],
                 locations[start:stop, :, 1],
-                _batch_head(start, stop, num_queries, heads, value.device),
+                _batch_head(layout, start, stop, num_queries, value.device),
                 with_inside=False,
             )
             rows = geometry.corner_rows(layout).view(stop - start, 4 * points)
@@ -260,8 +268,8 @@ class _CpuFastCore(torch.autograd.Function):
         num_bags, points = attention.shape
         grad_bags = grad_output.reshape(num_bags, -1).contiguous()  # (B*Lq*nh, dh)
         if need_value:
-            top_left = torch.empty(num_bags, points, dtype=torch.int64, device=table.device)
-            corner_weights = table.new_empty(num_bags, 4, points)
+            top_left = torch.empty(num_bags, points, dtype=layout.index_dtype, device=table.device)
+            corner_weights = table.new_empty(num_bags, points, 4)
         grad_locations = torch.empty_like(locations) if need_locations else None
         grad_attention = torch.empty_like(attention) if need_attention else None
         for start, stop in _chunks(num_bags, points):
@@ -269,13 +277,13 @@ class _CpuFastCore(torch.autograd.Function):
                 layout,
                 locations[start:stop, :, 0],
                 locations[start:stop, :, 1],
-                _batch_head(start, stop, num_queries, layout.heads, table.device),
+                _batch_head(layout, start, stop, num_queries, table.device),
                 with_inside=need_locations,
             )
             chunk_attention = attention[start:stop]
             if need_value:
                 top_left[start:stop] = geometry.top_left
-                corner_weights[start:stop] = geometry.corner_weights(layout, chunk_attention)
+                corner_weights[start:stop] = geometry.corner_weights(layout, chunk_attention).transpose(1, 2)
             if not (need_locations or need_attention):
                 continue
             rows = geometry.corner_rows(layout).view(stop - start, 4 * points)
