@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU benchmark, one GPU, under 5 minutes:
+#   1. correctness of the Triton deformable attention kernels against the PyTorch reference (pytest);
+#   2. deformable attention core timings, Triton vs reference, forward and forward+backward, at the
+#      Deformable-DETR-R50 encoder and decoder shapes, float32 / float16 / bfloat16 values;
+#   3. end-to-end model timings through tools/benchmark.py, when that tool exists.
+# Results go to $OUT_DIR (default runs/bench_gpu). Extra arguments for tools/benchmark.py: $BENCHMARK_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-runs/bench_gpu}
+mkdir -p "$OUT_DIR"
+
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+
+echo "== 1. Triton kernels vs reference on the GPU"
+timeout 120 python -m pytest -q -p no:cacheprovider tests/attention/test_deformable_triton.py -k cuda
+
+echo "== 2. Deformable attention core: Triton vs PyTorch reference"
+timeout 120 python tools/bench_deformable_core.py --device cuda --dtype float32 float16 bfloat16 \
+    --runs 20 --warmup 3 --json "$OUT_DIR/deformable_core.json"
+
+# ---------------------------------------------------------------------------------------------------
+# == 3. End-to-end model timings: tools/benchmark.py (maintained with the model, not in this script).
+# ---------------------------------------------------------------------------------------------------
+if [[ -f tools/benchmark.py ]]; then
+    echo "== 3. End-to-end model timings (tools/benchmark.py)"
+    # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of arguments
+    timeout 150 python tools/benchmark.py --device cuda ${BENCHMARK_ARGS:-}
+else
+    echo "== 3. tools/benchmark.py not found: no end-to-end model timings"
+fi
