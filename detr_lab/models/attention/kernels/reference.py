@@ -31,8 +31,12 @@ def ms_deform_attn_core_reference(
         attention_weights: `[B, Lq, heads, L, P]`.
 
     Returns:
-        `[B, Lq, heads*dh]` in `value`'s dtype.
+        `[B, Lq, heads*dh]` in `value`'s dtype; float16 / bfloat16 values are sampled in float32 (a
+        half-precision grid would be off by a fraction of a pixel on large maps).
     """
+    out_dtype = value.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        value = value.float()
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -54,4 +58,4 @@ def ms_deform_attn_core_reference(
     weights = attention_weights.transpose(1, 2)
     weights = weights.reshape(batch * heads, 1, num_queries, num_levels * num_points)
     output = (stacked * weights.to(value.dtype)).sum(-1)  # (B*nh, dh, Lq)
-    return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
+    return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous().to(out_dtype)
