@@ -168,7 +168,7 @@ def _backward_kernel(
                 grad_x += slope_x * weight_y * dot
                 grad_y += slope_y * weight_x * dot
                 contribution = (attn * weight_x * weight_y)[:, None] * grad_out
-                tl.atomic_add(grad_value_base + offset[:, None], contribution, mask=mask)
+                tl.atomic_add(grad_value_base + offset[:, None], contribution, mask=mask, sem="relaxed")
             # Chain rule through pixel = loc * size - 0.5.
             grad_x = grad_x * attn * width_f
             grad_y = grad_y * attn * height_f
