@@ -1,5 +1,10 @@
 """Plain multi-head attention (DETR), batch-first, on `scaled_dot_product_attention`.
 
+`impl="math"` computes the same attention step by step (scaled `q @ k^T`, additive padding mask,
+softmax, dropout, `@ v`), as `nn.MultiheadAttention` of the reference DETR code does; it is the
+reference path for benchmarks and tests. `set_plain_attention_impl(model, "math")` switches every
+module of a model.
+
 The call contract is shared by every attention module in this package:
 
     attn(query, key, value, *, key_padding_mask=None, reference_points=None,
@@ -10,9 +15,13 @@ Attention modules only mix tokens: no residual connection and no normalization i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+PLAIN_IMPLS = ("sdpa", "math")
 
 
 class PlainAttention(nn.Module):
@@ -22,12 +31,17 @@ class PlainAttention(nn.Module):
         embed_dim: model width d (divisible by `num_heads`).
         num_heads: number of heads.
         dropout: dropout on the attention weights (training only).
+        impl: "sdpa" (`F.scaled_dot_product_attention`, fused where the device has a kernel) or
+            "math" (explicit matmul + softmax); the attribute of the same name may be changed later.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, impl: str = "sdpa") -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if impl not in PLAIN_IMPLS:
+            raise ValueError(f"impl must be one of {PLAIN_IMPLS}, got {impl!r}")
+        self.impl = impl
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -90,7 +104,36 @@ class PlainAttention(nn.Module):
         """
         q, k, v = self.project(query, key, value)  # (B, nh, L, hd)
         mask = self.attention_mask(key_padding_mask, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, Lq, hd)
+        dropout = self.dropout if self.training else 0.0
+        if self.impl == "math":
+            out = self.math_attention(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(self.merge_heads(out))
+
+    def math_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+        """softmax(q k^T / sqrt(head_dim) + mask) v, step by step.
+
+        q `[B, nh, Lq, hd]`, k and v `[B, nh, Lk, hd]`, additive mask `[B, 1, 1, Lk]` or None
+        -> `[B, nh, Lq, hd]`.
+        """
+        scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, Lq, Lk)
+        if mask is not None:
+            scores = scores + mask
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+        return weights @ v
+
+
+def set_plain_attention_impl(model: nn.Module, impl: str) -> int:
+    """Set `impl` ("sdpa" or "math") of every `PlainAttention` inside `model`; returns how many.
+
+    Subclasses with their own attention computation (adaptive clustering attention) are left alone.
+    """
+    if impl not in PLAIN_IMPLS:
+        raise ValueError(f"impl must be one of {PLAIN_IMPLS}, got {impl!r}")
+    count = 0
+    for module in model.modules():
+        if type(module) is PlainAttention:
+            module.impl = impl
+            count += 1
+    return count

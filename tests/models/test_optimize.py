@@ -1,0 +1,146 @@
+"""optimize_for_inference keeps a detector's outputs: frozen batch norms folded, channels-last weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from detr_lab.config import load_config
+from detr_lab.models.attention.plain import PlainAttention
+from detr_lab.models.backbone import FrozenBatchNorm2d
+from detr_lab.models.build import build_model
+from detr_lab.models.optimize import (
+    fold_batch_norm_into_conv,
+    fold_frozen_batch_norms,
+    optimize_for_inference,
+)
+
+TINY = [
+    "model.hidden_dim=32",
+    "model.num_heads=4",
+    "model.ffn_dim=64",
+    "model.encoder.num_layers=2",
+    "model.decoder.num_layers=2",
+    "model.backbone.name=resnet18",
+    "model.backbone.pretrained=false",
+    "model.num_queries=10",
+    "model.num_classes=5",
+]
+DEFORMABLE = [
+    "model.num_feature_levels=2",
+    "model.encoder.attention=deformable",
+    "model.decoder.cross_attention=deformable",
+    "model.box_refine=true",
+    "model.classification=sigmoid",
+]
+
+
+def randomize_frozen_batch_norms(model: nn.Module, generator: torch.Generator) -> None:
+    """Statistics and affine parameters away from the identity (fresh ones fold into nothing)."""
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            channels = module.weight.shape[0]
+            module.weight.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.bias.copy_(0.2 * torch.randn(channels, generator=generator))
+            module.running_mean.copy_(0.2 * torch.randn(channels, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+
+
+def tiny_model(overrides: list[str]) -> nn.Module:
+    """A tiny detector whose every output depends on the backbone: random frozen norms, and the
+    zero-initialised weights (box-head output, deformable offsets and weights) made small random."""
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides=[*TINY, *overrides]).model).eval()
+    generator = torch.Generator().manual_seed(1)
+    randomize_frozen_batch_norms(model, generator)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def images_and_mask(batch: int = 2, height: int = 64, width: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    padding_mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    padding_mask[1, 48:, :] = True  # the second image is shorter and narrower: padded bottom/right
+    padding_mask[1, :, 70:] = True
+    images[1][padding_mask[1].expand(3, -1, -1)] = 0.0
+    return images, padding_mask
+
+
+@pytest.mark.parametrize("variant", ["detr", "deformable"])
+def test_optimized_model_gives_the_same_outputs(variant):
+    model = tiny_model([] if variant == "detr" else DEFORMABLE)
+    plain = copy.deepcopy(model)
+    optimized = optimize_for_inference(copy.deepcopy(model))
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
+    images, padding_mask = images_and_mask()
+    with torch.inference_mode():
+        expected = model(images, padding_mask)
+        got = optimized(images, padding_mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(got[key], expected[key], atol=1e-4, rtol=0), key
+        pairs = zip(got["aux_outputs"], expected["aux_outputs"], strict=True)
+        for index, (aux_got, aux_expected) in enumerate(pairs):
+            assert torch.allclose(aux_got[key], aux_expected[key], atol=1e-4, rtol=0), (index, key)
+    # The randomized norms matter: without them the outputs differ by far more than the tolerance.
+    for module in plain.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_var.fill_(1.0)
+    with torch.inference_mode():
+        other = plain(images, padding_mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert (other[key] - expected[key]).abs().max() > 1e-3, key
+
+
+def test_optimized_model_runs_channels_last_and_in_eval_mode():
+    model = tiny_model([]).train()
+    optimize_for_inference(model)
+    assert not model.training
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.inference_mode():
+        levels = model.backbone(*images_and_mask())
+    assert levels[-1].features.is_contiguous(memory_format=torch.channels_last)
+    optimize_for_inference(model, channels_last=False)  # a second call finds nothing left to fold
+    assert fold_frozen_batch_norms(model) == 0
+
+
+def test_fold_counts_every_resnet18_batch_norm():
+    model = tiny_model([])
+    norms = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert norms == 1 + 8 * 2 + 3  # stem, two per basic block, three downsample branches
+    assert fold_frozen_batch_norms(model) == norms
+    assert sum(isinstance(m, nn.Identity) for m in model.backbone.modules()) == norms
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_batch_norm_into_conv_matches_conv_then_norm(conv_bias):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, kernel_size=3, padding=1, stride=2, bias=conv_bias)
+    norm = FrozenBatchNorm2d(6)
+    randomize_frozen_batch_norms(norm, torch.Generator().manual_seed(4))
+    x = torch.randn(2, 4, 9, 11)
+    expected = norm(conv(x))
+    fold_batch_norm_into_conv(conv, norm)
+    assert conv.bias is not None
+    assert torch.allclose(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_rejects_a_norm_of_another_width():
+    with pytest.raises(ValueError, match="4 channels into a convolution with 6 output channels"):
+        fold_batch_norm_into_conv(nn.Conv2d(3, 6, 1), FrozenBatchNorm2d(4))
+
+
+def test_optimize_restores_the_fast_attention_paths():
+    model = tiny_model([])
+    attention = [m for m in model.modules() if type(m) is PlainAttention]
+    for module in attention:
+        module.impl = "math"
+    optimize_for_inference(model)
+    assert attention and all(m.impl == "sdpa" for m in attention)

@@ -1,0 +1,126 @@
+"""Smoke test of the benchmark library and tool on a tiny config (structure and sane values; no timings)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from detr_lab.benchmark import (
+    BenchmarkSettings,
+    benchmark_config,
+    count_flops,
+    format_report,
+    parse_size,
+    run_benchmark,
+    summarize,
+)
+from detr_lab.models.build import build_model
+
+TINY_YAML = """
+model:
+  num_classes: 3
+  hidden_dim: 32
+  num_heads: 2
+  ffn_dim: 64
+  num_queries: 8
+  backbone:
+    name: resnet18
+    pretrained: true   # the benchmark must switch this off: it never downloads
+  encoder: {num_layers: 2}
+  decoder: {num_layers: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tiny_config):
+    settings = BenchmarkSettings(
+        sizes=[(64, 64)], batch_sizes=[1], train_batch_sizes=[2], runs=2, warmup=0, threads=1,
+        objects_per_image=3,
+    )
+    threads = torch.get_num_threads()
+    result = run_benchmark([tiny_config], settings)
+    assert torch.get_num_threads() == threads  # the thread setting is restored
+    return result
+
+
+def test_benchmark_config_never_downloads(tiny_config):
+    cfg = benchmark_config(tiny_config)
+    assert cfg.model.backbone.pretrained is False and cfg.model.backbone.weights_path is None
+    assert cfg.model.hidden_dim == 32
+
+
+def test_report_structure_and_values(report, tiny_config):
+    machine = report["machine"]
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
+    assert machine["logical_cores"] >= 1 and machine["cpu_model"]
+    assert len(machine["load_average"]) == 3
+    (entry,) = report["models"]
+    model = build_model(benchmark_config(tiny_config).model)
+    assert entry["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < entry["parameters"]["trainable"] < entry["parameters"]["total"]  # stem + layer1 frozen
+
+    cases = {(c["task"], c["batch_size"]): c for c in entry["cases"]}
+    assert set(cases) == {("inference", 1), ("train_step", 2)}
+    for case in cases.values():
+        assert (case["height"], case["width"]) == (64, 64)
+        assert set(case["modes"]) == {"fast", "reference"}
+        for figures in case["modes"].values():
+            for kind in ("wall_s", "cpu_s"):
+                stats = figures[kind]
+                assert len(stats["values"]) == 2 and all(v > 0 for v in stats["values"])
+                assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+            assert figures["memory"]["peak_mib"] > 0
+        medians = {mode: statistics.median(f["wall_s"]["values"]) for mode, f in case["modes"].items()}
+        assert case["ratio"]["wall"] == pytest.approx(medians["fast"] / medians["reference"], rel=1e-3)
+        assert case["flops"] > 0
+    # The backward pass roughly doubles the forward work, and the training batch holds two images.
+    assert cases[("train_step", 2)]["flops"] > 2 * cases[("inference", 1)]["flops"]
+
+
+def test_report_is_json_and_table_names_rows(report):
+    json.loads(json.dumps(report))
+    table = format_report(report)
+    assert "tiny" in table and "train_step" in table and "reference" in table and "64x64" in table
+
+
+def test_inference_flops_of_a_convolution_have_the_closed_form():
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+    x = torch.randn(2, 3, 10, 12)
+    # one multiply-add = 2 FLOPs per output element and kernel tap
+    assert count_flops(lambda: conv(x)) == 2 * (2 * 8 * 10 * 12) * (3 * 3 * 3)
+
+
+def test_summary_and_size_parsing():
+    stats = summarize([3.0, 1.0, 2.0, 4.0])
+    assert (stats["min"], stats["median"], stats["max"]) == (1.0, 2.5, 4.0)
+    assert stats["values"] == [3.0, 1.0, 2.0, 4.0]
+    assert parse_size("800x1066") == (800, 1066)
+    for bad in ("800", "800x", "axb", "800x1066x3"):
+        with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"runs": 0}, "runs must be >= 1"),
+        ({"warmup": -1}, "warmup must be >= 0"),
+        ({"tasks": ["predict"]}, "tasks must be"),
+        ({"modes": []}, "modes must be"),
+        ({"sizes": [(16, 64)]}, "at least 32x32"),
+        ({"batch_sizes": [0]}, "batch sizes must be >= 1"),
+    ],
+)
+def test_bad_settings_are_rejected(change, message, tiny_config):
+    with pytest.raises(ValueError, match=message):
+        run_benchmark([tiny_config], BenchmarkSettings(**change))
