@@ -1,0 +1,128 @@
+"""The Deformable DETR configs: the official recipe, its variants, and the CPU demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_lab.config import config_to_dict, load_config
+from detr_lab.engine.optim import build_param_groups
+from detr_lab.models.build import build_criterion, build_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY_MODEL = [
+    "model.hidden_dim=32",
+    "model.num_heads=4",
+    "model.ffn_dim=64",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=2",
+    "model.backbone.name=resnet18",
+    "model.backbone.pretrained=false",
+    "model.num_queries=8",
+]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "lr_multipliers":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_official_recipe():
+    cfg = load_config(CONFIGS / "deformable.yaml")
+    m, loss, optim = cfg.model, cfg.loss, cfg.optim
+    assert (m.encoder.attention, m.decoder.cross_attention, m.classification) == (
+        "deformable",
+        "deformable",
+        "sigmoid",
+    )
+    assert (m.num_feature_levels, m.encoder.num_points, m.decoder.num_points, m.num_heads) == (4, 4, 4, 8)
+    assert (m.hidden_dim, m.ffn_dim, m.num_queries, m.encoder.num_layers, m.decoder.num_layers) == (
+        256,
+        1024,
+        300,
+        6,
+        6,
+    )
+    assert (m.backbone.name, m.backbone.pretrained, m.backbone.dilation, m.box_refine, m.two_stage) == (
+        "resnet50",
+        True,
+        False,
+        False,
+        False,
+    )
+    assert (loss.cost_class, loss.cost_bbox, loss.cost_giou) == (2, 5, 2)
+    assert (loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.focal_alpha, loss.focal_gamma) == (
+        2,
+        5,
+        2,
+        0.25,
+        2,
+    )
+    assert (optim.lr, optim.lr_backbone, optim.weight_decay, optim.clip_grad_norm) == (2e-4, 2e-5, 1e-4, 0.1)
+    assert optim.lr_multipliers == {"sampling_offsets": 0.1, "reference_points": 0.1}
+    assert (optim.lr_drop_epochs, optim.lr_drop_factor, cfg.trainer.max_epochs) == ([40], 0.1, 50)
+    assert (cfg.data.batch_size, cfg.trainer.devices, cfg.data.dataset) == (4, "8", "coco")
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("deformable_single_scale", {"model.num_feature_levels": 1}),
+        ("deformable_single_scale_dc5", {"model.num_feature_levels": 1, "model.backbone.dilation": True}),
+        ("deformable_refine", {"model.box_refine": True}),
+        (
+            "deformable_refine_two_stage",
+            {
+                "model.box_refine": True,
+                "model.two_stage": True,
+                "optim.lr_multipliers": {"sampling_offsets": 0.1},  # no reference-point layer
+            },
+        ),
+    ],
+)
+def test_variants_change_only_their_option(name, changes):
+    base = _flat(config_to_dict(load_config(CONFIGS / "deformable.yaml")))
+    variant = _flat(config_to_dict(load_config(CONFIGS / f"{name}.yaml")))
+    differences = {key: value for key, value in variant.items() if base[key] != value}
+    assert differences == {**changes, "trainer.output_dir": f"runs/{name}"}
+
+
+@pytest.mark.parametrize("name", ["deformable", "deformable_refine_two_stage"])
+def test_lr_multipliers_match_the_parameters_they_name(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", overrides=TINY_MODEL)
+    groups = {group["name"]: group for group in build_param_groups(build_model(cfg.model), cfg.optim)}
+    offsets = groups["default*sampling_offsets"]
+    assert (
+        offsets["lr"] == pytest.approx(2e-5) and len(offsets["param_names"]) == 2 * 3
+    )  # weight+bias, 3 layers
+    if name == "deformable":
+        assert groups["default*reference_points"]["param_names"] == [
+            "reference_points_head.weight",
+            "reference_points_head.bias",
+        ]
+    else:
+        assert not any("reference_points" in group for group in groups)
+    assert groups["backbone"]["lr"] == pytest.approx(2e-5)
+
+
+def test_demo_config_builds_and_runs_on_the_cpu():
+    cfg = load_config(CONFIGS / "demo_deformable.yaml")
+    detr_demo = load_config(CONFIGS / "demo_detr.yaml")
+    assert (cfg.data, cfg.trainer.accelerator) == (detr_demo.data, "cpu")
+    assert cfg.data.dataset == "synthetic" and not cfg.model.backbone.pretrained
+    assert (cfg.model.encoder.attention, cfg.model.decoder.cross_attention) == ("deformable", "deformable")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    criterion = build_criterion(cfg.model, cfg.loss)
+    images = torch.randn(2, 3, 128, 160)
+    outputs = model(images, torch.zeros(2, 128, 160, dtype=torch.bool))
+    assert tuple(outputs["pred_logits"].shape) == (2, cfg.model.num_queries, cfg.model.num_classes)
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+    assert torch.isfinite(criterion.total_loss(criterion(outputs, targets)))
