@@ -6,8 +6,11 @@ query per position (Lq = 17821), "decoder" 300 queries. Batch 1 unless `--batch`
 
 Each pass (forward under no_grad; forward + backward w.r.t. value, locations and weights) is timed
 `--runs` times after `--warmup` calls, implementations called in turn within each run. Prints a table
-(median, min, max, interquartile range in ms; speed-up = reference median / median) and writes JSON
-with the machine description.
+(wall time median, min, max, interquartile range in ms; speed-up = reference median / median; the
+median process CPU time, all threads) and writes JSON with the machine description (CPU model, torch
+threads, versions, load average, OpenMP environment). On a machine shared with other busy processes,
+run with `OMP_WAIT_POLICY=PASSIVE` (or `--threads 1`): GNU OpenMP's busy-waiting otherwise slows
+every multi-threaded op by scheduler time slices.
 
     python tools/bench_deformable_core.py                       # CPU: reference vs cpu_fast
     python tools/bench_deformable_core.py --threads 1           # single-threaded
@@ -73,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         f"{'kind':8} {'pass':17} {'dtype':9} {'impl':10} {'median ms':>10} {'min':>9} {'max':>9} {'IQR':>8} "
-        f"{'speed-up':>9}"
+        f"{'speed-up':>9} {'CPU ms':>9}"
     )
     for row in rows:
         speedup = f"{row['speedup']:8.2f}x" if "speedup" in row else ""
         print(
             f"{row['kind']:8} {row['pass']:17} {row['dtype']:9} {row['impl']:10} {row['median_ms']:10.1f} "
-            f"{row['min_ms']:9.1f} {row['max_ms']:9.1f} {row['iqr_ms']:8.1f} {speedup:>9}"
+            f"{row['min_ms']:9.1f} {row['max_ms']:9.1f} {row['iqr_ms']:8.1f} {speedup:>9} "
+            f"{row['cpu_median_ms']:9.1f}"
         )
     machine["load_average_after"] = machine_description(args.device).get("load_average_1_5_15min")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,10 @@ unit Gaussian noise, so that points scatter around the reference like a trained 
 them off the map; attention weights are a softmax of Gaussian logits.
 
 Timings call the implementations in turn inside each repetition, so that load from other processes
-affects all of them alike; statistics are over `runs` repetitions after `warmup` untimed ones.
+affects all of them alike; statistics are over `runs` repetitions after `warmup` untimed ones. Wall
+time is the measure; the process CPU time (all threads) is recorded beside it, which shows how much of
+the wall time a loaded machine added. On an oversubscribed machine GNU OpenMP's busy-waiting makes
+every multi-threaded op slow; `OMP_WAIT_POLICY=PASSIVE` (set before starting Python) avoids that.
 """
 
 from __future__ import annotations
@@ -118,33 +121,39 @@ def time_calls(
     warmup: int,
     runs: int,
     synchronize: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, calling them in turn in every repetition."""
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds per call of each function, calling them in turn in every run.
+
+    Returns:
+        `{name: {"wall": [...], "cpu": [...]}}`, one entry per run.
+    """
     sync = synchronize or (lambda: None)
     for _ in range(warmup):
         for call in calls.values():
             call()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times = {name: {"wall": [], "cpu": []} for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
             sync()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             call()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
 
-def summarize(seconds: list[float]) -> dict[str, float]:
-    """Median, min, max and interquartile range, in milliseconds."""
-    ms = sorted(s * 1e3 for s in seconds)
+def summarize(times: dict[str, list[float]]) -> dict[str, float]:
+    """Wall time median, min, max and interquartile range, and the CPU time median, in milliseconds."""
+    ms = sorted(s * 1e3 for s in times["wall"])
     quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
     return {
         "median_ms": statistics.median(ms),
         "min_ms": ms[0],
         "max_ms": ms[-1],
         "iqr_ms": quartiles[2] - quartiles[0],
+        "cpu_median_ms": statistics.median(s * 1e3 for s in times["cpu"]),
     }
 
 
@@ -158,6 +167,7 @@ def benchmark_core(
     warmup: int = 1,
     runs: int = 5,
     backward: bool = True,
+    spatial_shapes: Sequence[tuple[int, int]] = R50_SPATIAL_SHAPES,
 ) -> list[dict]:
     """Time `impls` on the `kind` inputs: forward (no grad) and, with `backward`, forward + backward.
 
@@ -166,7 +176,9 @@ def benchmark_core(
         `speedup` = reference median / this median (when "reference" is among `impls`).
     """
     device = torch.device(device)
-    inputs = core_inputs(kind, batch=batch, device=device, value_dtype=value_dtype)
+    inputs = core_inputs(
+        kind, batch=batch, device=device, value_dtype=value_dtype, spatial_shapes=spatial_shapes
+    )
     synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     passes = {"forward": _forward_call}
     if backward:
@@ -206,6 +218,8 @@ def machine_description(device: str | torch.device = "cpu") -> dict:
     }
     if hasattr(os, "getloadavg"):
         info["load_average_1_5_15min"] = list(os.getloadavg())
+    threading_env = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+    info["env"] = {name: os.environ[name] for name in threading_env if name in os.environ}
     try:
         import triton
 

@@ -206,7 +206,7 @@ def _value_gradient(layout: _PaddedLayout, grad_bags: Tensor, top_left: Tensor, 
     Args:
         grad_bags: `[N, dh]`, gradient of each output bag (N = B*Lq*heads).
         top_left: `[N, L*P]`, table row of each point's top-left corner.
-        weights: `[N, L*P, 4]` corner weights of the forward pass.
+        weights: `[N, 4, L*P]` corner weights of the forward pass.
     """
     points_per_bag = top_left.shape[1]
     grad_table = grad_bags.new_zeros(layout.num_rows, grad_bags.shape[1])
@@ -218,15 +218,16 @@ def _value_gradient(layout: _PaddedLayout, grad_bags: Tensor, top_left: Tensor, 
         bags = order >> (points_per_bag.bit_length() - 1)
     else:
         bags = torch.div(order, points_per_bag, rounding_mode="floor")
-    sorted_weights = weights.view(-1, 4).index_select(0, order)  # (points, 4), sorted by key
+    # Position of each sorted point's first-corner weight in the flat `weights` `[N, 4, L*P]`.
+    first_corner = bags * (3 * points_per_bag) + order
+    flat_weights = weights.view(-1)
     # Levels occupy increasing row ranges, so each segment's level follows from its row.
     level_first_rows = layout.level_first_rows.long()
     segment_level = torch.bucketize(segment_rows, level_first_rows, right=True) - 1
     corner_offsets = layout.level_corner_offsets.long()[segment_level]  # (segments, 4)
     for corner in range(4):
-        summed = F.embedding_bag(
-            bags, grad_bags, offsets, mode="sum", per_sample_weights=sorted_weights[:, corner].contiguous()
-        )  # (segments, dh)
+        corner_weights = flat_weights[corner * points_per_bag :].index_select(0, first_corner)
+        summed = F.embedding_bag(bags, grad_bags, offsets, mode="sum", per_sample_weights=corner_weights)
         grad_table.index_put_((segment_rows + corner_offsets[:, corner],), summed, accumulate=True)
     return grad_table
 
@@ -269,7 +270,7 @@ class _CpuFastCore(torch.autograd.Function):
         grad_bags = grad_output.reshape(num_bags, -1).contiguous()  # (B*Lq*nh, dh)
         if need_value:
             top_left = torch.empty(num_bags, points, dtype=layout.index_dtype, device=table.device)
-            corner_weights = table.new_empty(num_bags, points, 4)
+            corner_weights = table.new_empty(num_bags, 4, points)
         grad_locations = torch.empty_like(locations) if need_locations else None
         grad_attention = torch.empty_like(attention) if need_attention else None
         for start, stop in _chunks(num_bags, points):
@@ -283,7 +284,7 @@ class _CpuFastCore(torch.autograd.Function):
             chunk_attention = attention[start:stop]
             if need_value:
                 top_left[start:stop] = geometry.top_left
-                corner_weights[start:stop] = geometry.corner_weights(layout, chunk_attention).transpose(1, 2)
+                corner_weights[start:stop] = geometry.corner_weights(layout, chunk_attention)
             if not (need_locations or need_attention):
                 continue
             rows = geometry.corner_rows(layout).view(stop - start, 4 * points)
