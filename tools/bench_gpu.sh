@@ -22,10 +22,12 @@ timeout 120 python tools/bench_deformable_core.py --device cuda --dtype float32 
 # ---------------------------------------------------------------------------------------------------
 # == 3. End-to-end model timings: tools/benchmark.py (maintained with the model, not in this script).
 # ---------------------------------------------------------------------------------------------------
+DEFAULT_BENCHMARK_ARGS="--config configs/deformable.yaml --config configs/detr_r50.yaml --sizes 800x1066 \
+    --batch-sizes 1 4 --tasks inference train_step --runs 10 --warmup 3 --json $OUT_DIR/model.json"
 if [[ -f tools/benchmark.py ]]; then
     echo "== 3. End-to-end model timings (tools/benchmark.py)"
-    # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of arguments
-    timeout 150 python tools/benchmark.py --device cuda ${BENCHMARK_ARGS:-}
+    # shellcheck disable=SC2086  # word splitting intended: a list of arguments
+    timeout 150 python tools/benchmark.py --device cuda ${BENCHMARK_ARGS:-$DEFAULT_BENCHMARK_ARGS}
 else
     echo "== 3. tools/benchmark.py not found: no end-to-end model timings"
 fi
