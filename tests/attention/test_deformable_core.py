@@ -156,3 +156,22 @@ def test_inconsistent_inputs_are_named():
         ms_deform_attn_core(value, spatial_shapes, level_start_index, locations, weights[..., :1, :])
     with pytest.raises(ValueError, match="sampling_locations must be"):
         ms_deform_attn_core(value, spatial_shapes, level_start_index, locations[..., 0], weights)
+
+
+def test_cpu_fast_handles_empty_queries_and_nan_locations():
+    value, spatial_shapes, level_start_index, locations, weights = random_inputs(
+        [(4, 5), (2, 3)], batch=2, queries=3, heads=2, head_dim=4, points=2, dtype=torch.float32
+    )
+    empty = [t[:, :0].clone().requires_grad_() for t in (locations, weights)]
+    leaf_value = value.clone().requires_grad_()
+    out = ms_deform_attn_core(leaf_value, spatial_shapes, level_start_index, *empty, impl="cpu_fast")
+    out.sum().backward()
+    assert out.shape == (2, 0, 8) and torch.all(leaf_value.grad == 0)
+    assert empty[0].grad.shape == (2, 0, 2, 2, 2, 2)
+    # A NaN location (a diverged model) reads zeros instead of indexing outside the table.
+    locations[1, 2, 1] = float("nan")
+    inputs = (value, spatial_shapes, level_start_index, locations, weights)
+    out = ms_deform_attn_core(*inputs, impl="cpu_fast")
+    reference = ms_deform_attn_core(*inputs, impl="reference")
+    assert torch.all(out[1, 2, 4:] == 0)
+    torch.testing.assert_close(out[:, :2], reference[:, :2])

@@ -146,8 +146,9 @@ class _ChunkGeometry:
         if with_inside:
             self.inside_x = (pos_x >= 0) & (pos_x <= layout.x_upper)
             self.inside_y = (pos_y >= 0) & (pos_y <= layout.y_upper)
-        pos_x = pos_x.clamp_(min=layout.zero, max=layout.x_upper)
-        pos_y = pos_y.clamp_(min=layout.zero, max=layout.y_upper)
+        # NaN positions (from a diverged model) must still give valid rows: they read the zero border.
+        pos_x = pos_x.nan_to_num_(nan=0.0).clamp_(min=layout.zero, max=layout.x_upper)
+        pos_y = pos_y.nan_to_num_(nan=0.0).clamp_(min=layout.zero, max=layout.y_upper)
         corner_x = pos_x.to(layout.index_dtype)  # truncation is the floor for positions >= 0
         corner_y = pos_y.to(layout.index_dtype)
         self.frac_x = pos_x.sub_(corner_x)
@@ -257,17 +258,17 @@ class _CpuFastCore(torch.autograd.Function):
             output[start:stop] = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
         ctx.save_for_backward(table, locations, attention)
         ctx.layout = layout
-        ctx.num_queries = num_queries
+        ctx.batch_queries = (batch, num_queries)
         return output.view(batch, num_queries, heads * head_dim)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         table, locations, attention = ctx.saved_tensors
-        layout, num_queries = ctx.layout, ctx.num_queries
+        layout, (batch, num_queries) = ctx.layout, ctx.batch_queries
         need_value, need_locations, need_attention = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]
         num_bags, points = attention.shape
-        grad_bags = grad_output.reshape(num_bags, -1).contiguous()  # (B*Lq*nh, dh)
+        grad_bags = grad_output.reshape(num_bags, table.shape[1]).contiguous()  # (B*Lq*nh, dh)
         if need_value:
             top_left = torch.empty(num_bags, points, dtype=layout.index_dtype, device=table.device)
             corner_weights = table.new_empty(num_bags, 4, points)
@@ -309,9 +310,9 @@ class _CpuFastCore(torch.autograd.Function):
         if need_value:
             grad_value = layout.unpad_gradient(_value_gradient(layout, grad_bags, top_left, corner_weights))
         if grad_locations is not None:
-            grad_locations = grad_locations.view(-1, num_queries, layout.heads, *grad_locations.shape[1:])
+            grad_locations = grad_locations.view(batch, num_queries, layout.heads, points, 2)
         if grad_attention is not None:
-            grad_attention = grad_attention.view(-1, num_queries, layout.heads, grad_attention.shape[1])
+            grad_attention = grad_attention.view(batch, num_queries, layout.heads, points)
         return grad_value, None, None, _unflatten_levels(grad_locations, layout), _unflatten_levels(
             grad_attention, layout
         )
