@@ -105,13 +105,19 @@ class _PaddedLayout:
     def pad_table(self, value: Tensor) -> Tensor:
         """`[B, Lv, heads, dh]` -> zero-padded table `[rows, dh]`."""
         batch, _, heads, head_dim = value.shape
-        table = value.new_zeros(self.num_rows // self.stride, batch, heads * head_dim)
+        table = value.new_empty(self.num_rows // self.stride, batch, heads * head_dim)
         start = 0
         for height, width, rows, padded in self._levels():
             level = value[:, start : start + height * width].reshape(batch, height, width, heads * head_dim)
             grid = table[rows].view(*padded, batch, heads * head_dim)
-            interior = grid[_PAD_BEFORE : _PAD_BEFORE + height, _PAD_BEFORE : _PAD_BEFORE + width]
-            interior.copy_(level.permute(1, 2, 0, 3))  # (H, W, B, d)
+            inner_rows = slice(_PAD_BEFORE, _PAD_BEFORE + height)
+            inner_cols = slice(_PAD_BEFORE, _PAD_BEFORE + width)
+            grid[inner_rows, inner_cols] = level.permute(1, 2, 0, 3)  # (H, W, B, d)
+            # Only the border is zeroed: the interior was just written.
+            grid[: inner_rows.start].zero_()
+            grid[inner_rows.stop :].zero_()
+            grid[inner_rows, : inner_cols.start].zero_()
+            grid[inner_rows, inner_cols.stop :].zero_()
             start += height * width
         return table.view(-1, head_dim)
 
@@ -119,12 +125,16 @@ class _PaddedLayout:
         """Gradient of the padded table `[rows, dh]` -> gradient of `value` `[B, Lv, heads, dh]`."""
         batch, heads, head_dim = self.batch, self.heads, grad_table.shape[1]
         grad_table = grad_table.view(-1, batch, heads * head_dim)
-        levels = []
+        length = sum(height * width for height, width in self.shapes)
+        grad_value = grad_table.new_empty(batch, length, heads * head_dim)
+        start = 0
         for height, width, rows, padded in self._levels():
             grid = grad_table[rows].view(*padded, batch, heads * head_dim)
             interior = grid[_PAD_BEFORE : _PAD_BEFORE + height, _PAD_BEFORE : _PAD_BEFORE + width]
-            levels.append(interior.permute(2, 0, 1, 3).reshape(batch, height * width, heads, head_dim))
-        return torch.cat(levels, dim=1)
+            level = grad_value[:, start : start + height * width].view(batch, height, width, heads * head_dim)
+            level.copy_(interior.permute(2, 0, 1, 3))  # (B, H, W, d)
+            start += height * width
+        return grad_value.view(batch, length, heads, head_dim)
 
 
 class _ChunkGeometry:
