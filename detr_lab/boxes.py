@@ -43,7 +43,9 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Raises ValueError for boxes with x1 < x0 or y1 < y0, which would give meaningless values.
     """
     if not bool((boxes1[:, 2:] >= boxes1[:, :2]).all()) or not bool((boxes2[:, 2:] >= boxes2[:, :2]).all()):
-        raise ValueError("generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0 (got inverted or NaN boxes)")
+        raise ValueError(
+            "generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0 (got inverted or NaN boxes)"
+        )
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])

@@ -1,13 +1,14 @@
-"""Checkpoints: safe loading, detr_lab's own format, Lightning checkpoints and official DETR weights.
+"""Checkpoints: safe loading, detr_lab's own format, Lightning checkpoints and official weights.
 
     loaded = load_checkpoint("runs/x/model.pt")               # detr_lab, Lightning or official file
     model, cfg = load_official("detr-r50-e632da11.pth")       # official DETR -> detr_lab model
+    model, cfg = load_official("r50_deformable_detr-checkpoint.pth")  # official Deformable DETR
     save_checkpoint("model.pt", model, cfg, category_ids, class_names)
 
 Every file goes through `safe_load` (`torch.load(weights_only=True)`): a file that would need to run
-pickled code is refused. Official checkpoints are converted by an explicit key map per detector
-family (`OFFICIAL_FAMILIES`); a key left unmapped or a parameter left unfilled is an error, so a
-partial load cannot pass silently.
+pickled code is refused. Official checkpoints (facebookresearch/detr, fundamentalvision/
+Deformable-DETR) are converted by an explicit key map per detector family (`OFFICIAL_FAMILIES`); a
+key left unmapped or a parameter left unfilled is an error, so a partial load cannot pass silently.
 """
 
 from __future__ import annotations
@@ -625,15 +626,18 @@ def convert_official(
 
 
 def load_official(checkpoint: str | os.PathLike | Mapping, **overrides: Any) -> tuple[nn.Module, Config]:
-    """Load an official DETR checkpoint into a detr_lab model.
+    """Load an official DETR or Deformable DETR checkpoint into a detr_lab model.
 
     Args:
         checkpoint: a file path, a dict with `model`, or a bare official state dict.
-        overrides: what weights cannot tell: `dilation=True` (DC5), `num_heads=N` (default 8);
-            `num_queries=N` is checked against the weights.
+        overrides: what weights cannot tell: `dilation=True` (DC5), `num_heads=N` (default 8; for
+            Deformable DETR the sampling points per level follow from it); `num_queries=N` is checked
+            against the weights, or sets the proposal count of a two-stage Deformable DETR (which has
+            no query embedding; default 300).
     Returns:
         (eval-mode model, `Config` describing it). The architecture (backbone depth, layer counts,
-        widths, query and class counts) is inferred from the weights.
+        widths, query and class counts; for Deformable DETR also the feature levels, sampling
+        points, box refinement and two-stage) is inferred from the weights.
     Raises:
         CheckpointError: unreadable input, unknown overrides, official keys without a place in the
             model, or model parameters the checkpoint does not fill.
@@ -738,7 +742,8 @@ def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str
             - a Lightning checkpoint: `state_dict` with the model under `model.` (other prefixes such
               as `criterion.` or `teacher.` are ignored) and a `detr_lab` entry holding `config`,
               `category_ids` and `class_names`;
-            - an official DETR checkpoint (category ids = class indices, COCO names).
+            - an official DETR or Deformable DETR checkpoint (category ids = class indices, COCO
+              names).
         overrides: dotted config overrides applied to the stored config before building, e.g.
             `model.encoder.attention=act`.
     Raises:
@@ -774,7 +779,7 @@ def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str
     else:
         raise CheckpointError(
             f"{name}: unknown checkpoint layout (not detr_lab format, not a Lightning checkpoint with a "
-            f"'{LIGHTNING_META_KEY}' entry, not an official DETR checkpoint); "
+            f"'{LIGHTNING_META_KEY}' entry, not an official DETR or Deformable DETR checkpoint); "
             f"top-level keys: {list(data)[:8]}"
         )
 

@@ -1,10 +1,11 @@
-"""Convert an official DETR checkpoint into a detr_lab checkpoint.
+"""Convert an official DETR or Deformable DETR checkpoint into a detr_lab checkpoint.
 
     python tools/convert_checkpoint.py detr-r50-e632da11.pth detr_r50.pt
     python tools/convert_checkpoint.py detr-r101-dc5-a2e86def.pth detr_r101_dc5.pt --dilation
+    python tools/convert_checkpoint.py r50_deformable_detr-checkpoint.pth deformable_detr_r50.pt
 
 The architecture is read from the weights; pass what they cannot tell (--dilation for DC5 models,
---num-heads when not 8).
+--num-heads when not 8, --num-queries for the proposal count of a two-stage Deformable DETR).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("dst", help="where to write the detr_lab checkpoint")
     parser.add_argument("--dilation", action="store_true", help="the model has a dilated last stage (DC5)")
     parser.add_argument("--num-heads", type=int, help="attention heads (default 8)")
-    parser.add_argument("--num-queries", type=int, help="expected query count (checked against the weights)")
+    parser.add_argument(
+        "--num-queries",
+        type=int,
+        help="expected query count (checked against the weights); for a two-stage Deformable DETR "
+        "the proposals kept (default 300)",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser.parse_args(argv)
 

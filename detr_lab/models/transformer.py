@@ -84,7 +84,8 @@ class DecoderLayer(nn.Module):
 
     Args:
         self_attn: attention among the object queries (plain in every DETR variant).
-        cross_attn: attention from the queries to the memory (plain for DETR, deformable later).
+        cross_attn: attention from the queries to the memory (plain for DETR; deformable attention
+            around each query's reference points for Deformable DETR).
         embed_dim: token width d. ffn_dim: hidden width of the feed-forward block.
         dropout: on the residual branches and inside the feed-forward block.
     """
