@@ -291,7 +291,8 @@ class DeformableDetector(DetectorBase):
             num_heads = self.num_decoder_layers + (1 if two_stage else 0)
             self.class_embed = nn.ModuleList(copy.deepcopy(classifier) for _ in range(num_heads))
             self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_heads))
-            # The first layer refines reference points into boxes: start them small (sigmoid(-2)).
+            # Where the first layer turns reference points into boxes, sizes start at sigmoid(-2);
+            # two-stage reference boxes already have sizes, so every head starts at zero offsets.
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], 0.0 if two_stage else -2.0)
         else:
             self.class_embed = classifier
@@ -310,16 +311,14 @@ class DeformableDetector(DetectorBase):
     ) -> tuple[Tensor, Tensor, Tensor, dict | None]:
         """-> (queries, query_pos `[B, Q, d]`, reference points `[B, Q, 2 or 4]`, enc_outputs or None)."""
         if self.proposal_queries is None:
-            query_pos, queries = self.query_embed.weight.split(
-                self.transformer.embed_dim, dim=1
-            )  # (Q, d) each
+            d = self.transformer.embed_dim
+            query_pos, queries = self.query_embed.weight.split(d, dim=1)  # (Q, d) each
             query_pos = query_pos[None].expand(batch, -1, -1)
             queries = queries[None].expand(batch, -1, -1)
             reference_points = self.reference_points_head(query_pos).sigmoid()  # (B, Q, 2)
             return queries, query_pos, reference_points, None
-        proposal_features, proposals = self.proposal_queries.proposal_features(
-            encoded
-        )  # (B, S, d), (B, S, 4)
+        # (B, S, d) features and (B, S, 4) proposals in logit space
+        proposal_features, proposals = self.proposal_queries.proposal_features(encoded)
         layer = self.num_decoder_layers
         proposal_logits = self.class_head(layer)(proposal_features)  # (B, S, C)
         proposal_boxes = self.box_head(layer)(proposal_features) + proposals  # logit space, inf = unusable
