@@ -37,6 +37,10 @@ Memory (one extra call per mode, after the timed ones):
   including allocator slack; where the mark cannot be reset only the process's lifetime peak
   (`ru_maxrss`) is reported. Python's `tracemalloc` does not see tensor memory and is not used.
 
+Breakdown (`breakdown=True`, inference only): one more call per mode with forward hooks timing the
+parts of the detector (`BREAKDOWN_PARTS`); the parts do not overlap and "other" is the rest of the
+call (position encodings, residual adds and norms, heads, query selection, padding masks).
+
 FLOPs: counted by `torch.utils.flop_counter.FlopCounterMode` on one call of the reference path
 (its attention is explicit matmuls, which the counter sees; a fused CPU attention kernel is not
 counted). Convolutions, matmuls and attention only: element-wise operations, softmax, normalization
@@ -94,6 +98,7 @@ class BenchmarkSettings:
     objects_per_image: int = 5  # random targets of the training step
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # dotted config overrides for every config
+    breakdown: bool = False  # inference: one more call per mode, timed per part of the detector
 
     def validate(self) -> None:
         for name in ("runs", "objects_per_image"):
@@ -333,6 +338,81 @@ def count_parameters(model: nn.Module) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------- breakdown
+BREAKDOWN_PARTS = (
+    "backbone",  # ResNet
+    "input_proj",  # per-level projections to the model width (and the extra strided level)
+    "enc_attn_linear",  # the nn.Linear layers inside the encoder's attention modules
+    "enc_attn_core",  # the rest of encoder attention: SDPA / softmax(qk)v, or sampling + core
+    "enc_ffn",  # the encoder's feed-forward blocks
+    "decoder",  # the whole decoder
+    "other",
+)
+
+
+def _breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    transformer = getattr(model, "transformer", None)
+    encoder_layers = list(getattr(getattr(transformer, "encoder", None), "layers", []))
+    attention = [layer.self_attn for layer in encoder_layers if hasattr(layer, "self_attn")]
+    parts = {
+        "backbone": [getattr(model, "backbone", None)],
+        "input_proj": [getattr(model, "input_proj", None)],
+        "enc_attn": attention,
+        "enc_attn_linear": [
+            child for module in attention for child in module.children() if isinstance(child, nn.Linear)
+        ],
+        "enc_ffn": [layer.ffn for layer in encoder_layers if hasattr(layer, "ffn")],
+        "decoder": [getattr(transformer, "decoder", None)],
+    }
+    return {name: [m for m in modules if m is not None] for name, modules in parts.items()}
+
+
+def time_breakdown(model: nn.Module, call: Callable[[], object], device: torch.device) -> dict[str, float]:
+    """Wall seconds of one `call()` (which runs `model`) per part of `BREAKDOWN_PARTS`, plus "total"."""
+    parts = _breakdown_modules(model)
+    totals = dict.fromkeys(parts, 0.0)
+    handles = []
+
+    def hooks(name: str):
+        started: list[float] = []
+
+        def pre_hook(module, args):
+            _synchronize(device)
+            started.append(time.perf_counter())
+
+        def post_hook(module, args, output):
+            _synchronize(device)
+            totals[name] += time.perf_counter() - started.pop()
+
+        return pre_hook, post_hook
+
+    for name, modules in parts.items():
+        for module in modules:
+            pre_hook, post_hook = hooks(name)
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {
+        "backbone": totals["backbone"],
+        "input_proj": totals["input_proj"],
+        "enc_attn_linear": totals["enc_attn_linear"],
+        "enc_attn_core": totals["enc_attn"] - totals["enc_attn_linear"],
+        "enc_ffn": totals["enc_ffn"],
+        "decoder": totals["decoder"],
+    }
+    result["other"] = total - sum(result.values())
+    result["total"] = total
+    return {name: round(value, 6) for name, value in result.items()}
+
+
 # ------------------------------------------------------------------------------------------- inputs
 def random_batch(
     batch_size: int, height: int, width: int, device: torch.device, generator: torch.Generator
@@ -485,6 +565,8 @@ def measure_case(
             "cpu_s": summarize(times[mode]["cpu"]),
             "memory": measure_peak_memory(calls[mode], device),
         }
+        if settings.breakdown and task == "inference":
+            result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
     if "reference" in models:
         flops_model = models["reference"]
     else:
@@ -601,6 +683,9 @@ def format_report(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    breakdown = format_breakdown(report)
+    if breakdown:
+        lines += ["", breakdown]
     machine = report["machine"]
     lines.append(
         f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, torch threads "
@@ -608,6 +693,28 @@ def format_report(report: dict) -> str:
         f"load average {machine['load_average']} -> {machine.get('load_average_end')}"
     )
     return "\n".join(lines)
+
+
+def format_breakdown(report: dict) -> str:
+    """Milliseconds per detector part (one row per model, case and mode), where measured."""
+    header = ("model", "size", "batch", "mode", *BREAKDOWN_PARTS, "total")
+    rows = [header]
+    for entry in report["models"]:
+        for case in entry["cases"]:
+            for mode, figures in case["modes"].items():
+                parts = figures.get("breakdown_s")
+                if parts is None:
+                    continue
+                rows.append((
+                    entry["name"], f"{case['height']}x{case['width']}", str(case["batch_size"]), mode,
+                    *(f"{parts[name] * 1e3:.0f}" for name in (*BREAKDOWN_PARTS, "total")),
+                ))
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "breakdown of one inference call (ms):\n" + "\n".join(lines)
 
 
 def write_report(report: dict, path: str | os.PathLike) -> Path:

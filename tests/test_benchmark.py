@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detr_lab.benchmark import (
+    BREAKDOWN_PARTS,
     BenchmarkSettings,
     benchmark_config,
     count_flops,
@@ -45,7 +46,7 @@ def tiny_config(tmp_path_factory):
 def report(tiny_config):
     settings = BenchmarkSettings(
         sizes=[(64, 64)], batch_sizes=[1], train_batch_sizes=[2], runs=2, warmup=0, threads=1,
-        objects_per_image=3,
+        objects_per_image=3, breakdown=True,
     )
     threads = torch.get_num_threads()
     result = run_benchmark([tiny_config], settings)
@@ -87,10 +88,26 @@ def test_report_structure_and_values(report, tiny_config):
     assert cases[("train_step", 2)]["flops"] > 2 * cases[("inference", 1)]["flops"]
 
 
+def test_breakdown_of_inference_parts(report):
+    (entry,) = report["models"]
+    for case in entry["cases"]:
+        for figures in case["modes"].values():
+            if case["task"] == "train_step":
+                assert "breakdown_s" not in figures
+                continue
+            parts = figures["breakdown_s"]
+            assert set(parts) == {*BREAKDOWN_PARTS, "total"}
+            assert parts["backbone"] > 0 and parts["enc_attn_linear"] > 0 and parts["enc_ffn"] > 0
+            assert parts["decoder"] > 0 and parts["enc_attn_core"] > 0
+            measured = sum(parts[name] for name in BREAKDOWN_PARTS if name != "other")
+            assert measured <= parts["total"] * 1.01
+
+
 def test_report_is_json_and_table_names_rows(report):
     json.loads(json.dumps(report))
     table = format_report(report)
     assert "tiny" in table and "train_step" in table and "reference" in table and "64x64" in table
+    assert "breakdown of one inference call" in table and "enc_attn_core" in table
 
 
 def test_inference_flops_of_a_convolution_have_the_closed_form():

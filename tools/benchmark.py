@@ -4,7 +4,7 @@
         [--device cpu|cuda] [--sizes 800x1066 512x683] [--batch-sizes 1 4]
         [--train-sizes 800x1066] [--train-batch-sizes 1] [--tasks inference train_step]
         [--modes fast reference | --reference | --fast] [--runs 5] [--warmup 1] [--threads N]
-        [--json runs/benchmark.json] [--set model.num_queries=300 ...]
+        [--breakdown] [--json runs/benchmark.json] [--set model.num_queries=300 ...]
 
 Models are built with random weights (no downloads). By default each figure is measured on both the
 fast path and the straightforward reference path in the same run, and the table shows the ratio
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="timed calls per figure (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="inference: also time the detector's parts (backbone, encoder attention, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, images and targets")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmark.json"), help="report path")
     add_common_arguments(parser)
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             threads=args.threads,
             seed=args.seed,
+            breakdown=args.breakdown,
             overrides=args.overrides,
         )
         report = run_benchmark(configs, settings, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -12,6 +12,11 @@ What `optimize_for_inference` does, in place:
   with a channels-last weight returns a channels-last map, so the whole backbone then runs in
   oneDNN's (CPU) / cuDNN's (GPU) preferred NHWC layout without reorders between layers, and the
   flattening of the projected features into tokens becomes a view instead of a copy.
+- Replaces every transformer `FeedForward` by a `ChunkedFeedForward` sharing its weights: the tokens
+  go through `linear1 -> ReLU -> linear2` a few hundred rows at a time, so the wide hidden
+  activation (`[tokens, ffn_dim]`, 73 MB for a Deformable DETR encoder layer at 800 x 1066) stays
+  in the CPU cache instead of making three trips through main memory (bias broadcast, ReLU, read
+  back), and the ReLU runs in place. CPU only; on other devices it computes as `FeedForward`.
 - Switches plain attention to `scaled_dot_product_attention` and deformable attention to the
   device's fast sampling core ("auto"), in case a model was set to its reference paths.
 
@@ -22,9 +27,16 @@ the state dict, so do not save or train an optimized model; optimize a copy if y
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from detr_lab.models.backbone import FrozenBatchNorm2d, ResNetBackbone
+from detr_lab.models.transformer import FeedForward
+
+# Hidden activations per chunk of `ChunkedFeedForward` (floats): 2 MiB in float32, about one core's
+# L2 cache on current server CPUs. Measured on a Xeon (2 MiB L2) at 17821 tokens x 1024: chunks of
+# 256-512 rows take 0.72-0.75x the time of the unchunked block, 64 rows are slower than unchunked.
+HIDDEN_ELEMENTS_PER_CHUNK = 1 << 19
 
 
 def fold_batch_norm_into_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:
@@ -88,6 +100,52 @@ def fold_frozen_batch_norms(model: nn.Module) -> int:
     return count
 
 
+class ChunkedFeedForward(nn.Module):
+    """Inference form of `FeedForward`, holding the same `linear1`, `dropout`, `linear2` modules.
+
+    `[..., d]` -> `[..., d]`, computed `rows_per_chunk` rows at a time for CPU tensors in eval mode
+    without autograd recording; otherwise (GPU, training, gradients) exactly as `FeedForward`.
+    """
+
+    def __init__(self, feed_forward: FeedForward, *, rows_per_chunk: int | None = None) -> None:
+        super().__init__()
+        self.linear1 = feed_forward.linear1
+        self.dropout = feed_forward.dropout
+        self.linear2 = feed_forward.linear2
+        hidden = self.linear1.out_features
+        self.rows_per_chunk = rows_per_chunk or max(64, HIDDEN_ELEMENTS_PER_CHUNK // hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        recording = torch.is_grad_enabled() and (x.requires_grad or self.linear1.weight.requires_grad)
+        if x.device.type != "cpu" or recording or self.training:
+            return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        out = flat.new_empty(flat.shape[0], self.linear2.out_features)
+        weight2 = self.linear2.weight.t()  # (ffn_dim, d)
+        for start in range(0, flat.shape[0], self.rows_per_chunk):
+            rows = slice(start, start + self.rows_per_chunk)
+            hidden = F.linear(flat[rows], self.linear1.weight, self.linear1.bias).relu_()  # (rows, ffn_dim)
+            if self.linear2.bias is None:
+                torch.mm(hidden, weight2, out=out[rows])
+            else:
+                torch.addmm(self.linear2.bias, hidden, weight2, out=out[rows])
+        return out.view(*x.shape[:-1], self.linear2.out_features)
+
+    def extra_repr(self) -> str:
+        return f"rows_per_chunk={self.rows_per_chunk}"
+
+
+def chunk_feed_forwards(model: nn.Module) -> int:
+    """Replace every `FeedForward` inside `model` by a `ChunkedFeedForward`; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FeedForward):
+                setattr(parent, name, ChunkedFeedForward(child))
+                count += 1
+    return count
+
+
 def use_fast_attention(model: nn.Module) -> None:
     """Plain attention on SDPA, deformable attention on the device's fast core ("auto")."""
     from detr_lab.models.attention.deformable import set_deformable_core
@@ -106,6 +164,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
     """
     model.eval()
     fold_frozen_batch_norms(model)
+    chunk_feed_forwards(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # converts the 4-D tensors: convolution weights
     use_fast_attention(model)

@@ -1,4 +1,4 @@
-"""optimize_for_inference keeps a detector's outputs: frozen batch norms folded, channels-last weights."""
+"""optimize_for_inference keeps a detector's outputs: folded frozen norms, chunked FFNs, channels-last."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbone import FrozenBatchNorm2d
 from detr_lab.models.build import build_model
 from detr_lab.models.optimize import (
+    ChunkedFeedForward,
     fold_batch_norm_into_conv,
     fold_frozen_batch_norms,
     optimize_for_inference,
 )
+from detr_lab.models.transformer import FeedForward
 
 TINY = [
     "model.hidden_dim=32",
@@ -144,3 +146,25 @@ def test_optimize_restores_the_fast_attention_paths():
         module.impl = "math"
     optimize_for_inference(model)
     assert attention and all(m.impl == "sdpa" for m in attention)
+
+
+def test_chunked_feed_forward_matches_feed_forward():
+    torch.manual_seed(5)
+    block = FeedForward(16, 40, dropout=0.1).eval()
+    chunked = ChunkedFeedForward(block, rows_per_chunk=7)
+    assert set(chunked.state_dict()) == set(block.state_dict())
+    x = torch.randn(3, 17, 16)  # 51 rows: seven full chunks and a partial one
+    with torch.inference_mode():
+        assert torch.allclose(chunked(x), block(x), atol=1e-6, rtol=1e-5)
+    # With gradients recorded it is the plain block (and differentiable).
+    x.requires_grad_(True)
+    chunked(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_chunked_feed_forward_keeps_dropout_in_training():
+    torch.manual_seed(6)
+    chunked = ChunkedFeedForward(FeedForward(16, 40, dropout=0.5), rows_per_chunk=4).train()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        assert not torch.allclose(chunked(x), chunked(x))
