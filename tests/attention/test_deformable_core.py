@@ -113,6 +113,27 @@ def test_cpu_fast_matches_reference(shapes, batch, queries, heads, head_dim, poi
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("points_per_chunk", [1, 37])
+def test_cpu_fast_chunking_matches_reference(monkeypatch, points_per_chunk):
+    """Chunks of a few bags, boundaries inside queries and across batch items."""
+    from detr_lab.models.attention.kernels import cpu_fast
+
+    monkeypatch.setattr(cpu_fast, "_POINTS_PER_CHUNK", points_per_chunk)
+    value, spatial_shapes, level_start_index, locations, weights = random_inputs(
+        [(4, 5), (2, 3)], batch=2, queries=5, heads=3, head_dim=2, points=2, dtype=torch.float64
+    )
+    results = []
+    for impl in CPU_IMPLS:
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = ms_deform_attn_core(
+            inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], impl=impl
+        )
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+
+
 def test_cpu_fast_accepts_half_precision_values():
     value, spatial_shapes, level_start_index, locations, weights = random_inputs(
         [(4, 4), (2, 2)], batch=1, queries=5, heads=2, head_dim=4, points=2, dtype=torch.float32
