@@ -135,9 +135,15 @@ class MultiScaleDeformableAttention(nn.Module):
             spatial_shapes: int64 `[L, 2]` (H, W).
         """
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack((spatial_shapes[:, 1], spatial_shapes[:, 0]), dim=-1)  # (L, 2): (W, H)
-            normalizer = normalizer[None, None, None, :, None, :]
-            return reference_points[:, :, None, :, None, :] + offsets / normalizer
+            # reference + offset / (W, H), as one multiply-add over rows of L*P*2 contiguous values
+            # (a broadcast over trailing dimensions of size 2 does not vectorize: ~10x slower on CPU).
+            batch, num_queries, heads, levels, points, _ = offsets.shape
+            inverse = torch.stack((spatial_shapes[:, 1], spatial_shapes[:, 0]), dim=-1).to(offsets.dtype)
+            inverse = inverse.reciprocal()[:, None, :].expand(levels, points, 2).reshape(-1)  # (L*P*2,)
+            base = reference_points[:, :, None, :, None, :].expand(batch, num_queries, 1, levels, points, 2)
+            base = base.reshape(batch, num_queries, 1, -1)  # (B, Lq, 1, L*P*2)
+            flat = offsets.reshape(batch, num_queries, heads, -1)  # (B, Lq, heads, L*P*2)
+            return torch.addcmul(base, flat, inverse).view(offsets.shape)
         centers = reference_points[:, :, None, :, None, :2]
         sizes = reference_points[:, :, None, :, None, 2:]
         return centers + offsets / self.num_points * sizes * 0.5
