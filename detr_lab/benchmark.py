@@ -12,7 +12,10 @@ nothing is downloaded) and measured in two modes, in the same process and on the
   each level with `F.grid_sample` (core "reference"), no inference rewrites.
 - "fast": plain attention on `scaled_dot_product_attention`, deformable attention on the device's
   fast core ("auto"), and for inference `optimize_for_inference` (frozen batch norms folded into
-  the convolutions, channels-last convolutions).
+  the convolutions, chunked feed-forward blocks, channels-last convolutions).
+- "fast_bf16" (only when asked for): "fast" under `torch.autocast(dtype=torch.bfloat16)`. Not a
+  drop-in replacement: outputs move by about 1e-2 (logits) and 1e-3 (normalized boxes); each
+  inference case records every mode's largest output difference from the reference path.
 
 Tasks, each at every requested image size and batch size:
 
@@ -49,6 +52,7 @@ and `grid_sample` are not counted. One multiply-add is 2 FLOPs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -75,7 +79,8 @@ from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 
-MODES = ("fast", "reference")
+MODES = ("fast", "reference", "fast_bf16")
+DEFAULT_MODES = ("fast", "reference")
 TASKS = ("inference", "train_step")
 MIB = 2**20
 
@@ -91,7 +96,7 @@ class BenchmarkSettings:
     train_sizes: list[tuple[int, int]] | None = None
     train_batch_sizes: list[int] = field(default_factory=lambda: [1])
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     runs: int = 5
     warmup: int = 1
     threads: int | None = None  # torch CPU threads; None keeps torch's default
@@ -485,24 +490,50 @@ def models_for(base: nn.Module, task: str, modes: Sequence[str]) -> dict[str, nn
     return models
 
 
-def inference_call(model: nn.Module, images: Tensor, padding_mask: Tensor) -> Callable[[], object]:
-    def call() -> None:
-        with torch.inference_mode():
-            model(images, padding_mask)
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def inference_call(
+    model: nn.Module, images: Tensor, padding_mask: Tensor, *, autocast_dtype: torch.dtype | None = None
+) -> Callable[[], dict]:
+    """Forward pass in inference mode (under autocast to `autocast_dtype` if given); returns the outputs."""
+
+    def call() -> dict:
+        with torch.inference_mode(), _autocast(images.device, autocast_dtype):
+            return model(images, padding_mask)
 
     return call
 
 
 def train_step_call(
-    model: nn.Module, criterion: nn.Module, images: Tensor, padding_mask: Tensor, targets: list[dict]
-) -> Callable[[], object]:
+    model: nn.Module,
+    criterion: nn.Module,
+    images: Tensor,
+    padding_mask: Tensor,
+    targets: list[dict],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> Callable[[], None]:
+    """Forward, set loss (Hungarian matching) and backward; gradients of the previous call are dropped."""
+
     def call() -> None:
         model.zero_grad(set_to_none=True)
-        outputs = model(images, padding_mask)
-        losses = criterion(outputs, targets)
-        criterion.total_loss(losses).backward()
+        with _autocast(images.device, autocast_dtype):
+            outputs = model(images, padding_mask)
+            losses = criterion(outputs, targets)
+            total = criterion.total_loss(losses)
+        total.backward()
 
     return call
+
+
+def output_difference(outputs: dict, reference: dict) -> dict[str, float]:
+    """Largest absolute difference of `pred_logits` and `pred_boxes` (normalized cxcywh)."""
+    return {
+        key: float((outputs[key].float() - reference[key].float()).abs().max())
+        for key in ("pred_logits", "pred_boxes")
+    }
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -542,12 +573,15 @@ def measure_case(
         generator=generator,
     )
     models = models_for(base, task, settings.modes)
-    if task == "inference":
-        calls = {mode: inference_call(m, images, padding_mask) for mode, m in models.items()}
-    else:
-        calls = {
-            mode: train_step_call(m, criterion, images, padding_mask, targets) for mode, m in models.items()
-        }
+    calls = {}
+    for mode, model in models.items():
+        dtype = torch.bfloat16 if mode == "fast_bf16" else None
+        if task == "inference":
+            calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)
+        else:
+            calls[mode] = train_step_call(
+                model, criterion, images, padding_mask, targets, autocast_dtype=dtype
+            )
     load_before = load_average()
     times = time_interleaved(calls, runs=settings.runs, warmup=settings.warmup, device=device)
     result: dict = {
@@ -559,11 +593,16 @@ def measure_case(
         "load_average_after": load_average(),
         "modes": {},
     }
+    outputs: dict[str, object] = {}
     for mode in settings.modes:
+
+        def keep_outputs(mode: str = mode) -> None:
+            outputs[mode] = calls[mode]()
+
         result["modes"][mode] = {
             "wall_s": summarize(times[mode]["wall"]),
             "cpu_s": summarize(times[mode]["cpu"]),
-            "memory": measure_peak_memory(calls[mode], device),
+            "memory": measure_peak_memory(keep_outputs, device),
         }
         if settings.breakdown and task == "inference":
             result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
@@ -575,16 +614,24 @@ def measure_case(
         result["flops"] = count_inference_flops(flops_model, images, padding_mask)
     else:
         result["flops"] = count_flops(train_step_call(flops_model, criterion, images, padding_mask, targets))
-    if "fast" in times and "reference" in times:
-        fast, reference = times["fast"], times["reference"]
-        result["ratio"] = {
+    if task == "inference" and "reference" in outputs:
+        for mode, output in outputs.items():
+            if mode != "reference":
+                result["modes"][mode]["max_abs_difference"] = output_difference(output, outputs["reference"])
+    for mode in settings.modes:
+        if mode == "reference" or "reference" not in times:
+            continue
+        fast, reference = times[mode], times["reference"]
+        key = "ratio" if mode == "fast" else f"ratio_{mode}"
+        result[key] = {
             "wall": _ratio(statistics.median(fast["wall"]), statistics.median(reference["wall"])),
             "cpu": _ratio(statistics.median(fast["cpu"]), statistics.median(reference["cpu"])),
             "paired_wall": round(
                 statistics.median(f / r for f, r in zip(fast["wall"], reference["wall"], strict=True)), 4
             ),
         }
-    del models, calls
+    for held in (models, calls, outputs):
+        held.clear()
     _release_free_heap()
     return result
 
@@ -673,8 +720,9 @@ def format_report(report: dict) -> str:
                 memory = figures["memory"]
                 mib = memory["increase_mib"] if memory["increase_mib"] is not None else memory["peak_mib"]
                 ratio = ""
-                if mode == "fast" and "ratio" in case:
-                    ratio = f"{case['ratio']['wall']:.2f} ({case['ratio']['cpu']:.2f})"
+                ratio_key = "ratio" if mode == "fast" else f"ratio_{mode}"
+                if ratio_key in case:
+                    ratio = f"{case[ratio_key]['wall']:.2f} ({case[ratio_key]['cpu']:.2f})"
                 rows.append((
                     entry["name"], case["task"], size, str(case["batch_size"]), mode,
                     f"{wall['median'] * 1e3:.0f}", f"{wall['min'] * 1e3:.0f}-{wall['max'] * 1e3:.0f}",

@@ -46,7 +46,7 @@ def tiny_config(tmp_path_factory):
 def report(tiny_config):
     settings = BenchmarkSettings(
         sizes=[(64, 64)], batch_sizes=[1], train_batch_sizes=[2], runs=2, warmup=0, threads=1,
-        objects_per_image=3, breakdown=True,
+        objects_per_image=3, breakdown=True, modes=["fast", "reference", "fast_bf16"],
     )
     threads = torch.get_num_threads()
     result = run_benchmark([tiny_config], settings)
@@ -74,7 +74,7 @@ def test_report_structure_and_values(report, tiny_config):
     assert set(cases) == {("inference", 1), ("train_step", 2)}
     for case in cases.values():
         assert (case["height"], case["width"]) == (64, 64)
-        assert set(case["modes"]) == {"fast", "reference"}
+        assert set(case["modes"]) == {"fast", "reference", "fast_bf16"}
         for figures in case["modes"].values():
             for kind in ("wall_s", "cpu_s"):
                 stats = figures[kind]
@@ -84,6 +84,13 @@ def test_report_structure_and_values(report, tiny_config):
         medians = {mode: statistics.median(f["wall_s"]["values"]) for mode, f in case["modes"].items()}
         assert case["ratio"]["wall"] == pytest.approx(medians["fast"] / medians["reference"], rel=1e-3)
         assert case["flops"] > 0
+        assert case["ratio_fast_bf16"]["wall"] > 0
+    # Same weights and inputs: the fast float32 path gives the reference path's outputs.
+    difference = cases[("inference", 1)]["modes"]["fast"]["max_abs_difference"]
+    assert difference["pred_logits"] < 1e-4 and difference["pred_boxes"] < 1e-4
+    bf16 = cases[("inference", 1)]["modes"]["fast_bf16"]["max_abs_difference"]
+    assert 0 < bf16["pred_logits"] < 1.0 and bf16["pred_boxes"] < 0.1
+    assert "max_abs_difference" not in cases[("inference", 1)]["modes"]["reference"]
     # The backward pass roughly doubles the forward work, and the training batch holds two images.
     assert cases[("train_step", 2)]["flops"] > 2 * cases[("inference", 1)]["flops"]
 

@@ -3,15 +3,16 @@
     python tools/benchmark.py --config configs/detr_r50.yaml [--config Y.yaml ...] | --all
         [--device cpu|cuda] [--sizes 800x1066 512x683] [--batch-sizes 1 4]
         [--train-sizes 800x1066] [--train-batch-sizes 1] [--tasks inference train_step]
-        [--modes fast reference | --reference | --fast] [--runs 5] [--warmup 1] [--threads N]
+        [--modes fast reference fast_bf16 | --reference | --fast] [--runs 5] [--warmup 1] [--threads N]
         [--breakdown] [--json runs/benchmark.json] [--set model.num_queries=300 ...]
 
 Models are built with random weights (no downloads). By default each figure is measured on both the
 fast path and the straightforward reference path in the same run, and the table shows the ratio
-fast / reference of the median wall times (and of the CPU times). `--all` takes every model config
-directly under configs/ except the demo ones (`demo*.yaml`). See `detr_lab.benchmark` for what each
-mode and figure means. Prints the table and writes the full report (every run's time, machine
-description, load average) as JSON.
+fast / reference of the median wall times (and of the CPU times). `fast_bf16` (opt-in) is the fast
+path under bfloat16 autocast; its outputs differ from the float32 ones (the JSON says by how much).
+`--all` takes every model config directly under configs/ except the demo ones (`demo*.yaml`). See
+`detr_lab.benchmark` for what each mode and figure means. Prints the table and writes the full
+report (every run's time, machine description, load average) as JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def variant_configs(folder: Path = CONFIG_DIR) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from detr_lab.benchmark import MODES, TASKS, parse_size
+    from detr_lab.benchmark import DEFAULT_MODES, MODES, TASKS, parse_size
 
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-batch-sizes", type=int, nargs="+", default=[1], help="(default 1)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    modes.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                       help="default: fast reference")
     modes.add_argument("--reference", dest="modes", action="store_const", const=["reference"],
                        help="only the reference path")
     modes.add_argument("--fast", dest="modes", action="store_const", const=["fast"],

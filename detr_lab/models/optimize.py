@@ -117,18 +117,17 @@ class ChunkedFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         recording = torch.is_grad_enabled() and (x.requires_grad or self.linear1.weight.requires_grad)
-        if x.device.type != "cpu" or recording or self.training:
+        if x.device.type != "cpu" or recording or self.training or x.numel() == 0:
             return self.linear2(self.dropout(F.relu(self.linear1(x))))
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        out = flat.new_empty(flat.shape[0], self.linear2.out_features)
-        weight2 = self.linear2.weight.t()  # (ffn_dim, d)
+        out = None
         for start in range(0, flat.shape[0], self.rows_per_chunk):
             rows = slice(start, start + self.rows_per_chunk)
-            hidden = F.linear(flat[rows], self.linear1.weight, self.linear1.bias).relu_()  # (rows, ffn_dim)
-            if self.linear2.bias is None:
-                torch.mm(hidden, weight2, out=out[rows])
-            else:
-                torch.addmm(self.linear2.bias, hidden, weight2, out=out[rows])
+            hidden = self.linear1(flat[rows]).relu_()  # (rows, ffn_dim)
+            chunk = self.linear2(hidden)  # (rows, d), in the dtype autocast chose, if any
+            if out is None:
+                out = chunk.new_empty(flat.shape[0], chunk.shape[1])
+            out[rows] = chunk
         return out.view(*x.shape[:-1], self.linear2.out_features)
 
     def extra_repr(self) -> str:

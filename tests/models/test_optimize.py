@@ -168,3 +168,14 @@ def test_chunked_feed_forward_keeps_dropout_in_training():
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         assert not torch.allclose(chunked(x), chunked(x))
+
+
+def test_chunked_feed_forward_under_bfloat16_autocast():
+    torch.manual_seed(7)
+    block = FeedForward(16, 40).eval()
+    chunked = ChunkedFeedForward(block, rows_per_chunk=5)
+    x = torch.randn(2, 11, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = chunked(x), block(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
