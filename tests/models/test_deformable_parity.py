@@ -132,7 +132,8 @@ def test_postprocessed_detections(parity):
         # must be the official box of the same rank or of a tied one.
         for rank in range(len(ours["scores"])):
             tied = (theirs["labels"] == ours["labels"][rank]) & (
-                (theirs["scores"] - ours["scores"][rank]).abs() <= 1e-6
+                (theirs["scores"] - theirs["scores"][rank]).abs() <= 1e-6
             )
+            tied[rank] = True  # the same rank always qualifies (labels were compared above)
             distance = (theirs["boxes"][tied] - ours["boxes"][rank]).abs().max(dim=1).values.min()
-            assert distance < 1e-2, (rank, ours["boxes"][rank])
+            assert distance < 1e-3, (rank, ours["boxes"][rank], distance)
