@@ -49,6 +49,8 @@ class BackboneConfig:
     weights_path: str | None = None
     dilation: bool = False  # dilate the last stage ("DC5"): stride 16 instead of 32
     frozen_stages: int = field(default=1, metadata={"min": 0, "max": 4})  # stem + layer1 as in DETR
+    # frozen_bn: fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
+    norm: str = _choice("frozen_bn", "batch_norm", default="frozen_bn")
 
 
 @dataclass
@@ -120,6 +122,8 @@ class DistillConfig:
     box_l1_weight: float = _non_negative(5.0)
     box_giou_weight: float = _non_negative(2.0)
     class_kl_weight: float = _non_negative(1.0)
+    aux_layers: bool = True  # also distill the predictions of every auxiliary decoder layer
+    init_student: bool = True  # a new run starts the student from the teacher's weights
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -56,6 +56,11 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+# "frozen_bn" keeps ImageNet (or checkpoint) statistics fixed, as DETR; "batch_norm" trains them,
+# which a backbone trained from scratch needs (with frozen identity statistics it has no normalization).
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
+
+
 class FeatureLevel(NamedTuple):
     """One backbone output: `features` float `[B, C, h, w]` and `mask` bool `[B, h, w]` (True = padding)."""
 
@@ -78,6 +83,7 @@ class ResNetBackbone(nn.Module):
         dilation: dilate the last stage instead of striding it ("DC5"); bottleneck ResNets only.
         frozen_stages: 0 trains everything; k >= 1 freezes the stem and `layer1`..`layer{k}`
             (DETR freezes the stem and layer1).
+        norm: "frozen_bn" (DETR) or "batch_norm" (trainable statistics, for training from scratch).
         pretrained: load torchvision's ImageNet weights (downloads them on first use).
         weights_path: a local torchvision ResNet state dict to load instead (never downloads).
 
@@ -95,8 +101,11 @@ class ResNetBackbone(nn.Module):
         frozen_stages: int = 1,
         pretrained: bool = False,
         weights_path: str | os.PathLike | None = None,
+        norm: str = "frozen_bn",
     ) -> None:
         super().__init__()
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unknown backbone norm '{norm}'; expected one of: {', '.join(NORM_LAYERS)}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone '{name}'; expected one of: {', '.join(RESNETS)}")
         stages = tuple(stages)
@@ -114,7 +123,7 @@ class ResNetBackbone(nn.Module):
 
         constructor, _ = RESNETS[name]
         resnet = constructor(
-            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+            weights=None, norm_layer=NORM_LAYERS[norm], replace_stride_with_dilation=[False, False, dilation]
         )
         deepest = max(stages)
         modules = {"conv1": resnet.conv1, "bn1": resnet.bn1, "relu": resnet.relu, "maxpool": resnet.maxpool}

@@ -56,6 +56,7 @@ def build_backbone(cfg: ModelConfig) -> ResNetBackbone:
         frozen_stages=b.frozen_stages,
         pretrained=b.pretrained,
         weights_path=b.weights_path,
+        norm=b.norm,
     )
 
 
