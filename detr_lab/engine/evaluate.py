@@ -22,6 +22,7 @@ from detr_lab.config import Config, load_config
 from detr_lab.engine.cli import split_model_overrides
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.models.build import build_postprocess
+from detr_lab.models.optimize import optimize_for_inference
 
 
 @dataclass
@@ -100,7 +101,7 @@ def evaluate_checkpoint(
     evaluator = CocoEvaluator(datamodule.val_dataset.coco, loaded.category_ids)
     postprocess = build_postprocess(loaded.config.model)
     target_device = resolve_device(device)
-    model = loaded.model.to(target_device).eval()
+    model = optimize_for_inference(loaded.model.to(target_device).eval())
     loader = datamodule.val_dataloader()
     predict_dataset(model, postprocess, loader, evaluator, target_device, progress=progress)
     stats = evaluator.compute()
