@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pycocotools.coco import COCO
 
 from detr_lab.config import Config, ConfigError, config_to_dict
+from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
@@ -37,6 +38,11 @@ class DetectionModule(L.LightningModule):
     Logged: `train/<term>` per step and epoch and `val/<term>` per epoch for every loss term, their
     weighted sum `train/loss` / `val/loss`, and after each validation epoch `val/AP`, `val/AP50`,
     `val/AP75`, `val/APs`, `val/APm`, `val/APl`, `val/AR100` (COCOeval, bbox).
+
+    With `cfg.distill.enabled`, training adds the distillation terms of a frozen teacher
+    (`detr_lab.engine.distill`: `train/loss_feat`, `train/loss_kd_*`) to the loss and the logs; the
+    teacher is not part of this module's state, and a new run starts the student from its weights
+    (`distill.init_student`).
     """
 
     def __init__(self, cfg: Config, category_ids: Sequence[int], class_names: Sequence[str]):
@@ -52,6 +58,10 @@ class DetectionModule(L.LightningModule):
         self.model = build_model(cfg.model)
         self.criterion = build_criterion(cfg.model, cfg.loss)
         self.postprocess = build_postprocess(cfg.model)
+        # Multi-task knowledge distillation: a frozen teacher held outside the module tree.
+        self.distiller = build_distiller(cfg)
+        if self.distiller is not None and cfg.distill.init_student:
+            init_student(self.model, self.distiller.teacher, str(cfg.distill.teacher_checkpoint))
         if cfg.optim.lr_backbone == 0:
             freeze_backbone(self.model)
         # Ground truth of the validation set; taken from `trainer.datamodule.val_dataset.coco` unless set.
@@ -64,9 +74,16 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, padding_mask, targets = batch
-        outputs = self(images, padding_mask)
+        if self.distiller is None:
+            outputs = self(images, padding_mask)
+        else:
+            outputs = self.model(images, padding_mask, return_memory=True)
         losses = self.criterion(outputs, targets)
         total = self.criterion.total_loss(losses)
+        if self.distiller is not None:
+            distillation = self.distiller(outputs, images, padding_mask)
+            total = total + self.distiller.total_loss(distillation)
+            losses.update(distillation)
         self._log_losses("train", losses, total, batch_size=len(targets))
         return total
 
