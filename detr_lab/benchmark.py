@@ -361,7 +361,8 @@ def _breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     attention = [layer.self_attn for layer in encoder_layers if hasattr(layer, "self_attn")]
     parts = {
         "backbone": [getattr(model, "backbone", None)],
-        "input_proj": [getattr(model, "input_proj", None)],
+        # A ModuleList is never called itself: time its members.
+        "input_proj": list(getattr(model, "input_proj", [])),
         "enc_attn": attention,
         "enc_attn_linear": [
             child for module in attention for child in module.children() if isinstance(child, nn.Linear)
