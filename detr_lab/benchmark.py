@@ -5,7 +5,8 @@
     write_report(report, "runs/benchmark.json")
 
 Models are built from their configs with random weights (`model.backbone.pretrained` is forced off,
-nothing is downloaded) and measured in two modes, in the same process and on the same weights:
+nothing is downloaded) and measured in two modes (a third on request), in the same process and on
+the same weights:
 
 - "reference": the straightforward path. Plain attention computes `softmax(q k^T / sqrt(d)) v` step
   by step (as `nn.MultiheadAttention` in the reference DETR code), deformable attention samples
@@ -14,8 +15,9 @@ nothing is downloaded) and measured in two modes, in the same process and on the
   fast core ("auto"), and for inference `optimize_for_inference` (frozen batch norms folded into
   the convolutions, chunked feed-forward blocks, channels-last convolutions).
 - "fast_bf16" (only when asked for): "fast" under `torch.autocast(dtype=torch.bfloat16)`. Not a
-  drop-in replacement: outputs move by about 1e-2 (logits) and 1e-3 (normalized boxes); each
-  inference case records every mode's largest output difference from the reference path.
+  drop-in replacement: outputs move (DETR-R50 with random weights: about 2e-2 on the logits, 1e-3
+  on the normalized boxes; a two-stage model may select other proposals altogether). Each inference
+  case records every mode's largest output difference from the reference path.
 
 Tasks, each at every requested image size and batch size:
 
@@ -25,10 +27,11 @@ Tasks, each at every requested image size and batch size:
 
 Every figure comes from `runs` timed calls after `warmup` untimed ones. The modes are called in
 turn within each run (the order alternating from run to run), so that load from other processes
-affects both alike; `ratio` is median(fast) / median(reference) and `paired_ratio` the median over
-runs of fast / reference within a run. Times are wall-clock seconds (after a CUDA synchronize on
-GPU) and, on CPU, the CPU seconds the process used (all its threads): the CPU time is far less
-sensitive to other processes taking turns on the cores.
+affects both alike; `ratio` holds median(fast) / median(reference) of the wall and CPU times, and
+`paired_wall`, the median over runs of fast / reference within a run (`ratio_fast_bf16` likewise).
+Times are wall-clock seconds (after a CUDA synchronize on GPU) and, on CPU, the CPU seconds the
+process used (all its threads): the CPU time is far less sensitive to other processes taking turns
+on the cores.
 
 Memory (one extra call per mode, after the timed ones):
 
