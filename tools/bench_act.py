@@ -20,8 +20,13 @@ Inputs (`source` in the output says which was used):
 - `--tokens PATH`: a tensor `[B, HW, d]` saved with `torch.save` (query = key = value), or a dict with
   `query` `[B, HW, d]` (encoder input + position embedding), optional `value` `[B, HW, d]`
   (encoder input) and optional `padding_mask` bool `[B, HW]` (True = padding);
-- `--checkpoint PATH --config PATH`: encoder inputs and attention weights of a trained model (not
-  supported yet: the script says so and stops);
+- `--checkpoint PATH [--config PATH]`: a trained model (any checkpoint `load_checkpoint` reads). One
+  image (`--image`, else the first validation image of the config's dataset; the config defaults to
+  the one stored in the checkpoint) is resized to `--image-size` and run through the model; a hook
+  captures the query (= key, encoder input + position embedding), value (encoder input) and key
+  padding mask of encoder layer `--layer`'s self-attention, and that layer's attention weights are
+  used for plain and ACT. Of a multi-level model only the tokens of the level with stride
+  `--stride` are kept (for a DC5-like map of the same size);
 - otherwise a synthetic smooth feature map: a low-resolution Gaussian field upsampled bilinearly to
   the token grid plus small white noise, which clusters far more like real encoder features than
   i.i.d. Gaussian tokens (those put nearly every query in its own cluster).
@@ -30,7 +35,16 @@ Extra FLOPs counted by formula for ACT, per (image, head) with N queries, L roun
 head_dim h: hashing adds the offset, divides by r and floors (3 N L); the prototype means need N h
 additions and K h divisions.
 
+Accuracy (`--ap`, needs `--checkpoint`): COCO AP of the checkpoint on the validation set of its
+config, evaluated by the library's `evaluate_checkpoint` with plain encoder attention and with
+`--set model.encoder.attention=act` for every (L, r) of `--ap-hashes` x `--ap-bucket-width` (no
+retraining). For each it reports the mean number of clusters and tokens per (image, layer, head) and
+the encoder self-attention FLOPs of ACT relative to plain at that resolution, counted by the closed
+forms above per image on its real (non-padded) tokens and the clusters of each head.
+
     python tools/bench_act.py --hashes 16 20 24 32 --bucket-width 1 4 --json runs/bench_act.json
+    python tools/bench_act.py --checkpoint runs/act_teacher/checkpoints/at_30min.ckpt \
+        --hashes 16 20 24 32 --bucket-width 0.5 1 2 --ap --ap-bucket-width 0.5 1 2 4
 """
 
 from __future__ import annotations
@@ -53,6 +67,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,8 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, synthetic tokens and hashing")
     parser.add_argument("--tokens", type=Path, help="torch.save'd [B, HW, d] tensor or dict (see above)")
-    parser.add_argument("--checkpoint", type=Path, help="trained model checkpoint (with --config)")
-    parser.add_argument("--config", type=Path, help="config of --checkpoint")
+    parser.add_argument("--checkpoint", type=Path, help="trained model checkpoint (see above)")
+    parser.add_argument("--config", type=Path, help="YAML giving the dataset (default: the checkpoint's)")
+    parser.add_argument("--image", type=Path, help="image to run (default: the first val image)")
+    parser.add_argument("--layer", type=int, default=0, help="encoder layer whose inputs are captured")
+    parser.add_argument("--ap", action="store_true", help="AP of plain vs ACT attention (see above)")
+    parser.add_argument("--ap-hashes", type=int, nargs="+", help="L values of the AP sweep "
+                        "(default --hashes)")  # fmt: skip
+    parser.add_argument("--ap-bucket-width", type=float, nargs="+", help="r values of the AP sweep "
+                        "(default --bucket-width)")  # fmt: skip
+    parser.add_argument("--ap-batch-size", type=int, default=1, help="images per forward pass (AP sweep)")
     parser.add_argument("--field-size", type=int, default=8, help="synthetic: low-res field rows")
     parser.add_argument("--noise", type=float, default=0.1, help="synthetic: white-noise std")
     parser.add_argument("--runs", type=int, default=7)
@@ -113,12 +137,90 @@ def load_tokens(path: Path, dim: int) -> dict[str, torch.Tensor | None]:
     return {"query": query, "value": value, "padding_mask": padding}
 
 
-def inputs_from_checkpoint(checkpoint: Path, config: Path) -> dict:
-    """Encoder self-attention inputs and weights of a trained model (not supported yet)."""
-    raise SystemExit(
-        f"--checkpoint {checkpoint} --config {config}: reading encoder inputs from a trained model is not "
-        "supported yet; save the first encoder layer's inputs with torch.save and pass --tokens"
-    )
+def first_validation_image(cfg) -> Path:
+    """The first image (by name) of the config's validation folder; generates the synthetic set if needed."""
+    from detr_lab.data.datamodule import DetectionDataModule
+
+    DetectionDataModule(cfg).prepare_data()
+    folder = Path(cfg.data.root) / cfg.data.val_images
+    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SystemExit(f"no images in {folder}: pass --image")
+    return images[0]
+
+
+def load_image(path: Path, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """RGB image resized to `size` (H, W) bilinearly, ImageNet-normalized -> `[1, 3, H, W]`."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255  # (3, H, W)
+    return ((pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))[None]
+
+
+def capture_self_attention(model: torch.nn.Module, layer: int, images, padding_mask) -> dict:
+    """Keyword arguments of encoder layer `layer`'s self-attention call in `model(images, padding_mask)`."""
+    layers = model.transformer.encoder.layers
+    if not 0 <= layer < len(layers):
+        raise SystemExit(f"--layer {layer}: the encoder has {len(layers)} layers")
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        if not captured:
+            captured.update(kwargs)
+
+    handle = layers[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(images, padding_mask)
+    finally:
+        handle.remove()
+    return captured
+
+
+def inputs_from_checkpoint(args: argparse.Namespace) -> dict:
+    """Encoder self-attention inputs and weights of a trained model (see the module docstring).
+
+    Returns `query`, `value` `[1, N, d]`, `padding_mask` None, `state_dict` (the layer's attention
+    weights), `heads`, `feature_map` (H, W) and `source`.
+    """
+    from detr_lab.checkpoints import load_checkpoint
+    from detr_lab.config import load_config
+
+    loaded = load_checkpoint(args.checkpoint)
+    cfg = load_config(args.config) if args.config else loaded.config
+    path = args.image or first_validation_image(cfg)
+    height, width = args.image_size
+    images = load_image(path, (height, width), cfg.data.augment.mean, cfg.data.augment.std)
+    padding_mask = torch.zeros(1, height, width, dtype=torch.bool)
+    model = loaded.model.eval()
+    call = capture_self_attention(model, args.layer, images, padding_mask)
+    shapes = call["spatial_shapes"].tolist()
+    strides = [round(height / level_height) for level_height, _ in shapes]
+    if args.stride not in strides:
+        raise SystemExit(
+            f"{args.checkpoint}: no feature level of stride {args.stride} at {height}x{width} "
+            f"(level strides {strides}); pass --stride with one of them"
+        )
+    level = strides.index(args.stride)
+    start = int(call["level_start_index"][level])
+    count = shapes[level][0] * shapes[level][1]
+    attention = model.transformer.encoder.layers[args.layer].self_attn
+    levels = f"level {level} of {len(shapes)} (stride {args.stride})" if len(shapes) > 1 else "single level"
+    return {
+        "query": call["query"][:, start : start + count].contiguous(),
+        "value": call["value"][:, start : start + count].contiguous(),
+        "padding_mask": None,
+        "state_dict": {k: v.detach().clone() for k, v in attention.state_dict().items()},
+        "heads": loaded.config.model.num_heads,
+        "feature_map": shapes[level],
+        "source": (
+            f"checkpoint {args.checkpoint}: encoder layer {args.layer} self-attention inputs and weights, "
+            f"{levels}, on {path} resized to {height}x{width}"
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------------------- costs
@@ -185,11 +287,19 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     height = math.ceil(args.image_size[0] / args.stride)
     width = math.ceil(args.image_size[1] / args.stride)
-    if args.checkpoint or args.config:
-        if not (args.checkpoint and args.config):
-            raise SystemExit("--checkpoint and --config go together")
-        inputs_from_checkpoint(args.checkpoint, args.config)
-    if args.tokens:
+    heads = args.heads
+    weights = "PlainAttention's random initialization (same weights for plain and ACT)"
+    state_dict = None
+    if (args.config or args.ap or args.image) and not args.checkpoint:
+        raise SystemExit("--config, --image and --ap need --checkpoint")
+    if args.checkpoint and args.tokens:
+        raise SystemExit("--checkpoint and --tokens are alternatives: pass one")
+    if args.checkpoint:
+        inputs = inputs_from_checkpoint(args)
+        source, heads, state_dict = inputs["source"], inputs["heads"], inputs["state_dict"]
+        height, width = inputs["feature_map"]
+        weights = f"encoder layer {args.layer} self-attention of {args.checkpoint} (same for plain and ACT)"
+    elif args.tokens:
         inputs = load_tokens(args.tokens, args.embed_dim)
         source = f"tokens file {args.tokens}"
     else:
@@ -210,15 +320,17 @@ def run(args: argparse.Namespace) -> dict:
     query, value, padding = inputs["query"], inputs["value"], inputs["padding_mask"]
     batch, tokens, dim = query.shape
     keys = tokens if padding is None else int((~padding).sum(dim=1).max())
-    head_dim = dim // args.heads
+    head_dim = dim // heads
 
-    plain = PlainAttention(dim, args.heads).eval()
+    plain = PlainAttention(dim, heads).eval()
+    if state_dict is not None:
+        plain.load_state_dict(state_dict)
     plain_flops = counted_flops(plain, query, value, padding)
     rows = []
     for bucket_width in args.bucket_width:
         for rounds in args.hashes:
             act = AdaptiveClusteringAttention(
-                dim, args.heads, q_hashes=rounds, bucket_width=bucket_width, seed=args.seed
+                dim, heads, q_hashes=rounds, bucket_width=bucket_width, seed=args.seed
             ).eval()
             act.load_state_dict(plain.state_dict())
             flops = counted_flops(act, query, value, padding)
@@ -240,7 +352,7 @@ def run(args: argparse.Namespace) -> dict:
                 args.runs,
                 args.warmup,
             )
-            extra = act_extra_flops(batch, args.heads, tokens, rounds, head_dim, clusters)
+            extra = act_extra_flops(batch, heads, tokens, rounds, head_dim, clusters)
             rows.append(
                 {
                     "q_hashes": rounds,
@@ -251,7 +363,7 @@ def run(args: argparse.Namespace) -> dict:
                     "act_gflops_counted": flops / 1e9,
                     "act_gflops_extra": extra / 1e9,
                     "act_gflops_ideal": (
-                        ideal_act_flops(batch, dim, args.heads, tokens, keys, rounds, clusters) + extra
+                        ideal_act_flops(batch, dim, heads, tokens, keys, rounds, clusters) + extra
                     )
                     / 1e9,
                     "plain_ms": timings["plain"]["median_ms"],
@@ -265,16 +377,16 @@ def run(args: argparse.Namespace) -> dict:
         "setting": {
             "image_size": args.image_size,
             "stride": args.stride,
-            "feature_map": [height, width],
+            "feature_map": [int(height), int(width)],
             "tokens": tokens,
             "batch": batch,
             "embed_dim": dim,
-            "heads": args.heads,
+            "heads": heads,
             "seed": args.seed,
             "runs": args.runs,
             "warmup": args.warmup,
             "source": source,
-            "weights": "PlainAttention's random initialization (same weights for plain and ACT)",
+            "weights": weights,
             "flop_convention": "one multiply-add = 2 FLOPs; matmuls counted by FlopCounterMode",
         },
         "machine": machine_description(),
@@ -283,7 +395,104 @@ def run(args: argparse.Namespace) -> dict:
             "ms": statistics.median(row["plain_ms"] for row in rows) if rows else None,
         },
         "act": rows,
+        "ap": ap_sweep(args) if args.ap else None,
     }
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+class EncoderAttentionCost:
+    """Counts, during evaluation, the encoder self-attention work of every ACT call.
+
+    A global forward hook sees each `AdaptiveClusteringAttention` call (only encoder self-attention
+    uses it): per image and layer it adds the closed-form FLOPs of plain and of ACT attention on the
+    image's real tokens N (keys = queries = N), with the clusters K of each head:
+    plain = 8 N d^2 + 4 N^2 d;  ACT = 8 N d^2 + 2 N d L + sum over heads of (3 N L + N h + K h + 4 K N h).
+    """
+
+    def __init__(self) -> None:
+        self.plain_flops = 0.0
+        self.act_flops = 0.0
+        self.clusters = 0.0
+        self.tokens = 0.0
+        self.calls = 0  # (image, layer) pairs
+        self.head_calls = 0  # (image, layer, head) triples
+        self.handle = None
+
+    def __enter__(self) -> EncoderAttentionCost:
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self.hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def hook(self, module, args, kwargs, output) -> None:
+        if not isinstance(module, AdaptiveClusteringAttention):
+            return
+        query = kwargs["query"] if "query" in kwargs else args[0]
+        mask = kwargs.get("key_padding_mask")
+        batch, length, dim = query.shape
+        real = torch.full((batch,), length) if mask is None else (~mask).sum(1)
+        clusters = module.last_clusters_per_head  # (B, heads), real queries' clusters
+        heads, head_dim, rounds = module.num_heads, module.head_dim, module.q_hashes
+        for image in range(batch):
+            n = float(real[image])
+            k = clusters[image].double()
+            projections = 8 * n * dim * dim
+            self.plain_flops += projections + 4 * n * n * dim
+            per_head = 3 * n * rounds + n * head_dim + k * head_dim + 4 * k * n * head_dim
+            self.act_flops += projections + 2 * n * dim * rounds + float(per_head.sum())
+            self.clusters += float(k.sum())
+            self.tokens += n
+            self.calls += 1
+            self.head_calls += heads
+
+
+def ap_sweep(args: argparse.Namespace) -> dict:
+    """COCO AP of the checkpoint with plain and with ACT encoder attention (see the module docstring)."""
+    from detr_lab.checkpoints import load_checkpoint
+    from detr_lab.engine.evaluate import evaluate_checkpoint
+
+    config = args.config
+    output_dir = args.json.parent / f"{args.json.stem}_ap"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if config is None:  # the checkpoint's own config gives the dataset
+        from detr_lab.config import save_config
+
+        config = save_config(load_checkpoint(args.checkpoint).config, output_dir / "checkpoint_config.yaml")
+    hashes = args.ap_hashes or args.hashes
+    widths = args.ap_bucket_width or args.bucket_width
+
+    def evaluate(name: str, overrides: list[str]) -> dict:
+        start = time.perf_counter()
+        with EncoderAttentionCost() as cost:
+            result = evaluate_checkpoint(
+                config, args.checkpoint, overrides=overrides, output=output_dir / f"{name}.json",
+                device="cpu", batch_size=args.ap_batch_size, progress=False,
+            )  # fmt: skip
+        row = {"overrides": overrides, "AP": result.stats["AP"], "AP50": result.stats["AP50"],
+               "images": result.num_images, "seconds": time.perf_counter() - start}  # fmt: skip
+        if cost.calls:
+            row.update(
+                mean_clusters=cost.clusters / cost.head_calls,
+                mean_tokens=cost.tokens / cost.calls,
+                flops_ratio=cost.act_flops / cost.plain_flops,
+            )
+        print(f"  {name}: AP {row['AP']:.4f} ({row['seconds']:.0f} s)", file=sys.stderr)
+        return row
+
+    plain = evaluate("plain", [])
+    rows = []
+    for bucket_width in widths:
+        for rounds in hashes:
+            overrides = [
+                "model.encoder.attention=act",
+                f"model.encoder.act.q_hashes={rounds}",
+                f"model.encoder.act.bucket_width={bucket_width}",
+            ]
+            row = evaluate(f"act_L{rounds}_r{bucket_width:g}", overrides)
+            row.update(q_hashes=rounds, bucket_width=bucket_width, ap_drop=plain["AP"] - row["AP"])
+            rows.append(row)
+    return {"checkpoint": str(args.checkpoint), "config": str(config), "plain": plain, "act": rows}
 
 
 def format_table(result: dict) -> str:
@@ -306,6 +515,21 @@ def format_table(result: dict) -> str:
             f"{total / plain['gflops']:>6.2f} {row['plain_ms']:>9.1f} {row['act_ms']:>8.1f} "
             f"{row['act_hash_and_cluster_ms']:>8.1f} {row['speedup']:>7.2f} {row['relative_error']:>7.3f}"
         )
+    ap = result.get("ap")
+    if ap:
+        plain_ap = ap["plain"]
+        lines += [
+            "",
+            f"AP on the validation set of {ap['config']} ({plain_ap['images']} images), no retraining:",
+            f"plain: AP {plain_ap['AP']:.4f}, AP50 {plain_ap['AP50']:.4f}",
+            f"{'L':>3} {'r':>6} {'AP':>7} {'AP50':>7} {'drop':>7} {'clusters':>9} {'tokens':>7} {'FLOPs':>6}",
+        ]
+        for row in ap["act"]:
+            lines.append(
+                f"{row['q_hashes']:>3} {row['bucket_width']:>6g} {row['AP']:>7.4f} {row['AP50']:>7.4f} "
+                f"{row['ap_drop']:>7.4f} {row['mean_clusters']:>9.1f} {row['mean_tokens']:>7.1f} "
+                f"{row['flops_ratio']:>6.2f}"
+            )
     return "\n".join(lines)
 
 

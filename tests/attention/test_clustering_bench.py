@@ -59,5 +59,5 @@ def test_tokens_file_is_used_and_checked(bench, tmp_path):
     torch.save(torch.randn(1, 15, 8), path)
     with pytest.raises(ValueError, match="query"):
         bench.main(_common(tmp_path) + ["--tokens", str(path)])
-    with pytest.raises(SystemExit, match="not supported yet"):
-        bench.main(_common(tmp_path) + ["--checkpoint", "model.ckpt", "--config", "model.yaml"])
+    with pytest.raises(SystemExit, match="alternatives"):
+        bench.main(_common(tmp_path) + ["--tokens", str(path), "--checkpoint", "model.ckpt"])
