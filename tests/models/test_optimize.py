@@ -81,6 +81,10 @@ def test_optimized_model_gives_the_same_outputs(variant):
     plain = copy.deepcopy(model)
     optimized = optimize_for_inference(copy.deepcopy(model))
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
+    chunked = [m for m in optimized.modules() if isinstance(m, ChunkedFeedForward)]
+    assert len(chunked) == 4  # two encoder and two decoder layers
+    for block in chunked:  # chunk even these tiny inputs, in uneven pieces
+        block.rows_per_chunk, block.min_hidden_elements = 5, 0
     images, padding_mask = images_and_mask()
     with torch.inference_mode():
         expected = model(images, padding_mask)
@@ -103,7 +107,7 @@ def test_optimized_model_gives_the_same_outputs(variant):
 def test_optimized_model_runs_channels_last_and_in_eval_mode():
     model = tiny_model([]).train()
     optimize_for_inference(model)
-    assert not model.training
+    assert not any(module.training for module in model.modules())
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     with torch.inference_mode():
@@ -151,11 +155,21 @@ def test_optimize_restores_the_fast_attention_paths():
 def test_chunked_feed_forward_matches_feed_forward():
     torch.manual_seed(5)
     block = FeedForward(16, 40, dropout=0.1).eval()
-    chunked = ChunkedFeedForward(block, rows_per_chunk=7)
+    chunked = ChunkedFeedForward(block, rows_per_chunk=7, min_hidden_elements=0)
     assert set(chunked.state_dict()) == set(block.state_dict())
     x = torch.randn(3, 17, 16)  # 51 rows: seven full chunks and a partial one
+    calls = []
+    block.linear1.register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
     with torch.inference_mode():
-        assert torch.allclose(chunked(x), block(x), atol=1e-6, rtol=1e-5)
+        expected = block(x)
+        calls.clear()
+        assert torch.allclose(chunked(x), expected, atol=1e-6, rtol=1e-5)
+    assert calls == [7] * 7 + [2]
+    # Below the size threshold the block runs in one piece.
+    calls.clear()
+    with torch.inference_mode():
+        ChunkedFeedForward(block, rows_per_chunk=7, min_hidden_elements=51 * 40 + 1)(x)
+    assert calls == [3]  # one call on the whole [3, 17, 16] input
     # With gradients recorded it is the plain block (and differentiable).
     x.requires_grad_(True)
     chunked(x).sum().backward()
@@ -164,7 +178,8 @@ def test_chunked_feed_forward_matches_feed_forward():
 
 def test_chunked_feed_forward_keeps_dropout_in_training():
     torch.manual_seed(6)
-    chunked = ChunkedFeedForward(FeedForward(16, 40, dropout=0.5), rows_per_chunk=4).train()
+    block = FeedForward(16, 40, dropout=0.5)
+    chunked = ChunkedFeedForward(block, rows_per_chunk=4, min_hidden_elements=0).train()
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         assert not torch.allclose(chunked(x), chunked(x))
@@ -173,7 +188,7 @@ def test_chunked_feed_forward_keeps_dropout_in_training():
 def test_chunked_feed_forward_under_bfloat16_autocast():
     torch.manual_seed(7)
     block = FeedForward(16, 40).eval()
-    chunked = ChunkedFeedForward(block, rows_per_chunk=5)
+    chunked = ChunkedFeedForward(block, rows_per_chunk=5, min_hidden_elements=0)
     x = torch.randn(2, 11, 16)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, expected = chunked(x), block(x)
