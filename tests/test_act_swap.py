@@ -8,6 +8,7 @@ each head has a single cluster, so every token of an image receives the same att
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,14 @@ def test_act_config_is_detr_r50_dc5_with_32_hash_rounds():
     assert (m.hidden_dim, m.num_heads, m.encoder.num_layers, m.decoder.num_layers, m.num_queries) == (
         256, 8, 6, 6, 100
     )  # fmt: skip
+
+
+def test_demo_act_config_differs_from_its_teacher_only_in_encoder_attention():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    student = load_config(configs / "demo_act.yaml")
+    teacher = load_config(configs / "demo_act_teacher.yaml")
+    assert (teacher.model.encoder.attention, student.model.encoder.attention) == ("plain", "act")
+    assert student.distill.enabled and student.distill.init_student
+    encoder = dataclasses.replace(teacher.model.encoder, attention="act", act=student.model.encoder.act)
+    swapped = dataclasses.replace(teacher.model, encoder=encoder)
+    assert swapped == student.model
