@@ -16,7 +16,8 @@ What `optimize_for_inference` does, in place:
   go through `linear1 -> ReLU -> linear2` a few hundred rows at a time, so the wide hidden
   activation (`[tokens, ffn_dim]`, 73 MB for a Deformable DETR encoder layer at 800 x 1066) stays
   in the CPU cache instead of making three trips through main memory (bias broadcast, ReLU, read
-  back), and the ReLU runs in place. CPU only; on other devices it computes as `FeedForward`.
+  back), and the ReLU runs in place. CPU only, and only for hidden activations of at least
+  `MIN_HIDDEN_ELEMENTS_TO_CHUNK` values; otherwise it computes as `FeedForward`.
 - Switches plain attention to `scaled_dot_product_attention` and deformable attention to the
   device's fast sampling core ("auto"), in case a model was set to its reference paths.
 
