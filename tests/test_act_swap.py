@@ -140,7 +140,8 @@ def test_converted_official_detr_checkpoint_runs_with_act(plain_checkpoint):
 def test_act_model_trains_from_scratch():
     torch.manual_seed(0)
     hashing = ["model.encoder.act.q_hashes=8", "model.encoder.act.bucket_width=0.5"]
-    cfg = load_config(overrides=[*TINY, ACT, *hashing])
+    frozen = "model.backbone.frozen_stages=4"  # no backbone gradients: faster
+    cfg = load_config(overrides=[*TINY, ACT, *hashing, frozen])
     model = build_model(cfg.model).train()
     criterion = build_criterion(cfg.model, cfg.loss)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
