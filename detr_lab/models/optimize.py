@@ -16,8 +16,12 @@ What `optimize_for_inference` does, in place:
   go through `linear1 -> ReLU -> linear2` a few hundred rows at a time, so the wide hidden
   activation (`[tokens, ffn_dim]`, 73 MB for a Deformable DETR encoder layer at 800 x 1066) stays
   in the CPU cache instead of making three trips through main memory (bias broadcast, ReLU, read
-  back), and the ReLU runs in place. CPU only, and only for hidden activations of at least
-  `MIN_HIDDEN_ELEMENTS_TO_CHUNK` values; otherwise it computes as `FeedForward`.
+  back), and the ReLU runs in place. Only on CPU with one torch thread, and only for hidden
+  activations of at least `MIN_HIDDEN_ELEMENTS_TO_CHUNK` values; otherwise it computes as
+  `FeedForward`. (With two threads on a loaded 2-core machine, the 35 chunks of a Deformable DETR
+  encoder layer took 1.7 s against 0.26 s unchunked: each chunk is a parallel region whose threads
+  wait for one another, and a waiting thread may have lost its core. Larger chunks were still
+  slower than none.)
 - Switches plain attention to `scaled_dot_product_attention` and deformable attention to the
   device's fast sampling core ("auto"), in case a model was set to its reference paths.
 
@@ -108,9 +112,9 @@ class ChunkedFeedForward(nn.Module):
     """Inference form of `FeedForward`, holding the same `linear1`, `dropout`, `linear2` modules.
 
     `[..., d]` -> `[..., d]`, computed `rows_per_chunk` rows at a time for CPU tensors in eval mode
-    without autograd recording, when the whole hidden activation would hold at least
-    `min_hidden_elements` values; otherwise (small inputs, GPU, training, gradients) exactly as
-    `FeedForward`.
+    without autograd recording, with one torch thread, when the whole hidden activation would hold
+    at least `min_hidden_elements` values; otherwise (small inputs, several threads, GPU, training,
+    gradients) exactly as `FeedForward`.
     """
 
     def __init__(
@@ -133,7 +137,10 @@ class ChunkedFeedForward(nn.Module):
         recording = torch.is_grad_enabled() and (x.requires_grad or self.linear1.weight.requires_grad)
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         small = flat.shape[0] * self.linear1.out_features < self.min_hidden_elements
-        if x.device.type != "cpu" or recording or self.training or small:
+        # With several threads every chunk's matmul is a parallel region of its own; on a loaded
+        # machine their synchronisation costs far more than the cache saves (see the module doc).
+        threaded = torch.get_num_threads() > 1
+        if x.device.type != "cpu" or recording or self.training or small or threaded:
             return self.linear2(self.dropout(F.relu(self.linear1(x))))
         out = None
         for start in range(0, flat.shape[0], self.rows_per_chunk):

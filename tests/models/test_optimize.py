@@ -40,6 +40,14 @@ DEFORMABLE = [
 ]
 
 
+@pytest.fixture
+def threads():
+    """Set torch's CPU thread count inside a test (chunking depends on it); restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def randomize_frozen_batch_norms(model: nn.Module, generator: torch.Generator) -> None:
     """Statistics and affine parameters away from the identity (fresh ones fold into nothing)."""
     for module in model.modules():
@@ -76,7 +84,8 @@ def images_and_mask(batch: int = 2, height: int = 64, width: int = 96) -> tuple[
 
 
 @pytest.mark.parametrize("variant", ["detr", "deformable"])
-def test_optimized_model_gives_the_same_outputs(variant):
+def test_optimized_model_gives_the_same_outputs(variant, threads):
+    threads(1)
     model = tiny_model([] if variant == "detr" else DEFORMABLE)
     plain = copy.deepcopy(model)
     optimized = optimize_for_inference(copy.deepcopy(model))
@@ -152,7 +161,8 @@ def test_optimize_restores_the_fast_attention_paths():
     assert attention and all(m.impl == "sdpa" for m in attention)
 
 
-def test_chunked_feed_forward_matches_feed_forward():
+def test_chunked_feed_forward_matches_feed_forward(threads):
+    threads(1)
     torch.manual_seed(5)
     block = FeedForward(16, 40, dropout=0.1).eval()
     chunked = ChunkedFeedForward(block, rows_per_chunk=7, min_hidden_elements=0)
@@ -170,6 +180,12 @@ def test_chunked_feed_forward_matches_feed_forward():
     with torch.inference_mode():
         ChunkedFeedForward(block, rows_per_chunk=7, min_hidden_elements=51 * 40 + 1)(x)
     assert calls == [3]  # one call on the whole [3, 17, 16] input
+    # So it does with several threads.
+    threads(2)
+    calls.clear()
+    with torch.inference_mode():
+        chunked(x)
+    assert calls == [3]
     # With gradients recorded it is the plain block (and differentiable).
     x.requires_grad_(True)
     chunked(x).sum().backward()
@@ -185,7 +201,8 @@ def test_chunked_feed_forward_keeps_dropout_in_training():
         assert not torch.allclose(chunked(x), chunked(x))
 
 
-def test_chunked_feed_forward_under_bfloat16_autocast():
+def test_chunked_feed_forward_under_bfloat16_autocast(threads):
+    threads(1)
     torch.manual_seed(7)
     block = FeedForward(16, 40).eval()
     chunked = ChunkedFeedForward(block, rows_per_chunk=5, min_hidden_elements=0)
