@@ -75,5 +75,5 @@ def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     assert exact["ap_drop"] == pytest.approx(0, abs=1e-9)
     # Every real token is its own cluster; ACT then costs more than plain (hashing on top).
     assert exact["mean_clusters"] == pytest.approx(exact["mean_tokens"]) and exact["mean_tokens"] > 1
-    assert exact["flops_ratio"] > 1
+    assert exact["flops_ratio"] > 1 and exact["core_flops_ratio"] > exact["flops_ratio"]
     assert "mean_clusters" not in plain
