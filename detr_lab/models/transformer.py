@@ -75,10 +75,8 @@ class EncoderLayer(nn.Module):
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
         )
-        # The residual sums are taken in place on the sublayers' fresh outputs (a + b == b + a
-        # exactly): two fewer [B, S, d] tensors per layer, which shows at tens of thousands of tokens.
-        x = self.self_attn_norm(self.self_attn_dropout(attended).add_(x))
-        return self.ffn_norm(self.ffn_dropout(self.ffn(x)).add_(x))
+        x = self.self_attn_norm(x + self.self_attn_dropout(attended))
+        return self.ffn_norm(x + self.ffn_dropout(self.ffn(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -182,7 +182,7 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
         value = self.value_proj(value)
         if key_padding_mask is not None:
-            value = value.masked_fill_(key_padding_mask[..., None], 0.0)  # in place: a fresh projection
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(batch, length, self.num_heads, self.head_dim)  # (B, Lv, nh, hd)
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
