@@ -77,3 +77,23 @@ def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     assert exact["mean_clusters"] == pytest.approx(exact["mean_tokens"]) and exact["mean_tokens"] > 1
     assert exact["flops_ratio"] > 1 and exact["core_flops_ratio"] > exact["flops_ratio"]
     assert "mean_clusters" not in plain
+
+
+def test_ap_sweep_overrides_reach_every_evaluation(bench, checkpoint):
+    out = checkpoint["root"] / "ap_small.json"
+    bench.main(["--checkpoint", str(checkpoint["path"]), "--image-size", "64", "96", "--stride", "32",
+                "--hashes", "2", "--runs", "1", "--warmup", "0", "--json", str(out), "--ap",
+                "--ap-bucket-width", "1e-6", "--ap-set", "data.augment.eval_size=64",
+                "--ap-set", "data.augment.eval_max_size=64"])  # fmt: skip
+    ap = json.loads(out.read_text())["ap"]
+    assert ap["overrides"] == ["data.augment.eval_size=64", "data.augment.eval_max_size=64"]
+    (exact,) = ap["act"]
+    # 96 px synthetic images evaluated at 64 px: a 2 x 2 map at stride 32 (3 x 3 without the override).
+    assert exact["mean_tokens"] == pytest.approx(4)
+    for row in (ap["plain"], exact):
+        assert "data.augment.eval_size=64" in row["overrides"]
+    with pytest.raises(SystemExit, match="eval_sise.*did you mean 'eval_size'"):
+        bench.main(["--checkpoint", str(checkpoint["path"]), "--hashes", "2", "--runs", "1", "--warmup", "0",
+                    "--json", str(out), "--ap", "--ap-set", "data.augment.eval_sise=64"])  # fmt: skip
+    with pytest.raises(SystemExit, match="add --ap"):
+        bench.main(["--checkpoint", str(checkpoint["path"]), "--ap-set", "data.augment.eval_size=64"])

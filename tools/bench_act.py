@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ap-bucket-width", type=float, nargs="+", help="r values of the AP sweep "
                         "(default --bucket-width)")  # fmt: skip
     parser.add_argument("--ap-batch-size", type=int, default=1, help="images per forward pass (AP sweep)")
+    parser.add_argument("--ap-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every evaluation of the AP sweep, e.g. "
+                        "data.augment.eval_size=480 (repeatable)")  # fmt: skip
     parser.add_argument("--field-size", type=int, default=8, help="synthetic: low-res field rows")
     parser.add_argument("--noise", type=float, default=0.1, help="synthetic: white-noise std")
     parser.add_argument("--runs", type=int, default=7)
@@ -294,6 +297,10 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--config, --image and --ap need --checkpoint")
     if args.checkpoint and args.tokens:
         raise SystemExit("--checkpoint and --tokens are alternatives: pass one")
+    if args.ap_set and not args.ap:
+        raise SystemExit("--ap-set applies to the AP sweep: add --ap")
+    if args.ap:
+        args.ap_config = resolve_ap_config(args)
     if args.checkpoint:
         inputs = inputs_from_checkpoint(args)
         source, heads, state_dict = inputs["source"], inputs["heads"], inputs["state_dict"]
@@ -451,18 +458,32 @@ class EncoderAttentionCost:
             self.head_calls += heads
 
 
-def ap_sweep(args: argparse.Namespace) -> dict:
-    """COCO AP of the checkpoint with plain and with ACT encoder attention (see the module docstring)."""
+def resolve_ap_config(args: argparse.Namespace) -> Path:
+    """The config file of the AP sweep (`--config`, else the checkpoint's, saved beside the JSON).
+
+    Checked with the `--ap-set` overrides before any measurement, so that a wrong key fails at once.
+    """
     from detr_lab.checkpoints import load_checkpoint
-    from detr_lab.engine.evaluate import evaluate_checkpoint
+    from detr_lab.config import ConfigError, load_config, save_config
 
     config = args.config
-    output_dir = args.json.parent / f"{args.json.stem}_ap"
-    output_dir.mkdir(parents=True, exist_ok=True)
     if config is None:  # the checkpoint's own config gives the dataset
-        from detr_lab.config import save_config
-
+        output_dir = args.json.parent / f"{args.json.stem}_ap"
+        output_dir.mkdir(parents=True, exist_ok=True)
         config = save_config(load_checkpoint(args.checkpoint).config, output_dir / "checkpoint_config.yaml")
+    try:
+        load_config(config, overrides=args.ap_set)
+    except ConfigError as err:
+        raise SystemExit(f"--ap-set: {err}") from None
+    return Path(config)
+
+
+def ap_sweep(args: argparse.Namespace) -> dict:
+    """COCO AP of the checkpoint with plain and with ACT encoder attention (see the module docstring)."""
+    from detr_lab.engine.evaluate import evaluate_checkpoint
+
+    config = args.ap_config
+    output_dir = args.json.parent / f"{args.json.stem}_ap"
     hashes = args.ap_hashes or args.hashes
     widths = args.ap_bucket_width or args.bucket_width
 
@@ -486,7 +507,7 @@ def ap_sweep(args: argparse.Namespace) -> dict:
         print(f"  {name}: AP {row['AP']:.4f} ({row['seconds']:.0f} s)", file=sys.stderr)
         return row
 
-    plain = evaluate("plain", [])
+    plain = evaluate("plain", list(args.ap_set))
     rows = []
     for bucket_width in widths:
         for rounds in hashes:
@@ -495,10 +516,13 @@ def ap_sweep(args: argparse.Namespace) -> dict:
                 f"model.encoder.act.q_hashes={rounds}",
                 f"model.encoder.act.bucket_width={bucket_width}",
             ]
-            row = evaluate(f"act_L{rounds}_r{bucket_width:g}", overrides)
+            row = evaluate(f"act_L{rounds}_r{bucket_width:g}", args.ap_set + overrides)
             row.update(q_hashes=rounds, bucket_width=bucket_width, ap_drop=plain["AP"] - row["AP"])
             rows.append(row)
-    return {"checkpoint": str(args.checkpoint), "config": str(config), "plain": plain, "act": rows}
+    return {
+        "checkpoint": str(args.checkpoint), "config": str(config), "overrides": list(args.ap_set),
+        "plain": plain, "act": rows,
+    }  # fmt: skip
 
 
 def format_table(result: dict) -> str:
@@ -526,7 +550,9 @@ def format_table(result: dict) -> str:
         plain_ap = ap["plain"]
         lines += [
             "",
-            f"AP on the validation set of {ap['config']} ({plain_ap['images']} images), no retraining:",
+            f"AP on the validation set of {ap['config']} ({plain_ap['images']} images)"
+            + (f" with {' '.join(ap['overrides'])}" if ap.get("overrides") else "")
+            + ", no retraining:",
             f"plain: AP {plain_ap['AP']:.4f}, AP50 {plain_ap['AP50']:.4f}",
             f"{'L':>3} {'r':>6} {'AP':>7} {'AP50':>7} {'drop':>7} {'clusters':>9} {'tokens':>7} {'FLOPs':>6} "
             f"{'core':>6}",
