@@ -43,8 +43,9 @@ the encoder self-attention FLOPs of ACT relative to plain at that resolution, co
 forms above per image on its real (non-padded) tokens and the clusters of each head.
 
     python tools/bench_act.py --hashes 16 20 24 32 --bucket-width 1 4 --json runs/bench_act.json
-    python tools/bench_act.py --checkpoint runs/act_teacher/checkpoints/at_30min.ckpt \
-        --hashes 16 20 24 32 --bucket-width 0.5 1 2 --ap --ap-bucket-width 0.5 1 2 4
+    python tools/bench_act.py --checkpoint runs/demo_act_teacher/checkpoints/last.ckpt --threads 1 \
+        --hashes 16 20 24 32 --bucket-width 1 2 4 \
+        --ap --ap-set data.augment.eval_size=480 --ap-set data.augment.eval_max_size=800
 """
 
 from __future__ import annotations

@@ -181,8 +181,10 @@ class MultiScaleDeformableAttention(nn.Module):
             sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
             level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
         value = self.value_proj(value)
-        if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        # In place on the fresh projection. On CPU a batch without padding (a single image) skips the
+        # pass over the whole map; on GPU the check would cost a host synchronisation.
+        if key_padding_mask is not None and (value.device.type != "cpu" or bool(key_padding_mask.any())):
+            value = value.masked_fill_(key_padding_mask[..., None], 0.0)
         value = value.view(batch, length, self.num_heads, self.head_dim)  # (B, Lv, nh, hd)
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
