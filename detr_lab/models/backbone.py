@@ -130,6 +130,7 @@ class ResNetBackbone(nn.Module):
         for index in range(1, deepest + 1):
             modules[f"layer{index}"] = getattr(resnet, f"layer{index}")
         self.body = nn.ModuleDict(modules)
+        self._inference_runner = None  # see set_inference_runner
 
         width = 64 if name in BASIC_BLOCK_RESNETS else 256  # channels out of layer1
         self.num_channels = [width * 2 ** (s - 1) for s in stages]
@@ -210,10 +211,34 @@ class ResNetBackbone(nn.Module):
                 f"images must be [B, 3, H, W] and padding_mask [B, H, W]; got {tuple(images.shape)} "
                 f"and {tuple(padding_mask.shape)}"
             )
+        return [FeatureLevel(x, downsample_mask(padding_mask, x.shape[-2:])) for x in self.stage_maps(images)]
+
+    def stage_maps(self, images: Tensor) -> list[Tensor]:
+        """Feature maps `[B, C_l, H_l, W_l]` of the requested stages, shallowest first.
+
+        Computed by the inference runner when one is set (see `set_inference_runner`) and applies to
+        this call, otherwise by the modules of `body`.
+        """
+        runner = self._inference_runner
+        if runner is not None and not self.training and runner.applies_to(images):
+            return runner(images)
         x = images
-        levels = []
+        maps = []
         for name, module in self.body.items():
             x = module(x)
             if name.startswith("layer") and int(name[5:]) in self.stages:
-                levels.append(FeatureLevel(x, downsample_mask(padding_mask, x.shape[-2:])))
-        return levels
+                maps.append(x)
+        return maps
+
+    @property
+    def inference_runner(self):
+        """The runner set by `set_inference_runner`, or None."""
+        return self._inference_runner
+
+    def set_inference_runner(self, runner) -> None:
+        """Let `runner` compute `stage_maps` where `runner.applies_to(images)` (None: always `body`).
+
+        A runner is a compiled copy of `body` for inference (`detr_lab.models.optimize`); it is not a
+        submodule, so it is neither saved, moved between devices nor copied with the backbone.
+        """
+        self._inference_runner = runner

@@ -24,12 +24,22 @@ What `optimize_for_inference` does, in place:
   slower than none.)
 - Switches plain attention to `scaled_dot_product_attention` and deformable attention to the
   device's fast sampling core ("auto"), in case a model was set to its reference paths.
+- On CPU (float32 weights), compiles each ResNet backbone for inference (`trace_backbones`): traced
+  with TorchScript, frozen, and rewritten by `torch.jit.optimize_for_inference`, which keeps the
+  maps in oneDNN's blocked layout from layer to layer, prepacks the weights and fuses each
+  convolution with its ReLU and residual sum. ResNet-50 at 800 x 1066, one thread: about 1.2 s
+  instead of 1.4 s. The compiled body is checked against the eager one on a second input size
+  before it is used, and it only runs where it applies: CPU float32 images, eval mode, no autograd
+  recording, no autocast (elsewhere the backbone's own modules run). TorchScript is deprecated in
+  recent PyTorch; where tracing fails the backbone stays eager, with a warning.
 
 The result is for inference only: the folded convolutions and the removed batch-norm buffers change
 the state dict, so do not save or train an optimized model; optimize a copy if you need both.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +177,102 @@ def chunk_feed_forwards(model: nn.Module) -> int:
     return count
 
 
+class _StageMaps(nn.Module):
+    """`backbone.stage_maps` as a module of its own (`body` only), for tracing."""
+
+    def __init__(self, backbone: ResNetBackbone) -> None:
+        super().__init__()
+        self.body = backbone.body
+        self.stages = tuple(backbone.stages)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = images
+        maps = []
+        for name, module in self.body.items():
+            x = module(x)
+            if name.startswith("layer") and int(name[5:]) in self.stages:
+                maps.append(x)
+        return maps
+
+
+class TracedBackboneRunner:
+    """A ResNet body compiled for CPU inference: `images [B, 3, H, W]` -> the stage maps.
+
+    Deliberately not an `nn.Module`: the backbone holds it without registering it, and a copy or a
+    pickle of the backbone drops it (the copy computes with its own modules).
+    """
+
+    def __init__(self, compiled: torch.jit.ScriptModule) -> None:
+        self.compiled = compiled
+
+    @staticmethod
+    def applies_to(images: Tensor) -> bool:
+        return (
+            images.device.type == "cpu"
+            and images.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        return list(self.compiled(images))
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def trace_backbone(
+    backbone: ResNetBackbone, example_size: tuple[int, int] = (64, 96)
+) -> TracedBackboneRunner:
+    """Compile `backbone`'s body for CPU inference and check it against the eager body.
+
+    The backbone must be on the CPU with float32 weights and in eval mode. Raises RuntimeError when
+    tracing fails or the compiled body disagrees with the eager one (relative 1e-4) on an input of
+    another size and batch than the traced one.
+    """
+    weight = next(backbone.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or backbone.training:
+        raise RuntimeError("only a CPU float32 backbone in eval mode can be traced for inference")
+    eager = _StageMaps(backbone).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(1, 3, *example_size, generator=generator)
+    check = torch.randn(2, 3, example_size[0] + 32, example_size[1] - 16, generator=generator)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices and tracer remarks
+            compiled = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(eager, example)))
+            expected, got = eager(check), list(compiled(check))
+    except Exception as err:  # any TorchScript failure leaves the backbone eager
+        raise RuntimeError(f"tracing the backbone failed: {type(err).__name__}: {err}") from err
+    for level, (want, have) in enumerate(zip(expected, got, strict=True)):
+        scale = want.abs().max().clamp_min(1e-6)
+        if want.shape != have.shape or (want - have).abs().max() > 1e-4 * scale:
+            raise RuntimeError(f"the traced backbone disagrees with the eager one at stage level {level}")
+    return TracedBackboneRunner(compiled)
+
+
+def trace_backbones(model: nn.Module) -> int:
+    """Give every CPU float32 `ResNetBackbone` in `model` a traced inference runner; returns how many.
+
+    A backbone that cannot be traced keeps computing with its modules (a warning says why).
+    """
+    count = 0
+    for backbone in [m for m in model.modules() if isinstance(m, ResNetBackbone)]:
+        weight = next(backbone.parameters())
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            continue
+        try:
+            backbone.set_inference_runner(trace_backbone(backbone.eval()))
+        except RuntimeError as err:
+            warnings.warn(f"backbone left uncompiled: {err}", stacklevel=2)
+            continue
+        count += 1
+    return count
+
+
 def use_fast_attention(model: nn.Module) -> None:
     """Plain attention on SDPA, deformable attention on the device's fast core ("auto")."""
     from detr_lab.models.attention.deformable import set_deformable_core
@@ -176,16 +282,23 @@ def use_fast_attention(model: nn.Module) -> None:
     set_deformable_core(model, "auto")
 
 
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module, *, channels_last: bool = True, compile_backbone: bool = True
+) -> nn.Module:
     """Apply the inference rewrites listed in the module docstring to `model` (in place) and return it.
 
-    The model is put in eval mode. Call it after moving the model to its device.
+    The model is put in eval mode. Call it after moving the model to its device, and do not change
+    its weights afterwards (a compiled backbone holds a copy of them).
     Args:
         channels_last: store convolution weights channels-last (on by default).
+        compile_backbone: trace CPU float32 ResNet backbones (`trace_backbones`; on by default).
     """
     fold_frozen_batch_norms(model)
     chunk_feed_forwards(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # converts the 4-D tensors: convolution weights
     use_fast_attention(model)
-    return model.eval()  # every module, the replacements included
+    model.eval()  # every module, the replacements included
+    if compile_backbone:
+        trace_backbones(model)
+    return model

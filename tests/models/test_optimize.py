@@ -1,4 +1,5 @@
-"""optimize_for_inference keeps a detector's outputs: folded frozen norms, chunked FFNs, channels-last."""
+"""optimize_for_inference keeps a detector's outputs: folded frozen norms, chunked FFNs, channels-last,
+a traced CPU backbone."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from detr_lab.models.backbone import FrozenBatchNorm2d
 from detr_lab.models.build import build_model
 from detr_lab.models.optimize import (
     ChunkedFeedForward,
+    TracedBackboneRunner,
     fold_batch_norm_into_conv,
     fold_frozen_batch_norms,
     optimize_for_inference,
+    trace_backbone,
 )
 from detr_lab.models.transformer import FeedForward
 
@@ -115,7 +118,7 @@ def test_optimized_model_gives_the_same_outputs(variant, threads):
 
 def test_optimized_model_runs_channels_last_and_in_eval_mode():
     model = tiny_model([]).train()
-    optimize_for_inference(model)
+    optimize_for_inference(model, compile_backbone=False)  # the eager backbone keeps channels-last
     assert not any(module.training for module in model.modules())
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -211,3 +214,84 @@ def test_chunked_feed_forward_under_bfloat16_autocast(threads):
         got, expected = chunked(x), block(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     assert torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["detr", "deformable"])
+def test_traced_backbone_matches_eager_at_other_sizes(variant):
+    model = tiny_model([] if variant == "detr" else DEFORMABLE)
+    optimized = optimize_for_inference(copy.deepcopy(model))
+    assert isinstance(optimized.backbone.inference_runner, TracedBackboneRunner)
+    assert (
+        optimized.state_dict().keys()
+        == optimize_for_inference(copy.deepcopy(model), compile_backbone=False).state_dict().keys()
+    )  # the runner is no submodule
+    for batch, height, width in [(3, 80, 112), (2, 57, 129)]:  # traced at 1 x 64 x 96
+        images, padding_mask = images_and_mask(batch, height, width)
+        with torch.inference_mode():
+            expected = model(images, padding_mask)
+            got = optimized(images, padding_mask)
+            maps = optimized.backbone.stage_maps(images)
+            eager_maps = model.backbone.stage_maps(images)
+        for have, want in zip(maps, eager_maps, strict=True):
+            assert have.shape == want.shape
+            assert (have - want).abs().max() <= 1e-4 * want.abs().max()
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.allclose(got[key], expected[key], atol=1e-4, rtol=0), (batch, key)
+
+
+def test_traced_backbone_only_runs_where_it_applies():
+    optimized = optimize_for_inference(tiny_model([]))
+    backbone = optimized.backbone
+    images, _ = images_and_mask()
+    calls = []
+    runner = backbone.inference_runner
+    backbone.set_inference_runner(
+        type("Counting", (), {"applies_to": staticmethod(runner.applies_to),
+                              "__call__": lambda self, x: calls.append(1) or runner(x)})()
+    )  # fmt: skip
+    with torch.inference_mode():
+        backbone.stage_maps(images)
+    assert len(calls) == 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        backbone.stage_maps(images)  # autocast: the modules decide the dtypes
+    maps = backbone.stage_maps(images.requires_grad_())  # autograd recording: eager, differentiable
+    assert maps[-1].requires_grad
+    backbone.train()
+    with torch.inference_mode():
+        backbone.stage_maps(images)
+    assert len(calls) == 1
+    # A copy computes with its own modules (the compiled body holds the original weights).
+    backbone.set_inference_runner(runner)
+    assert copy.deepcopy(optimized).backbone.inference_runner is None
+
+
+def test_tracing_failures_leave_the_backbone_eager(monkeypatch):
+    model = tiny_model([])
+    with pytest.raises(RuntimeError, match="eval mode"):
+        trace_backbone(copy.deepcopy(model).backbone.train())
+
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError("tracer unavailable")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    with pytest.warns(
+        UserWarning, match="backbone left uncompiled: tracing the backbone failed.*unavailable"
+    ):
+        optimized = optimize_for_inference(copy.deepcopy(model))
+    assert optimized.backbone.inference_runner is None
+    images, padding_mask = images_and_mask()
+    with torch.inference_mode():
+        got, expected = optimized(images, padding_mask), model(images, padding_mask)
+    assert torch.allclose(got["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=0)
+
+
+def test_a_traced_backbone_that_disagrees_is_refused(monkeypatch):
+    real = torch.jit.optimize_for_inference
+
+    def off_by_a_bit(module, *args, **kwargs):
+        compiled = real(module, *args, **kwargs)
+        return lambda images: [level + 1e-2 * level.abs().amax() for level in compiled(images)]
+
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", off_by_a_bit)
+    with pytest.raises(RuntimeError, match="disagrees with the eager one at stage level 0"):
+        trace_backbone(tiny_model([]).backbone)
