@@ -222,6 +222,10 @@ class ResNetBackbone(nn.Module):
         runner = self._inference_runner
         if runner is not None and not self.training and runner.applies_to(images):
             return runner(images)
+        return self.run_body(images)
+
+    def run_body(self, images: Tensor) -> list[Tensor]:
+        """`stage_maps` computed by the modules of `body` (never the inference runner)."""
         x = images
         maps = []
         for name, module in self.body.items():

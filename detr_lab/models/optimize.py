@@ -178,21 +178,14 @@ def chunk_feed_forwards(model: nn.Module) -> int:
 
 
 class _StageMaps(nn.Module):
-    """`backbone.stage_maps` as a module of its own (`body` only), for tracing."""
+    """`backbone.run_body` as the forward of a module, for tracing."""
 
     def __init__(self, backbone: ResNetBackbone) -> None:
         super().__init__()
-        self.body = backbone.body
-        self.stages = tuple(backbone.stages)
+        self.backbone = backbone
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = images
-        maps = []
-        for name, module in self.body.items():
-            x = module(x)
-            if name.startswith("layer") and int(name[5:]) in self.stages:
-                maps.append(x)
-        return maps
+        return self.backbone.run_body(images)
 
 
 class TracedBackboneRunner:
