@@ -8,23 +8,29 @@
 The class mapping (class index -> category id) is, unless given, the sorted category ids of the
 validation annotation file (the synthetic set's fixed ids for `dataset: synthetic`); both splits use
 the same mapping, so a training annotation whose category is not in it is an error naming it.
-Under DDP, Lightning inserts the DistributedSampler itself.
+Under DDP, Lightning inserts the DistributedSampler itself. The training loader is a torchdata
+`StatefulDataLoader`: Lightning stores its position and sampler state in each checkpoint.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detr_lab.config import Config
 from detr_lab.data.coco import CocoDetectionDataset, read_categories
 from detr_lab.data.collate import collate_detection
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
 from detr_lab.data.transforms import build_eval_transform, build_train_transform
+
+# torchdata 0.11 calls a torch function that recent torch releases deprecate, once per iterator.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -114,7 +120,10 @@ class DetectionDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"DetectionDataModule: the {split} dataset is not built; call setup() first")
         workers = self.data_cfg.num_workers
-        return DataLoader(
+        # The training loader is stateful: Lightning saves its position (batches yielded, the sampler's
+        # random state) in every checkpoint, so a run resumed mid-epoch finishes that epoch's order.
+        loader_class = StatefulDataLoader if split == "train" else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.data_cfg.batch_size,
             shuffle=shuffle,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from coco_test_files import solid_image, write_coco_json
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detr_lab.config import AugmentConfig, Config, DataConfig, SyntheticConfig
 from detr_lab.data.datamodule import DetectionDataModule
@@ -75,7 +76,8 @@ def test_loader_settings(tmp_path):
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert train.batch_size == 2 and train.num_workers == 1 and train.persistent_workers
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(train, StatefulDataLoader) and callable(train.state_dict)  # resumable mid-epoch
+    assert type(train.sampler).__name__ == "RandomSampler"  # torchdata's stateful RandomSampler
     assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
 
 

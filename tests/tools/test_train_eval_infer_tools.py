@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,38 @@ def test_train_cli_bad_config_exits_2_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "optim.learning_rate" in lines[0] and "bad.yaml" in lines[0]
+
+
+class BatchImages(Callback):
+    """Records the image ids of every training batch, by global step."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _, _, targets = batch
+        self.by_step[trainer.global_step] = [int(t["image_id"]) for t in targets]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_the_interrupted_epoch_order(tmp_path, workers):
+    """A run stopped mid-epoch and resumed sees the same batches as one that never stopped."""
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    common = ["data.synthetic.num_train=10", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=10",
+              f"data.num_workers={workers}"]  # fmt: skip
+    whole = BatchImages()
+    whole_cfg = [*common, "trainer.max_steps=9", f"trainer.output_dir={tmp_path / 'whole'}"]
+    train(load_config(config_path, whole_cfg), callbacks=[whole], progress_bar=False)
+    assert sorted(whole.by_step) == list(range(9))  # 5 batches per epoch: epoch 1 is cut at step 7
+
+    first, rest = BatchImages(), BatchImages()
+    run = tmp_path / "cut"
+    cut = load_config(config_path, [*common, "trainer.max_steps=7", f"trainer.output_dir={run}"])
+    train(cut, callbacks=[first], progress_bar=False)
+    resumed = load_config(config_path, [*common, "trainer.max_steps=9", f"trainer.output_dir={run}"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
+        train(resumed, resume="auto", callbacks=[rest], progress_bar=False)
+    assert sorted(rest.by_step) == [7, 8]
+    assert {**first.by_step, **rest.by_step} == whole.by_step
