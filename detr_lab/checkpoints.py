@@ -794,3 +794,9 @@ def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str
     _check_classes(cfg.model.num_classes, category_ids, class_names, name)
     model = _build_loaded(cfg, state, name)
     return LoadedCheckpoint(model, cfg, category_ids, class_names)
+
+
+# DINO checks its keys before Deformable DETR's (it has theirs too).
+from detr_lab.official_dino import DINO_FAMILY  # noqa: E402
+
+OFFICIAL_FAMILIES.insert(0, DINO_FAMILY)

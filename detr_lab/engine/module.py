@@ -74,7 +74,10 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, padding_mask, targets = batch
-        if self.distiller is None:
+        if getattr(self.model, "uses_targets", False):
+            # Denoising training makes extra queries from the ground truth.
+            outputs = self.model(images, padding_mask, targets=targets)
+        elif self.distiller is None:
             outputs = self(images, padding_mask)
         else:
             outputs = self.model(images, padding_mask, return_memory=True)
