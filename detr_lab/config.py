@@ -125,9 +125,13 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
+# Loss terms of `detr_lab.models.criterion.SetCriterion`, by name.
+LOSS_TERMS = ("labels", "boxes", "cardinality")
+
+
 @dataclass
 class LossConfig:
-    """Matching costs and loss weights, in one place (the criterion and matcher read these)."""
+    """Matching costs, loss weights and loss terms, in one place (the criterion and matcher read these)."""
 
     cost_class: float = _non_negative(1.0)
     cost_bbox: float = _non_negative(5.0)
@@ -138,6 +142,9 @@ class LossConfig:
     eos_coef: float = _non_negative(0.1)  # softmax: weight of the "no object" class
     focal_alpha: float = field(default=0.25, metadata={"min": 0, "max": 1})
     focal_gamma: float = _non_negative(2.0)
+    # Which terms run (names from LOSS_TERMS): labels = loss_ce (+ class_error), boxes = loss_bbox
+    # and loss_giou, cardinality = cardinality_error (logged only).
+    terms: list[str] = field(default_factory=lambda: ["labels", "cardinality", "boxes"])
 
 
 @dataclass
@@ -349,6 +356,20 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
             raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be <= {meta['max']}")
 
 
+def _validate_loss_terms(terms: list[str], where: str) -> None:
+    if not terms:
+        raise ConfigError(f"{where}: 'loss.terms' must name at least one of: {', '.join(LOSS_TERMS)}")
+    for i, term in enumerate(terms):
+        if term not in LOSS_TERMS:
+            close = difflib.get_close_matches(str(term), LOSS_TERMS, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: 'loss.terms[{i}]' is {term!r}; expected one of: {', '.join(LOSS_TERMS)}{hint}"
+            )
+        if term in terms[:i]:
+            raise ConfigError(f"{where}: 'loss.terms[{i}]' repeats {term!r}")
+
+
 def validate(cfg: Config, where: str = "config") -> Config:
     """Check choices and ranges, and the cross-field rules the schema's types cannot express."""
     _walk_validate(cfg, "", where)
@@ -375,6 +396,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
     _validate_anchor_options(m, where)
     if m.two_stage and not m.box_refine:
         raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")
+    _validate_loss_terms(cfg.loss.terms, where)
     for i, scale in enumerate(cfg.data.augment.train_scales):
         if scale <= 0:
             raise ConfigError(f"{where}: 'data.augment.train_scales[{i}]' is {scale}; sizes must be > 0")

@@ -260,6 +260,7 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         classification=model_cfg.classification,
         focal_alpha=loss_cfg.focal_alpha,
         focal_gamma=loss_cfg.focal_gamma,
+        terms=loss_cfg.terms,
     )
 
 
