@@ -247,6 +247,7 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
             denoising=model_cfg.denoising.enabled,
             focal_alpha=loss_cfg.focal_alpha,
             focal_gamma=loss_cfg.focal_gamma,
+            terms=loss_cfg.terms,
         )
     return SetCriterion(
         model_cfg.num_classes,

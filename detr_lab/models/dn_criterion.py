@@ -14,15 +14,22 @@ Follows `SetCriterion.forward` of the official IDEA-Research/DINO code (models/d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detr_lab.models.criterion import Indices, SetCriterion, average_num_boxes
+from detr_lab.models.criterion import DEFAULT_TERMS, WEIGHTED_VALUES, Indices, SetCriterion, average_num_boxes
 from detr_lab.models.matcher import HungarianMatcher
 from detr_lab.models.queries.denoising import DenoisingLayout
 
-DN_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "loss_xy", "loss_hw", "cardinality_error")
+# Values each term gives a denoising layer (zeros of these when a batch has no denoising part).
+DN_VALUES = {
+    "labels": ("loss_ce",),
+    "boxes": ("loss_bbox", "loss_giou", "loss_xy", "loss_hw"),
+    "cardinality": ("cardinality_error",),
+}
 
 
 class DenoisingCriterion(SetCriterion):
@@ -51,6 +58,7 @@ class DenoisingCriterion(SetCriterion):
         denoising: bool = True,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        terms: Sequence[str] = DEFAULT_TERMS,
     ) -> None:
         super().__init__(
             num_classes,
@@ -63,17 +71,22 @@ class DenoisingCriterion(SetCriterion):
             classification="sigmoid",
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            terms=terms,
         )
         self.num_aux_layers = num_aux_layers
         self.denoising = denoising
         if denoising:
-            base = {"loss_ce": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+            weights = {"loss_ce": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+            produced = {value for name in self.loss_terms for value in WEIGHTED_VALUES[name]}
+            base = {value: weight for value, weight in weights.items() if value in produced}
             for suffix in ["_dn"] + [f"_dn_{i}" for i in range(num_aux_layers)]:
                 self.weight_dict.update({name + suffix: weight for name, weight in base.items()})
 
-    def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
+    def loss_boxes(
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool
+    ) -> dict:
         """`SetCriterion.loss_boxes` plus the logged (no gradient) `loss_xy` and `loss_hw`."""
-        losses = super().loss_boxes(outputs, targets, indices, num_boxes)
+        losses = super().loss_boxes(outputs, targets, indices, num_boxes, log=log)
         with torch.no_grad():
             matched = self.matched_query_index(indices)
             pred = outputs["pred_boxes"][matched]
@@ -83,26 +96,14 @@ class DenoisingCriterion(SetCriterion):
             losses["loss_hw"] = l1[:, 2:].sum() / num_boxes
         return losses
 
-    def terms_with_indices(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool
-    ) -> dict[str, Tensor]:
-        """Every term of one layer for given (query, target) `indices` (no matching)."""
-        losses: dict[str, Tensor] = {}
-        for name, term in self.loss_terms.items():
-            kwargs = {"log": log} if name == "labels" else {}
-            losses.update(term(outputs, targets, indices, num_boxes, **kwargs))
-        return losses
-
-    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float, *, log: bool) -> dict:
-        return self.terms_with_indices(outputs, targets, self.matcher(outputs, targets), num_boxes, log=log)
-
     def denoising_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
         """`_dn` / `_dn_i` terms of `outputs["dn_outputs"]` (zeros when absent)."""
         dn_outputs, layout = outputs.get("dn_outputs"), outputs.get("dn_meta")
         layers = ["_dn"] + [f"_dn_{i}" for i in range(len(outputs.get("aux_outputs") or []))]
         if dn_outputs is None or layout is None:
             zero = outputs["pred_logits"].new_zeros(())
-            return {name + suffix: zero for suffix in layers for name in DN_TERMS}
+            names = [value for term in self.loss_terms for value in DN_VALUES[term]]
+            return {name + suffix: zero for suffix in layers for name in names}
         if not isinstance(layout, DenoisingLayout):
             raise TypeError(f"dn_meta must be a DenoisingLayout, got {type(layout).__name__}")
         device = dn_outputs["pred_logits"].device
@@ -111,7 +112,7 @@ class DenoisingCriterion(SetCriterion):
         per_layer = [dn_outputs] + list(dn_outputs.get("aux_outputs") or [])
         losses: dict[str, Tensor] = {}
         for suffix, layer_outputs in zip(layers, per_layer, strict=True):
-            terms = self.terms_with_indices(layer_outputs, targets, indices, normalizer, log=False)
+            terms = self.layer_losses(layer_outputs, targets, normalizer, log=False, indices=indices)
             losses.update({name + suffix: value for name, value in terms.items()})
         return losses
 
