@@ -26,7 +26,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.module import DetectionModule
 
@@ -206,8 +208,6 @@ def load_matching_weights(
 
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> WeightTransfer:
     """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR)."""
-    from detr_lab.checkpoints import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from: checkpoint not found: {path}")
@@ -235,8 +235,6 @@ def train(
     Returns:
         The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`).
     """
-    from detr_lab.data.datamodule import DetectionDataModule
-
     L.seed_everything(cfg.trainer.seed, workers=True)
     ckpt_path = resolve_resume(cfg, resume)
     datamodule = DetectionDataModule(cfg)
