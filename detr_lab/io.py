@@ -57,7 +57,6 @@ class FileWriteError(OSError):
 
 
 # ------------------------------------------------------------------------------------ reading
-_WEIGHTS_ONLY_FAILURE = "Weights only load failed"
 _GLOBAL_PATTERNS = (
     re.compile(r"Unsupported global: GLOBAL ([\w.<>]+)"),
     re.compile(r"unsupported GLOBAL ([\w.<>]+)"),
@@ -100,13 +99,11 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        message = str(err)
-        if _WEIGHTS_ONLY_FAILURE in message or "GLOBAL" in message:
-            names = _refused_globals(path, message)
-            culprit = ", ".join(names) if names else "an object that is not a tensor or container"
+        names = _refused_globals(path, str(err))
+        if names:
             raise CheckpointError(
-                f"{path}: refused: loading it would run pickled code (unsafe global {culprit}); only "
-                "tensors, containers, numbers and strings are accepted"
+                f"{path}: refused: loading it would run pickled code (unsafe global {', '.join(names)}); "
+                "only tensors, containers, numbers and strings are accepted"
             ) from None
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (corrupt or another format)"

@@ -31,6 +31,7 @@ from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.module import DetectionModule
+from detr_lab.io import diff_state_dicts
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -190,19 +191,15 @@ def load_matching_weights(
     The typical use is fine-tuning on a dataset with another class count: the class head differs in
     shape, stays freshly initialised, and everything else is loaded.
     """
-    transfer = WeightTransfer(source=source_name)
-    target = model.state_dict()
-    matched = {}
-    for name, tensor in target.items():
-        if name not in source:
-            transfer.missing.append(name)
-        elif tuple(source[name].shape) != tuple(tensor.shape):
-            transfer.reinitialised.append((name, tuple(source[name].shape), tuple(tensor.shape)))
-        else:
-            matched[name] = source[name]
-            transfer.loaded.append(name)
-    transfer.unused = [name for name in source if name not in target]
-    model.load_state_dict(matched, strict=False)
+    diff = diff_state_dicts(model.state_dict(), source)
+    transfer = WeightTransfer(
+        source=source_name,
+        loaded=diff.matched,
+        reinitialised=diff.mismatched,
+        missing=diff.missing,
+        unused=diff.unexpected,
+    )
+    model.load_state_dict({name: source[name] for name in diff.matched}, strict=False)
     return transfer
 
 
