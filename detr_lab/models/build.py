@@ -10,11 +10,10 @@ a new variant is one more branch in `build_attention`.
 
 from __future__ import annotations
 
-import importlib.util
-
 from torch import nn
 
 from detr_lab.config import LossConfig, ModelConfig
+from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbone import ResNetBackbone
@@ -27,8 +26,6 @@ from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncodi
 from detr_lab.models.postprocess import PostProcess
 from detr_lab.models.queries.denoising import ContrastiveDenoising
 from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, Transformer
-
-CLUSTERING_MODULE = "detr_lab.models.attention.clustering"
 
 
 def uses_deformable(cfg: ModelConfig) -> bool:
@@ -102,9 +99,7 @@ def build_attention(kind: str, cfg: ModelConfig, *, key: str, num_points: int = 
         return MultiScaleDeformableAttention(
             cfg.hidden_dim, cfg.num_feature_levels, cfg.num_heads, num_points, dropout=cfg.dropout
         )
-    if kind == "act" and importlib.util.find_spec(CLUSTERING_MODULE) is not None:
-        from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
-
+    if kind == "act":
         act = cfg.encoder.act
         return AdaptiveClusteringAttention(
             cfg.hidden_dim,

@@ -1,6 +1,6 @@
 """Official IDEA-Research/DINO checkpoints -> detr_lab `AnchorDetector` (the DINO family).
 
-Registered with `detr_lab.checkpoints` (`OFFICIAL_FAMILIES`), so `load_official` and
+Registers the DINO family (first: its keys include Deformable DETR's), so `load_official` and
 `tools/convert_checkpoint.py` accept DINO R50 checkpoints (4-scale and 5-scale, two-stage "standard"
 with learned content queries, or learned anchors). The architecture comes from the weights: levels
 (`transformer.level_embed`), backbone stages (the first input projection's channels), layer counts,
@@ -20,17 +20,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detr_lab.checkpoints import (
-    CheckpointError,
+from detr_lab.checkpoints.deformable_detr import _deformable_points
+from detr_lab.checkpoints.family import (
+    OFFICIAL_FAMILIES,
     CheckpointWarning,
     KeyRule,
     OfficialFamily,
-    _count_indices,
-    _deformable_points,
-    _require,
+    count_indices,
     infer_resnet,
+    register_family,
+    require_key,
 )
 from detr_lab.config import Config, config_from_dict
+from detr_lab.io import CheckpointError
 from detr_lab.models.build import backbone_stages
 
 FAMILY = "DINO"
@@ -110,30 +112,30 @@ def is_dino(state: Mapping[str, Tensor]) -> bool:
 
 def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -> Config:
     """The `Config` an official DINO state dict describes (see the module docstring)."""
-    num_levels, hidden_dim = _require(state, "transformer.level_embed", FAMILY, ndim=2).shape
+    num_levels, hidden_dim = require_key(state, "transformer.level_embed", FAMILY, ndim=2).shape
     if not 1 <= num_levels <= 5:
         raise CheckpointError(f"official {FAMILY} checkpoint: {num_levels} feature levels (supported: 1-5)")
-    projections = _count_indices(state, "input_proj.")
+    projections = count_indices(state, "input_proj.")
     if projections != num_levels:
         raise CheckpointError(
             f"official {FAMILY} checkpoint: {projections} input projections but level_embed has "
             f"{num_levels} levels"
         )
     backbone = infer_resnet(state, "backbone.0.body.")
-    first_channels = _require(state, "input_proj.0.0.weight", FAMILY, ndim=4).shape[1]
+    first_channels = require_key(state, "input_proj.0.0.weight", FAMILY, ndim=4).shape[1]
     first_stage = backbone_stages(num_levels)[0]
     if backbone in ("resnet50", "resnet101") and first_channels != RESNET_STAGE_CHANNELS[first_stage]:
         raise CheckpointError(
             f"official {FAMILY} checkpoint: input_proj.0 takes {first_channels} channels; with {num_levels} "
             f"levels detr_lab feeds it ResNet stage C{first_stage + 1} ({RESNET_STAGE_CHANNELS[first_stage]})"
         )
-    encoder_layers = _count_indices(state, "transformer.encoder.layers.")
-    decoder_layers = _count_indices(state, "transformer.decoder.layers.")
-    num_queries = _require(state, "transformer.tgt_embed.weight", FAMILY, ndim=2).shape[0]
-    num_classes = _require(state, "class_embed.0.weight", FAMILY, ndim=2).shape[0]
-    if _count_indices(state, "class_embed.") != decoder_layers:
+    encoder_layers = count_indices(state, "transformer.encoder.layers.")
+    decoder_layers = count_indices(state, "transformer.decoder.layers.")
+    num_queries = require_key(state, "transformer.tgt_embed.weight", FAMILY, ndim=2).shape[0]
+    num_classes = require_key(state, "class_embed.0.weight", FAMILY, ndim=2).shape[0]
+    if count_indices(state, "class_embed.") != decoder_layers:
         raise CheckpointError(
-            f"official {FAMILY} checkpoint: {_count_indices(state, 'class_embed.')} class heads for "
+            f"official {FAMILY} checkpoint: {count_indices(state, 'class_embed.')} class heads for "
             f"{decoder_layers} decoder layers"
         )
     mixed = "transformer.enc_output.weight" in state
@@ -149,7 +151,7 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
             f"detr_lab's denoising label embedding has num_classes + 1 = {num_classes + 1}"
         )
     stack = "encoder" if encoder_layers else "decoder"
-    ffn_dim = _require(state, f"transformer.{stack}.layers.0.linear1.weight", FAMILY, ndim=2).shape[0]
+    ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", FAMILY, ndim=2).shape[0]
     num_heads = int(overrides.get("num_heads", 8))
     if hidden_dim % num_heads:
         raise CheckpointError(f"num_heads={num_heads} does not divide the checkpoint's width {hidden_dim}")
@@ -246,12 +248,17 @@ def resolve_dino_heads(state: dict[str, Tensor], cfg: Config, source: str) -> di
     return state
 
 
-DINO_FAMILY = OfficialFamily(
-    name=FAMILY,
-    override_keys=("dilation", "num_heads", "share_heads"),
-    matches=is_dino,
-    infer_config=infer_dino_config,
-    rules=DINO_KEY_RULES,
-    fields=_fields,
-    prepare=resolve_dino_heads,
+DINO_FAMILY = register_family(
+    OfficialFamily(
+        name=FAMILY,
+        override_keys=("dilation", "num_heads", "share_heads"),
+        matches=is_dino,
+        infer_config=infer_dino_config,
+        rules=DINO_KEY_RULES,
+        fields=_fields,
+        prepare=resolve_dino_heads,
+    )
 )
+# Checked before Deformable DETR, whose keys a DINO checkpoint also has.
+OFFICIAL_FAMILIES.remove(DINO_FAMILY)
+OFFICIAL_FAMILIES.insert(0, DINO_FAMILY)
