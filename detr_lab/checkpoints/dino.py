@@ -132,6 +132,11 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
     encoder_layers = count_indices(state, "transformer.encoder.layers.")
     decoder_layers = count_indices(state, "transformer.decoder.layers.")
     num_queries = require_key(state, "transformer.tgt_embed.weight", FAMILY, ndim=2).shape[0]
+    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
+        raise CheckpointError(
+            f"num_queries={overrides['num_queries']} given, but the checkpoint's transformer.tgt_embed holds "
+            f"{num_queries} queries"
+        )
     num_classes = require_key(state, "class_embed.0.weight", FAMILY, ndim=2).shape[0]
     if count_indices(state, "class_embed.") != decoder_layers:
         raise CheckpointError(
@@ -251,7 +256,7 @@ def resolve_dino_heads(state: dict[str, Tensor], cfg: Config, source: str) -> di
 DINO_FAMILY = register_family(
     OfficialFamily(
         name=FAMILY,
-        override_keys=("dilation", "num_heads", "share_heads"),
+        override_keys=("dilation", "num_heads", "num_queries", "share_heads"),
         matches=is_dino,
         infer_config=infer_dino_config,
         rules=DINO_KEY_RULES,
