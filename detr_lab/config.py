@@ -429,6 +429,8 @@ def _validate_anchor_options(m: ModelConfig, where: str) -> None:
             f"{where}: 'model.two_stage' is Deformable DETR's; with 'model.anchor_boxes' use "
             "'model.mixed_query_selection' for encoder proposals"
         )
+    if m.anchor_boxes and m.classification != "sigmoid":
+        raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.classification: sigmoid' (focal loss)")
     if m.anchor_boxes and m.hidden_dim % 4:
         raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.hidden_dim' divisible by 4")
 

@@ -195,10 +195,12 @@ def test_dino_preset_builds_the_parts():
     [
         ["model.anchor_boxes=false", "model.box_refine=false"],
         ["model.box_refine=false"],
+        ["model.classification=softmax"],
+        ["model.two_stage=true"],
     ],
 )
 def test_switches_need_the_anchor_decoder(bad):
-    with pytest.raises(ConfigError, match="model.anchor_boxes|model.box_refine"):
+    with pytest.raises(ConfigError, match="model.anchor_boxes|model.box_refine|model.classification"):
         _cfg(*DEFORMABLE, *bad)
 
 
