@@ -21,6 +21,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from detr_lab.io import atomic_write_text
+from detr_lab.models.attention import (
+    ATTENTION_SPECS,
+    attention_names,
+    needs_multiscale_inputs,
+    refinement_error,
+)
 
 BASE_KEY = "_base_"
 
@@ -31,6 +37,11 @@ class ConfigError(ValueError):
 
 def _choice(*values: str, default: str) -> Any:
     return field(default=default, metadata={"choices": values})
+
+
+def _attention_choice(site: str, default: str) -> Any:
+    """An attention variant for `site`; the choices are read from the spec table when validating."""
+    return field(default=default, metadata={"choices": lambda: attention_names(site)})
 
 
 def _positive(default: Any) -> Any:
@@ -67,7 +78,7 @@ class ActConfig:
 @dataclass
 class EncoderConfig:
     num_layers: int = _non_negative(6)
-    attention: str = _choice("plain", "deformable", "act", default="plain")
+    attention: str = _attention_choice("encoder", default="plain")  # detr_lab.models.attention
     num_points: int = _positive(4)  # deformable attention: sampling points per head and level
     act: ActConfig = field(default_factory=ActConfig)
 
@@ -75,7 +86,7 @@ class EncoderConfig:
 @dataclass
 class DecoderConfig:
     num_layers: int = _positive(6)
-    cross_attention: str = _choice("plain", "deformable", default="plain")
+    cross_attention: str = _attention_choice("decoder", default="plain")
     num_points: int = _positive(4)
 
 
@@ -344,9 +355,11 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
             _walk_validate(value, f"{dotted}.", where)
             continue
         meta = f.metadata
-        if "choices" in meta and value not in meta["choices"]:
-            options = ", ".join(meta["choices"])
-            close = difflib.get_close_matches(str(value), meta["choices"], n=1, cutoff=0.5)
+        choices = meta.get("choices")
+        choices = choices() if callable(choices) else choices
+        if choices is not None and value not in choices:
+            options = ", ".join(choices)
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: '{dotted}' is {value!r}; expected one of: {options}{hint}")
         if "min" in meta and value is not None:
@@ -381,20 +394,18 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by "
             f"'model.num_heads' ({m.num_heads})"
         )
-    # Deformable attention or several levels: Deformable DETR's GroupNorm(32) input projections.
+    # Multi-scale attention or several levels: Deformable DETR's GroupNorm(32) input projections.
     # (Plain and ACT attention also run over several levels: all levels' tokens, concatenated.)
-    deformable = m.encoder.attention == "deformable" or m.decoder.cross_attention == "deformable"
-    if (deformable or m.num_feature_levels > 1) and m.hidden_dim % 32:
+    multiscale = needs_multiscale_inputs(m.encoder.attention, m.decoder.cross_attention, m.num_feature_levels)
+    if multiscale and m.hidden_dim % 32:
         raise ConfigError(
-            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by 32: deformable attention or "
-            f"'model.num_feature_levels' > 1 ({m.num_feature_levels}) use GroupNorm(32) input projections"
+            f"{where}: 'model.hidden_dim' ({m.hidden_dim}) must be divisible by 32: multi-scale attention "
+            f"({m.encoder.attention} / {m.decoder.cross_attention}) or 'model.num_feature_levels' > 1 "
+            f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
     refine = m.box_refine and not m.anchor_boxes  # anchor-box decoders refine with any attention
-    if (refine or m.two_stage) and m.decoder.cross_attention != "deformable":
-        raise ConfigError(
-            f"{where}: 'model.box_refine' and 'model.two_stage' need "
-            "'model.decoder.cross_attention: deformable' (box_refine also works with 'model.anchor_boxes')"
-        )
+    if (refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
+        raise ConfigError(f"{where}: {refinement_error()} (box_refine also works with 'model.anchor_boxes')")
     _validate_anchor_options(m, where)
     if m.two_stage and not m.box_refine:
         raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")

@@ -33,6 +33,7 @@ r is a constructor argument.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from torch import Tensor
 
 from detr_lab.models.attention.masks import additive_mask, check_key_padding_mask, normalize_attn_mask
 from detr_lab.models.attention.plain import PlainAttention
+
+if TYPE_CHECKING:
+    from detr_lab.config import ModelConfig
 
 # Random 64-bit fingerprints of the hash rows make grouping a 1-D sort; equal fingerprints are then
 # checked row by row, and any collision falls back to an exact multi-column `unique`.
@@ -311,3 +315,17 @@ class AdaptiveClusteringAttention(PlainAttention):
                 f"{name} must be bool [B, L] = [{batch}, {length}] (True = padding), "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
+
+
+def build_from_config(cfg: ModelConfig, *, site: str) -> AdaptiveClusteringAttention:
+    """The "act" variant (see `detr_lab.models.attention.ATTENTION_SPECS`), encoder only: the hash
+    settings come from `model.encoder.act`."""
+    act = cfg.encoder.act
+    return AdaptiveClusteringAttention(
+        cfg.hidden_dim,
+        cfg.num_heads,
+        dropout=cfg.dropout,
+        q_hashes=act.q_hashes,
+        bucket_width=act.bucket_width,
+        seed=act.seed,
+    )

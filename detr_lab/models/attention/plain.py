@@ -24,12 +24,16 @@ Attention modules only mix tokens: no residual connection and no normalization i
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import additive_mask, blocked_keys
+
+if TYPE_CHECKING:
+    from detr_lab.config import ModelConfig
 
 PLAIN_IMPLS = ("sdpa", "math")
 
@@ -177,3 +181,9 @@ def set_plain_attention_impl(model: nn.Module, impl: str) -> int:
             module.impl = impl
             count += 1
     return count
+
+
+def build_from_config(cfg: ModelConfig, *, site: str) -> PlainAttention:
+    """The "plain" variant (see `detr_lab.models.attention.ATTENTION_SPECS`) at either site:
+    `model.hidden_dim` wide, `model.num_heads` heads, `model.dropout` on the attention weights."""
+    return PlainAttention(cfg.hidden_dim, cfg.num_heads, dropout=cfg.dropout)
