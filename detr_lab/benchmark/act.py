@@ -281,6 +281,7 @@ def run(settings: ActBenchSettings) -> dict:
 
 
 def _run(settings: ActBenchSettings) -> dict:
+    machine = describe_machine("cpu")  # its load average is the one before the measurements
     torch.manual_seed(settings.seed)
     height = math.ceil(settings.image_size[0] / settings.stride)
     width = math.ceil(settings.image_size[1] / settings.stride)
@@ -392,7 +393,7 @@ def _run(settings: ActBenchSettings) -> dict:
             "weights": weights,
             "flop_convention": "one multiply-add = 2 FLOPs; matmuls counted by FlopCounterMode",
         },
-        "machine": {**describe_machine("cpu"), "load_average_end": load_average()},
+        "machine": {**machine, "load_average_end": load_average()},
         "plain": {
             "gflops": plain_flops / 1e9,
             "ms": statistics.median(row["plain_ms"] for row in rows) if rows else None,
