@@ -172,7 +172,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "
         os.replace(tmp_name, path)
         tmp_name = None
         _fsync_directory(path.parent)
-    except Exception as err:
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's wrapper around a failed write
         cause = _os_error_in_chain(err)
         if cause is not None and not isinstance(cause, FileWriteError):
             raise FileWriteError(path, cause) from err

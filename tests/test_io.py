@@ -211,3 +211,12 @@ def test_diff_state_dicts_lists_each_kind_of_difference():
         "1 with a different shape (e.g. c: (4, 1) vs model (1, 4))"
     )
     assert diff_state_dicts(expected, expected).exact
+
+
+def test_other_errors_pass_through_and_leave_no_temporary(tmp_path):
+    target = tmp_path / "a.txt"
+    with pytest.raises(KeyError, match="not an I/O error"):
+        with atomic_write(target, "w") as file:
+            file.write("x")
+            raise KeyError("not an I/O error")
+    assert not target.exists() and _leftovers(tmp_path, set()) == []

@@ -27,6 +27,7 @@ from detr_lab.checkpoints.family import (
 from detr_lab.config import Config, config_from_dict
 from detr_lab.io import CheckpointError
 
+# Official Deformable DETR key -> detr_lab keys (the rule format is described in `family.py`).
 _DEFORMABLE_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
 _DEFORMABLE_ATTENTION = (
     r"(?P<attn>self_attn|cross_attn)\.(?P<part>sampling_offsets|attention_weights|value_proj|output_proj)"

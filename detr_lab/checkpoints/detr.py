@@ -22,6 +22,7 @@ from detr_lab.checkpoints.family import (
 from detr_lab.config import Config, config_from_dict
 from detr_lab.io import CheckpointError
 
+# Official DETR key -> detr_lab keys (the rule format is described in `family.py`).
 _DETR_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
 DETR_KEY_RULES: list[KeyRule] = [
     (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),

@@ -142,7 +142,3 @@ def infer_resnet(state: Mapping[str, Tensor], prefix: str) -> str:
             "(supported: ResNet-18/34/50/101)"
         )
     return name
-
-
-# Official DETR key -> detr_lab keys. A rule maps a key matching `pattern` to one or more target
-# templates (several: the tensor is split evenly along dim 0, e.g. a packed q/k/v projection);

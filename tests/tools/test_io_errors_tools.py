@@ -1,11 +1,14 @@
-"""`train.py --resume` with a checkpoint that cannot be used: one line naming the file and why.
+"""train.py's one-line errors for files it cannot read or write: the file and the reason.
 
-The refused payload names a forbidden global; the corrupt one is random bytes. Neither message may
-suggest `weights_only=False` (that would run the file's pickled code).
+`--resume` with a refused payload (it names a forbidden global) or a corrupt one (random bytes):
+neither message may suggest `weights_only=False` (that would run the file's pickled code). A full
+disk while a checkpoint is written is simulated by an `os.fsync` that fails with ENOSPC for
+checkpoint files (the tests run as root on one filesystem: no tiny tmpfs to fill).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 from pathlib import Path
@@ -67,3 +70,24 @@ def test_resume_error_names_checkpoint_and_cause(tmp_path, capsys, kind):
     assert code == 1
     assert err[-1].startswith(f"train.py: error: {expected}")
     assert "weights_only" not in "\n".join(err)
+
+
+def test_disk_full_while_checkpointing_names_checkpoint_and_cause(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML.format(root=tmp_path))
+    tool = _train_tool()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if ".ckpt." in os.readlink(f"/proc/self/fd/{fd}"):  # the temporary file of a checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code = tool.main(["--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert code == 1
+    assert err[-1].startswith(f"train.py: error: FileWriteError: cannot write {checkpoints}/")
+    assert ".ckpt: No space left on device" in err[-1] and "inline_container" not in err[-1]
+    assert not [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]
