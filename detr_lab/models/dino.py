@@ -31,7 +31,7 @@ from detr_lab.models.queries.anchors import LearnedAnchors
 from detr_lab.models.queries.denoising import DINO_LOGIT_EPS, ContrastiveDenoising, DenoisingLayout
 from detr_lab.models.queries.embedding import AnchorPositionHead
 from detr_lab.models.queries.mixed import MixedQuerySelection
-from detr_lab.models.transformer import Transformer, refine_boxes
+from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
 
 
 class AnchorDetector(DetectorBase):
@@ -118,7 +118,8 @@ class AnchorDetector(DetectorBase):
     def box_head(self, layer: int) -> nn.Module:
         return self.bbox_embed if self.share_heads else self.bbox_embed[layer]
 
-    def matching_queries(self, encoded, batch: int) -> QuerySet:
+    def matching_queries(self, encoded: EncoderOutput, batch: int) -> QuerySet:
+        """The matching queries: `[B, Q, d]` content with `[B, Q, 4]` anchors (normalized cxcywh)."""
         if isinstance(self.query_source, MixedQuerySelection):
             return self.query_source(encoded)
         return self.query_source(batch)
@@ -159,7 +160,7 @@ class AnchorDetector(DetectorBase):
             query_set.queries,
             None,
             encoded,
-            reference_points=query_set.reference_boxes,
+            reference_points=query_set.reference_points,
             box_heads=[self.box_head(layer) for layer in range(self.num_decoder_layers)],
             query_pos_head=self.query_pos_head,
             self_attn_mask=query_set.attn_mask,

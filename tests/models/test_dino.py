@@ -120,16 +120,16 @@ def test_zero_noise_positive_queries_reconstruct_the_ground_truth():
     layout = made.meta["dn_layout"]
     # a budget of 2 x 4 < 100 queries: 8 groups whatever the object count (the official rule)
     assert (layout.groups, layout.group_size, layout.pad_size) == (8, 2, 32)
-    assert made.queries.shape == (2, 32, 32) and made.reference_boxes.shape == (2, 32, 4)
+    assert made.queries.shape == (2, 32, 32) and made.reference_points.shape == (2, 32, 4)
     assert made.attn_mask.shape == (38, 38)
     for image, target in enumerate(targets):
         queries, objects = layout.positive_indices(len(target["labels"]))
-        torch.testing.assert_close(made.reference_boxes[image, queries], target["boxes"][objects])
+        torch.testing.assert_close(made.reference_points[image, queries], target["boxes"][objects])
         torch.testing.assert_close(made.queries[image, queries], dn.label_embed(target["labels"][objects]))
         negatives = queries + layout.group_size  # same boxes: zero noise also for negatives' base
-        torch.testing.assert_close(made.reference_boxes[image, negatives], target["boxes"][objects])
+        torch.testing.assert_close(made.reference_points[image, negatives], target["boxes"][objects])
     # image 1 has one object: its second slot of every half-group is padding
-    assert not made.queries[1, 1].any() and torch.equal(made.reference_boxes[1, 1], torch.full((4,), 0.5))
+    assert not made.queries[1, 1].any() and torch.equal(made.reference_points[1, 1], torch.full((4,), 0.5))
 
 
 def test_box_noise_keeps_positives_closer_than_negatives():
@@ -138,7 +138,7 @@ def test_box_noise_keeps_positives_closer_than_negatives():
     dn = ContrastiveDenoising(32, 5, dn_number=100, label_noise_ratio=0.0, box_noise_scale=0.4)
     made = dn(targets, num_queries=3, generator=torch.Generator().manual_seed(0))
     assert made.meta["dn_layout"].groups == 1
-    positives, negatives = made.reference_boxes[0, :200], made.reference_boxes[0, 200:]
+    positives, negatives = made.reference_points[0, :200], made.reference_points[0, 200:]
     corner_shift = lambda b: (b[:, :2] - b[:, 2:] / 2 - 0.3).abs()  # noqa: E731 (x0, y0) moved from 0.3
     assert corner_shift(positives).max() <= 0.4 * 0.2 + 1e-6  # < scale x half size
     assert corner_shift(negatives).min() >= 0.4 * 0.2 - 1e-6  # >= scale x half size

@@ -85,7 +85,7 @@ def parity():
             1, order[..., None].expand(-1, -1, enc["pred_logits"].shape[-1])
         )
         meta = {"enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc["pred_boxes"].gather(1, index)}}
-        return QuerySet(selected.queries, selected.reference_boxes.gather(1, index), None, meta)
+        return QuerySet(selected.queries, selected.reference_points.gather(1, index), None, meta)
 
     source.forward = official_order
     try:
