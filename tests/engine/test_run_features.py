@@ -36,7 +36,8 @@ data:
   batch_size: 2
   num_workers: 0
   synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, hflip_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+  augment:
+    {{train_scales: [64], max_size: 96, crop_prob: 0.0, hflip_prob: 0.0, eval_size: 64, eval_max_size: 96}}
 optim: {{lr: 1.0e-4, lr_backbone: 1.0e-4}}
 trainer:
   output_dir: {root}/run
@@ -96,10 +97,11 @@ def test_config_builds_the_run_callbacks(tmp_path):
     _callback(trainer, QueryUsageMonitor)
     _callback(trainer, RunSummary)
 
-    plain = build_trainer(load_config(overrides=[f"trainer.output_dir={tmp_path}", "trainer.accelerator=cpu",
-                                                 "trainer.monitors.stalled_ap_rounds=0",
-                                                 "trainer.monitors.query_usage=false", "trainer.summary=false"]),
-                          progress_bar=False, loggers=False)
+    plain_cfg = load_config(overrides=[
+        f"trainer.output_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.monitors.stalled_ap_rounds=0",
+        "trainer.monitors.query_usage=false", "trainer.summary=false",
+    ])
+    plain = build_trainer(plain_cfg, progress_bar=False, loggers=False)
     for kind in (WarmupEMA, EarlyStopping, Timer, StalledAPMonitor, QueryUsageMonitor, RunSummary):
         assert not [c for c in plain.callbacks if isinstance(c, kind)], kind
     _callback(plain, NonFiniteGuard)  # always on
@@ -170,7 +172,7 @@ def test_example_drawing_puts_ground_truth_left_and_predictions_right():
         image, np.array([[10.0, 10.0, 30.0, 30.0]]), [1],
         np.array([[5.0, 20.0, 50.0, 35.0]]), [0], [0.9], names, score_threshold=0.5, min_side=80,
     )
-    scale, header, panel_width = 2.0, 14, 120
+    header, panel_width = 14, 120  # min_side 80: a 2x upscale
     assert drawn.size == (2 * panel_width + 8, 80 + header)
     pixels = np.asarray(drawn)
     # Ground-truth box (class 1) on the left: its right edge at x = 30 * 2; nothing there on the right.
