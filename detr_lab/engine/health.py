@@ -187,7 +187,8 @@ class NonFiniteGuard(Callback):
             untouched), counts it in `skipped_steps` and logs `train/skipped_steps`.
     The gradients are checked after the backward pass (all-reduced under DDP, so every rank agrees) and
     before clipping. Under "16-mixed" precision the gradient scaler already skips steps with inf
-    gradients, so only the loss is checked there.
+    gradients, so only the loss is checked there. A training step that returns None (the
+    `DetectionModule` does so for non-finite predictions under "skip") is counted as skipped too.
     """
 
     def __init__(self, policy: str = "error") -> None:
@@ -203,6 +204,13 @@ class NonFiniteGuard(Callback):
                              batch_idx: int) -> None:
         self._image_ids.extend(_batch_image_ids(batch))
         self._batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.policy == "skip" and not outputs:  # the training step returned None: Lightning skipped it
+            self._image_ids = []
+            self.skipped_steps += 1
+            pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         # Decided at the optimizer step, so that under DDP every rank raises or skips together.

@@ -14,7 +14,13 @@ from PIL import Image
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import load_config
 from detr_lab.engine.ema import WarmupEMA
-from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
+from detr_lab.engine.health import (
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    QueryUsageMonitor,
+    StalledAPMonitor,
+    TrainingHealthWarning,
+)
 from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
 from detr_lab.engine.trainer import build_trainer, train
@@ -181,3 +187,43 @@ def test_example_drawing_puts_ground_truth_left_and_predictions_right():
     # Predicted box (class 0) on the right: its bottom edge at y = 35 * 2.
     assert tuple(pixels[header + 70, panel_width + 8 + 60]) == class_color(0)
     assert tuple(pixels[header + 70, 60]) == (255, 255, 255)
+
+
+class NaNPredictionsAt(Callback):
+    """Makes the detector's predictions NaN for one training batch (by batch index)."""
+
+    def __init__(self, batch_idx):
+        self.batch_idx = batch_idx
+        self.handle = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            self.handle = pl_module.model.register_forward_hook(
+                lambda module, args, outputs: {**outputs, "pred_boxes": outputs["pred_boxes"] * float("nan")}
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_non_finite_predictions_stop_or_skip_the_detection_step(tmp_path, policy):
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML.format(root=tmp_path))
+    cfg = load_config(tmp_path / "tiny.yaml", [
+        "trainer.max_steps=2", "trainer.ema.enabled=false", "trainer.summary=false",
+        f"trainer.monitors.non_finite={policy}", "data.synthetic.num_train=6",
+    ])
+    if policy == "error":
+        expected = (r"non-finite predictions .* at optimizer step 1 \(epoch 0, batch 1\); "
+                    r"image ids of the batch: \[\d+, \d+\]")
+        with pytest.raises(NonFiniteTrainingError, match=expected):
+            train(cfg, progress_bar=False, callbacks=[NaNPredictionsAt(1)])
+        return
+    with pytest.warns(TrainingHealthWarning, match="skipped a step: non-finite predictions"):
+        trainer = train(cfg, progress_bar=False, callbacks=[NaNPredictionsAt(1)])
+    assert _callback(trainer, NonFiniteGuard).skipped_steps == 1
+    assert trainer.global_step == 2  # batches 0 and 2 stepped
+    weights = trainer.lightning_module.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
