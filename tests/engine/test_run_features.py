@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from detr_lab.engine.health import (
 )
 from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
-from detr_lab.engine.trainer import build_trainer, train
+from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
 
 TINY_YAML = """
 model:
@@ -227,3 +228,39 @@ def test_non_finite_predictions_stop_or_skip_the_detection_step(tmp_path, policy
     assert trainer.global_step == 2  # batches 0 and 2 stepped
     weights = trainer.lightning_module.model.state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+class ScriptedAP(L.LightningModule):
+    """Logs val/AP from a list, one value per validation round."""
+
+    def __init__(self, aps):
+        super().__init__()
+        self.aps = list(aps)
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.rounds = 0
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.log("val/AP", self.aps[self.rounds])
+        self.rounds += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_early_stopping_waits_patience_rounds_without_a_better_ap(tmp_path):
+    cfg = load_config(overrides=["trainer.early_stopping.enabled=true", "trainer.early_stopping.patience=2",
+                                 "trainer.monitors.stalled_ap_rounds=0", "trainer.summary=false"])
+    stopping = [c for c in build_run_callbacks(cfg) if isinstance(c, EarlyStopping)]
+    module = ScriptedAP([0.1, 0.3, 0.2, 0.3, 0.25, 0.9, 0.9])  # best 0.3 at round 2; 0.3 again is no gain
+    trainer = L.Trainer(max_epochs=7, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                        callbacks=stopping, enable_model_summary=False)
+    data = torch.utils.data.DataLoader(torch.ones(2, 1), batch_size=1)
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert module.rounds == 4 and trainer.current_epoch == 4  # stopped after rounds 3 and 4 brought nothing
