@@ -42,7 +42,8 @@ class WarmupEMA(WeightAveraging):
     Args:
         decay: the decay reached after the warm-up, in [0, 1].
         warmup_steps: the warm-up's time constant in optimizer steps (0: constant decay).
-    Parameters and buffers are averaged (BatchNorm running statistics included). Single-device and
+    Floating-point parameters and buffers are averaged (BatchNorm running statistics included); integer
+    buffers follow the model. Single-device and
     DDP (every rank holds the same replica); not for sharded strategies.
     """
 
@@ -61,9 +62,11 @@ class WarmupEMA(WeightAveraging):
 
     def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
         # Called by AveragedModel.update_parameters for every parameter and buffer, n_averaged >= 1.
+        if not averaged.is_floating_point():
+            return current  # integer buffers (BatchNorm's num_batches_tracked) are counters, not averaged
         decay = warmup_decay(num_averaged, self.decay, self.warmup_steps)
         if isinstance(decay, Tensor):
-            decay = decay.to(averaged.dtype) if averaged.is_floating_point() else decay.item()
+            decay = decay.to(device=averaged.device, dtype=averaged.dtype)
         return averaged * decay + current * (1 - decay)
 
     @property

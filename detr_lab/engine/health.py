@@ -298,17 +298,25 @@ class QueryUsageMonitor(Callback):
         self._in_training_batch = False
         self._final_layer_next = False
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Registered once every callback's setup has run (so that e.g. the EMA's copy of the module,
+        # made in its setup, carries no hooks of this monitor).
         criterion = getattr(pl_module, "criterion", None)
         matcher = getattr(criterion, "matcher", None)
-        if stage != "fit" or matcher is None or self._handles:
+        if matcher is None or self._handles:
             return
         self._handles = [
             criterion.register_forward_pre_hook(self._criterion_called),
             matcher.register_forward_hook(self._matched),
         ]
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()  # also after an exception
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []

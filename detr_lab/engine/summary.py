@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw, ImageFont
 
 from detr_lab.engine.evaluate import predict_dataset
@@ -131,6 +131,7 @@ def plot_ap_over_time(history: Sequence[dict], path: Path) -> Path:
     axes.set_xlabel("training step")
     axes.set_ylabel("COCO AP (validation)")
     axes.set_ylim(0, 1)
+    axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -190,8 +191,10 @@ class RunSummary(Callback):
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
                                  "AP": stats["AP"], "AP50": stats["AP50"]})
         self._write_history_csv(directory / "ap_over_time.csv")
-        ap_plot = plot_ap_over_time(self.history, directory / "ap_over_time.png")
-        example = self._draw_example(datamodule, pl_module, directory / "example.png")
+        ap_plot = self._attempt("the AP plot",
+                                lambda: plot_ap_over_time(self.history, directory / "ap_over_time.png"))
+        example = self._attempt("the example image",
+                                lambda: self._draw_example(datamodule, pl_module, directory / "example.png"))
         checkpoint = trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "") or ""
         best_score = getattr(checkpoint, "best_model_score", None)
@@ -206,6 +209,15 @@ class RunSummary(Callback):
         rank_zero_info(self.result.report())
 
     # --------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _attempt(what: str, make) -> Path | None:
+        # A finished run is not failed by its summary pictures: the reason is printed instead.
+        try:
+            return make()
+        except Exception as err:  # an unreadable image, a plotting backend problem, ...
+            rank_zero_warn(f"run summary: {what} was not written: {type(err).__name__}: {err}")
+            return None
+
     def _write_history_csv(self, path: Path) -> None:
         def save(tmp: Path) -> None:
             with open(tmp, "w", newline="") as file:

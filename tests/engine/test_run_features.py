@@ -264,3 +264,11 @@ def test_early_stopping_waits_patience_rounds_without_a_better_ap(tmp_path):
     data = torch.utils.data.DataLoader(torch.ones(2, 1), batch_size=1)
     trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
     assert module.rounds == 4 and trainer.current_epoch == 4  # stopped after rounds 3 and 4 brought nothing
+
+
+def test_a_failing_summary_picture_is_reported_not_raised():
+    def unreadable():
+        raise OSError("val/000.png: cannot identify image file")
+
+    with pytest.warns(UserWarning, match="the example image was not written: OSError: val/000.png"):
+        assert RunSummary._attempt("the example image", unreadable) is None
