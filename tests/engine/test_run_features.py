@@ -272,3 +272,18 @@ def test_a_failing_summary_picture_is_reported_not_raised():
 
     with pytest.warns(UserWarning, match="the example image was not written: OSError: val/000.png"):
         assert RunSummary._attempt("the example image", unreadable) is None
+
+
+def test_resumed_detection_run_continues_the_average(ema_run, tmp_path):
+    """Resume from the epoch-0 checkpoint (step 2) to the end: same average as the uninterrupted run."""
+    straight = _callback(ema_run["trainer"], WarmupEMA).averaged_state_dict()
+    best = ema_run["trainer"].checkpoint_callback.best_model_path  # written after epoch 0, full state
+    cfg = load_config(ema_run["root"] / "tiny.yaml", [f"trainer.output_dir={tmp_path / 'run'}"])
+    trainer = train(cfg, resume=best, progress_bar=False)
+    ema = _callback(trainer, WarmupEMA)
+    assert trainer.global_step == 4 and ema.num_updates == 4
+    resumed = ema.averaged_state_dict()
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    summary = _callback(trainer, RunSummary)
+    assert [row["step"] for row in summary.history] == [2, 4]  # the curve before the resume is kept
