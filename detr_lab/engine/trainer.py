@@ -275,7 +275,13 @@ def train(
         init_from: a checkpoint whose weights initialise the model where names and shapes match
             (see `load_matching_weights`); a report of what was loaded is printed.
     Returns:
-        The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`).
+        The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`). With
+        `trainer.summary` on, the final val AP, the best checkpoint and the paths of the example image
+        and the AP plot are printed when fit ends (`RunSummary.result` holds them). With EMA on, the
+        module then holds the averaged weights.
+    Raises:
+        NonFiniteTrainingError: a non-finite loss, gradient or prediction under
+            `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
     from detr_lab.data.datamodule import DetectionDataModule
 
