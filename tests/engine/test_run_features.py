@@ -287,3 +287,16 @@ def test_resumed_detection_run_continues_the_average(ema_run, tmp_path):
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
     summary = _callback(trainer, RunSummary)
     assert [row["step"] for row in summary.history] == [2, 4]  # the curve before the resume is kept
+
+
+def test_bad_run_settings_name_the_key():
+    from detr_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'trainer.ema.decay' is 1.5; it must be <= 1"):
+        load_config(overrides=["trainer.ema.decay=1.5"])
+    with pytest.raises(ConfigError, match=r"'trainer.monitors.non_finite' is 'ignore'; expected one of"):
+        load_config(overrides=["trainer.monitors.non_finite=ignore"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.ema.decy'.*did you mean 'decay'"):
+        load_config(overrides=["trainer.ema.decy=0.9"])
+    with pytest.raises(ConfigError, match=r"'trainer.max_time_minutes' is -1.0; it must be >= 0"):
+        load_config(overrides=["trainer.max_time_minutes=-1"])
