@@ -36,7 +36,10 @@ from torch import nn
 
 from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
+from detr_lab.engine.ema import WarmupEMA
+from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
+from detr_lab.engine.summary import RunSummary
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -96,10 +99,6 @@ def build_callbacks(cfg: Config, *, progress_bar: bool = True) -> list[Callback]
 
 def build_run_callbacks(cfg: Config) -> list[Callback]:
     """EMA, early stopping, the training-health monitors and the end-of-run summary, from `cfg.trainer`."""
-    from detr_lab.engine.ema import WarmupEMA
-    from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
-    from detr_lab.engine.summary import RunSummary
-
     t = cfg.trainer
     callbacks: list[Callback] = []
     if t.ema.enabled:
