@@ -32,6 +32,12 @@ FUNCTION_LEVEL_ALLOWED = {
     ("detr_lab/models/attention/__init__.py", "module_name"): (
         "the attention spec table names each variant's builder as 'module:function', imported when built"
     ),
+    ("detr_lab/engine/summary.py", "matplotlib"): (
+        "the run summary selects the Agg backend before pyplot is imported, only when it draws its plot"
+    ),
+    ("detr_lab/engine/summary.py", "matplotlib.pyplot"): (
+        "imported after matplotlib.use('Agg'), only when the run summary draws its plot"
+    ),
 }
 
 
