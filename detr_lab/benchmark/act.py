@@ -233,7 +233,9 @@ def inputs_from_checkpoint(settings: ActBenchSettings) -> dict:
 def counted_flops(module: torch.nn.Module, query, value, padding) -> int:
     """Matmul FLOPs of one call seen by FlopCounterMode (SDPA on its math backend)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        return count_flops(lambda: module(query, query, value, key_padding_mask=padding))
+        return count_flops(
+            lambda: module(query, query, value, key_padding_mask=padding, query_padding_mask=padding)
+        )
 
 
 def act_extra_flops(batch: int, heads: int, tokens: int, rounds: int, head_dim: int, clusters: float) -> int:
@@ -325,6 +327,7 @@ def _run(settings: ActBenchSettings) -> dict:
     batch, tokens, dim = query.shape
     keys = tokens if padding is None else int((~padding).sum(dim=1).max())
     head_dim = dim // heads
+    masks = {"key_padding_mask": padding, "query_padding_mask": padding}  # self-attention: same tokens
 
     plain = PlainAttention(dim, heads).eval()
     if state_dict is not None:
@@ -342,13 +345,13 @@ def _run(settings: ActBenchSettings) -> dict:
             max_clusters = int(act.last_clusters_per_head.max())
             with torch.no_grad():
                 scaled = act.split_heads(act.q_proj(query)) * head_dim**-0.5
-                exact = plain(query, query, value, key_padding_mask=padding)
-                approximate = act(query, query, value, key_padding_mask=padding)
+                exact = plain(query, query, value, **masks)
+                approximate = act(query, query, value, **masks)
                 relative_error = float((approximate - exact).norm() / exact.norm())
             timings = timings_ms(
                 {
-                    "plain": lambda: plain(query, query, value, key_padding_mask=padding),
-                    "act": lambda act=act: act(query, query, value, key_padding_mask=padding),
+                    "plain": lambda: plain(query, query, value, **masks),
+                    "act": lambda act=act: act(query, query, value, **masks),
                     "hash_and_cluster": lambda act=act, scaled=scaled: act.cluster_queries(
                         act.hash_queries(scaled)
                     ),
