@@ -214,3 +214,15 @@ def test_no_function_level_imports():
     assert not found, "function-level imports (move them to the module top):\n" + "\n".join(sorted(found))
     stale = set(FUNCTION_LEVEL_ALLOWED) - used
     assert not stale, f"allowlist entries that no longer occur: {stale}"
+
+
+def test_config_and_the_file_writer_load_without_torch():
+    """`detr_lab.config` (and the atomic writer it uses) stay free of torch, so a tool can report a
+    config error before paying for the torch import."""
+    script = "import sys, detr_lab.config, detr_lab.files; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
