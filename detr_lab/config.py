@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from detr_lab.io import atomic_write_text
+from detr_lab.files import atomic_write_text
 from detr_lab.models.attention import (
     ATTENTION_SPECS,
     attention_names,
@@ -527,7 +527,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the fully resolved config as YAML (atomically, `detr_lab.io.atomic_write`) and return its path.
+    """Write the fully resolved config as YAML atomically (`detr_lab.files`) and return its path.
 
     Raises:
         FileWriteError: the file cannot be written (the message names the path and the reason).

@@ -6,15 +6,13 @@
     atomic_torch_save(payload, "runs/x/model.pt")
     diff = diff_state_dicts(model.state_dict(), state)  # missing / unexpected / other shape
 
-This module is a leaf: it imports only torch and the standard library, so any module of detr_lab
-(backbones, checkpoints, the training engine, the evaluator) can use it without an import cycle.
+This module is a leaf: it imports only torch, the standard library and `detr_lab.files` (the
+atomic writer, standard library only, re-exported here), so any module of detr_lab (backbones,
+checkpoints, the training engine, the evaluator) can use it without an import cycle.
 
-Errors name the file and the operating system's cause. A write that fails (disk full, read-only
-folder, no permission) raises `FileWriteError` "cannot write <path>: <reason>", even where the
-failure surfaced inside torch's serializer as a wrapper error (torch reports a failed write as
-"[enforce fail at inline_container.cc] unexpected pos"; the `OSError` it hides is found in the
-exception chain). The destination keeps its previous content until the rename, which POSIX makes
-atomic within one filesystem.
+Errors name the file and the operating system's cause: a failed write is a `FileWriteError`
+"cannot write <path>: <reason>" (see `detr_lab.files`), a file that cannot be loaded a
+`CheckpointError` "<path>: <reason>".
 """
 
 from __future__ import annotations
@@ -23,15 +21,27 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from detr_lab.files import FileWriteError, atomic_write, atomic_write_text
+
+__all__ = [
+    "SAFE_GLOBALS",
+    "CheckpointError",
+    "FileWriteError",
+    "StateDictDiff",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "diff_state_dicts",
+    "safe_load",
+]
 
 # Globals a checkpoint may hold besides tensors and containers: official DETR / Deformable DETR
 # checkpoints store their training arguments as an `argparse.Namespace`.
@@ -40,20 +50,6 @@ SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 class CheckpointError(ValueError):
     """A checkpoint file or dict cannot be read or does not fit the model. The message says which."""
-
-
-class FileWriteError(OSError):
-    """Writing a file failed; the message names the path and the operating system's reason.
-
-    `errno`, `strerror` and `filename` are those of the underlying `OSError`.
-    """
-
-    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
-        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
-        self.message = f"cannot write {path}: {cause.strerror or cause}"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -116,79 +112,6 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
 
 
 # ------------------------------------------------------------------------------------ writing
-def _os_error_in_chain(err: BaseException) -> OSError | None:
-    """The first `OSError` among `err`, its cause and its context (torch wraps failed writes)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success flush, fsync and rename it onto `path`.
-
-    The temporary file (`.<name>.<random>.tmp` in the destination folder, so the rename stays on one
-    filesystem) is removed on any failure, and `path` keeps its previous content. Missing parent
-    folders are created.
-
-    Args:
-        mode: "wb" (bytes) or "w" (text, in `encoding`).
-    Raises:
-        FileWriteError: the folder, the temporary file, the write, the fsync or the rename failed; the
-            message names `path` and the operating system's reason (e.g. "No space left on device",
-            "Read-only file system", "Permission denied").
-        ValueError: a mode other than "wb" or "w".
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    tmp_name: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with open(handle, mode, encoding=None if "b" in mode else encoding) as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_directory(path.parent)
-    except (OSError, RuntimeError) as err:  # RuntimeError: torch's wrapper around a failed write
-        cause = _os_error_in_chain(err)
-        if cause is not None and not isinstance(cause, FileWriteError):
-            raise FileWriteError(path, cause) from err
-        raise
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through `atomic_write`; returns `path`. Raises `FileWriteError`."""
-    with atomic_write(path, "w") as file:
-        file.write(text)
-    return Path(path)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` through `atomic_write`; returns `path`. Raises `FileWriteError`."""
     with atomic_write(path, "wb") as file:

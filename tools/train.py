@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from detr_lab.config import load_config
 
-        cfg = load_config(args.config, args.overrides)  # before importing Lightning: config errors come fast
+        cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come fast
         from detr_lab.engine.trainer import train
 
         train(cfg, resume=args.resume, init_from=args.init_from)

@@ -233,8 +233,9 @@ def inputs_from_checkpoint(settings: ActBenchSettings) -> dict:
 def counted_flops(module: torch.nn.Module, query, value, padding) -> int:
     """Matmul FLOPs of one call seen by FlopCounterMode (SDPA on its math backend)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        masks = {"key_padding_mask": padding, "query_padding_mask": padding}
-        return count_flops(lambda: module(query, query, value, **masks))
+        return count_flops(
+            lambda: module(query, query, value, key_padding_mask=padding, query_padding_mask=padding)
+        )
 
 
 def act_extra_flops(batch: int, heads: int, tokens: int, rounds: int, head_dim: int, clusters: float) -> int:
