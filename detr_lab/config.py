@@ -344,8 +344,8 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
         for key in keys:
             if b.type != backbone_type and getattr(b, key) is not None:
                 raise ConfigError(
-                    f"{where}: 'model.backbone.{key}' applies to 'model.backbone.type: {backbone_type}' only, "
-                    f"not '{b.type}' (remove it or set it to null)"
+                    f"{where}: 'model.backbone.{key}' applies to 'model.backbone.type: {backbone_type}' "
+                    f"only, not '{b.type}' (remove it or set it to null)"
                 )
     if b.type == "resnet":
         if b.name not in RESNET_NAMES:
@@ -357,7 +357,8 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
             )
         if b.timm_kwargs:
             raise ConfigError(
-                f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, not resnet"
+                f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, "
+                "not resnet"
             )
         if b.dilation and b.name in RESNET_NAMES[:2]:
             raise ConfigError(

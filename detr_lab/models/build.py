@@ -71,7 +71,11 @@ def _timm(b: BackboneConfig, num_levels: int) -> Backbone:
     """Hierarchical timm model: its stages at strides 8/16/32 (those of `LEVEL_STRIDES`)."""
     strides = [s for s in LEVEL_STRIDES[num_levels] if s <= 32]
     return TimmBackbone(
-        b.name, strides=strides, pretrained=b.pretrained, weights_path=b.weights_path, model_kwargs=b.timm_kwargs
+        b.name,
+        strides=strides,
+        pretrained=b.pretrained,
+        weights_path=b.weights_path,
+        model_kwargs=b.timm_kwargs,
     )
 
 

@@ -137,12 +137,18 @@ class ViTBackbone(Backbone):
         scales = [vit_stride / s for s in strides]
         extra_pool = len(strides) > 1 and scales[-1] == 0.25 and scales[-2] == 0.5
         branch_scales = scales[:-1] if extra_pool else scales
-        if not strides or any(s not in BRANCH_SCALES for s in branch_scales) or strides != sorted(set(strides)):
+        if (
+            not strides
+            or any(s not in BRANCH_SCALES for s in branch_scales)
+            or strides != sorted(set(strides))
+        ):
             raise ValueError(
                 f"ViT backbone strides must increase and each be the ViT's stride ({vit_stride}) times "
                 f"1/4, 1/2, 1, 2 (or 4 right after 2); got {tuple(strides)}"
             )
-        self.pyramid = SimpleFeaturePyramid(vit_channels, pyramid_channels, branch_scales, extra_pool=extra_pool)
+        self.pyramid = SimpleFeaturePyramid(
+            vit_channels, pyramid_channels, branch_scales, extra_pool=extra_pool
+        )
         self.name = name
         self.patch_size = patch_h
         self.num_channels = [pyramid_channels] * len(strides)
