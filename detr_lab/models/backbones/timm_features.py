@@ -56,15 +56,21 @@ class TimmBackbone(Backbone):
         strides = tuple(strides)
         if not strides or list(strides) != sorted(set(strides)):
             raise ValueError(f"backbone strides must be increasing, got {strides}")
-        self.model = create_timm_model(
-            name,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            size_options=ANY_SIZE_OPTIONS,
-            features_only=True,
-            feature_cls="getter",  # forward_intermediates: [B, C, H, W] maps for every architecture
-            **(model_kwargs or {}),
-        )
+        try:
+            self.model = create_timm_model(
+                name,
+                pretrained=pretrained,
+                weights_path=weights_path,
+                size_options=ANY_SIZE_OPTIONS,
+                features_only=True,
+                feature_cls="getter",  # forward_intermediates: [B, C, H, W] maps for every architecture
+                **(model_kwargs or {}),
+            )
+        except AssertionError as err:  # timm's checks of the requested feature stages
+            raise ValueError(
+                f"timm model '{name}' cannot return its stages (features_only): {err} "
+                f"(a plain ViT has a single stride: use the 'vit' backbone type)"
+            ) from None
         available = list(self.model.feature_info.reduction())
         missing = [s for s in strides if s not in available]
         if missing:

@@ -118,14 +118,19 @@ class ViTBackbone(Backbone):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.vit = create_timm_model(
-            name,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            num_classes=0,
-            dynamic_img_size=True,
-            **(model_kwargs or {}),
-        )
+        try:
+            self.vit = create_timm_model(
+                name,
+                pretrained=pretrained,
+                weights_path=weights_path,
+                num_classes=0,
+                dynamic_img_size=True,
+                **(model_kwargs or {}),
+            )
+        except TypeError as err:
+            if "dynamic_img_size" not in str(err):
+                raise
+            raise ValueError(f"'{name}' is not a plain timm VisionTransformer ({err})") from None
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(f"'{name}' is a {type(self.vit).__name__}, not a plain timm VisionTransformer")
         patch_h, patch_w = self.vit.patch_embed.patch_size
@@ -169,6 +174,19 @@ class ViTBackbone(Backbone):
         prefix = patch_real.new_ones(patch_real.shape[0], self.vit.num_prefix_tokens)
         return torch.cat([prefix, patch_real], dim=1)[:, None, None, :]  # (B, 1, 1, N)
 
+    def vit_map(self, images: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The ViT's last-block tokens after its final norm as a map `[B, C, H / patch, W / patch]`.
+
+        Args:
+            images: float `[B, 3, H, W]`, sides divisible by the patch size.
+            padding_mask: bool `[B, H, W]`, True = padding (None: none); all-padding patches are no keys.
+        """
+        attn_mask = None if padding_mask is None else self.token_attention_mask(padding_mask)
+        (vit_map,) = self.vit.forward_intermediates(
+            images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True, attn_mask=attn_mask
+        )
+        return vit_map
+
     def feature_maps(self, images: Tensor, padding_mask: Tensor | None = None) -> list[Tensor]:
         """Pyramid maps `[B, pyramid_channels, H / strides[l], W / strides[l]]`, shallowest first.
 
@@ -176,8 +194,4 @@ class ViTBackbone(Backbone):
             images: float `[B, 3, H, W]`, sides divisible by `size_multiple`.
             padding_mask: bool `[B, H, W]`, True = padding (None: none).
         """
-        attn_mask = None if padding_mask is None else self.token_attention_mask(padding_mask)
-        (vit_map,) = self.vit.forward_intermediates(
-            images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True, attn_mask=attn_mask
-        )  # (B, C, H / patch, W / patch)
-        return self.pyramid(vit_map)
+        return self.pyramid(self.vit_map(images, padding_mask))
