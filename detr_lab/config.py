@@ -365,6 +365,13 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
                 f"{where}: 'model.backbone.dilation' (DC5) needs a bottleneck ResNet (resnet50/101), "
                 f"not '{b.name}'"
             )
+    else:
+        import timm  # only configs with timm backbones need it
+
+        if not timm.is_model(b.name):
+            close = difflib.get_close_matches(b.name, timm.list_models(), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else " (see timm.list_models())"
+            raise ConfigError(f"{where}: 'model.backbone.name' is {b.name!r}, not a timm model{hint}")
     if b.pretrained and b.weights_path is not None:
         raise ConfigError(
             f"{where}: set either 'model.backbone.pretrained' or 'model.backbone.weights_path', not both"

@@ -96,6 +96,8 @@ def test_backbone_type_rules():
         load_config(overrides=["model.backbone.name=convnext_atto"])
     with pytest.raises(ConfigError, match=r"did you mean 'resnet50'"):
         load_config(overrides=["model.backbone.name=resnet05"])
+    with pytest.raises(ConfigError, match=r"'convnext_tiy', not a timm model; did you mean"):
+        load_config(overrides=["model.backbone.type=timm", "model.backbone.name=convnext_tiy"])
     with pytest.raises(ConfigError, match=r"'model\.backbone\.timm_kwargs' applies to the timm and vit"):
         load_config(overrides=["model.backbone.timm_kwargs.depth=2"])
     with pytest.raises(ConfigError, match=r"'model\.backbone\.dilation' \(DC5\) needs a bottleneck"):

@@ -61,6 +61,7 @@ def create_timm_model(
         except RuntimeError as err:  # timm's strict load of a file that does not fit
             if weights_path is None:
                 raise
-            first_line = str(err).strip().splitlines()[0]
-            raise ValueError(f"{weights_path} does not fit timm model '{name}': {first_line}") from None
+            lines = [line.strip().rstrip(":") for line in str(err).splitlines() if line.strip()]
+            detail = "; ".join(lines[:2])[:300]  # "Error(s) in loading ...; size mismatch for ..."
+            raise ValueError(f"{weights_path} does not fit timm model '{name}': {detail}") from None
     raise AssertionError("unreachable: the last size option re-raises")
