@@ -7,9 +7,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import ConfigError, load_config
 from detr_lab.engine.trainer import train
 from detr_lab.models.backbones import TimmBackbone, ViTBackbone
+from detr_lab.models.optimize import optimize_for_inference
 
 # The demo configs at test size: a 2-image synthetic set of 64-pixel images, one training step.
 TINY_RUN = [
@@ -76,7 +78,22 @@ def test_demo_backbone_config_trains_a_step(demo, tmp_path):
     changed = [k for k, v in capture.before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
     assert changed, "the step did not update the backbone"
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # The checkpoint rebuilds the same backbone from its stored config (timm_kwargs included) and,
+    # optimized for inference, the model predicts as the trained one.
+    loaded = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(loaded.model.backbone, backbone_class)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 70, 90)
+    padding_mask = torch.zeros(2, 70, 90, dtype=torch.bool)
+    padding_mask[1, 40:] = True
+    model.eval()
+    with torch.no_grad():
+        expected = model(images, padding_mask)
+        got = loaded.model(images, padding_mask)
+        optimized = optimize_for_inference(loaded.model)(images, padding_mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], expected[key])
+        torch.testing.assert_close(optimized[key], expected[key], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["dilation=true", "frozen_stages=0", "norm=batch_norm"])
