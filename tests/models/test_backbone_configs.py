@@ -11,6 +11,7 @@ from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import ConfigError, load_config
 from detr_lab.engine.trainer import train
 from detr_lab.models.backbones import TimmBackbone, ViTBackbone
+from detr_lab.models.build import build_model
 from detr_lab.models.optimize import optimize_for_inference
 
 # The demo configs at test size: a 2-image synthetic set of 64-pixel images, one training step.
@@ -94,6 +95,22 @@ def test_demo_backbone_config_trains_a_step(demo, tmp_path):
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(got[key], expected[key])
         torch.testing.assert_close(optimized[key], expected[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("config", "backbone_class", "widths"),
+    [
+        ("deformable_convnext_t", TimmBackbone, DEMOS["demo_convnext"][1]),
+        ("deformable_vit_b", ViTBackbone, DEMOS["demo_vit"][1]),
+    ],
+)
+def test_coco_backbone_configs_build(config, backbone_class, widths):
+    """The COCO recipes with timm backbones validate and build (pretrained off, tiny widths: no download)."""
+    cfg = load_config(f"configs/{config}.yaml", [*widths, "model.backbone.pretrained=false"])
+    assert cfg.model.backbone.timm_kwargs["drop_path_rate"] == 0.1
+    model = build_model(cfg.model)
+    assert isinstance(model.backbone, backbone_class) and len(model.input_proj) == 4
+    assert model.backbone.strides == ([8, 16, 32, 64] if backbone_class is ViTBackbone else [8, 16, 32])
 
 
 @pytest.mark.parametrize("key", ["dilation=true", "frozen_stages=0", "norm=batch_norm"])
