@@ -97,8 +97,8 @@ class ViTBackbone(Backbone):
 
     Images are zero-padded bottom/right to a multiple of the patch size and of the deepest stride
     (padding in the mask). Patches made only of padding are kept out of the attention as keys
-    (timm's `attn_mask`), so a padded image's real tokens see the same keys as unpadded; the position
-    embeddings are interpolated to each batch's patch grid. The pyramid reads the last block's tokens
+    (timm's `attn_mask`), so what those pixels hold does not reach the other tokens; the position
+    embeddings are interpolated to each batch's patch grid (as timm's `dynamic_img_size`). The pyramid reads the last block's tokens
     after the ViT's final norm.
 
     Attributes:
@@ -160,15 +160,14 @@ class ViTBackbone(Backbone):
         self.strides = strides
         self.size_multiple = max(patch_h, max(strides))
 
-    def token_attention_mask(self, padding_mask: Tensor) -> Tensor | None:
+    def token_attention_mask(self, padding_mask: Tensor) -> Tensor:
         """Keys each token may attend to, for timm's `attn_mask`: bool `[B, 1, 1, N]` (True = allowed;
-        the opposite polarity of `padding_mask`), or None when nothing is padding.
+        the opposite polarity of `padding_mask`), N = prefix tokens + patches.
 
         A patch is a key unless all its pixels are padding; prefix tokens (class, registers) always are.
-        `padding_mask`: bool `[B, H, W]`, True = padding, sides divisible by the patch size.
+        `padding_mask`: bool `[B, H, W]`, True = padding, sides divisible by the patch size. (Built even
+        when nothing is padding: no data-dependent branch, so the model stays traceable.)
         """
-        if not padding_mask.any():
-            return None
         real = (~padding_mask)[:, None].float()  # (B, 1, H, W)
         patch_real = F.max_pool2d(real, self.patch_size).flatten(1) > 0  # (B, h * w)
         prefix = patch_real.new_ones(patch_real.shape[0], self.vit.num_prefix_tokens)
