@@ -98,8 +98,8 @@ class ViTBackbone(Backbone):
     Images are zero-padded bottom/right to a multiple of the patch size and of the deepest stride
     (padding in the mask). Patches made only of padding are kept out of the attention as keys
     (timm's `attn_mask`), so what those pixels hold does not reach the other tokens; the position
-    embeddings are interpolated to each batch's patch grid (as timm's `dynamic_img_size`). The pyramid reads the last block's tokens
-    after the ViT's final norm.
+    embeddings are interpolated to each batch's patch grid (timm's `dynamic_img_size`). The pyramid
+    reads the last block's tokens after the ViT's final norm.
 
     Attributes:
         vit: the timm model (no classifier); pyramid: the `SimpleFeaturePyramid`.
