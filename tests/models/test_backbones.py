@@ -166,6 +166,40 @@ def test_vit_padding_content_does_not_reach_real_tokens():
     assert real[:2, :5].all() and not real[2:].any() and not real[:, 5].any()
 
 
+def test_vit_map_matches_timm_and_does_not_depend_on_the_batch():
+    """Unpadded, the ViT map is timm's own forward (`forward_intermediates`, the reference). Padded in a
+    batch with a larger image, an image's real tokens stay as alone: its position embeddings follow its
+    own patch grid and padding patches are no keys."""
+    torch.manual_seed(0)
+    backbone = ViTBackbone(
+        "vit_tiny_patch16_224", strides=(16,), pyramid_channels=8, model_kwargs=TINY_VIT
+    ).eval()
+    alone = torch.randn(1, 3, 48, 80)  # a 3 x 5 patch grid
+    with torch.no_grad():
+        reference = backbone.vit.forward_intermediates(
+            alone, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[0]
+        torch.testing.assert_close(backbone.vit_map(alone, None), reference)
+        torch.testing.assert_close(
+            backbone.vit_map(alone, torch.zeros(1, 48, 80, dtype=torch.bool)), reference
+        )
+
+        # In a batch with a 96 x 64 image: padded to 96 x 80 (a 6 x 5 grid), image 0's bottom is padding.
+        images = torch.zeros(2, 3, 96, 80)
+        padding_mask = torch.ones(2, 96, 80, dtype=torch.bool)
+        images[0, :, :48, :80], padding_mask[0, :48, :80] = alone[0], False
+        images[1, :, :96, :64], padding_mask[1, :96, :64] = torch.randn(3, 96, 64), False
+        batched = backbone.vit_map(images, padding_mask)
+    assert batched.shape == (2, 32, 6, 5)
+    torch.testing.assert_close(batched[0, :, :3, :5], reference[0], atol=1e-5, rtol=1e-4)
+    # The same batch with timm's own forward (embeddings for the batch grid, padding as keys) differs.
+    with torch.no_grad():
+        timm_batched = backbone.vit.forward_intermediates(
+            images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[0]
+    assert not torch.allclose(timm_batched[0, :, :3, :5], reference[0], atol=1e-3)
+
+
 def test_timm_and_vit_weights_from_a_local_file(tmp_path):
     """A timm state dict saved from the full model (classifier included, as ImageNet checkpoints) loads
     through timm's own file mechanism; nothing is downloaded."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -97,9 +97,9 @@ class ViTBackbone(Backbone):
 
     Images are zero-padded bottom/right to a multiple of the patch size and of the deepest stride
     (padding in the mask). Patches made only of padding are kept out of the attention as keys
-    (timm's `attn_mask`), so what those pixels hold does not reach the other tokens; the position
-    embeddings are interpolated to each batch's patch grid (timm's `dynamic_img_size`). The pyramid
-    reads the last block's tokens after the ViT's final norm.
+    (timm's `attn_mask`), so what those pixels hold does not reach the other tokens, and every image's
+    position embeddings are resampled to its own patch grid: an image's ViT tokens are the same alone
+    or in any padded batch. The pyramid reads the last block's tokens after the ViT's final norm.
 
     Attributes:
         vit: the timm model (no classifier); pyramid: the `SimpleFeaturePyramid`.
@@ -136,6 +136,10 @@ class ViTBackbone(Backbone):
         patch_h, patch_w = self.vit.patch_embed.patch_size
         if patch_h != patch_w:
             raise ValueError(f"'{name}' has non-square patches {patch_h}x{patch_w}")
+        if not isinstance(self.vit.patch_drop, nn.Identity):
+            raise ValueError(
+                f"'{name}': patch dropout would drop tokens of the feature map; set patch_drop_rate 0"
+            )
         last = self.vit.feature_info[-1]
         vit_stride, vit_channels = int(last["reduction"]), int(last["num_chs"])
         strides = [int(s) for s in strides]
@@ -165,26 +169,68 @@ class ViTBackbone(Backbone):
         the opposite polarity of `padding_mask`), N = prefix tokens + patches.
 
         A patch is a key unless all its pixels are padding; prefix tokens (class, registers) always are.
-        `padding_mask`: bool `[B, H, W]`, True = padding, sides divisible by the patch size. (Built even
-        when nothing is padding: no data-dependent branch, so the model stays traceable.)
+        `padding_mask`: bool `[B, H, W]`, True = padding, sides divisible by the patch size.
         """
         real = (~padding_mask)[:, None].float()  # (B, 1, H, W)
         patch_real = F.max_pool2d(real, self.patch_size).flatten(1) > 0  # (B, h * w)
         prefix = patch_real.new_ones(patch_real.shape[0], self.vit.num_prefix_tokens)
         return torch.cat([prefix, patch_real], dim=1)[:, None, None, :]  # (B, 1, 1, N)
 
+    def patch_position_embeddings(self, grid: tuple[int, int], image_grids: list[tuple[int, int]]) -> Tensor:
+        """Position embeddings of the patch tokens, each image's resampled to its own patch grid.
+
+        The pretrained table is resampled (bicubic, as timm's `dynamic_img_size`) to every image's grid
+        `image_grids[b]` (its real pixels' patches) and placed top-left in the batch grid `grid`
+        (h, w); patches outside it (padding) get zeros. Returns `[B, h * w, C]`.
+        """
+        vit = self.vit
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens  # rows of the table for prefix tokens
+        table = vit.pos_embed  # (1, prefix + G_h * G_w, C)
+        embeddings = table.new_zeros(len(image_grids), *grid, table.shape[-1])  # (B, h, w, C)
+        for size in set(image_grids):
+            resampled = resample_abs_pos_embed(
+                table, new_size=list(size), old_size=vit.patch_embed.grid_size, num_prefix_tokens=prefix
+            )[:, prefix:]  # (1, h_b * w_b, C)
+            rows = [b for b, image_grid in enumerate(image_grids) if image_grid == size]
+            embeddings[rows, : size[0], : size[1]] = resampled.view(1, *size, -1)
+        return embeddings.flatten(1, 2)
+
     def vit_map(self, images: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The ViT's last-block tokens after its final norm as a map `[B, C, H / patch, W / patch]`.
 
+        timm's ViT forward (patch embedding, prefix tokens, blocks, final norm), except that every
+        image's position embeddings are resampled to its own patch grid (`patch_position_embeddings`)
+        rather than to the padded batch's, and that patches made only of padding are no attention keys
+        (`token_attention_mask`): an image's real tokens are the same alone or in any padded batch.
+
         Args:
             images: float `[B, 3, H, W]`, sides divisible by the patch size.
-            padding_mask: bool `[B, H, W]`, True = padding (None: none); all-padding patches are no keys.
+            padding_mask: bool `[B, H, W]`, True = padding, bottom/right (None: none).
         """
+        vit = self.vit
+        patches = vit.patch_embed(images)  # (B, h, w, C)
+        batch, h, w, channels = patches.shape
+        if padding_mask is None:
+            image_grids = [(h, w)] * batch
+        else:
+            real = ~padding_mask
+            real_h = real.any(dim=2).sum(dim=1)  # (B,) rows holding a real pixel (padding is bottom/right)
+            real_w = real.any(dim=1).sum(dim=1)
+            to_patches = lambda n: (-(-n // self.patch_size)).clamp(min=1).tolist()  # ceil
+            image_grids = list(zip(to_patches(real_h), to_patches(real_w), strict=True))
+        tokens = patches.view(batch, h * w, channels) + self.patch_position_embeddings((h, w), image_grids)
+        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if prefix:
+            prefix_tokens = torch.cat(prefix, dim=1)  # (B, num_prefix_tokens, C)
+            if not vit.no_embed_class:
+                prefix_tokens = prefix_tokens + vit.pos_embed[:, : vit.num_prefix_tokens]
+            tokens = torch.cat([prefix_tokens, tokens], dim=1)  # (B, N, C)
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
         attn_mask = None if padding_mask is None else self.token_attention_mask(padding_mask)
-        (vit_map,) = self.vit.forward_intermediates(
-            images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True, attn_mask=attn_mask
-        )
-        return vit_map
+        for block in vit.blocks:
+            x = block(x, attn_mask=attn_mask)
+        x = vit.norm(x)[:, vit.num_prefix_tokens :]  # (B, h * w, C)
+        return x.transpose(1, 2).reshape(batch, channels, h, w)
 
     def feature_maps(self, images: Tensor, padding_mask: Tensor | None = None) -> list[Tensor]:
         """Pyramid maps `[B, pyramid_channels, H / strides[l], W / strides[l]]`, shallowest first.
