@@ -255,4 +255,6 @@ def test_bad_backbone_arguments():
         ViTBackbone("convnext_atto", model_kwargs=TINY_CONVNEXT)
     with pytest.raises(ValueError, match=r"ViT backbone strides .* got \(8, 128\)"):
         ViTBackbone("vit_tiny_patch16_224", strides=(8, 128), model_kwargs=TINY_VIT)
+    with pytest.raises(ValueError, match="patch dropout"):
+        ViTBackbone("vit_tiny_patch16_224", model_kwargs={**TINY_VIT, "patch_drop_rate": 0.5})
     assert isinstance(build_backbone(load_config(overrides=overrides("resnet", 1)).model), ResNetBackbone)
