@@ -29,6 +29,10 @@ FUNCTION_LEVEL_ALLOWED = {
     ("detr_lab/models/attention/kernels/__init__.py", ".triton_ms_deform"): (
         "the Triton kernels import Triton at module level; loaded only when the Triton core is used"
     ),
+    ("detr_lab/config.py", "timm"): (
+        "timm imports torch; config.py stays torch-free and checks a timm model name only when a "
+        "config selects a timm backbone"
+    ),
     ("detr_lab/models/attention/__init__.py", "module_name"): (
         "the attention spec table names each variant's builder as 'module:function' and imports it "
         "with importlib when the first module of that variant is built (the table is pure data read "

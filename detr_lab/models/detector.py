@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detr_lab.models.backbone import ResNetBackbone, downsample_mask
+from detr_lab.models.backbones import Backbone, downsample_mask
 from detr_lab.models.queries import QuerySet
 from detr_lab.models.queries.learned import deformable_queries, detr_queries
 from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
@@ -86,7 +86,7 @@ class DetectorBase(nn.Module):
     """Backbone levels, their projections to width d, extra strided levels and position embeddings.
 
     Args:
-        backbone: returns feature levels with masks (see `ResNetBackbone.forward`); its
+        backbone: returns feature levels with masks (see `Backbone.forward`); its
             `num_channels` lists each level's channels.
         position_encoding: padding mask `[B, H, W]` -> position embeddings `[B, d, H, W]`.
         transformer: a `Transformer` of width d.
@@ -99,7 +99,7 @@ class DetectorBase(nn.Module):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],
@@ -171,7 +171,7 @@ class Detector(DetectorBase):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],
@@ -248,7 +248,7 @@ class DeformableDetector(DetectorBase):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from detr_lab.models.backbone import ResNetBackbone
+from detr_lab.models.backbones import Backbone
 from detr_lab.models.detector import MLP, DetectorBase, class_head, layer_outputs
 from detr_lab.models.queries import QuerySet, concat_query_sets
 from detr_lab.models.queries.anchors import LearnedAnchors
@@ -56,7 +56,7 @@ class AnchorDetector(DetectorBase):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],
