@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from detr_lab.engine.cli import ToolError
+
 INSTALL_HINT = 'pip install -e ".[export]"'
 
 
-class MissingExtraError(ImportError):
-    """onnx or onnxruntime is not installed; the message says what to install."""
+class MissingExtraError(ToolError):
+    """onnx or onnxruntime is not installed; the message says what to install (tools print it as is)."""
 
 
 def require(name: str) -> ModuleType:

@@ -35,8 +35,8 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: sampling points per head and level.
         dropout: accepted for a uniform attention constructor and ignored (the official module has
             no dropout).
-        core_impl: "auto", "reference", "cpu_fast", "triton" or "gather"; the attribute of the same name may be
-            changed after construction.
+        core_impl: "auto", "reference", "cpu_fast", "triton" or "gather"; the attribute of the same
+            name may be changed after construction.
     """
 
     def __init__(
