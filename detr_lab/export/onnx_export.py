@@ -152,6 +152,7 @@ def export_onnx(
             # Shape arithmetic traced as constants is intended for the fixed parts (level count,
             # head sizes); input-size dependence is checked by `verify_onnx` on other sizes.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
             torch.onnx.export(
                 wrapper,
                 inputs,

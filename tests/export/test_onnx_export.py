@@ -1,0 +1,113 @@
+"""ONNX export of every detector variant: onnxruntime equals PyTorch on other sizes, metadata, refusals."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from export_helpers import CATEGORY_IDS, CLASS_NAMES, VARIANTS
+
+from detr_lab.checkpoints import load_checkpoint
+from detr_lab.export.metadata import ExportMetadata
+from detr_lab.export.onnx_export import ExportError, export_onnx
+from detr_lab.export.runtime import OnnxDetector, OnnxInputError
+from detr_lab.export.verify import random_batch, verify_onnx
+
+
+@pytest.fixture(scope="module")
+def dynamic_exports(checkpoints, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("onnx")
+    exports = {}
+    for variant, checkpoint in checkpoints.items():
+        loaded = load_checkpoint(checkpoint)
+        meta = ExportMetadata.from_loaded(loaded)
+        path = export_onnx(loaded.model, directory / f"{variant}.onnx", metadata=meta, height=96, width=128,
+                           dynamic=True)
+        exports[variant] = (loaded, path)
+    return exports
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dynamic_export_matches_pytorch_on_other_sizes(dynamic_exports, variant):
+    loaded, path = dynamic_exports[variant]
+    # batches of 1-2 images of 64..140 px, none of them the traced 2 x 96 x 128
+    report = verify_onnx(loaded.model, path, num_random=3, size_range=(64, 140), seed=1)
+    assert len(report.cases) == 3
+    assert all("x 96 x 128" not in case.description for case in report.cases)
+    assert report.passed, report.text()
+    assert report.logits_diff <= 1e-4 and report.boxes_diff <= 1e-4
+
+
+def test_outputs_names_shapes_and_metadata(dynamic_exports):
+    onnx = pytest.importorskip("onnx")
+    loaded, path = dynamic_exports["deformable"]
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["images", "padding_mask"]
+    assert [o.name for o in proto.graph.output] == ["pred_logits", "pred_boxes"]
+    image_dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert image_dims == ["batch", 3, "height", "width"]
+    assert proto.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert {node.domain for node in proto.graph.node} <= {""}  # standard operators only
+    properties = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(properties["detr_lab.class_names"]) == CLASS_NAMES
+    assert json.loads(properties["detr_lab.category_ids"]) == CATEGORY_IDS
+    detector = OnnxDetector(path)
+    assert detector.metadata.config.model == loaded.config.model
+    images, mask = random_batch(torch.Generator().manual_seed(0), 3, [(70, 90), (64, 64), (90, 70)])
+    outputs = detector(images, mask)
+    assert outputs["pred_logits"].shape == (3, 7, 6) and outputs["pred_boxes"].shape == (3, 7, 4)
+
+
+def test_fixed_size_export_pads_smaller_batches(checkpoints, tmp_path):
+    loaded = load_checkpoint(checkpoints["detr"])
+    path = export_onnx(loaded.model, tmp_path / "fixed.onnx", metadata=ExportMetadata.from_loaded(loaded),
+                       height=80, width=96, batch=2)
+    detector = OnnxDetector(path)
+    assert detector.metadata.traced_size == (2, 80, 96)
+    # three images of 64 x 72: two chunks of the traced batch, padded to 80 x 96 like a mixed-size batch
+    images, mask = random_batch(torch.Generator().manual_seed(0), 3, [(64, 72)] * 3)
+    canvas, canvas_mask = random_batch(torch.Generator().manual_seed(0), 3, [(64, 72)] * 3, (80, 96))
+    with torch.no_grad():
+        expected = loaded.model(canvas, canvas_mask)
+    got = detector(images, mask)
+    assert (got["pred_logits"] - expected["pred_logits"]).abs().max() <= 1e-4
+    assert (got["pred_boxes"] - expected["pred_boxes"]).abs().max() <= 1e-4
+    too_big, too_big_mask = random_batch(torch.Generator(), 1, [(81, 96)])
+    with pytest.raises(OnnxInputError, match="exported for 80x96 images.*--dynamic"):
+        detector(too_big, too_big_mask)
+    assert verify_onnx(loaded.model, path, num_random=1).passed
+
+
+def test_grid_sample_core_fixed_size_export(checkpoints, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    loaded = load_checkpoint(checkpoints["deformable"])
+    meta = ExportMetadata.from_loaded(loaded)
+    path = export_onnx(loaded.model, tmp_path / "gs.onnx", metadata=meta, height=96, width=128,
+                       deformable_core="grid_sample")
+    assert "GridSample" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    report = verify_onnx(loaded.model, path, num_random=2)
+    assert report.passed, report.text()
+    with pytest.raises(ExportError, match="without --dynamic, or use the gather core"):
+        export_onnx(loaded.model, tmp_path / "x.onnx", metadata=meta, dynamic=True,
+                    deformable_core="grid_sample")
+    with pytest.raises(ExportError, match="opset 15 is too old"):
+        export_onnx(loaded.model, tmp_path / "x.onnx", metadata=meta, opset=15, deformable_core="grid_sample")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_act_is_refused_with_the_plain_attention_hint(checkpoints, tmp_path):
+    loaded = load_checkpoint(checkpoints["detr"], overrides=["model.encoder.attention=act"])
+    with pytest.raises(ExportError, match=r"ACT .* cannot be exported.*model\.encoder\.attention=plain"):
+        export_onnx(loaded.model, tmp_path / "act.onnx", metadata=ExportMetadata.from_loaded(loaded))
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_extra_names_the_install_command(monkeypatch, checkpoints, tmp_path):
+    from detr_lab.export.dependencies import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` raise ImportError
+    loaded = load_checkpoint(checkpoints["detr"])
+    with pytest.raises(MissingExtraError, match=r"pip install -e \"\.\[export\]\""):
+        export_onnx(loaded.model, tmp_path / "m.onnx", metadata=ExportMetadata.from_loaded(loaded))
