@@ -14,6 +14,9 @@ the same weights:
 - "fast": plain attention on `scaled_dot_product_attention`, deformable attention on the device's
   fast core ("auto"), and for inference `optimize_for_inference` (frozen batch norms folded into
   the convolutions, chunked feed-forward blocks, channels-last convolutions).
+- "onnxruntime" (only when asked for; export extra): the model exported to ONNX at the case's fixed
+  size (`detr_lab.export`, gather deformable core) and run by onnxruntime on the CPU with
+  `threads` intra-op threads; no breakdown.
 - "fast_bf16" (only when asked for): "fast" under `torch.autocast(dtype=torch.bfloat16)`. Not a
   drop-in replacement: outputs move (DETR-R50 with random weights: about 2e-2 on the logits, 1e-3
   on the normalized boxes; a two-stage model may select other proposals altogether). Each inference
@@ -82,7 +85,7 @@ from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 
-MODES = ("fast", "reference", "fast_bf16")
+MODES = ("fast", "reference", "fast_bf16", "onnxruntime")
 DEFAULT_MODES = ("fast", "reference")
 TASKS = ("inference", "train_step")
 MIB = 2**20
@@ -486,6 +489,8 @@ def models_for(base: nn.Module, task: str, modes: Sequence[str]) -> dict[str, nn
         model = copy.deepcopy(base)
         if mode == "reference":
             use_reference_paths(model)
+        elif mode == "onnxruntime":
+            pass  # exported as built (the export picks its own attention paths)
         elif task == "inference":
             optimize_for_inference(model)
         else:
@@ -580,7 +585,13 @@ def measure_case(
     calls = {}
     for mode, model in models.items():
         dtype = torch.bfloat16 if mode == "fast_bf16" else None
-        if task == "inference":
+        if mode == "onnxruntime":
+            if task != "inference" or device.type != "cpu":
+                raise ValueError("the onnxruntime mode measures CPU inference only")
+            from detr_lab.export.timing import onnxruntime_call
+
+            calls[mode] = onnxruntime_call(model, cfg, images, padding_mask, threads=settings.threads)
+        elif task == "inference":
             calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)
         else:
             calls[mode] = train_step_call(
@@ -608,7 +619,7 @@ def measure_case(
             "cpu_s": summarize(times[mode]["cpu"]),
             "memory": measure_peak_memory(keep_outputs, device),
         }
-        if settings.breakdown and task == "inference":
+        if settings.breakdown and task == "inference" and mode != "onnxruntime":
             result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
     if "reference" in models:
         flops_model = models["reference"]
