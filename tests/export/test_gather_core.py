@@ -97,3 +97,13 @@ def test_exported_gather_core_matches_reference_under_onnxruntime(tmp_path):
     # only standard ONNX operators (default domain)
     onnx = pytest.importorskip("onnx")
     assert {node.domain for node in onnx.load(str(path)).graph.node} <= {""}
+
+
+def test_core_benchmark_times_both_onnx_forms():
+    pytest.importorskip("onnxruntime")
+    from detr_lab.export.core_benchmark import benchmark_export_cores
+
+    result = benchmark_export_cores(shapes=((6, 8), (3, 4)), heads=2, head_dim=4, points=2, runs=2)
+    for name in ("gather", "grid_sample"):
+        assert len(result[name]["values_s"]) == 2 and result[name]["median_s"] > 0
+        assert result[name]["max_abs_difference"] <= 1e-5
