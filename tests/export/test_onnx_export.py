@@ -111,3 +111,17 @@ def test_missing_extra_names_the_install_command(monkeypatch, checkpoints, tmp_p
     loaded = load_checkpoint(checkpoints["detr"])
     with pytest.raises(MissingExtraError, match=r"pip install -e \"\.\[export\]\""):
         export_onnx(loaded.model, tmp_path / "m.onnx", metadata=ExportMetadata.from_loaded(loaded))
+
+
+@pytest.mark.slow
+def test_dc5_single_scale_exports_dynamic(tmp_path):
+    """DC5 (dilated ResNet-50 stage 5): the only variant needing a bottleneck backbone."""
+    from export_helpers import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path, "single_scale", ["model.backbone.name=resnet50",
+                                                           "model.backbone.dilation=true"])
+    loaded = load_checkpoint(checkpoint)
+    path = export_onnx(loaded.model, tmp_path / "dc5.onnx", metadata=ExportMetadata.from_loaded(loaded),
+                       height=64, width=96, dynamic=True)
+    report = verify_onnx(loaded.model, path, num_random=2, size_range=(48, 112))
+    assert report.passed, report.text()
