@@ -48,7 +48,8 @@ def export_checkpoint(
             for an ACT checkpoint); others apply to `config_path`'s data settings.
         height, width, batch: traced input size (batch default: 2 with `dynamic`, else 1).
         dynamic: dynamic batch size, height and width.
-        verify: run `verify_onnx` (random batches and, with `config_path`, validation batches).
+        verify: run `verify_onnx`: random batches (a dynamic export: image sides from half the smaller
+            traced side to the larger one) and, with `config_path`, validation batches.
     Raises:
         ToolError: a missing checkpoint or config. ExportError: a model that cannot be exported.
         CheckpointError / ConfigError: an unreadable checkpoint or a bad override.
@@ -82,6 +83,7 @@ def export_checkpoint(
             config=config,
             num_random=num_random,
             num_val_batches=num_val_batches,
+            size_range=(max(32, min(height, width) // 2), max(height, width)),
             tolerance=tolerance,
         )
     return ExportResult(path, report)

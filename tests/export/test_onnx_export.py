@@ -125,3 +125,46 @@ def test_dc5_single_scale_exports_dynamic(tmp_path):
                        height=64, width=96, dynamic=True)
     report = verify_onnx(loaded.model, path, num_random=2, size_range=(48, 112))
     assert report.passed, report.text()
+
+
+def test_lightning_checkpoint_exports(checkpoints, tmp_path):
+    """The Lightning layout (weights under `model.`, metadata under `detr_lab`) goes through the same path."""
+    from detr_lab.export.from_checkpoint import export_checkpoint
+
+    stored = torch.load(checkpoints["detr"], weights_only=True)
+    lightning = {
+        "state_dict": {f"model.{key}": value for key, value in stored["state_dict"].items()},
+        "detr_lab": {key: stored[key] for key in ("config", "category_ids", "class_names")},
+        "epoch": 0, "global_step": 1,
+    }
+    torch.save(lightning, tmp_path / "last.ckpt")
+    result = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "m.onnx", height=64, width=80, dynamic=True,
+                               verify=True, num_random=1)
+    assert result.report.passed, result.report.text()
+    assert OnnxDetector(result.path).metadata.class_names == CLASS_NAMES
+
+
+@pytest.mark.slow
+def test_official_detr_r50_checkpoint_exports(tmp_path):
+    """A converted official DETR-R50 (weights synthesized from the official key layout of the fixture)."""
+    from pathlib import Path
+
+    from detr_lab.export.from_checkpoint import export_checkpoint
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    spec_source = torch.load(fixtures / "detr_r50.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in spec_source["state_dict_spec"]:  # quick fill: the weights' values do not matter here
+        if name.endswith(("running_var", "weight")) and len(shape) == 1:
+            state[name] = torch.ones(shape) * (0.2 if name.endswith("bn3.weight") else 1.0)
+        elif len(shape) == 1:
+            state[name] = torch.zeros(shape)
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[name] = torch.randn(shape, generator=generator) / fan_in**0.5
+    torch.save({"model": state}, tmp_path / "detr-r50.pth")
+    result = export_checkpoint(tmp_path / "detr-r50.pth", tmp_path / "detr.onnx", height=96, width=128,
+                               dynamic=True, verify=True, num_random=2)
+    assert result.report.passed, result.report.text()
+    assert len(OnnxDetector(result.path).metadata.class_names) == 91
