@@ -338,8 +338,10 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
         `[B, S, levels, 2]` (x, y).
     """
     points = []
-    for level in range(spatial_shapes.shape[0]):
-        height, width = spatial_shapes[level]  # 0-dim tensors: traced (ONNX export) as input-dependent
+    # Traced (ONNX export), the sizes stay 0-dim tensors so that the graph reads them from its input;
+    # eager, one host read of all of them.
+    sizes = spatial_shapes if torch.jit.is_tracing() else spatial_shapes.tolist()
+    for level, (height, width) in enumerate(sizes):
         ys, xs = torch.meshgrid(
             torch.arange(height, dtype=ratios.dtype, device=ratios.device) + 0.5,
             torch.arange(width, dtype=ratios.dtype, device=ratios.device) + 0.5,
