@@ -49,15 +49,16 @@ def benchmark_export_cores(
     threads: int | None = 1,
     opset: int = 17,
 ) -> dict:
-    """Median wall seconds of each exported core on onnxruntime, and its largest difference from the
-    PyTorch reference core.
+    """Median wall and process-CPU seconds of each exported core on onnxruntime, and its largest
+    difference from the PyTorch reference core.
 
     Args:
         shapes: (H, W) per level. num_queries: default one per value position (encoder self-attention).
         runs: timed calls per core (after one warm-up call); the cores take turns.
         threads: onnxruntime intra-op threads.
     Returns:
-        `{"gather": {"median_s", "values_s", "max_abs_difference"}, "grid_sample": {...}, "shape": {...}}`.
+        `{"gather": {"median_s", "values_s", "cpu_median_s", "max_abs_difference"}, "grid_sample": {...},
+        "shape": {...}}`.
     """
     require("onnx")
     ort = require("onnxruntime")
@@ -88,16 +89,19 @@ def benchmark_export_cores(
     result: dict = {"shape": {"levels": [list(s) for s in shapes], "queries": num_queries, "heads": heads,
                               "head_dim": head_dim, "points": points, "threads": threads}}
     times: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu_times: dict[str, list[float]] = {name: [] for name in sessions}
     outputs = {name: session.run(None, feed)[0] for name, session in sessions.items()}  # warm-up
     for run in range(runs):
         for name in list(sessions) if run % 2 == 0 else list(sessions)[::-1]:
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     for name in sessions:
         result[name] = {
             "median_s": round(statistics.median(times[name]), 6),
             "values_s": [round(t, 6) for t in times[name]],
+            "cpu_median_s": round(statistics.median(cpu_times[name]), 6),  # all threads of the process
             "max_abs_difference": float((torch.from_numpy(outputs[name]) - reference).abs().max()),
         }
     return result
