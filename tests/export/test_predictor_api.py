@@ -90,3 +90,17 @@ def test_onnx_backend_through_the_same_api(checkpoints, image_files, tmp_path):
         assert torch.equal(got["category_ids"], expected["category_ids"])
     with pytest.raises(Exception, match="cannot change an exported ONNX model"):
         Predictor.from_onnx(path, overrides=["model.num_queries=3"])
+
+
+def test_prediction_needs_no_lightning(checkpoints, image_files):
+    """A notebook predicting with a checkpoint never imports Lightning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from detr_lab.engine.inference import Predictor; "
+        f"Predictor.from_checkpoint({str(checkpoints['detr'])!r}).predict([{str(image_files[0])!r}]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
