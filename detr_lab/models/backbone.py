@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from detr_lab.io import safe_load
+
 # torchvision constructor and ImageNet weights enum per supported depth. DETR's published
 # checkpoints were trained from the original (V1) torchvision weights.
 RESNETS = {
@@ -151,8 +153,6 @@ class ResNetBackbone(nn.Module):
 
     @staticmethod
     def read_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
-        from detr_lab.checkpoints import safe_load
-
         state = safe_load(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
