@@ -29,6 +29,10 @@ FUNCTION_LEVEL_ALLOWED = {
     ("detr_lab/models/attention/kernels/__init__.py", ".triton_ms_deform"): (
         "the Triton kernels import Triton at module level; loaded only when the Triton core is used"
     ),
+    ("detr_lab/export/dependencies.py", "name"): (
+        "the optional export extra (onnx, onnxruntime): imported by name when an export or onnxruntime "
+        "function runs, so detr_lab imports without the extra and the tools can say what to install"
+    ),
     ("detr_lab/models/attention/__init__.py", "module_name"): (
         "the attention spec table names each variant's builder as 'module:function' and imports it "
         "with importlib when the first module of that variant is built (the table is pure data read "

@@ -85,6 +85,7 @@ from detr_lab.benchmark.measure import (
 from detr_lab.benchmark.report import format_table
 from detr_lab.benchmark.timer import ratio, summarize, synchronize, time_interleaved
 from detr_lab.config import Config, load_config
+from detr_lab.export.timing import onnxruntime_call
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
@@ -379,8 +380,6 @@ def measure_case(
         if mode == "onnxruntime":
             if task != "inference" or device.type != "cpu":
                 raise ValueError("the onnxruntime mode measures CPU inference only")
-            from detr_lab.export.timing import onnxruntime_call
-
             calls[mode] = onnxruntime_call(model, cfg, images, padding_mask, threads=settings.threads)
         elif task == "inference":
             calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)

@@ -22,8 +22,10 @@ from tqdm import tqdm
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, load_config
 from detr_lab.data.datamodule import DetectionDataModule
-from detr_lab.engine.cli import split_model_overrides
+from detr_lab.engine.cli import ToolError, split_model_overrides
+from detr_lab.engine.devices import resolve_device
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.export.runtime import OnnxDetector
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 
@@ -35,16 +37,6 @@ class EvaluationResult:
     results_path: Path  # COCO results json, original category ids
     num_images: int
     config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else as torch.device (error if unavailable)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    return resolved
 
 
 @torch.inference_mode()
@@ -123,9 +115,6 @@ def evaluate_onnx(
         ToolError: a `model.*` override; MissingExtraError: onnxruntime missing; MetadataError: an ONNX
         file not written by detr_lab's export.
     """
-    from detr_lab.engine.cli import ToolError
-    from detr_lab.export.runtime import OnnxDetector
-
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     if model_overrides:
         raise ToolError(f"model overrides {model_overrides} cannot change an exported ONNX model")
@@ -149,8 +138,6 @@ def _evaluate(
     progress: bool,
 ) -> EvaluationResult:
     """Predict the val split of `cfg.data` with `model` (a ready detector), score it, write the json."""
-    from detr_lab.data.datamodule import DetectionDataModule
-
     datamodule = DetectionDataModule(cfg, category_ids=list(category_ids))
     datamodule.prepare_data()
     datamodule.setup("validate")

@@ -33,7 +33,8 @@ from detr_lab.data.collate import pad_images
 from detr_lab.data.images import load_rgb_image, pil_to_rgb_array
 from detr_lab.data.transforms import build_eval_transform
 from detr_lab.engine.cli import ToolError, split_model_overrides
-from detr_lab.engine.evaluate import resolve_device
+from detr_lab.engine.devices import resolve_device
+from detr_lab.export.runtime import OnnxDetector
 from detr_lab.models.build import build_model, build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 
@@ -156,8 +157,6 @@ class Predictor:
         Raises:
             ToolError: a missing file or a `model.*` override; MetadataError: not a detr_lab export.
         """
-        from detr_lab.export.runtime import OnnxDetector
-
         path = Path(model_path)
         if not path.is_file():
             raise ToolError(f"ONNX model not found: {path}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import load_config
 from detr_lab.engine.cli import ToolError, split_model_overrides
 from detr_lab.export.metadata import ExportMetadata
@@ -54,8 +55,6 @@ def export_checkpoint(
         ToolError: a missing checkpoint or config. ExportError: a model that cannot be exported.
         CheckpointError / ConfigError: an unreadable checkpoint or a bad override.
     """
-    from detr_lab.checkpoints import load_checkpoint
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ToolError(f"checkpoint not found: {checkpoint}")

@@ -15,8 +15,8 @@ refused (its cluster counts are data-dependent).
 from __future__ import annotations
 
 import copy
+import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
+from detr_lab.files import atomic_write
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
-from detr_lab.models.attention.deformable import set_deformable_core
+from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
 
 INPUT_NAMES = ("images", "padding_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
@@ -143,38 +144,31 @@ def export_onnx(
             "pred_logits": {0: "batch"},
             "pred_boxes": {0: "batch"},
         }
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shape arithmetic traced as constants is intended for the fixed parts (level count, head
+        # sizes); input-size dependence is checked by `verify_onnx` on other sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        torch.onnx.export(
+            wrapper,
+            inputs,
+            buffer,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    metadata.store(proto, traced_size=None if dynamic else (batch, height, width))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Shape arithmetic traced as constants is intended for the fixed parts (level count,
-            # head sizes); input-size dependence is checked by `verify_onnx` on other sizes.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
-            torch.onnx.export(
-                wrapper,
-                inputs,
-                tmp_name,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        proto = onnx.load(tmp_name)
-        metadata.store(proto, traced_size=None if dynamic else (batch, height, width))
-        onnx.save(proto, tmp_name)
-        os.replace(tmp_name, output)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(output, "wb") as handle:  # temporary file, fsync, rename
+        handle.write(proto.SerializeToString())
     return output
 
 
 def _has_deformable(model: nn.Module) -> bool:
-    from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
-
     return any(isinstance(module, MultiScaleDeformableAttention) for module in model.modules())

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_lab.config import Config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.export.runtime import OnnxDetector, OnnxInputError
 
 DEFAULT_TOLERANCE = 1e-4
@@ -171,8 +172,6 @@ def _compare(model: nn.Module, detector: OnnxDetector, images: Tensor, padding_m
 
 
 def _validation_batches(config: Config, detector: OnnxDetector, count: int):
-    from detr_lab.data.datamodule import DetectionDataModule
-
     cfg = dataclasses.replace(config, model=detector.metadata.config.model)
     datamodule = DetectionDataModule(cfg, category_ids=detector.metadata.category_ids)
     datamodule.prepare_data()
