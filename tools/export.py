@@ -34,7 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify-batches", type=int, default=3, help="random batches to verify (default 3)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |difference|")
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is not None and not args.verify:
+        parser.error("--config gives the validation images of --verify; add --verify")
+    if args.verify_batches < 0 or args.tolerance < 0:
+        parser.error("--verify-batches and --tolerance must be >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

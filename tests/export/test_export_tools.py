@@ -59,6 +59,10 @@ def test_export_tool_one_line_errors(checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ACT" in err[0] and "--set model.encoder.attention=plain" in err[0]
     assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(SystemExit) as usage:  # a config without --verify would be ignored: refused
+        tool.main(["--checkpoint", str(checkpoints["detr"]), "--output", str(tmp_path / "m.onnx"),
+                   "--config", "configs/demo.yaml"])
+    assert usage.value.code == 2 and "add --verify" in capsys.readouterr().err
 
 
 def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_config, tmp_path, capsys):
