@@ -46,9 +46,7 @@ def ms_deform_attn_core_gather(
     if out_dtype in (torch.float16, torch.bfloat16):
         value = value.float()
     batch, length, heads, head_dim = value.shape
-    num_queries, num_levels, num_points = sampling_locations.shape[1], sampling_locations.shape[3], (
-        sampling_locations.shape[4]
-    )
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # Rows of one (image, head) pair are contiguous: row = (b * heads + h) * Lv + token.
     flat_value = value.permute(0, 2, 1, 3).reshape(-1, head_dim)  # (B*nh*Lv, dh)
     locations = sampling_locations.permute(0, 2, 1, 3, 4, 5).to(value.dtype)  # (B, nh, Lq, L, P, 2)
