@@ -122,3 +122,20 @@ def test_infer_onnxruntime_writes_the_pytorch_outputs(exported, checkpoints, dat
             assert (x["category_id"], x["class_name"]) == (y["category_id"], y["class_name"])
             assert abs(x["score"] - y["score"]) <= 2e-4
             assert max(abs(p - q) for p, q in zip(x["box"], y["box"], strict=True)) <= 0.02
+
+
+def test_onnx_file_without_detr_lab_metadata_is_one_line_error(data_config, tmp_path, capsys):
+    import torch
+
+    class Twice(torch.nn.Module):
+        def forward(self, images, padding_mask):
+            return images * 2, padding_mask
+
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(Twice(), (torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool)), str(path),
+                      input_names=["images", "padding_mask"], dynamo=False)
+    code = load_tool("eval").main(["--config", str(data_config), "--backend", "onnxruntime", "--model",
+                                   str(path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert str(path) in err[0] and "not a model written by detr_lab's export" in err[0]
