@@ -33,6 +33,10 @@ FUNCTION_LEVEL_ALLOWED = {
         "the optional export extra (onnx, onnxruntime): imported by name when an export or onnxruntime "
         "function runs, so detr_lab imports without the extra and the tools can say what to install"
     ),
+    ("detr_lab/config.py", "timm"): (
+        "timm imports torch; config.py stays torch-free and checks a timm model name only when a "
+        "config selects a timm backbone"
+    ),
     ("detr_lab/models/attention/__init__.py", "module_name"): (
         "the attention spec table names each variant's builder as 'module:function' and imports it "
         "with importlib when the first module of that variant is built (the table is pure data read "
