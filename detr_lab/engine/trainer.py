@@ -236,8 +236,10 @@ def train(
         The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`).
     """
     from detr_lab.data.datamodule import DetectionDataModule
+    from detr_lab.data.doctor import check_at_training_start
 
     L.seed_everything(cfg.trainer.seed, workers=True)
+    check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)
     datamodule = DetectionDataModule(cfg)
     module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
