@@ -185,11 +185,13 @@ def _check_categories(report: DoctorReport, cfg: Config, splits: dict[str, _Spli
     return ids
 
 
-def _box_problems(split: _Split) -> tuple[dict[str, list[int]], list[int]]:
-    """Per kind, the annotation ids of repaired boxes; and per image, the objects the loader keeps."""
+def _box_problems(split: _Split) -> tuple[dict[str, list[int]], list[int], Counter]:
+    """Per kind, the annotation ids of repaired boxes; per image, the objects the loader keeps; and
+    per category id, the objects kept."""
     problems: dict[str, list[int]] = {"non_positive_size": [], "outside_image": [], "clipped": []}
     size_of = {img["id"]: (img.get("width", 0), img.get("height", 0)) for img in split.data["images"]}
     kept: Counter = Counter()
+    kept_categories: Counter = Counter()
     for ann in split.data["annotations"]:
         if ann.get("iscrowd"):
             continue
@@ -207,17 +209,18 @@ def _box_problems(split: _Split) -> tuple[dict[str, list[int]], list[int]]:
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 problems["clipped"].append(ann["id"])
         kept[ann["image_id"]] += 1
-    return problems, [kept[img["id"]] for img in split.data["images"]]
+        kept_categories[ann["category_id"]] += 1
+    return problems, [kept[img["id"]] for img in split.data["images"]], kept_categories
 
 
 def _ids(values: list[int]) -> str:
     return ", ".join(map(str, values[:5])) + (" ..." if len(values) > 5 else "")
 
 
-def _check_objects(report: DoctorReport, cfg: Config, split: _Split) -> list[int]:
-    """Boxes, empty images, objects per image; returns the objects per image."""
+def _check_objects(report: DoctorReport, cfg: Config, split: _Split) -> tuple[list[int], Counter]:
+    """Boxes, empty images, objects per image; returns the objects kept per image and per category."""
     name = split.name
-    problems, per_image = _box_problems(split)
+    problems, per_image, per_category = _box_problems(split)
     if problems["non_positive_size"]:
         ids = problems["non_positive_size"]
         report.add("warning", name, f"{len(ids)} boxes of zero or negative width or height are dropped "
@@ -249,7 +252,7 @@ def _check_objects(report: DoctorReport, cfg: Config, split: _Split) -> list[int
                                       f"({queries}; max {counts.max()}, image ids {_ids(image_ids)}): the "
                                       "objects beyond one per query are never matched; "
                                       "raise model.num_queries")
-    return per_image
+    return per_image, per_category
 
 
 def _resized_sizes(sizes: np.ndarray, scales: np.ndarray, max_size: int) -> np.ndarray:
@@ -345,8 +348,8 @@ def _check_files(report: DoctorReport, split: _Split, sample: int | None) -> Non
             report.add("error", split.name, f"{len(items)} {checked}: {label}: {shown}")
 
 
-def _check_balance(report: DoctorReport, split: _Split, class_ids: list[int]) -> dict[int, int]:
-    counts = Counter(a["category_id"] for a in split.data["annotations"] if not a.get("iscrowd"))
+def _check_balance(report: DoctorReport, split: _Split, class_ids: list[int], counts: Counter) -> None:
+    """Categories without objects and the most / least frequent class (objects the loader keeps)."""
     names = {c["id"]: str(c.get("name", c["id"])) for c in split.data["categories"]}
     per_class = {i: counts.get(i, 0) for i in class_ids}
     absent = [i for i, n in per_class.items() if n == 0]
@@ -364,7 +367,6 @@ def _check_balance(report: DoctorReport, split: _Split, class_ids: list[int]) ->
                                                         "(more data or resampling of the rare classes)")
         else:
             report.add("info", split.name, message)
-    return per_class
 
 
 def denoising_option(cfg: Config) -> str | None:
@@ -433,12 +435,12 @@ def diagnose(cfg: Config, *, brief: bool = False) -> DoctorReport:
     class_ids = _check_categories(report, cfg, splits)
     max_objects = 0
     for split in splits.values():
-        per_image = _check_objects(report, cfg, split)
+        per_image, per_category = _check_objects(report, cfg, split)
         max_objects = max([max_objects, *per_image])
         _check_sizes(report, cfg, split)
         if fmt != "yolo":  # YOLO sizes are read from the files themselves
             _check_files(report, split, BRIEF_FILE_SAMPLE if brief else None)
-        _check_balance(report, split, class_ids)
+        _check_balance(report, split, class_ids, per_category)
     if "train" in splits:
         _suggest_small_data(report, cfg, len(splits["train"].data["images"]), max_objects)
     return report
