@@ -159,7 +159,7 @@ class DataConfig:
     dataset: str = _choice("coco", "synthetic", default="coco")
     # On-disk layout of a `dataset: coco` set: "coco" (image folders + instances json), "yolo"
     # (Ultralytics: `<root>/<yolo_data>` naming the image folders, labels/*.txt beside images/), or
-    # "auto": yolo when `<root>/<yolo_data>` exists and the COCO train annotations do not.
+    # "auto": yolo when `<root>/<yolo_data>` exists and neither COCO annotation file does.
     format: str = _choice("auto", "coco", "yolo", default="auto")
     yolo_data: str = "data.yaml"  # the YOLO dataset description, relative to `root`
     # Run the dataset doctor's quick checks when training starts (see detr_lab.data.doctor);

@@ -45,14 +45,15 @@ def coco_split_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
 
 
 def resolve_format(data_cfg: DataConfig) -> str:
-    """`data.format` with "auto" resolved: "yolo" when `<root>/<yolo_data>` exists and the COCO train
-    annotations do not, else "coco". The synthetic dataset is always "coco"."""
+    """`data.format` with "auto" resolved: "yolo" when `<root>/<yolo_data>` exists and neither COCO
+    annotation file (train, val) does, else "coco". The synthetic dataset is always "coco"."""
     if data_cfg.dataset == "synthetic" or data_cfg.format == "coco":
         return "coco"
     if data_cfg.format == "yolo":
         return "yolo"
     has_yaml = (Path(data_cfg.root) / data_cfg.yolo_data).is_file()
-    return "yolo" if has_yaml and not coco_split_paths(data_cfg, "train")[1].is_file() else "coco"
+    has_coco = any(coco_split_paths(data_cfg, split)[1].is_file() for split in ("train", "val"))
+    return "yolo" if has_yaml and not has_coco else "coco"
 
 
 class DetectionDataModule(L.LightningDataModule):

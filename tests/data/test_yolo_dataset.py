@@ -116,6 +116,11 @@ def test_datamodule_detects_yolo_and_evaluates_ground_truth_at_ap_one(tmp_path):
         evaluator.update({image_id: {"boxes": boxes, "labels": labels, "scores": torch.ones(len(anns))}})
     assert evaluator.compute()["AP"] == pytest.approx(1.0)
 
+    # A COCO annotation file beside a data.yaml: "auto" keeps COCO.
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    assert resolve_format(_cfg(tmp_path).data) == "coco"
+
 
 def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path):
     yaml_path = write_yolo_set(tmp_path / "set")
