@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from detr_lab.visualize.draw import save_figure
 
@@ -99,6 +100,7 @@ def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
         if points:
             ap_axes.plot([p[0] for p in points], [p[2] for p in points], "o-", label=column, markersize=4)
     ap_axes.set_xlabel("epoch")
+    ap_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     ap_axes.set_ylabel("COCO AP")
     ap_axes.set_title("validation AP")
     ap_axes.grid(alpha=0.3)
