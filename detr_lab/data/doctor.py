@@ -272,11 +272,13 @@ def padding_waste(sizes: np.ndarray, batch_size: int, order: np.ndarray) -> floa
     Returns:
         padding pixels / batch-tensor pixels, in [0, 1).
     """
-    padded = real = 0
-    for start in range(0, len(order), batch_size):
-        batch = sizes[order[start:start + batch_size]]
-        padded += len(batch) * int(batch[:, 0].max()) * int(batch[:, 1].max())
-        real += int((batch[:, 0] * batch[:, 1]).sum())
+    ordered = sizes[np.asarray(order)].astype(np.int64)  # (M, 2)
+    full = len(ordered) // batch_size * batch_size
+    batches = [ordered[:full].reshape(-1, batch_size, 2)]  # (M // B, B, 2)
+    if full < len(ordered):
+        batches.append(ordered[full:][None])  # the last, smaller batch
+    padded = sum(int((b.shape[1] * b[:, :, 0].max(1) * b[:, :, 1].max(1)).sum()) for b in batches)
+    real = int((ordered[:, 0] * ordered[:, 1]).sum())
     return 1.0 - real / padded if padded else 0.0
 
 

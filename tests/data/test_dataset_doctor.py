@@ -132,6 +132,9 @@ def test_padding_waste_by_hand():
     # (0, 3): 800 px, 500 real; (1, 2): 800 px, 400 real
     assert padding_waste(sizes, 2, np.array([0, 3, 1, 2])) == pytest.approx(1 - 900 / 1600)
     assert padding_waste(sizes, 1, np.arange(4)) == 0.0
+    # a last, smaller batch: (4,) alone, 25 px, no padding
+    with_rest = np.concatenate([sizes, [[5, 5]]])
+    assert padding_waste(with_rest, 2, np.arange(5)) == pytest.approx(1 - 925 / 1225)
 
 
 def test_imbalance_and_small_data_suggestions(tmp_path):
