@@ -141,3 +141,28 @@ def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path):
     assert run.stderr.startswith("convert_dataset.py: error: ")
     expected = "labels/val/c.txt, line 1: expected 5 values 'class cx cy w h', got 4: '1 0.2 0.3 0.2'"
     assert expected in run.stderr
+
+
+def test_training_on_a_yolo_set_logs_ap_and_curves(tmp_path):
+    """One step and one validation on a YOLO set, the doctor on; the real CSV log draws as curves."""
+    from detr_lab.config import load_config
+    from detr_lab.engine.trainer import train
+    from detr_lab.visualize.curves import plot_run_curves, read_metrics
+
+    write_yolo_set(tmp_path / "set")
+    cfg = load_config(overrides=[
+        "model.num_classes=2", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
+        "model.num_queries=4", "model.backbone.name=resnet18", "model.backbone.frozen_stages=0",
+        "model.encoder.num_layers=1", "model.decoder.num_layers=1", f"data.root={tmp_path / 'set'}",
+        "data.batch_size=2", "data.num_workers=0", "data.augment.train_scales=[64]",
+        "data.augment.max_size=96", "data.augment.crop_prob=0", "data.augment.eval_size=64",
+        "data.augment.eval_max_size=96",
+        f"trainer.output_dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+    ])
+    trainer = train(cfg, progress_bar=False)
+    assert trainer.global_step == 1 and "val/AP" in trainer.logged_metrics
+    csv_path = next((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))
+    series = read_metrics(csv_path)
+    assert [epoch for epoch, _, _ in series["val/AP"]] == [0] and "train/loss_step" in series
+    assert plot_run_curves(tmp_path / "run", tmp_path / "curves.png").stat().st_size > 10_000
