@@ -292,10 +292,11 @@ def _check_sizes(report: DoctorReport, cfg: Config, split: _Split) -> None:
         return
     sizes = np.array(known, dtype=np.int64)
     aspect = sizes[:, 1] / sizes[:, 0]
-    report.add("info", split.name, f"image sizes (w x h): min {sizes[:, 1].min()}x{sizes[:, 0].min()}, "
-                                   f"median {int(np.median(sizes[:, 1]))}x{int(np.median(sizes[:, 0]))}, max "
-                                   f"{sizes[:, 1].max()}x{sizes[:, 0].max()}; aspect w/h "
-                                   f"{aspect.min():.2f}..{aspect.max():.2f}")
+    widths, heights = sizes[:, 1], sizes[:, 0]
+    width_text = f"{widths.min()}..{widths.max()} (median {np.median(widths):g})"
+    height_text = f"{heights.min()}..{heights.max()} (median {np.median(heights):g})"
+    report.add("info", split.name, f"image widths {width_text}, heights {height_text}; "
+                                   f"aspect w/h {aspect.min():.2f}..{aspect.max():.2f}")
     augment, batch_size = cfg.data.augment, cfg.data.batch_size
     rng = np.random.default_rng(0)
     if split.name == "train":

@@ -93,7 +93,7 @@ def test_every_problem_of_a_coco_set_is_reported(tmp_path):
     assert _one(infos, "4 images, 3 objects; 3 images (75.0%) have no objects")
     assert _one(infos, "objects per image: mean 0.8").endswith("max 3 (model.num_queries 2)")
     assert _one(infos, "class counts").startswith("class counts: most cat (2), least dog (1)")
-    assert _one(infos, "image sizes (w x h): min 10x10, median 30x20, max 40x30")
+    assert _one(infos, "image widths 10..40 (median 30), heights 10..30 (median 20); aspect w/h 1.00..2.00")
     assert not _messages(report, "error", "val")
     assert report.text().endswith("4 error(s), 4 warning(s): training would fail or be silently wrong")
 
