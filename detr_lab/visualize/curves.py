@@ -95,10 +95,14 @@ def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
     loss_axes.grid(alpha=0.3)
     if loss_axes.lines:
         loss_axes.legend(fontsize=8)
-    for column in AP_COLUMNS:
+    last_epoch = 0
+    for column, style in zip(AP_COLUMNS, ("o-", "s--", "^:"), strict=True):
         points = series.get(column)
         if points:
-            ap_axes.plot([p[0] for p in points], [p[2] for p in points], "o-", label=column, markersize=4)
+            ap_axes.plot([p[0] for p in points], [p[2] for p in points], style, label=column, markersize=5)
+            last_epoch = max(last_epoch, max(p[0] for p in points))
+    ap_axes.set_xlim(-0.5, last_epoch + 0.5)
+    ap_axes.set_ylim(bottom=0)
     ap_axes.set_xlabel("epoch")
     ap_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     ap_axes.set_ylabel("COCO AP")
