@@ -16,6 +16,7 @@ with the module's own layers:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -24,12 +25,13 @@ from torch import Tensor, nn
 
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
+from detr_lab.models.attention.masks import blocked_keys
 from detr_lab.models.attention.plain import PlainAttention
 
 
 @contextmanager
 def record_inputs(modules: Sequence[nn.Module]) -> Iterator[list[dict[str, Tensor]]]:
-    """Within the block, each call of `modules[i]` stores its keyword arguments in `records[i]`.
+    """Within the block, each call of `modules[i]` stores its arguments, by name, in `records[i]`.
 
     Yields the list of records (one dict per module, filled by the forward pass; a later call of
     the same module overwrites its record). The hooks are removed on exit.
@@ -38,9 +40,12 @@ def record_inputs(modules: Sequence[nn.Module]) -> Iterator[list[dict[str, Tenso
     handles = []
     for record, module in zip(records, modules, strict=True):
 
-        def hook(_module, _args, kwargs, _output, record=record):
+        signature = inspect.signature(module.forward)
+
+        def hook(_module, args, kwargs, _output, record=record, signature=signature):
             record.clear()
-            record.update({k: v for k, v in kwargs.items() if v is not None})
+            bound = signature.bind_partial(*args, **kwargs).arguments  # positional ones by name too
+            record.update({k: v for k, v in bound.items() if v is not None})
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -60,17 +65,23 @@ def _require(record: dict[str, Tensor], names: Sequence[str], module: nn.Module)
 def plain_attention_weights(module: PlainAttention, record: dict[str, Tensor]) -> Tensor:
     """Attention weights of a `PlainAttention` call: float `[B, heads, Lq, Lk]`, rows summing to 1.
 
-    `record` holds the call's `query` `[B, Lq, d]`, `key` `[B, Lk, d]` and optional
-    `key_padding_mask` bool `[B, Lk]` (True = padding; those keys get weight 0).
+    `record` holds the call's `query` `[B, Lq, d]`, `key` `[B, Lk, d]`, optional `key_padding_mask`
+    bool `[B, Lk]` (True = padding) and `attn_mask` (True = may not attend; shapes as
+    `detr_lab.models.attention.masks.normalize_attn_mask`): blocked keys get weight 0, and a query
+    whose every key is blocked gets an all-zero row (as the module, which attends to nothing there).
     """
     _require(record, ("query", "key"), module)
     q = module.split_heads(module.q_proj(record["query"]))  # (B, nh, Lq, hd)
     k = module.split_heads(module.k_proj(record["key"]))  # (B, nh, Lk, hd)
     scores = (q * module.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, nh, Lq, Lk)
-    mask = record.get("key_padding_mask")
-    if mask is not None:
-        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1)
+    batch, heads, num_queries, num_keys = scores.shape
+    blocked = blocked_keys(record.get("attn_mask"), record.get("key_padding_mask"), batch, heads,
+                           num_queries, num_keys)  # broadcastable to (B, nh, Lq, Lk) or None
+    if blocked is None:
+        return scores.softmax(dim=-1)
+    empty = blocked.all(dim=-1, keepdim=True)  # rows with nothing to attend to
+    weights = scores.masked_fill(blocked & ~empty, float("-inf")).softmax(dim=-1)
+    return weights.masked_fill(empty, 0.0)
 
 
 @torch.no_grad()

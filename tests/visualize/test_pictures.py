@@ -84,6 +84,24 @@ def test_plain_weights_reproduce_the_module_output():
     torch.testing.assert_close(rebuilt, outputs["out"], rtol=1e-5, atol=1e-5)
 
 
+def test_plain_weights_follow_attn_mask_and_fully_blocked_rows():
+    torch.manual_seed(0)
+    module = PlainAttention(16, 2).eval()
+    query, key = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    attn_mask = torch.zeros(3, 5, dtype=torch.bool)
+    attn_mask[0, :2] = True
+    attn_mask[2] = True  # query 2 may attend to nothing
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with record_inputs([module]) as records, torch.no_grad():
+        out = module(query, key, key, key_padding_mask=padding, attn_mask=attn_mask)
+    weights = plain_attention_weights(module, records[0])
+    assert (weights[:, :, 0, :2] == 0).all() and (weights[1, :, :, 3:] == 0).all()
+    assert (weights[:, :, 2] == 0).all()
+    torch.testing.assert_close(weights[:, :, :2].sum(-1), torch.ones(2, 2, 2))
+    rebuilt = module.out_proj(module.merge_heads(weights @ module.split_heads(module.v_proj(key))))
+    torch.testing.assert_close(rebuilt, out, rtol=1e-5, atol=1e-5)
+
+
 def test_deformable_locations_and_weights_reproduce_the_module_output():
     _, model = _model(DEFORMABLE)
     module = model.transformer.decoder.layers[0].cross_attn
