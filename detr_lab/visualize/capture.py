@@ -1,11 +1,11 @@
 """What the attention modules did in one forward pass, recovered with forward hooks (no model changes).
 
-Every attention module is called with keyword arguments (the shared contract: `query`, `key`,
-`value`, `key_padding_mask`, `reference_points`, `spatial_shapes`, `level_start_index`), so a hook
-registered `with_kwargs=True` sees all of its inputs. From them the quantities to draw are recomputed
-with the module's own layers:
+Attention modules share one call contract (`query`, `key`, `value`, `key_padding_mask`,
+`attn_mask`, `reference_points`, `spatial_shapes`, `level_start_index`); a hook registered
+`with_kwargs=True` sees every argument, and positional ones are bound to their names. From them the
+quantities to draw are recomputed with the module's own layers:
 
-- `plain_attention_weights`: softmax(q k^T / sqrt(head_dim)) with padded keys excluded, from
+- `plain_attention_weights`: softmax(q k^T / sqrt(head_dim)) with blocked keys excluded, from
   `q_proj` / `k_proj` (DETR's decoder cross-attention, Carion et al. 2020, Fig. 6);
 - `deformable_sampling`: sampling locations and their weights from `sampling_offsets` /
   `attention_weights` and the reference points, as `MultiScaleDeformableAttention.forward` computes
