@@ -4,8 +4,9 @@ Layout:
 
     <root>/data.yaml           path: <dataset folder>   (optional; default the yaml's folder;
                                relative: to the yaml's folder)
-                               train: images/train      a folder, a .txt list of image paths, or a list
-                               val: images/val          of those, relative to `path`
+                               train: images/train      a folder, a .txt list of image paths (relative
+                               val: images/val          ones: to the list's folder), or a list of those;
+                                                        relative to `path`
                                names: [cat, dog]        or {0: cat, 1: dog}; optional nc: 2
     <root>/images/train/a.jpg  <root>/labels/train/a.txt   one label file per image, found by
                                replacing the last `images` folder of the image path by `labels` and
@@ -155,7 +156,7 @@ def _split_images(description: YoloDataDescription, split: str) -> list[Path]:
                 line = line.strip()
                 if not line:
                     continue
-                image = Path(line) if Path(line).is_absolute() else description.root / line
+                image = Path(line) if Path(line).is_absolute() else source.parent / line
                 if not image.is_file():
                     raise MissingImageError(f"{source}, line {number}: image file not found: {image}")
                 images.append(image)

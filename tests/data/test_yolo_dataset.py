@@ -43,6 +43,18 @@ def test_names_as_list_or_dict_and_nc_check(tmp_path):
         read_data_yaml(mismatch)
 
 
+def test_split_from_a_txt_list_of_images(tmp_path):
+    yaml_path = write_yolo_set(tmp_path)
+    (tmp_path / "val.txt").write_text("./images/val/d.png\n\nimages/val/c.png\n")
+    yaml_path.write_text("train: images/train\nval: val.txt\nnames: [cat, dog]\n")
+    coco = yolo_split_to_coco(yaml_path, "val").coco
+    assert [i["file_name"] for i in coco["images"]] == ["images/val/c.png", "images/val/d.png"]
+    assert [a["image_id"] for a in coco["annotations"]] == [1]
+    (tmp_path / "val.txt").write_text("images/val/nope.png\n")
+    with pytest.raises(DatasetError, match=r"val.txt, line 1: image file not found: .*nope.png"):
+        yolo_split_to_coco(yaml_path, "val")
+
+
 def test_split_converted_to_coco_pixel_boxes(tmp_path):
     converted = yolo_split_to_coco(write_yolo_set(tmp_path), "train")
     coco = converted.coco
