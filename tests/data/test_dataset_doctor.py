@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,19 +175,24 @@ def _write_config(tmp_path: Path, root: Path, extra: str = "") -> Path:
     return path
 
 
-def test_doctor_tool_exit_codes(tmp_path):
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_doctor_tool_exit_codes(tmp_path, capsys):
     _problem_set(tmp_path / "set")
     config = _write_config(tmp_path, tmp_path / "set")
-    tool = [sys.executable, str(REPO / "tools" / "doctor.py"), "--config", str(config)]
-    bad = subprocess.run(tool, capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 1, bad.stderr
-    assert "ERROR   [train] 1 of 4 checked: image files missing" in bad.stdout
+    main = _tool("doctor").main
+    assert main(["--config", str(config)]) == 1
+    assert "ERROR   [train] 1 of 4 checked: image files missing" in capsys.readouterr().out
     clean_train = ["--set", "data.train_annotations=val.json", "--set", "data.train_images=val"]
-    fixed = subprocess.run([*tool, *clean_train], capture_output=True, text=True, cwd=REPO)
-    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    assert fixed.stdout.rstrip().endswith("0 error(s), 1 warning(s): no blocking problem")
-    typo = subprocess.run([*tool, "--set", "data.fromat=yolo"], capture_output=True, text=True, cwd=REPO)
-    assert typo.returncode == 2 and "did you mean 'format'" in typo.stderr
+    assert main(["--config", str(config), *clean_train]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("0 error(s), 1 warning(s): no blocking problem")
+    assert main(["--config", str(config), "--set", "data.fromat=yolo"]) == 2
+    assert "did you mean 'format'" in capsys.readouterr().err
 
 
 def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypatch):

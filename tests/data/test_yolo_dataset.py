@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,25 +133,24 @@ def test_datamodule_detects_yolo_and_evaluates_ground_truth_at_ap_one(tmp_path):
     assert resolve_format(_cfg(tmp_path).data) == "coco"
 
 
-def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path):
+def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("tool_convert", REPO / "tools" / "convert_dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     yaml_path = write_yolo_set(tmp_path / "set")
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "convert_dataset.py"), str(yaml_path),
-                          "--output-dir", str(out)], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr
+    assert tool.main([str(yaml_path), "--output-dir", str(out)]) == 0, capsys.readouterr().err
     val = json.loads((out / "instances_val.json").read_text())
     assert [a["bbox"] for a in val["annotations"]] == [[5.0, 25.0, 10.0, 10.0]]  # 50x100 image
     assert np.isclose(val["annotations"][0]["area"], 100.0)
     assert sorted(p.name for p in out.iterdir()) == ["instances_train.json", "instances_val.json"]
 
     (tmp_path / "set" / "labels" / "val" / "c.txt").write_text("1 0.2 0.3 0.2\n")
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "convert_dataset.py"), str(yaml_path),
-                          "--output-dir", str(out), "--split", "val"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 1
-    assert run.stderr.startswith("convert_dataset.py: error: ")
+    assert tool.main([str(yaml_path), "--output-dir", str(out), "--split", "val"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("convert_dataset.py: error: ")
     expected = "labels/val/c.txt, line 1: expected 5 values 'class cx cy w h', got 4: '1 0.2 0.3 0.2'"
-    assert expected in run.stderr
+    assert expected in err
 
 
 def test_training_on_a_yolo_set_logs_ap_and_curves(tmp_path):
