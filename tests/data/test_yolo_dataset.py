@@ -176,3 +176,13 @@ def test_training_on_a_yolo_set_logs_ap_and_curves(tmp_path):
     series = read_metrics(csv_path)
     assert [epoch for epoch, _, _ in series["val/AP"]] == [0] and "train/loss_step" in series
     assert plot_run_curves(tmp_path / "run", tmp_path / "curves.png").stat().st_size > 10_000
+
+    # tools/eval.py's path: the checkpoint against the YOLO val split, results with YOLO class ids.
+    from detr_lab.engine.evaluate import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    result = evaluate_checkpoint(run / "config.yaml", run / "checkpoints" / "last.ckpt", device="cpu",
+                                 progress=False)
+    assert result.num_images == 2 and 0.0 <= result.stats["AP"] <= 1.0
+    detections = json.loads(result.results_path.read_text())
+    assert detections and {d["category_id"] for d in detections} <= {0, 1}
