@@ -5,7 +5,8 @@
 
 Findings have a severity:
 - "error": training would fail or be silently wrong: an unreadable or invalid annotation file or
-  label line, duplicate image/annotation/category ids, `model.num_classes` below the number of
+  label line, duplicate image/annotation/category ids (the other checks then keep the first
+  entry of each), `model.num_classes` below the number of
   categories, training categories missing from the class mapping, more objects in an image than
   `model.num_queries` (the matcher can assign at most one object per query: the rest are never
   learned), missing or unreadable image files, and image files whose upright size differs from the
@@ -134,14 +135,32 @@ def _read_coco_split(report: DoctorReport, name: str, images_dir: Path, path: Pa
                 shown = ", ".join(map(str, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
                 report.add("error", name, f"{path}: {len(repeated)} {label} id(s) appear more than once "
                                           f"in '{key}': {shown}")
+    if duplicated:
+        data = _first_of_each_id(data)
+        report.add("info", name, "the checks below keep the first entry of each duplicated id")
     try:
-        data = copy.deepcopy(data) if duplicated else data
         validate_coco_detection(data, path)
     except DatasetError as err:
-        if not (duplicated and "appears twice" in str(err)):
-            report.add("error", name, str(err))
+        report.add("error", name, str(err))
         return None
     return _Split(name, images_dir, path, data)
+
+
+def _first_of_each_id(data: dict) -> dict:
+    """A copy of a COCO dict without the later entries of repeated image, annotation, category ids."""
+    data = copy.deepcopy(data)
+    for key in ("images", "annotations", "categories"):
+        seen: set[int] = set()
+        kept = []
+        for item in data[key]:
+            item_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(item_id, int) and item_id in seen:
+                continue
+            if isinstance(item_id, int):
+                seen.add(item_id)
+            kept.append(item)
+        data[key] = kept
+    return data
 
 
 def _read_yolo_split(report: DoctorReport, name: str, data_yaml: Path) -> _Split | None:

@@ -111,9 +111,12 @@ def test_duplicate_ids_and_unknown_categories_are_errors(tmp_path):
     data["annotations"][1]["id"] = 1
     data["images"].append(dict(data["images"][0]))
     (tmp_path / "train.json").write_text(json.dumps(data))
-    errors = _messages(diagnose(_cfg(tmp_path)), "error")
+    report = diagnose(_cfg(tmp_path))
+    errors = _messages(report, "error")
     assert _one(errors, "1 image id(s) appear more than once in 'images': 1")
     assert _one(errors, "1 annotation id(s) appear more than once in 'annotations': 1")
+    # the other checks still run, on the first entry of each id: 4 images, annotation 2 left out
+    assert _one(_messages(report, "info"), "4 images, 2 objects")
 
     _problem_set(tmp_path / "b")
     val = json.loads((tmp_path / "b" / "val.json").read_text())
