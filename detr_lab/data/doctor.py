@@ -5,9 +5,9 @@
 
 Findings have a severity:
 - "error": training would fail or be silently wrong: an unreadable or invalid annotation file or
-  label line, duplicate image/annotation/category ids (the other checks then keep the first
-  entry of each), `model.num_classes` below the number of
-  categories, training categories missing from the class mapping, more objects in an image than
+  label line, duplicate image/annotation/category ids (the other checks then keep the first entry
+  of each), `model.num_classes` below the number of categories, training categories missing from
+  the class mapping, more objects in an image than
   `model.num_queries` (the matcher can assign at most one object per query: the rest are never
   learned), missing or unreadable image files, and image files whose upright size differs from the
   annotation file's `width`/`height` (boxes then refer to other pixels; EXIF rotation named).
