@@ -212,6 +212,48 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (Lightning's `WeightAveraging` callback).
+
+    After each optimizer step, ema = d_n * ema + (1 - d_n) * weights, with the warm-up
+    d_n = decay * (1 - exp(-n / warmup_steps)) after n updates (the ModelEMA of YOLOv5 / RT-DETR), so
+    the average follows the fast-changing early weights and settles to `decay`; warmup_steps 0: d_n = decay.
+    Parameters and buffers (BatchNorm statistics) are averaged. Validation, the best checkpoint and every
+    saved `state_dict` (eval, infer, export) use the averaged weights; resume restores the average.
+    """
+
+    enabled: bool = False
+    decay: float = field(default=0.9998, metadata={"min": 0, "max": 1})
+    warmup_steps: int = _non_negative(2000)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when val/AP has not improved by more than `min_delta` for `patience` validation rounds."""
+
+    enabled: bool = False
+    patience: int = _positive(5)
+    min_delta: float = _non_negative(0.0)
+
+
+@dataclass
+class MonitorsConfig:
+    """Training-health checks (`detr_lab.engine.health`), on by default, silent while all is well."""
+
+    # Warn when val/AP is still <= stalled_ap_threshold after this many validation rounds (0: off).
+    stalled_ap_rounds: int = _non_negative(3)
+    stalled_ap_threshold: float = _non_negative(0.01)
+    # A non-finite loss or gradient: "error" stops naming the step and image ids; "skip" drops the step.
+    non_finite: str = _choice("error", "skip", default="error")
+    # Query usage over each training epoch (final decoder layer's matches): warn when the busiest
+    # `query_top_fraction` of the query slots take more than `query_max_share` of all matches, or when
+    # images have more objects than queries.
+    query_usage: bool = True
+    query_top_fraction: float = field(default=0.1, metadata={"min": 0, "max": 1, "exclusive": True})
+    query_max_share: float = field(default=0.5, metadata={"min": 0, "max": 1, "exclusive": True})
+
+
+@dataclass
 class TrainerConfig:
     output_dir: str = "runs/default"
     max_epochs: int = _positive(50)
@@ -228,6 +270,14 @@ class TrainerConfig:
     limit_val_batches: float = _positive(1.0)
     seed: int = 42
     save_every_n_steps: int = _non_negative(0)  # 0: checkpoint at each epoch end only
+    # Wall-clock budget of the fit (validation included), in minutes; 0: none. Training stops at the
+    # first step past it, validates, checkpoints and ends (Lightning's `max_time`).
+    max_time_minutes: float = _non_negative(0.0)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
+    # After training: print the final val AP and best checkpoint, and write summary/ (example image, AP plot).
+    summary: bool = True
 
 
 @dataclass
