@@ -87,9 +87,12 @@ class DoctorReport:
     def warnings(self) -> list[Finding]:
         return self.of("warning")
 
-    def text(self) -> str:
-        """The report: a heading, one line per finding (errors first), a count line."""
-        ordered = sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity))
+    def text(self, *, lowest: str = "info") -> str:
+        """The report: a heading, one line per finding down to severity `lowest` (errors first), a
+        count line."""
+        shown = SEVERITIES[: SEVERITIES.index(lowest) + 1]
+        ordered = sorted((f for f in self.findings if f.severity in shown),
+                         key=lambda f: SEVERITIES.index(f.severity))
         lines = [f"dataset doctor: {self.source}", *(f.line() for f in ordered)]
         n_err, n_warn = len(self.errors), len(self.warnings)
         verdict = "training would fail or be silently wrong" if n_err else "no blocking problem"
@@ -471,7 +474,7 @@ def diagnose(cfg: Config, *, brief: bool = False) -> DoctorReport:
 def check_at_training_start(cfg: Config) -> DoctorReport | None:
     """The brief check `train` runs when `data.doctor` is on (not for the generated synthetic set).
 
-    Logs the report. Raises:
+    Logs the errors and warnings (the statistics are left to `tools/doctor.py`). Raises:
         DatasetError: the report has errors; the message gives the first and how to see all.
     """
     if not cfg.data.doctor or cfg.data.dataset == "synthetic":
@@ -479,7 +482,7 @@ def check_at_training_start(cfg: Config) -> DoctorReport | None:
     from lightning.pytorch.utilities import rank_zero_info
 
     report = diagnose(cfg, brief=True)
-    rank_zero_info(report.text())
+    rank_zero_info(report.text(lowest="warning") + " (statistics: tools/doctor.py)")
     if report.errors:
         first = report.errors[0]
         raise DatasetError(

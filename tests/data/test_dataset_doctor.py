@@ -95,6 +95,8 @@ def test_every_problem_of_a_coco_set_is_reported(tmp_path):
     assert _one(infos, "image widths 10..40 (median 30), heights 10..30 (median 20); aspect w/h 1.00..2.00")
     assert not _messages(report, "error", "val")
     assert report.text().endswith("4 error(s), 4 warning(s): training would fail or be silently wrong")
+    short = report.text(lowest="warning").splitlines()
+    assert len(short) == 1 + 4 + 4 + 1 and short[1].startswith("ERROR") and short[-2].startswith("WARNING")
 
     # The same data with enough classes and queries and without the file problems: no error left.
     (tmp_path / "train" / "r.jpg").unlink()
@@ -211,5 +213,11 @@ def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypat
     with pytest.raises(DatasetError, match=r"dataset doctor: 2 problem\(s\) .* first: \[train\]"):
         trainer.train(cfg)
     cfg.data.doctor = False
+    with pytest.raises(AssertionError, match="must not be built"):
+        trainer.train(cfg)
+    # Warnings only: logged, and training goes on (to the datamodule, stubbed here).
+    cfg = _cfg(tmp_path, num_queries=3)
+    cfg.data.train_annotations, cfg.data.train_images = "val.json", "val"
+    cfg.model.num_classes = 4  # one class output more than categories: a warning
     with pytest.raises(AssertionError, match="must not be built"):
         trainer.train(cfg)
