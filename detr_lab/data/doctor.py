@@ -6,14 +6,14 @@
 Findings have a severity:
 - "error": training would fail or be silently wrong: an unreadable or invalid annotation file or
   label line, duplicate image/annotation/category ids (the other checks then keep the first entry
-  of each), `model.num_classes` below the number of categories, training categories missing from
-  the class mapping, more objects in an image than
-  `model.num_queries` (the matcher can assign at most one object per query: the rest are never
-  learned), missing or unreadable image files, and image files whose upright size differs from the
-  annotation file's `width`/`height` (boxes then refer to other pixels; EXIF rotation named).
+  of each), `model.num_classes` other than the number of categories, training categories missing
+  from the class mapping, more objects in an image than `model.num_queries` (the matcher can assign
+  at most one object per query: the rest are never learned), missing or unreadable image files,
+  and image files whose upright size differs from the annotation file's `width`/`height` (boxes
+  then refer to other pixels; EXIF rotation named).
 - "warning": the loader repairs or ignores something (zero-size boxes dropped, boxes reaching outside
   their image clipped or dropped, YOLO label files without an image), a category without training
-  objects, unused model classes, strong class imbalance, a large share of padding.
+  objects, strong class imbalance, a large share of padding.
 - "info": counts and statistics: categories, images with no objects, objects per image against
   `num_queries`, image sizes and the padding they cause at `data.batch_size`, class counts, and for
   small datasets suggested settings.
@@ -191,12 +191,9 @@ def _check_categories(report: DoctorReport, cfg: Config, splits: dict[str, _Spli
     shown = ", ".join(f"{i}:{names[i]}" for i in ids[:12]) + (" ..." if len(ids) > 12 else "")
     report.add("info", None, f"{len(ids)} categories (id:name, class index = position): {shown}")
     num_classes = cfg.model.num_classes
-    if num_classes < len(ids):
+    if num_classes != len(ids):  # the training module needs one class output per category
         report.add("error", None, f"'model.num_classes' is {num_classes} but the data has {len(ids)} "
                                   f"categories: set model.num_classes={len(ids)}")
-    elif num_classes > len(ids):
-        report.add("warning", None, f"'model.num_classes' is {num_classes} for {len(ids)} categories: "
-                                    f"{num_classes - len(ids)} class outputs are never trained")
     if "train" in splits and mapping_split is not splits["train"]:
         train_ids = {a["category_id"] for a in splits["train"].data["annotations"]}
         unknown = sorted(train_ids - set(ids))

@@ -103,8 +103,8 @@ def test_every_problem_of_a_coco_set_is_reported(tmp_path):
     solid_image(40, 20).save(tmp_path / "train" / "r.jpg")
     solid_image(10, 10).save(tmp_path / "train" / "gone.png")
     assert diagnose(_cfg(tmp_path, num_classes=3, num_queries=3)).errors == []
-    more = diagnose(_cfg(tmp_path, num_classes=5))
-    assert _one(_messages(more, "warning", None), "'model.num_classes' is 5 for 3 categories: 2 class")
+    more = diagnose(_cfg(tmp_path, num_classes=5))  # the training module needs exactly one per category
+    assert _one(_messages(more, "error", None), "'model.num_classes' is 5 but the data has 3 categories")
 
 
 def test_duplicate_ids_and_unknown_categories_are_errors(tmp_path):
@@ -218,6 +218,7 @@ def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypat
     # Warnings only: logged, and training goes on (to the datamodule, stubbed here).
     cfg = _cfg(tmp_path, num_queries=3)
     cfg.data.train_annotations, cfg.data.train_images = "val.json", "val"
-    cfg.model.num_classes = 4  # one class output more than categories: a warning
+    cfg.data.augment.train_scales = [400]
+    cfg.data.batch_size = 1  # one image per batch: no padding; the empty categories 1, 2: warnings
     with pytest.raises(AssertionError, match="must not be built"):
         trainer.train(cfg)
