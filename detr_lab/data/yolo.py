@@ -14,8 +14,9 @@ Layout:
 
 A label file holds one object per line, `class cx cy w h`: the class index (0-based, < number of
 names) and the box as normalized centre and size, fractions of the upright image's width and height.
-An image without a label file, or with an empty one, has no objects. Segment lines (more than five
-values) are not read: they are an error naming the line.
+An image without a label file, or with an empty one, has no objects. A segment line (Ultralytics
+segmentation labels: `class x1 y1 x2 y2 x3 y3 ...`, three or more normalized points) gives the box
+that encloses its points, as Ultralytics does when it trains a detector on segment labels.
 
 `yolo_split_to_coco` turns one split into a COCO detection dict: image ids 1.. in sorted path order,
 `file_name` relative to the dataset folder, `width`/`height` the upright (EXIF-rotated) size read
@@ -186,9 +187,12 @@ def upright_size(path: Path) -> tuple[int, int]:
 def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
     """The objects of one label file: (class, cx, cy, w, h), normalized.
 
+    A line is `class cx cy w h`, or a segment `class x1 y1 ... xn yn` (n >= 3) whose enclosing box
+    is taken.
+
     Raises:
-        DatasetError: "<file>, line <n>: ..." for a line without exactly five values, a class that is
-            not an integer in [0, num_classes), or a coordinate that is not a finite number.
+        DatasetError: "<file>, line <n>: ..." for a line with another number of values, a class that
+            is not an integer in [0, num_classes), or a coordinate that is not a finite number.
     """
     objects = []
     try:
@@ -200,10 +204,11 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
         if not values:
             continue
         where = f"{path}, line {number}"
-        if len(values) != 5:
-            kind = " (a segment: detection labels are 'class cx cy w h')" if len(values) > 5 else ""
+        segment = len(values) >= 7 and len(values) % 2 == 1
+        if len(values) != 5 and not segment:
             raise DatasetError(
-                f"{where}: expected 5 values 'class cx cy w h', got {len(values)}{kind}: {line.strip()!r}"
+                f"{where}: expected 5 values 'class cx cy w h' or a segment 'class x1 y1 x2 y2 x3 y3 ...', "
+                f"got {len(values)}: {line.strip()!r}"
             )
         try:
             label = int(values[0])
@@ -211,16 +216,22 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
             raise DatasetError(f"{where}: class {values[0]!r} is not an integer") from None
         if not 0 <= label < num_classes:
             raise DatasetError(f"{where}: class {label} is outside [0, {num_classes}) (the data.yaml names)")
-        box = []
-        for name, value in zip(("cx", "cy", "w", "h"), values[1:], strict=True):
+        names = [f"{axis}{i}" for i in range(1, len(values) // 2 + 1) for axis in "xy"] if segment \
+            else ["cx", "cy", "w", "h"]
+        numbers = []
+        for name, value in zip(names, values[1:], strict=True):
             try:
                 number_value = float(value)
             except ValueError:
                 number_value = math.nan
             if not math.isfinite(number_value):
                 raise DatasetError(f"{where}: {name} {value!r} is not a finite number")
-            box.append(number_value)
-        objects.append((label, *box))
+            numbers.append(number_value)
+        if segment:
+            xs, ys = numbers[0::2], numbers[1::2]
+            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+            numbers = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+        objects.append((label, *numbers))
     return objects
 
 

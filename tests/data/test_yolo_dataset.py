@@ -69,8 +69,9 @@ def test_split_converted_to_coco_pixel_boxes(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("0 0.5 0.5 0.5", "line 2: expected 5 values 'class cx cy w h', got 4"),
-        ("0 0.1 0.1 0.2 0.2 0.3 0.3", r"line 2: expected 5 values .* got 7 \(a segment"),
+        ("0 0.5 0.5 0.5", "line 2: expected 5 values 'class cx cy w h' or a segment .*, got 4"),
+        ("0 0.1 0.1 0.2 0.2 0.3", "line 2: expected 5 values .* got 6: '0 0.1 0.1 0.2 0.2 0.3'"),
+        ("0 0.1 0.1 0.2 y 0.3 0.3", "line 2: y2 'y' is not a finite number"),
         ("cat 0.5 0.5 0.5 0.5", "line 2: class 'cat' is not an integer"),
         ("2 0.5 0.5 0.5 0.5", r"line 2: class 2 is outside \[0, 2\)"),
         ("0 0.5 nan 0.5 0.5", "line 2: cy 'nan' is not a finite number"),
@@ -82,6 +83,14 @@ def test_invalid_label_lines_name_file_line_and_value(tmp_path, line, message):
     (tmp_path / "labels" / "train" / "a.txt").write_text(f"0 0.5 0.5 0.5 0.5\n{line}\n")
     with pytest.raises(DatasetError, match=rf"labels/train/a.txt, {message}"):
         yolo_split_to_coco(yaml_path, "train")
+
+
+def test_segment_line_gives_its_enclosing_box(tmp_path):
+    yaml_path = write_yolo_set(tmp_path)
+    # a.png 64x32: triangle (0.25, 0.5), (0.75, 0.25), (0.5, 1.0) -> x 16..48, y 8..32
+    (tmp_path / "labels" / "train" / "a.txt").write_text("1 0.25 0.5 0.75 0.25 0.5 1.0\n")
+    coco = yolo_split_to_coco(yaml_path, "train").coco
+    assert [(a["category_id"], a["bbox"]) for a in coco["annotations"]] == [(1, [16.0, 8.0, 32.0, 24.0])]
 
 
 def test_exif_rotated_image_size_is_upright(tmp_path):
@@ -149,7 +158,7 @@ def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path, c
     assert tool.main([str(yaml_path), "--output-dir", str(out), "--split", "val"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("convert_dataset.py: error: ")
-    expected = "labels/val/c.txt, line 1: expected 5 values 'class cx cy w h', got 4: '1 0.2 0.3 0.2'"
+    expected = "labels/val/c.txt, line 1: expected 5 values 'class cx cy w h' or a segment"
     assert expected in err
 
 
