@@ -20,6 +20,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config giving the dataset and the model")
     parser.add_argument("--brief", action="store_true",
                         help="open a sample of the image files only (the check run when training starts)")
+    parser.add_argument("--json", metavar="PATH", help="also write the findings as JSON")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report = diagnose(load_config(args.config, args.overrides), brief=args.brief)
         print(report.text())
+        if args.json:
+            print(f"findings written to {report.write_json(args.json)}")
         found_errors.extend(report.errors)
 
     code = run_tool("doctor.py", body, debug=args.debug)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -86,6 +87,26 @@ class DoctorReport:
     @property
     def warnings(self) -> list[Finding]:
         return self.of("warning")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: `source`, `errors` and `warnings` (counts), `findings` (severity, split, message)."""
+        return {
+            "source": self.source,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [
+                {"severity": f.severity, "split": f.split, "message": f.message} for f in self.findings
+            ],
+        }
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write `to_dict()` as JSON at `path` (atomically) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
 
     def text(self, *, lowest: str = "info") -> str:
         """The report: a heading, one line per finding down to severity `lowest` (errors first), a

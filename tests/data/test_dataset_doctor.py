@@ -191,8 +191,12 @@ def test_doctor_tool_exit_codes(tmp_path, capsys):
     _problem_set(tmp_path / "set")
     config = _write_config(tmp_path, tmp_path / "set")
     main = _tool("doctor").main
-    assert main(["--config", str(config)]) == 1
+    assert main(["--config", str(config), "--json", str(tmp_path / "out" / "doctor.json")]) == 1
     assert "ERROR   [train] 1 of 4 checked: image files missing" in capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "doctor.json").read_text())
+    assert written["errors"] == 2 and written["warnings"] == 4
+    missing = [f for f in written["findings"] if "image files missing" in f["message"]]
+    assert [(f["severity"], f["split"]) for f in missing] == [("error", "train")]
     clean_train = ["--set", "data.train_annotations=val.json", "--set", "data.train_images=val"]
     assert main(["--config", str(config), *clean_train]) == 0
     assert capsys.readouterr().out.rstrip().endswith("0 error(s), 1 warning(s): no blocking problem")
