@@ -168,3 +168,21 @@ def test_official_detr_r50_checkpoint_exports(tmp_path):
                                dynamic=True, verify=True, num_random=2)
     assert result.report.passed, result.report.text()
     assert len(OnnxDetector(result.path).metadata.class_names) == 91
+
+
+def test_timm_convnext_backbone_exports_dynamic(tmp_path):
+    """A timm backbone padded to a size multiple: the padding must stay in the traced graph."""
+    from detr_lab.config import load_config
+    from detr_lab.models.build import build_model
+
+    cfg = load_config("configs/demo_convnext.yaml", [
+        "model.hidden_dim=64", "model.num_queries=7",
+        "model.encoder.num_layers=1", "model.decoder.num_layers=1",
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    classes = cfg.model.num_classes
+    meta = ExportMetadata(list(range(classes)), [f"class{i}" for i in range(classes)], cfg)
+    path = export_onnx(model, tmp_path / "convnext.onnx", metadata=meta, height=128, width=160, dynamic=True)
+    report = verify_onnx(model, path, num_random=2, size_range=(96, 200), seed=3)
+    assert report.passed, report.text()
