@@ -271,3 +271,47 @@ def test_resume_mid_epoch_continues_the_interrupted_epoch_order(tmp_path, worker
         train(resumed, resume="auto", callbacks=[rest], progress_bar=False)
     assert sorted(rest.by_step) == [7, 8]
     assert {**first.by_step, **rest.by_step} == whole.by_step
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is intact (PIL's verify() accepts it) but whose pixel data is cut short."""
+    noise = Image.fromarray(torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8).numpy())
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def test_infer_one_bad_item_does_not_discard_the_others(trained, tmp_path, capsys):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    good = sorted((trained["root"] / "data" / "val2017").iterdir())[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    Image.new("RGB", (20000, 20), (120, 60, 30)).save(folder / "wide.jpg")  # a resize side used to round to 0
+    Image.new("RGB", (2, 700), (20, 60, 130)).save(folder / "tall.png")
+    write_truncated_jpeg(folder / "truncated.jpg")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    out = tmp_path / "out"
+
+    arguments = [str(folder), "--checkpoint", str(trained["last"]), f"--output-dir={out}", "--batch-size=4"]
+    code = load_tool("infer").main(arguments)
+    assert code == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "3 of 7 images failed" in err[0] and "Traceback" not in captured.err
+    result = json.loads((out / "detections.json").read_text())
+    assert result["complete"] is True
+    assert sorted(Path(entry["file"]).name for entry in result["images"]) == sorted(
+        [p.name for p in good] + ["wide.jpg", "tall.png"])
+    for entry in result["images"]:
+        assert (out / entry["annotated"]).is_file()
+    reasons = {Path(item["file"]).name: item["error"] for item in result["failed"]}
+    assert set(reasons) == {"truncated.jpg", "dangling.jpg", "loop.jpg"}
+    assert "truncated.jpg" in reasons["truncated.jpg"] and "cannot decode" in reasons["truncated.jpg"]
+    assert "dangling.jpg: dangling symbolic link" in reasons["dangling.jpg"]
+    assert "loop.jpg: symbolic link loop" in reasons["loop.jpg"]
+    failed_lines = [line for line in captured.out.splitlines() if line.startswith("failed: ")]
+    assert len(failed_lines) == 3 and all(any(name in line for line in failed_lines) for name in reasons)
