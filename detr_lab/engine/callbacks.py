@@ -1,5 +1,10 @@
 """Lightning callbacks of the engine.
 
+`PreserveTrainingState` keeps trained work from being lost: it writes `last.ckpt` at the end of each
+training epoch, before validation runs (so an unreadable validation image or any validation failure
+costs no training), and turns SIGINT / SIGTERM into a stop at the next batch boundary with the state
+saved, raising `detr_lab.engine.cli.Interrupted`.
+
 `TimedEvaluation` measures accuracy against training time: at given marks of training wall time
 (evaluation time excluded) it evaluates the validation set with COCOeval, records a row, optionally
 saves a checkpoint, and stops training after the last mark.
@@ -7,8 +12,10 @@ saves a checkpoint, and stops training after the last mark.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +23,73 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from detr_lab.engine.cli import Interrupted
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
+
+
+class PreserveTrainingState(Callback):
+    """Save the training state where later work could lose it; stop cleanly on SIGINT / SIGTERM.
+
+    - After the last training batch of every epoch, before validation, the full state goes to
+      `last_path` (the epoch-end checkpoint of `ModelCheckpoint` is written only after validation).
+    - Inside `handle_signals()`, the first SIGINT or SIGTERM sets a flag; at the next training batch
+      end the state is saved to `last_path` and `Interrupted` is raised (during validation it is
+      raised at the next validation batch, `last_path` already holding the end-of-epoch state). A
+      second SIGINT interrupts at once, without saving.
+
+    The checkpoint is written where `ModelCheckpoint(every_n_train_steps)` writes its own, so a run
+    resumed from it (`--resume auto`) continues exactly like one resumed from a periodic checkpoint.
+    """
+
+    def __init__(self, last_path: str | Path) -> None:
+        self.last_path = Path(last_path)
+        self.received: str | None = None  # name of the signal received, if any
+        self.saved_at_step: int | None = None
+
+    @contextlib.contextmanager
+    def handle_signals(self) -> Iterator[None]:
+        """Install the SIGINT / SIGTERM handlers (main thread only; a no-op elsewhere) while inside."""
+        try:
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot be handled here
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = self.received or name
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self.saved_at_step = trainer.global_step
+
+    def _raise_interrupted(self, saved: bool) -> None:
+        if saved or self.last_path.is_file():
+            where = f"training state saved to {self.last_path}; continue with --resume auto"
+        else:
+            where = "nothing trained yet, nothing saved"
+        raise Interrupted(f"{self.received} received; {where}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if last_of_epoch or self.received is not None:
+            self._save(trainer)
+        if self.received is not None:
+            self._raise_interrupted(saved=True)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        if self.received is not None:
+            self._raise_interrupted(saved=False)
 
 
 @dataclass

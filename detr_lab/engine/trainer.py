@@ -4,7 +4,9 @@
 
 Run directory (`cfg.trainer.output_dir`):
     config.yaml                 the fully resolved config, written before training starts
-    checkpoints/last.ckpt       the latest state (epoch end, and every `save_every_n_steps` steps)
+    checkpoints/last.ckpt       the latest state: end of each training epoch (before validation, and
+                                again after it), every `save_every_n_steps` steps, and on SIGINT /
+                                SIGTERM (`detr_lab.engine.callbacks.PreserveTrainingState`)
     checkpoints/best-*.ckpt     the best epoch by val/AP
     tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
 
@@ -24,9 +26,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.engine.callbacks import PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.module import DetectionModule
 
@@ -250,9 +254,24 @@ def train(
     elif resume == "auto":
         rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
     _save_run_config(cfg)
-    trainer = build_trainer(cfg, callbacks=callbacks, progress_bar=progress_bar)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
+    trainer = build_trainer(cfg, callbacks=[preserve, *callbacks], progress_bar=progress_bar)
+    _fit_saving_on_signals(trainer, preserve, module, datamodule, ckpt_path)
     return trainer
+
+
+def _fit_saving_on_signals(
+    trainer: L.Trainer, preserve: PreserveTrainingState, module: L.LightningModule, datamodule, ckpt_path
+) -> None:
+    """`trainer.fit`, with SIGINT / SIGTERM stopping at the next batch with the state saved (raises
+    `Interrupted`); Lightning's own SIGTERM stop (raised where our callback did not see it first)
+    becomes `Interrupted` too."""
+    with preserve.handle_signals():
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:
+            preserve.received = preserve.received or "SIGTERM"
+            preserve._raise_interrupted(saved=False)
 
 
 @rank_zero_only
