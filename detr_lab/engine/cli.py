@@ -3,8 +3,8 @@
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
 130 interrupted (SIGINT or SIGTERM; training saves its state first, see
-`detr_lab.engine.callbacks.PreserveTrainingState`). Without `--debug` a failure prints one line `<tool>: error: <message>` on stderr;
-with it the exception propagates with its traceback.
+`detr_lab.engine.callbacks.PreserveTrainingState`). Without `--debug` a failure prints one line
+`<tool>: error: <message>` on stderr; with it the exception propagates with its traceback.
 """
 
 from __future__ import annotations
