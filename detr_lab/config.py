@@ -167,6 +167,9 @@ class DataConfig:
     batch_size: int = _positive(2)  # per device
     num_workers: int = _non_negative(2)
     skip_corrupt_images: bool = True  # training only: a corrupt image is skipped and counted
+    # Evaluation batches: "same_size" puts only images of one resized size in a batch (no padding, so AP
+    # does not depend on batch size or process count); "padded" is the official DETR batching (parity).
+    eval_batching: str = _choice("same_size", "padded", default="same_size")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
-from detr_lab.data.images import load_rgb_image
+from detr_lab.data.images import load_rgb_image, read_upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,12 @@ class CocoDetectionDataset(Dataset):
         transforms: `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy, labels [N]) ->
             (image [3, H', W'], boxes [N', 4] normalized cxcywh, labels [N'])`, e.g. from
             `detr_lab.data.transforms.build_train_transform`; None: ImageNet normalization only.
-            An object with `set_random_seed(seed)` is reseeded once in each process that reads the
-            dataset (from `torch.initial_seed()`), so DataLoader workers draw different augmentations.
+            An object with `set_random_seed(seed)` is reseeded for every sample read with an
+            `(epoch, index)` key (see `sample_seed`), else once in each process that reads the dataset
+            (from `torch.initial_seed()`), so DataLoader workers draw different augmentations.
+        sample_seed: with it, `dataset[(epoch, index)]` draws its augmentation from a generator
+            seeded by (sample_seed, epoch, index) alone, whatever process, worker or resume reads it
+            (`detr_lab.data.samplers.EpochSampler` yields such keys); `dataset[index]` is unchanged.
         category_ids: class index -> category id; None: the sorted ids of the json's categories.
         skip_corrupt_images: an image that cannot be decoded is skipped (the next index is read
             instead) and counted in `num_skipped_images`, with a logged warning; otherwise it raises
@@ -258,6 +262,7 @@ class CocoDetectionDataset(Dataset):
         category_ids: Sequence[int] | None = None,
         skip_corrupt_images: bool = False,
         check_files: bool = True,
+        sample_seed: int | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -273,6 +278,7 @@ class CocoDetectionDataset(Dataset):
             transforms = DetectionTransform([])
         self.transforms = transforms
         self.skip_corrupt_images = skip_corrupt_images
+        self.sample_seed = sample_seed
         self.num_skipped_images = 0
         self._seeded_pid: int | None = None
         self._index_targets(data)
@@ -371,6 +377,13 @@ class CocoDetectionDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self.images_dir / self.file_names[index]
 
+    def upright_sizes(self) -> list[tuple[int, int] | None]:
+        """Per index the (h, w) of the decoded upright image, read from the file headers (cached);
+        None for a file whose header cannot be read."""
+        if getattr(self, "_upright_sizes", None) is None:
+            self._upright_sizes = [read_upright_size(self.image_path(i)) for i in range(len(self))]
+        return list(self._upright_sizes)
+
     def load_sample(self, index: int) -> RawSample:
         """Decode image `index` and its non-crowd targets, boxes clipped to the decoded image.
 
@@ -432,12 +445,24 @@ class CocoDetectionDataset(Dataset):
         }
         return image, target
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _seed_sample(self, epoch: int, index: int) -> None:
+        set_seed = getattr(self.transforms, "set_random_seed", None)
+        if set_seed is not None and self.sample_seed is not None:
+            entropy = [self.sample_seed % 2**32, epoch, index]
+            set_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """`dataset[index]`, or `dataset[(epoch, index)]` for augmentation drawn from (sample_seed,
+        epoch, index) (see the class docstring)."""
         self._prepare_this_process()
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         first_error: CorruptImageError | None = None
         for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            if epoch is not None:
+                self._seed_sample(epoch, current)
             try:
-                return self._transformed((index + attempt) % len(self))
+                return self._transformed(current)
             except CorruptImageError as err:
                 if not self.skip_corrupt_images:
                     raise

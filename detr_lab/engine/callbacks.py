@@ -78,6 +78,33 @@ class PreserveTrainingState(Callback):
             where = "nothing trained yet, nothing saved"
         raise Interrupted(f"{self.received} received; {where}")
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Resume a checkpoint taken after an epoch's last batch as a clean start of the next epoch.
+
+        Lightning loads the exhausted position of that epoch's loader into the next epoch's loader
+        whenever `max_steps` is set, so the next epoch yields nothing (Lightning issue #19617: a run
+        resumed after epoch 0 of 3 with max_steps 12 ended at step 8). Here the epoch is marked
+        finished and the loader position dropped, so the next epoch starts fresh, its order and
+        augmentation given by (seed, epoch) (`detr_lab.data.samplers.EpochSampler`). A validation that
+        had not finished when the checkpoint was taken is not re-run.
+        """
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches = fit_loop.get("epoch_loop.batch_progress", {})
+        epochs = fit_loop.get("epoch_progress", {})
+        if not batches.get("is_last_batch") or not epochs:
+            return
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"] = counts["started"]
+        total = batches["total"]
+        if total["completed"] < total["processed"]:  # taken in the last batch's end hooks
+            total["completed"] = total["processed"]
+            stepped = fit_loop.get("epoch_loop.state_dict", {})
+            if "_batches_that_stepped" in stepped:  # the logging step, counted after those hooks
+                stepped["_batches_that_stepped"] += 1
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+        fit_loop.get("state_dict", {}).pop("combined_loader", None)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if last_of_epoch or self.received is not None:

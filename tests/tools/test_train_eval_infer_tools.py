@@ -315,3 +315,21 @@ def test_infer_one_bad_item_does_not_discard_the_others(trained, tmp_path, capsy
     assert "loop.jpg: symbolic link loop" in reasons["loop.jpg"]
     failed_lines = [line for line in captured.out.splitlines() if line.startswith("failed: ")]
     assert len(failed_lines) == 3 and all(any(name in line for line in failed_lines) for name in reasons)
+
+
+def test_eval_results_do_not_depend_on_batch_size(trained, tmp_path):
+    # Six validation images of different sizes: padded batches changed every padded image's outputs.
+    overrides = [f"data.root={tmp_path / 'data6'}", "data.synthetic.num_val=6"]
+    results = {}
+    for batch_size in (1, 2, 4):
+        result = evaluate_checkpoint(trained["config"], trained["last"], overrides=overrides, progress=False,
+                                     batch_size=batch_size, output=tmp_path / f"results_{batch_size}.json")
+        detections = json.loads(result.results_path.read_text())
+        rows = sorted((d["image_id"], d["score"], *d["bbox"]) for d in detections)
+        results[batch_size] = (result.stats["AP"], rows)
+    ap_1, detections_1 = results[1]
+    for batch_size in (2, 4):
+        ap, detections = results[batch_size]
+        assert ap == ap_1
+        assert len(detections) == len(detections_1) == 6 * 5
+        torch.testing.assert_close(torch.tensor(detections), torch.tensor(detections_1), atol=1e-4, rtol=1e-4)

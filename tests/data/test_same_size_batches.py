@@ -1,0 +1,35 @@
+"""SameSizeBatchSampler: batches hold one size only, every index once, full groups first emitted in order."""
+
+import pytest
+from torch.utils.data import SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from detr_lab.data.samplers import SameSizeBatchSampler
+
+
+def test_batches_hold_one_size_and_every_index_once():
+    sizes = [(8, 10), (8, 10), (6, 10), (8, 10), (6, 10), (9, 9), (8, 10), (8, 10)]
+    sampler = SameSizeBatchSampler(SequentialSampler(range(len(sizes))), 3, sizes=sizes)
+    batches = list(sampler)
+    assert batches == [[0, 1, 3], [6, 7], [2, 4], [5]]
+    assert len(sampler) == len(batches)
+    for batch in batches:
+        assert len({sizes[i] for i in batch}) == 1
+
+
+def test_follows_a_distributed_share():
+    sizes = [(1, 1), (2, 2)] * 5
+    seen = []
+    for rank in range(2):
+        share = DistributedSampler(range(len(sizes)), num_replicas=2, rank=rank, shuffle=False)
+        for batch in SameSizeBatchSampler(share, 4, sizes=sizes):
+            assert len({sizes[i] for i in batch}) == 1
+            seen.extend(batch)
+    assert sorted(seen) == list(range(10))
+
+
+def test_rejects_drop_last_and_bad_batch_size():
+    with pytest.raises(ValueError, match="drop_last"):
+        SameSizeBatchSampler(range(3), 2, True, sizes=[1, 1, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        SameSizeBatchSampler(range(3), 0, sizes=[1, 1, 1])
