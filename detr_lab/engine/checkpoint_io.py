@@ -11,11 +11,40 @@ and renames, which POSIX guarantees to be atomic on one filesystem.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+_TEMPORARY = re.compile(r".+\.tmp-(\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete `<file>.tmp-<pid>` files (partial checkpoint writes of `AtomicCheckpointIO`) in
+    `directory` whose writing process no longer runs on this machine (killed mid-write, e.g. by
+    kill -9); return the deleted paths. The files of live processes are left alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def _is_local(path: Any) -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 
 from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.engine.callbacks import PreserveTrainingState
-from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
+from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from detr_lab.engine.module import DetectionModule
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -254,6 +254,7 @@ def train(
     elif resume == "auto":
         rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
     _save_run_config(cfg)
+    _remove_stale_temporaries(cfg)
     preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
     trainer = build_trainer(cfg, callbacks=[preserve, *callbacks], progress_bar=progress_bar)
     _fit_saving_on_signals(trainer, preserve, module, datamodule, ckpt_path)
@@ -272,6 +273,12 @@ def _fit_saving_on_signals(
         except SIGTERMException:
             preserve.received = preserve.received or "SIGTERM"
             preserve._raise_interrupted(saved=False)
+
+
+@rank_zero_only
+def _remove_stale_temporaries(cfg: Config) -> None:
+    for path in remove_stale_temporaries(checkpoint_dir(cfg)):
+        rank_zero_info(f"removed {path}, a partial checkpoint of a process that no longer runs")
 
 
 @rank_zero_only
