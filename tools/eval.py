@@ -17,7 +17,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config giving the dataset")
     parser.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
-    parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/coco_results.json)")
+    parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/"
+                        "coco_results-<checkpoint name>-<path hash>.json)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -333,3 +333,29 @@ def test_eval_results_do_not_depend_on_batch_size(trained, tmp_path):
         assert ap == ap_1
         assert len(detections) == len(detections_1) == 6 * 5
         torch.testing.assert_close(torch.tensor(detections), torch.tensor(detections_1), atol=1e-4, rtol=1e-4)
+
+
+def test_train_rejects_bad_devices_before_writing_anything(tmp_path, capsys):
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    code = load_tool("train").main(["--config", str(config_path), "--set", "trainer.devices=two"])
+    assert code == 2
+    assert "'trainer.devices' is 'two'" in single_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_default_results_path_is_per_checkpoint_and_model_mismatch_warns(trained, tmp_path):
+    other = tmp_path / "copy.ckpt"
+    shutil.copy(trained["last"], other)
+    first = evaluate_checkpoint(trained["config"], trained["last"], progress=False).results_path
+    second = evaluate_checkpoint(trained["config"], other, progress=False).results_path
+    assert first != second and first.is_file() and second.is_file()
+    assert first.parent == second.parent == trained["root"] / "run"
+
+    yaml = tmp_path / "other.yaml"
+    yaml.write_text(TINY_YAML.format(root=trained["root"]).replace("num_queries: 5", "num_queries: 7"))
+    with pytest.warns(UserWarning, match=r"model.num_queries: 7 in the YAML, 5 in the checkpoint"):
+        evaluate_checkpoint(yaml, trained["last"], progress=False, output=tmp_path / "r.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        evaluate_checkpoint(trained["config"], trained["last"], progress=False, output=tmp_path / "r.json")
