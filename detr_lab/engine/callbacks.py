@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from detr_lab.config import ConfigError
 from detr_lab.engine.cli import Interrupted
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.engine.optim import build_param_groups
 
 
 class PreserveTrainingState(Callback):
@@ -117,6 +121,48 @@ class PreserveTrainingState(Callback):
     ):
         if self.received is not None:
             self._raise_interrupted(saved=False)
+
+
+class ConfiguredLearningRates(Callback):
+    """On a resumed run, apply the config's learning rates and LR drops over the restored optimizer state.
+
+    Lightning restores the optimizer's and scheduler's saved hyper-parameters, which would silently
+    override a changed `optim.lr`, `optim.lr_backbone`, `optim.lr_multipliers`, `optim.weight_decay`,
+    `optim.lr_drop_epochs` or `optim.lr_drop_factor` while config.yaml says they apply. Like the
+    official Deformable-DETR's `--override_resumed_lr_drop`, the scheduler keeps its epoch count and
+    takes the new base rates and milestones; each group's rate becomes
+    `base * lr_drop_factor ** (number of lr_drop_epochs <= scheduler epoch)` (MultiStepLR's rule).
+    Adam moments are kept. Raises ConfigError when the configured parameter groups do not match the
+    checkpoint's (e.g. a multiplier key added).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+
+
+        optim = pl_module.cfg.optim
+        wanted = {group["name"]: group["lr"] for group in build_param_groups(pl_module.model, optim)}
+        optimizer = trainer.optimizers[0]
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        names = [group.get("name") for group in optimizer.param_groups]
+        if sorted(map(str, names)) != sorted(wanted):
+            raise ConfigError(f"cannot apply 'optim' to the resumed optimizer: its parameter groups are "
+                              f"{names}, the config gives {sorted(wanted)}")
+        milestones = sorted(optim.lr_drop_epochs)
+        drops = optim.lr_drop_factor ** bisect_right(milestones, scheduler.last_epoch)
+        changes = []
+        for index, group in enumerate(optimizer.param_groups):
+            base = wanted[group["name"]]
+            if abs(group["lr"] - base * drops) > 1e-12 * max(1.0, base):
+                changes.append(f"{group['name']} {group['lr']:g} -> {base * drops:g}")
+            group["initial_lr"] = base
+            group["lr"] = base * drops
+            group["weight_decay"] = optim.weight_decay
+            scheduler.base_lrs[index] = base
+        scheduler.milestones = Counter(milestones)
+        scheduler.gamma = optim.lr_drop_factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changes:
+            rank_zero_info("resumed with the configured learning rates: " + ", ".join(changes))
 
 
 @dataclass

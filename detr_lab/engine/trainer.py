@@ -30,9 +30,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from detr_lab.config import Config, ConfigError, save_config
-from detr_lab.engine.callbacks import PreserveTrainingState
+from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from detr_lab.engine.module import DetectionModule
+from detr_lab.engine.cli import ToolError
+from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -158,6 +159,23 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
     return path
 
 
+def check_resume_classes(path: Path, category_ids: Sequence[int]) -> None:
+    """Refuse to resume a checkpoint trained on other classes, naming both class lists.
+
+    Reads only the checkpoint's metadata (memory-mapped). Checkpoints without detr_lab metadata are
+    left to Lightning. Raises:
+        ToolError: the class lists differ.
+    """
+    meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_KEY) or {}
+    saved = meta.get("category_ids")
+    if saved is None or [int(c) for c in saved] == [int(c) for c in category_ids]:
+        return
+    raise ToolError(
+        f"--resume {path}: checkpoint has {len(saved)} classes ({list(saved)}), this run {len(category_ids)} "
+        f"({list(category_ids)}); use --init-from to fine-tune on other classes"
+    )
+
+
 # ------------------------------------------------------------------------------ fine-tuning init
 @dataclass
 class WeightTransfer:
@@ -232,8 +250,9 @@ def train(
 
     Args:
         resume: None, "auto" (resume from `<output_dir>/checkpoints/last.ckpt` when it exists, else
-            start) or a checkpoint path. Resuming restores weights, optimizer, LR schedule, epoch and
-            global step; `init_from` is then ignored.
+            start) or a checkpoint path. Resuming restores weights, optimizer state, epoch and global
+            step; `init_from` is then ignored. The learning rates, weight decay and LR drops of `cfg.optim`
+            are applied after the restore (`ConfiguredLearningRates`), so config.yaml says what runs.
         init_from: a checkpoint whose weights initialise the model where names and shapes match
             (see `load_matching_weights`); a report of what was loaded is printed.
     Returns:
@@ -246,6 +265,7 @@ def train(
     datamodule = DetectionDataModule(cfg)
     module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
     if ckpt_path is not None:
+        check_resume_classes(ckpt_path, datamodule.category_ids)
         rank_zero_info(f"resuming from {ckpt_path}")
         if init_from:
             rank_zero_info(f"--init-from {init_from} ignored: the resumed checkpoint holds the weights")
@@ -256,7 +276,10 @@ def train(
     _save_run_config(cfg)
     _remove_stale_temporaries(cfg)
     preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
-    trainer = build_trainer(cfg, callbacks=[preserve, *callbacks], progress_bar=progress_bar)
+    own: list[Callback] = [preserve]
+    if ckpt_path is not None:
+        own.append(ConfiguredLearningRates())
+    trainer = build_trainer(cfg, callbacks=[*own, *callbacks], progress_bar=progress_bar)
     _fit_saving_on_signals(trainer, preserve, module, datamodule, ckpt_path)
     return trainer
 

@@ -359,3 +359,35 @@ def test_eval_default_results_path_is_per_checkpoint_and_model_mismatch_warns(tr
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         evaluate_checkpoint(trained["config"], trained["last"], progress=False, output=tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("drops, expected_lr", [("[5]", 5e-4), ("[1]", 5e-5)], ids=["no_drop_yet", "dropped"])
+def test_resume_applies_a_changed_lr_and_lr_drop(trained, tmp_path, drops, expected_lr):
+    # The checkpoint ran at lr 1e-4 and had dropped to 1e-5 at epoch 1; the restored optimizer state
+    # used to win over the new values while config.yaml claimed them.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained["last"], run / "checkpoints" / "last.ckpt")
+    cfg = load_config(trained["config"], [f"trainer.output_dir={run}", "trainer.max_steps=4", "optim.lr=5e-4",
+                                          f"optim.lr_drop_epochs={drops}"])
+    probe = FirstBatch()
+    train(cfg, resume="auto", callbacks=[probe], progress_bar=False)
+    epoch, step, _, lr = probe.seen
+    assert (epoch, step) == (1, 3)
+    assert lr == pytest.approx(expected_lr)
+    saved = load_config(run / "config.yaml").optim
+    assert saved.lr == pytest.approx(5e-4) and saved.lr_drop_epochs == [int(drops[1])]
+
+
+def test_resume_with_other_classes_names_both(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = torch.load(trained["last"], weights_only=True)
+    checkpoint["detr_lab"]["category_ids"] = [1, 2]
+    torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
+    code = load_tool("train").main(["--config", str(trained["config"]), "--resume", "auto",
+                                    "--set", f"trainer.output_dir={run}"])
+    assert code == 1
+    line = single_error_line(capsys)
+    assert f"checkpoint has 2 classes ([1, 2]), this run 6 ({SYNTHETIC_IDS})" in line
+    assert "use --init-from to fine-tune" in line
