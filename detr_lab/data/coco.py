@@ -14,7 +14,9 @@ equals the category id).
 Annotations in the targets:
 - `iscrowd` objects are left out (they stay in `coco` for the evaluator, which ignores them);
 - boxes with zero or negative width or height are dropped, boxes reaching outside their image are
-  clipped to it (or dropped when nothing is left), with one `AnnotationWarning` per file giving counts;
+  clipped to it (or dropped when nothing is left), boxes whose width or height vanishes in float32
+  (the storage precision) are dropped, with one `AnnotationWarning` per file giving counts; where the
+  json gives no `width`/`height`, the image file's header gives the size used for clipping;
 - images without annotations are kept, with empty targets.
 
 Orientation: images are decoded upright (EXIF orientation applied, see `detr_lab.data.images`), and
@@ -297,9 +299,17 @@ class CocoDetectionDataset(Dataset):
         self._json_sizes = np.array([(image.get("height", 0), image.get("width", 0)) for image in images],
                                     dtype=np.int64).reshape(-1, 2)
 
+        # Sizes for clipping: the json's, else the file header's (so those boxes are counted too).
+        clip_sizes = self._json_sizes.copy()
+        for row, (height, width) in enumerate(clip_sizes):
+            if not (height and width):
+                header = read_upright_size(self.images_dir / self.file_names[row])
+                if header is not None:
+                    clip_sizes[row] = header
+
         per_image: list[list[tuple[float, float, float, float, int]]] = [[] for _ in images]
         self.num_crowd = 0
-        counts = {"non_positive_size": 0, "outside_image": 0, "clipped": 0}
+        counts = {"non_positive_size": 0, "outside_image": 0, "clipped": 0, "float32_resolution": 0}
         for ann in data["annotations"]:
             if ann["category_id"] not in class_of:
                 raise DatasetError(
@@ -316,7 +326,7 @@ class CocoDetectionDataset(Dataset):
                 continue
             box = (x, y, x + w, y + h)
             row = row_of[ann["image_id"]]
-            height, width = self._json_sizes[row]
+            height, width = clip_sizes[row]
             if width > 0 and height > 0:
                 clipped = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
                            min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
@@ -326,14 +336,19 @@ class CocoDetectionDataset(Dataset):
                 if clipped != box:
                     counts["clipped"] += 1
                 box = clipped
+            stored = np.asarray(box, dtype=np.float32)  # boxes are kept as float32
+            if not (stored[2] > stored[0] and stored[3] > stored[1]):
+                counts["float32_resolution"] += 1  # e.g. x = 2**25, w = 1: x + w == x in float32
+                continue
             per_image[row].append((*box, class_of[ann["category_id"]]))
 
         self.degenerate_box_counts = counts
         if any(counts.values()):
             warnings.warn(
                 f"{self.annotation_file}: dropped {counts['non_positive_size']} boxes of zero or negative "
-                f"size and {counts['outside_image']} boxes outside their image; clipped {counts['clipped']} "
-                "boxes reaching outside their image",
+                f"size, {counts['outside_image']} boxes outside their image and "
+                f"{counts['float32_resolution']} boxes thinner than float32 resolution at their position; "
+                f"clipped {counts['clipped']} boxes reaching outside their image",
                 AnnotationWarning,
                 stacklevel=3,
             )
