@@ -231,7 +231,7 @@ def inputs_from_checkpoint(args: argparse.Namespace) -> dict:
 def counted_flops(module: torch.nn.Module, query, value, padding) -> int:
     """Matmul FLOPs of one call seen by FlopCounterMode (SDPA on its math backend)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        module(query, query, value, key_padding_mask=padding)
+        module(query, query, value, key_padding_mask=padding, query_padding_mask=padding)
     return int(counter.get_total_flops())
 
 
@@ -329,6 +329,7 @@ def run(args: argparse.Namespace) -> dict:
     batch, tokens, dim = query.shape
     keys = tokens if padding is None else int((~padding).sum(dim=1).max())
     head_dim = dim // heads
+    masks = {"key_padding_mask": padding, "query_padding_mask": padding}  # self-attention: same tokens
 
     plain = PlainAttention(dim, heads).eval()
     if state_dict is not None:
@@ -346,13 +347,13 @@ def run(args: argparse.Namespace) -> dict:
             max_clusters = int(act.last_clusters_per_head.max())
             with torch.no_grad():
                 scaled = act.split_heads(act.q_proj(query)) * head_dim**-0.5
-                exact = plain(query, query, value, key_padding_mask=padding)
-                approximate = act(query, query, value, key_padding_mask=padding)
+                exact = plain(query, query, value, **masks)
+                approximate = act(query, query, value, **masks)
                 relative_error = float((approximate - exact).norm() / exact.norm())
             timings = interleaved_timings(
                 {
-                    "plain": lambda: plain(query, query, value, key_padding_mask=padding),
-                    "act": lambda act=act: act(query, query, value, key_padding_mask=padding),
+                    "plain": lambda: plain(query, query, value, **masks),
+                    "act": lambda act=act: act(query, query, value, **masks),
                     "hash_and_cluster": lambda act=act, scaled=scaled: act.cluster_queries(
                         act.hash_queries(scaled)
                     ),

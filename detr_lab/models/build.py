@@ -4,18 +4,23 @@
     criterion = build_criterion(cfg.model, cfg.loss)
     postprocess = build_postprocess(cfg.model)
 
-Attention variants are chosen here by `cfg.encoder.attention` and `cfg.decoder.cross_attention`;
-a new variant is one more branch in `build_attention`.
+Attention variants are chosen by `cfg.encoder.attention` and `cfg.decoder.cross_attention` and built
+from the spec table `detr_lab.models.attention.ATTENTION_SPECS`, whose properties (reference points,
+multi-scale inputs, final decoder norm) also pick the input side, the decoder and the detector head;
+a new variant is a new file in `models/attention/` plus one line in that table.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 from torch import nn
 
 from detr_lab.config import LossConfig, ModelConfig
-from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
+from detr_lab.models.attention import (
+    attention_spec,
+    build_attention,
+    needs_multiscale_inputs,
+    refinement_error,
+)
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbone import ResNetBackbone
 from detr_lab.models.criterion import SetCriterion
@@ -25,20 +30,19 @@ from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncodi
 from detr_lab.models.postprocess import PostProcess
 from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, Transformer
 
-CLUSTERING_MODULE = "detr_lab.models.attention.clustering"
-
-
-def uses_deformable(cfg: ModelConfig) -> bool:
-    return cfg.encoder.attention == "deformable" or cfg.decoder.cross_attention == "deformable"
-
 
 def multiscale_inputs(cfg: ModelConfig) -> bool:
     """Deformable DETR's input side (GroupNorm projections, level embeddings, half-pixel sine offset).
 
-    Used by every model with deformable attention or several feature levels; DETR (and ACT on
-    DETR) keep the plain 1x1 projection of a single level.
+    Used by every model whose attention spec asks for it (deformable attention) or with several
+    feature levels; DETR (and ACT on DETR) keep the plain 1x1 projection of a single level.
     """
-    return uses_deformable(cfg) or cfg.num_feature_levels > 1
+    return needs_multiscale_inputs(cfg.encoder.attention, cfg.decoder.cross_attention, cfg.num_feature_levels)
+
+
+def reference_point_head(cfg: ModelConfig) -> bool:
+    """Whether the decoder cross-attention samples around reference points (the Deformable DETR head)."""
+    return attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
 
 
 def backbone_stages(num_levels: int) -> tuple[int, ...]:
@@ -83,44 +87,16 @@ def build_position_encoding(cfg: ModelConfig) -> nn.Module:
     return SinePositionEncoding(cfg.hidden_dim // 2, offset=-0.5 if multiscale_inputs(cfg) else 0.0)
 
 
-def build_attention(kind: str, cfg: ModelConfig, *, key: str, num_points: int = 4) -> nn.Module:
-    """One attention module of the kind named by config entry `key` (for error messages).
-
-    `num_points`: sampling points per head and level of deformable attention.
-    """
-    if kind == "plain":
-        return PlainAttention(cfg.hidden_dim, cfg.num_heads, dropout=cfg.dropout)
-    if kind == "deformable":
-        return MultiScaleDeformableAttention(
-            cfg.hidden_dim, cfg.num_feature_levels, cfg.num_heads, num_points, dropout=cfg.dropout
-        )
-    if kind == "act" and importlib.util.find_spec(CLUSTERING_MODULE) is not None:
-        from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
-
-        act = cfg.encoder.act
-        return AdaptiveClusteringAttention(
-            cfg.hidden_dim,
-            cfg.num_heads,
-            dropout=cfg.dropout,
-            q_hashes=act.q_hashes,
-            bucket_width=act.bucket_width,
-            seed=act.seed,
-        )
-    raise NotImplementedError(f"'{key}: {kind}' is not available in this detector yet")
-
-
 def build_transformer(cfg: ModelConfig) -> Transformer:
     """Post-norm encoder/decoder with the configured attention modules.
 
-    DETR's decoder applies a final LayerNorm to every layer's output; Deformable DETR's (a deformable
-    cross-attention) has none. Multi-scale inputs add a learned level embedding.
+    The decoder applies a final LayerNorm to every layer's output when its cross-attention's spec
+    says so (DETR), none otherwise (Deformable DETR). Multi-scale inputs add a learned level embedding.
     """
     d, ffn, dropout = cfg.hidden_dim, cfg.ffn_dim, cfg.dropout
     encoder_layers = [
         EncoderLayer(
-            self_attn=build_attention(
-                cfg.encoder.attention, cfg, key="model.encoder.attention", num_points=cfg.encoder.num_points
-            ),
+            self_attn=build_attention(cfg.encoder.attention, cfg, site="encoder"),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
@@ -130,19 +106,15 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
     decoder_layers = [
         DecoderLayer(
             self_attn=PlainAttention(d, cfg.num_heads, dropout=dropout),
-            cross_attn=build_attention(
-                cfg.decoder.cross_attention,
-                cfg,
-                key="model.decoder.cross_attention",
-                num_points=cfg.decoder.num_points,
-            ),
+            cross_attn=build_attention(cfg.decoder.cross_attention, cfg, site="decoder"),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
         )
         for _ in range(cfg.decoder.num_layers)
     ]
-    final_norm = None if cfg.decoder.cross_attention == "deformable" else nn.LayerNorm(d)
+    cross_spec = attention_spec(cfg.decoder.cross_attention, "decoder")
+    final_norm = nn.LayerNorm(d) if cross_spec.final_decoder_norm else None
     num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) else None
     return Transformer(
         Encoder(encoder_layers), Decoder(decoder_layers, final_norm), embed_dim=d, num_levels=num_levels
@@ -150,18 +122,17 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Options only the Deformable DETR head has (the config validator enforces the same)."""
-    if (cfg.box_refine or cfg.two_stage) and cfg.decoder.cross_attention != "deformable":
-        raise ValueError(
-            "'model.box_refine' and 'model.two_stage' need 'model.decoder.cross_attention: deformable'"
-        )
+    """Options only the reference-point (Deformable DETR) head has (the config validator checks the same)."""
+    if (cfg.box_refine or cfg.two_stage) and not reference_point_head(cfg):
+        raise ValueError(refinement_error())
 
 
 def build_model(cfg: ModelConfig) -> Detector | DeformableDetector:
     """The detector described by `cfg` (randomly initialised apart from optional ImageNet weights).
 
-    A deformable decoder cross-attention gives a `DeformableDetector` (reference points, boxes
-    relative to them, optional box refinement and two-stage); otherwise a DETR `Detector`.
+    A decoder cross-attention with reference points (its spec's `reference_points`, e.g. deformable)
+    gives a `DeformableDetector` (boxes relative to the reference points, optional box refinement and
+    two-stage); otherwise a DETR `Detector`.
     """
     check_supported(cfg)
     transformer = build_transformer(cfg)
@@ -176,7 +147,7 @@ def build_model(cfg: ModelConfig) -> Detector | DeformableDetector:
         aux_loss=cfg.aux_loss,
         classification=cfg.classification,
     )
-    if cfg.decoder.cross_attention == "deformable":
+    if reference_point_head(cfg):
         return DeformableDetector(**common, box_refine=cfg.box_refine, two_stage=cfg.two_stage)
     return Detector(**common)
 
@@ -206,6 +177,7 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         classification=model_cfg.classification,
         focal_alpha=loss_cfg.focal_alpha,
         focal_gamma=loss_cfg.focal_gamma,
+        terms=loss_cfg.terms,
     )
 
 

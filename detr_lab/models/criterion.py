@@ -1,12 +1,21 @@
 """The DETR set loss: Hungarian matching, then classification and box losses on the matched pairs.
 
-Each loss term is a small method with one signature, `(outputs, targets, indices, num_boxes) ->
-dict of named terms`; `forward` applies them to the final layer and to every auxiliary decoder layer
-(suffix `_0`, `_1`, ..., shallowest first) and to two-stage encoder proposals (suffix `_enc`). The
-criterion owns the loss weights (`weight_dict`) and `total_loss`.
+Each loss term is a small method with one signature,
+
+    term(outputs, targets, indices, num_boxes, *, log) -> dict of named values
+
+(`log`: also return the logging-only metrics of the final layer, e.g. `class_error`). The terms
+that run are chosen by name (`terms`, from `loss.terms` in the config). `forward` applies them to the
+final layer and to every auxiliary decoder layer (suffix `_0`, `_1`, ..., shallowest first) and to
+two-stage encoder proposals (suffix `_enc`); `layer_losses` applies them to one set of predictions
+with the matcher's indices or with given ones (e.g. denoising groups, whose targets are known). The
+criterion owns the loss weights (`weight_dict`) and `total_loss`. Follows `SetCriterion` of the
+official DETR and Deformable DETR code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +26,11 @@ from detr_lab.boxes import cxcywh_to_xyxy, generalized_box_iou
 from detr_lab.models.matcher import HungarianMatcher
 
 Indices = list[tuple[Tensor, Tensor]]
+
+# Weighted values each term returns (the others are logged only). The names are those of
+# `detr_lab.config.LOSS_TERMS`, which validates `loss.terms`.
+WEIGHTED_VALUES = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou"), "cardinality": ()}
+DEFAULT_TERMS = ("labels", "cardinality", "boxes")
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -51,10 +65,15 @@ class SetCriterion(nn.Module):
         num_aux_layers: auxiliary decoder layers whose terms (suffixed `_0`..) enter `weight_dict`.
         two_stage: add the encoder-proposal terms (suffix `_enc`) to `weight_dict`.
         classification: "softmax" or "sigmoid" (focal loss with `focal_alpha`, `focal_gamma`).
+        terms: the loss terms to compute, by name: "labels" (`loss_ce`, and `class_error` for the
+            final layer), "boxes" (`loss_bbox`, `loss_giou`), "cardinality" (`cardinality_error`).
 
-    Terms (unweighted): `loss_ce`, `loss_bbox` (L1 of normalized cxcywh), `loss_giou` (1 - GIoU),
+    Values (unweighted): `loss_ce`, `loss_bbox` (L1 of normalized cxcywh), `loss_giou` (1 - GIoU),
     both box terms summed over matched pairs and divided by the average number of target boxes;
     `class_error` (final layer only) and `cardinality_error` are logged, never weighted.
+
+    Raises:
+        ValueError: an unknown classification or term name (the message names it), or no terms.
     """
 
     def __init__(
@@ -71,10 +90,23 @@ class SetCriterion(nn.Module):
         classification: str = "softmax",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        terms: Sequence[str] = DEFAULT_TERMS,
     ) -> None:
         super().__init__()
         if classification not in ("softmax", "sigmoid"):
             raise ValueError(f"classification must be 'softmax' or 'sigmoid', got {classification!r}")
+        available = {
+            "labels": self.loss_labels,
+            "cardinality": self.loss_cardinality,
+            "boxes": self.loss_boxes,
+        }
+        unknown = [name for name in terms if name not in available]
+        if unknown or not terms or len(set(terms)) != len(terms):
+            raise ValueError(
+                f"loss terms must be distinct names from {sorted(available)} (at least one), "
+                f"got {list(terms)!r}"
+            )
+        self.loss_terms = {name: available[name] for name in terms}
         self.num_classes = num_classes
         self.matcher = matcher
         self.classification = classification
@@ -85,16 +117,13 @@ class SetCriterion(nn.Module):
         class_weights[-1] = eos_coef
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-        base = {"loss_ce": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        weights = {"loss_ce": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        produced = {value for name in self.loss_terms for value in WEIGHTED_VALUES[name]}
+        base = {value: weight for value, weight in weights.items() if value in produced}
         self.weight_dict: dict[str, float] = dict(base)
         suffixes = [f"_{i}" for i in range(num_aux_layers)] + (["_enc"] if two_stage else [])
         for suffix in suffixes:
             self.weight_dict.update({name + suffix: weight for name, weight in base.items()})
-        self.loss_terms = {
-            "labels": self.loss_labels,
-            "cardinality": self.loss_cardinality,
-            "boxes": self.loss_boxes,
-        }
 
     # ------------------------------------------------------------------------------------- terms
     @staticmethod
@@ -105,7 +134,7 @@ class SetCriterion(nn.Module):
         return batch, queries
 
     def loss_labels(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool = True
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool
     ) -> dict[str, Tensor]:
         """`loss_ce` over all queries (unmatched ones target "no object"); `class_error` (%) if `log`."""
         logits = outputs["pred_logits"]  # (B, Q, C)
@@ -145,18 +174,21 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def loss_cardinality(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool
     ) -> dict:
         """`cardinality_error`: mean |predicted objects - target objects| per image (logging only).
 
-        A prediction counts as an object when its best logit is not the last one.
+        A prediction counts as an object when its best logit is not the last one. Every layer logs
+        it (`log` is not consulted), as the official code.
         """
         logits = outputs["pred_logits"]
         target_counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
         predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(predicted_counts.float(), target_counts.float())}
 
-    def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
+    def loss_boxes(
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, *, log: bool
+    ) -> dict:
         """`loss_bbox` (L1) and `loss_giou` (1 - GIoU) of the matched boxes, normalized cxcywh."""
         matched = self.matched_query_index(indices)
         pred_boxes = outputs["pred_boxes"][matched]  # (K, 4)
@@ -167,12 +199,36 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     # ----------------------------------------------------------------------------------- forward
-    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float, *, log: bool) -> dict:
-        indices = self.matcher(outputs, targets)
+    def layer_losses(
+        self,
+        outputs: dict,
+        targets: list[dict],
+        num_boxes: float,
+        *,
+        log: bool,
+        indices: Indices | None = None,
+    ) -> dict[str, Tensor]:
+        """Every configured term for one set of predictions (unsuffixed names).
+
+        Args:
+            outputs: `pred_logits` `[B, Q, C]`, `pred_boxes` `[B, Q, 4]` normalized cxcywh.
+            targets: B dicts with `labels` int64 `[N_i]`, `boxes` `[N_i, 4]` normalized cxcywh.
+            num_boxes: the normalizer of the box terms (see `average_num_boxes`).
+            log: also return the final layer's logging-only values (`class_error`).
+            indices: B pairs (query indices int64 `[K_i]`, target indices int64 `[K_i]`) that
+                replace the Hungarian matching, e.g. for denoising queries built from known targets;
+                None runs the matcher.
+        """
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        elif len(indices) != len(targets):
+            raise ValueError(
+                f"indices must hold one (query, target) pair per image: got {len(indices)} "
+                f"for {len(targets)} targets"
+            )
         losses: dict[str, Tensor] = {}
-        for name, term in self.loss_terms.items():
-            kwargs = {"log": log} if name == "labels" else {}
-            losses.update(term(outputs, targets, indices, num_boxes, **kwargs))
+        for term in self.loss_terms.values():
+            losses.update(term(outputs, targets, indices, num_boxes, log=log))
         return losses
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:

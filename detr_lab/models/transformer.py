@@ -62,8 +62,10 @@ class EncoderLayer(nn.Module):
     ) -> Tensor:
         """Tokens `x` and their position embeddings `pos` `[B, S, d]` -> `[B, S, d]`.
 
-        `padding_mask` bool `[B, S]` (True = padding); `reference_points` `[B, S, levels, 2]`,
-        `spatial_shapes` `[levels, 2]`, `level_start_index` `[levels]` go to the attention module.
+        `padding_mask` bool `[B, S]` (True = padding) masks the keys and marks the padded queries
+        (`key_padding_mask` and `query_padding_mask` of the attention); `reference_points`
+        `[B, S, levels, 2]`, `spatial_shapes` `[levels, 2]`, `level_start_index` `[levels]` go to the
+        attention module.
         """
         query_key = x + pos
         attended = self.self_attn(
@@ -71,6 +73,7 @@ class EncoderLayer(nn.Module):
             key=query_key,
             value=x,
             key_padding_mask=padding_mask,
+            query_padding_mask=padding_mask,  # the queries are the tokens: same padding
             reference_points=reference_points,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,

@@ -133,21 +133,6 @@ def test_padded_queries_stay_out_of_real_clusters():
     assert not torch.allclose(unmasked[~padding], out[~padding])
 
 
-def test_self_attention_on_one_tensor_keeps_padded_queries_apart_by_itself():
-    torch.manual_seed(11)
-    act = AdaptiveClusteringAttention(EMBED_DIM, HEADS, bucket_width=1e6, q_hashes=4).eval()
-    tokens, value = torch.randn(2, 9, EMBED_DIM), torch.randn(2, 9, EMBED_DIM)
-    padding = torch.zeros(2, 9, dtype=torch.bool)
-    padding[1, 4:] = True
-    implicit = act(tokens, tokens, value, key_padding_mask=padding)
-    assert act.last_clusters_per_head.tolist() == [[1] * HEADS] * 2
-    explicit = act(tokens, tokens, value, key_padding_mask=padding, query_padding_mask=padding)
-    torch.testing.assert_close(implicit, explicit)
-    # A copy of the tokens as key is not the same tensor: padded queries then join the cluster.
-    mixed = act(tokens, tokens.clone(), value, key_padding_mask=padding)
-    assert not torch.allclose(mixed[1, :4], explicit[1, :4])
-
-
 def test_outputs_do_not_depend_on_other_batch_elements():
     torch.manual_seed(7)
     act = AdaptiveClusteringAttention(EMBED_DIM, HEADS, bucket_width=0.5, q_hashes=8).eval()

@@ -134,3 +134,90 @@ def test_focal_terms_match_official_deformable_losses(name, two_stage):
     for term, expected in fixture["losses"].items():
         assert losses[term].item() == pytest.approx(expected, rel=1e-4, abs=1e-6), term
     assert criterion.total_loss(losses).item() == pytest.approx(fixture["total_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------ given indices and terms
+class _FixedMatcher:
+    """A matcher that returns the indices it was given (whatever the predictions)."""
+
+    def __init__(self, indices):
+        self.indices = indices
+
+    def __call__(self, outputs, targets):
+        return self.indices
+
+
+def _two_image_case():
+    torch.manual_seed(3)
+    outputs = {"pred_logits": torch.randn(2, 5, 4), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.2}
+    targets = [
+        {"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])},
+    ]
+    return outputs, targets
+
+
+def test_given_indices_give_the_losses_of_a_matcher_returning_them():
+    outputs, targets = _two_image_case()
+    indices = [(torch.tensor([4, 1]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
+    hungarian = _criterion(num_classes=3)
+    def pairs(index_pairs):
+        return [set(zip(q.tolist(), t.tolist(), strict=True)) for q, t in index_pairs]
+
+    # The given indices are not the Hungarian ones, so they must really be used.
+    assert pairs(hungarian.matcher(outputs, targets)) != pairs(indices)
+    fixed = SetCriterion(3, _FixedMatcher(indices), num_aux_layers=0)
+    expected = fixed(outputs, targets)
+    given = hungarian.layer_losses(outputs, targets, 3.0, log=True, indices=indices)
+    assert set(given) == set(expected)
+    for name, value in expected.items():
+        assert given[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    matched = hungarian.layer_losses(outputs, targets, 3.0, log=True)
+    assert matched["loss_bbox"].item() < given["loss_bbox"].item()  # Hungarian: the cheapest pairs
+
+
+def test_perfect_prediction_with_given_indices_has_zero_box_loss():
+    outputs, targets = _two_image_case()
+    boxes = outputs["pred_boxes"].clone()
+    boxes[0, 4], boxes[0, 1] = targets[0]["boxes"][1], targets[0]["boxes"][0]
+    boxes[1, 2] = targets[1]["boxes"][0]
+    outputs = {**outputs, "pred_boxes": boxes}
+    criterion = _criterion(num_classes=3)
+    indices = [(torch.tensor([4, 1]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
+    losses = criterion.layer_losses(outputs, targets, 3.0, log=False, indices=indices)
+    assert losses["loss_bbox"].item() == 0
+    assert losses["loss_giou"].item() == pytest.approx(0, abs=1e-6)
+    assert "class_error" not in losses  # log=False: the auxiliary-layer form
+    swapped = [(torch.tensor([1, 4]), torch.tensor([1, 0])), indices[1]]
+    assert criterion.layer_losses(outputs, targets, 3.0, log=False, indices=swapped)["loss_bbox"].item() > 0
+    with pytest.raises(ValueError, match="one \\(query, target\\) pair per image"):
+        criterion.layer_losses(outputs, targets, 3.0, log=False, indices=indices[:1])
+
+
+def test_terms_are_chosen_by_name():
+    outputs, targets = _two_image_case()
+    criterion = _criterion(num_classes=3, num_aux_layers=1, terms=["boxes"])
+    losses = criterion({**outputs, "aux_outputs": [dict(outputs)]}, targets)
+    assert set(losses) == {"loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0"}
+    assert set(criterion.weight_dict) == {"loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0"}
+    labels_only = _criterion(num_classes=3, terms=["labels"])
+    assert set(labels_only(outputs, targets)) == {"loss_ce", "class_error"}
+    for bad in (["labels", "boxs"], [], ["boxes", "boxes"]):
+        with pytest.raises(ValueError, match="loss terms must be distinct names"):
+            _criterion(terms=bad)
+
+
+def test_config_loss_terms_are_validated_and_reach_the_criterion():
+    from detr_lab.config import LOSS_TERMS, ConfigError
+
+    assert set(LOSS_TERMS) == set(criterion_module.WEIGHTED_VALUES)
+    assert set(load_config().loss.terms) == set(LOSS_TERMS)  # every term by default
+    with pytest.raises(ConfigError, match=r"'loss.terms\[1\]' is 'boxs'.*did you mean 'boxes'"):
+        load_config(overrides=["loss.terms=[labels,boxs]"])
+    with pytest.raises(ConfigError, match=r"'loss.terms\[1\]' repeats 'labels'"):
+        load_config(overrides=["loss.terms=[labels,labels]"])
+    with pytest.raises(ConfigError, match="'loss.terms' must name at least one"):
+        load_config(overrides=["loss.terms=[]"])
+    cfg = load_config(overrides=["model.aux_loss=false", "loss.terms=[labels,boxes]"])
+    criterion = build_criterion(cfg.model, cfg.loss)
+    assert list(criterion.loss_terms) == ["labels", "boxes"]

@@ -1,0 +1,125 @@
+"""Attention variants: the spec table that the config, its validation and `build.py` all read.
+
+Each variant is one file in this package (the module, and a `build_from_config(cfg, *, site)`
+function) plus one line in `ATTENTION_SPECS`: its builder and the properties the rest of the model
+depends on. Nothing else tests a variant's name.
+
+Sites, named after their config section:
+
+- "encoder": the encoder self-attention, `model.encoder.attention`;
+- "decoder": the decoder cross-attention (queries to memory), `model.decoder.cross_attention`.
+  (The decoder self-attention among the queries is always plain attention.)
+
+This module is pure data: importing it imports neither torch nor any variant. A builder is named
+as "module:function" and imported when the first module of that variant is built.
+
+All variants share one call contract (see `detr_lab.models.attention.plain`) and one mask polarity
+(True = may not attend; see `detr_lab.models.attention.masks`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from detr_lab.config import ModelConfig
+
+SITES = ("encoder", "decoder")
+SITE_KEYS = {"encoder": "model.encoder.attention", "decoder": "model.decoder.cross_attention"}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the rest of the model needs to know about one attention variant.
+
+    Attributes:
+        builder: "module:function"; the function is `(cfg: ModelConfig, *, site: str) -> nn.Module`.
+        sites: where the variant may be used ("encoder", "decoder").
+        reference_points: the module samples around reference points, so it needs
+            `reference_points` and `spatial_shapes`. As decoder cross-attention this selects the
+            Deformable DETR head: boxes predicted relative to the reference points, and the only head
+            with box refinement and two-stage.
+        multiscale_inputs: the model takes Deformable DETR's input side (GroupNorm(32) input
+            projections, a learned level embedding, the half-pixel sine offset), whatever the number
+            of feature levels.
+        final_decoder_norm: as decoder cross-attention, the decoder applies a final LayerNorm to
+            every layer's output (DETR); False: no final norm (Deformable DETR).
+    """
+
+    builder: str
+    sites: tuple[str, ...]
+    reference_points: bool = False
+    multiscale_inputs: bool = False
+    final_decoder_norm: bool = True
+
+
+ATTENTION_SPECS: dict[str, AttentionSpec] = {
+    "plain": AttentionSpec("detr_lab.models.attention.plain:build_from_config", sites=("encoder", "decoder")),
+    "deformable": AttentionSpec(
+        "detr_lab.models.attention.deformable:build_from_config",
+        sites=("encoder", "decoder"),
+        reference_points=True,
+        multiscale_inputs=True,
+        final_decoder_norm=False,
+    ),
+    "act": AttentionSpec("detr_lab.models.attention.clustering:build_from_config", sites=("encoder",)),
+}
+
+
+
+def needs_multiscale_inputs(encoder_attention: str, cross_attention: str, num_feature_levels: int) -> bool:
+    """Whether a model takes Deformable DETR's multi-scale input side (GroupNorm(32) input
+    projections, level embeddings, half-pixel sine offset): the spec of either chosen variant asks for
+    it, or there is more than one feature level."""
+    chosen = (encoder_attention, cross_attention)
+    return num_feature_levels > 1 or any(ATTENTION_SPECS[name].multiscale_inputs for name in chosen)
+
+
+def refinement_error() -> str:
+    """The message for box refinement / two-stage without a reference-point cross-attention."""
+    names = [name for name in attention_names("decoder") if ATTENTION_SPECS[name].reference_points]
+    return (
+        "'model.box_refine' and 'model.two_stage' need a decoder cross-attention with reference points "
+        f"('model.decoder.cross_attention': {' or '.join(names)})"
+    )
+
+
+def attention_names(site: str) -> tuple[str, ...]:
+    """Names of the variants allowed at `site` ("encoder" or "decoder"), in table order."""
+    if site not in SITES:
+        raise ValueError(f"unknown attention site {site!r}; expected one of {SITES}")
+    return tuple(name for name, spec in ATTENTION_SPECS.items() if site in spec.sites)
+
+
+def attention_spec(name: str, site: str) -> AttentionSpec:
+    """The spec of variant `name` used at `site`.
+
+    Raises:
+        ValueError: `name` is not a variant for `site` (the message names the config key and the
+            valid names).
+    """
+    if name not in attention_names(site):
+        raise ValueError(
+            f"'{SITE_KEYS[site]}' is {name!r}; expected one of: {', '.join(attention_names(site))}"
+        )
+    return ATTENTION_SPECS[name]
+
+
+def build_attention(name: str, cfg: ModelConfig, *, site: str) -> nn.Module:
+    """A new module of variant `name` for `site`, built by its spec's builder from the model config.
+
+    Raises:
+        ValueError: an unknown variant for `site`, or a builder that cannot be imported.
+    """
+    spec = attention_spec(name, site)
+    module_name, _, function_name = spec.builder.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        message = f"attention variant {name!r}: cannot import its builder {spec.builder!r}: {err}"
+        raise ValueError(message) from None
+    return builder(cfg, site=site)

@@ -33,12 +33,17 @@ r is a constructor argument.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detr_lab.models.attention.masks import additive_mask, check_key_padding_mask, normalize_attn_mask
 from detr_lab.models.attention.plain import PlainAttention
+
+if TYPE_CHECKING:
+    from detr_lab.config import ModelConfig
 
 # Random 64-bit fingerprints of the hash rows make grouping a 1-D sort; equal fingerprints are then
 # checked row by row, and any collision falls back to an exact multi-column `unique`.
@@ -177,7 +182,7 @@ class AdaptiveClusteringAttention(PlainAttention):
         return e2lsh_hashes(queries, self.hash_directions, self.hash_offsets, self.bucket_width)
 
     def cluster_queries(
-        self, hashes: Tensor, query_padding_mask: Tensor | None = None
+        self, hashes: Tensor, query_padding_mask: Tensor | None = None, mask_rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Group queries whose L hash values all agree, separately for each batch element and head.
 
@@ -185,6 +190,8 @@ class AdaptiveClusteringAttention(PlainAttention):
             hashes: int64 `[B, heads, Lq, L]`.
             query_padding_mask: optional bool `[B, Lq]`, True = padding; padded queries never share
                 a cluster with real ones.
+            mask_rows: optional int64 `[B, heads, Lq]`, an id of each query's `attn_mask` row; only
+                queries with equal ids (the same allowed keys) share a cluster.
 
         Returns:
             cluster_index: int64 `[B, heads, Lq]`, each query's cluster in `[0, K_max)`, numbered
@@ -201,6 +208,8 @@ class AdaptiveClusteringAttention(PlainAttention):
         if query_padding_mask is not None:
             is_padding = is_padding + query_padding_mask[:, None, :].long()
             rows = torch.cat([is_padding.reshape(-1, 1), rows], dim=1)  # padding joins the key
+        if mask_rows is not None:
+            rows = torch.cat([mask_rows.reshape(-1, 1), rows], dim=1)  # so does the attn_mask row
         cluster_ids = group_equal_rows(group_ids, rows)  # (B*nh*Lq,), group-major
         num_total = int(cluster_ids.max()) + 1 if cluster_ids.numel() else 0
         # Group and padding flag of each cluster (all its members agree on both).
@@ -225,36 +234,49 @@ class AdaptiveClusteringAttention(PlainAttention):
         value: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        query_padding_mask: Tensor | None = None,
         reference_points: Tensor | None = None,
         spatial_shapes: Tensor | None = None,
         level_start_index: Tensor | None = None,
-        query_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Attend from `query` `[B, Lq, d]` to `key`/`value` `[B, Lk, d]` -> `[B, Lq, d]`.
 
-        `key_padding_mask` is bool `[B, Lk]`, True = padding (those keys get no weight).
-        `query_padding_mask` (optional, bool `[B, Lq]`, True = padding) keeps padded queries out of
-        the real queries' clusters. When it is not given and `query` is the very tensor passed as
-        `key` (encoder self-attention), `key_padding_mask` serves for the queries too; otherwise
-        padded queries are clustered like any other. The multi-scale arguments are accepted for the
-        shared contract and ignored.
+        Args:
+            key_padding_mask: bool `[B, Lk]`, True = padding (those keys get no weight).
+            attn_mask: bool `[Lq, Lk]`, `[B, Lq, Lk]` or `[B*heads, Lq, Lk]`, True = the query may
+                not attend to the key. Queries share a cluster only when their mask rows are equal,
+                so every prototype attends with exactly its members' mask. A query with no allowed
+                key returns `out_proj.bias`.
+            query_padding_mask: bool `[B, Lq]`, True = padded query; padded queries never share a
+                cluster with real ones. The encoder layer passes its padding mask here; without it,
+                padded queries are clustered like any other.
+            reference_points, spatial_shapes, level_start_index: accepted for the shared contract
+                and ignored.
+
+        Raises:
+            ValueError: a mask of the wrong dtype or shape; non-finite queries (see `e2lsh_hashes`).
         """
         batch, num_queries, _ = query.shape
         num_keys = key.shape[1]
-        self._check_mask("key_padding_mask", key_padding_mask, batch, num_keys)
+        heads, head_dim = self.num_heads, self.head_dim
+        check_key_padding_mask(key_padding_mask, batch, num_keys)
         self._check_mask("query_padding_mask", query_padding_mask, batch, num_queries)
-        if query_padding_mask is None and query is key:
-            query_padding_mask = key_padding_mask
+        rule = normalize_attn_mask(attn_mask, batch, heads, num_queries, num_keys)  # (B|1, nh|1, Lq, Lk)
         q, k, v = self.project(query, key, value)  # (B, nh, L, hd)
-        q = q * self.head_dim**-0.5
+        q = q * head_dim**-0.5
         hashes = self.hash_queries(q)  # (B, nh, Lq, L)
-        cluster_index, num_clusters, num_real = self.cluster_queries(hashes, query_padding_mask)
+        mask_rows, distinct_rows = None, None
+        if rule is not None:
+            # Number the distinct mask rows; equal rows (the same allowed keys) get equal ids.
+            distinct_rows, row_ids = torch.unique(rule.reshape(-1, num_keys), dim=0, return_inverse=True)
+            mask_rows = row_ids.view(rule.shape[:3]).expand(batch, heads, num_queries)
+        cluster_index, num_clusters, num_real = self.cluster_queries(hashes, query_padding_mask, mask_rows)
         max_clusters = int(num_clusters.max()) if num_clusters.numel() else 0
         self.last_clusters_per_head = num_real
         self.last_num_clusters = float(num_real.double().mean()) if num_real.numel() else float("nan")
 
         # Prototypes: mean member query, padded to max_clusters per (batch element, head).
-        heads, head_dim = self.num_heads, self.head_dim
         first_slot = torch.arange(batch * heads, device=q.device).view(batch, heads, 1) * max_clusters
         slot = (first_slot + cluster_index).reshape(-1)  # (B*nh*Lq,) row in the padded prototypes
         # In-place index_add_ / index_select: much faster on CPU than out-of-place index_add / [].
@@ -266,10 +288,21 @@ class AdaptiveClusteringAttention(PlainAttention):
         prototypes = (sums / sizes[:, None].to(sum_dtype)).to(q.dtype)
         prototypes = prototypes.view(batch, heads, max_clusters, head_dim)
 
-        mask = self.attention_mask(key_padding_mask, q.dtype)  # (B, 1, 1, Lk) or None
+        blocked = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
+        if mask_rows is not None:
+            # Each prototype's mask row is its members' (all equal); empty slots allow every key.
+            prototype_rows = torch.full((num_slots,), -1, dtype=torch.long, device=q.device)
+            prototype_rows = prototype_rows.scatter_reduce(0, slot, mask_rows.reshape(-1), reduce="amax")
+            table = torch.cat([distinct_rows, distinct_rows.new_zeros(1, num_keys)])  # row -1: none
+            rows = table.index_select(0, prototype_rows.remainder(table.shape[0]))
+            rows = rows.view(batch, heads, max_clusters, num_keys)
+            blocked = rows if blocked is None else rows | blocked
+        mask, empty = (None, None) if blocked is None else additive_mask(blocked, q.dtype)
         out = F.scaled_dot_product_attention(
             prototypes, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=1.0
         )  # (B, nh, K_max, hd); the queries are already scaled
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)  # prototypes with no allowed key attend to nothing
         out = out.reshape(-1, head_dim).index_select(0, slot).view(batch, heads, num_queries, head_dim)
         return self.out_proj(self.merge_heads(out))
 
@@ -282,3 +315,17 @@ class AdaptiveClusteringAttention(PlainAttention):
                 f"{name} must be bool [B, L] = [{batch}, {length}] (True = padding), "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
+
+
+def build_from_config(cfg: ModelConfig, *, site: str) -> AdaptiveClusteringAttention:
+    """The "act" variant (see `detr_lab.models.attention.ATTENTION_SPECS`), encoder only: the hash
+    settings come from `model.encoder.act`."""
+    act = cfg.encoder.act
+    return AdaptiveClusteringAttention(
+        cfg.hidden_dim,
+        cfg.num_heads,
+        dropout=cfg.dropout,
+        q_hashes=act.q_hashes,
+        bucket_width=act.bucket_width,
+        seed=act.seed,
+    )

@@ -2,13 +2,22 @@
 
 Each query attends to a handful of sampled positions instead of the whole map: per head, level and
 point it predicts an offset from its reference point and a weight (softmax over levels*points), and
-the output is the weighted sum of the bilinearly sampled values. The shared attention call contract:
+the output is the weighted sum of the bilinearly sampled values. The shared attention call contract
+(see `detr_lab.models.attention.plain`):
 
-    attn(query, key, value, *, key_padding_mask=None, reference_points=None,
-         spatial_shapes=None, level_start_index=None) -> [B, Lq, d]
+    attn(query, key, value, *, key_padding_mask=None, attn_mask=None, query_padding_mask=None,
+         reference_points=None, spatial_shapes=None, level_start_index=None) -> [B, Lq, d]
 
-`key` is ignored: the offsets and weights come from the query alone. Parameter names, shapes and
-initialization follow the official `MSDeformAttn`, so official checkpoints load unchanged.
+`key` is ignored: the offsets and weights come from the query alone. The keys of the masks are the
+value positions (Lk = Lv). Masks act on the bilinear corners: a corner at a padded key
+(`key_padding_mask`) or at a key the query may not attend to (`attn_mask`, True = not allowed)
+contributes zero, as a corner outside the map does; the attention weights are not renormalized
+(as for padding in the official code). A query whose samples all land on masked keys gets a zero
+result before the output projection (the module returns `output_proj.bias`). An `attn_mask` runs
+the masked reference core whatever `core_impl` says (the fast cores have no masked variant).
+
+Parameter names, shapes and initialization follow the official `MSDeformAttn`, so official
+checkpoints load unchanged.
 
 The sampling core (`ms_deform_attn_core`) has several implementations, chosen per call by
 `core_impl` ("auto" picks Triton on CUDA, the fast CPU path on CPU, the reference elsewhere);
@@ -18,11 +27,16 @@ The sampling core (`ms_deform_attn_core`) has several implementations, chosen pe
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import CORE_IMPLS, ms_deform_attn_core
+from .masks import check_key_padding_mask
+
+if TYPE_CHECKING:
+    from detr_lab.config import ModelConfig
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -155,6 +169,8 @@ class MultiScaleDeformableAttention(nn.Module):
         value: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        query_padding_mask: Tensor | None = None,
         reference_points: Tensor | None = None,
         spatial_shapes: Tensor | None = None,
         level_start_index: Tensor | None = None,
@@ -166,6 +182,9 @@ class MultiScaleDeformableAttention(nn.Module):
             key: ignored.
             value: `[B, Lv, d]`, the levels flattened row-major one after another, Lv = sum(H*W).
             key_padding_mask: bool `[B, Lv]`, True = padding; padded positions read as zeros.
+            attn_mask: bool `[Lq, Lv]`, `[B, Lq, Lv]` or `[B*heads, Lq, Lv]`, True = the query may
+                not attend to the position: its bilinear corners there contribute zero.
+            query_padding_mask: accepted for the shared contract and ignored.
             reference_points: `[B, Lq, L, 2]` normalized (x, y) or `[B, Lq, L, 4]` normalized
                 (cx, cy, w, h) per level.
             spatial_shapes: int64 `[L, 2]`, (H, W) of each level.
@@ -173,8 +192,13 @@ class MultiScaleDeformableAttention(nn.Module):
 
         Returns:
             `[B, Lq, d]`.
+
+        Raises:
+            ValueError: inconsistent shapes or a mask of the wrong shape or dtype (the message
+                names the tensor).
         """
         self._check_inputs(query, value, reference_points, spatial_shapes)
+        check_key_padding_mask(key_padding_mask, query.shape[0], value.shape[1])
         batch, num_queries, _ = query.shape
         length = value.shape[1]
         if level_start_index is None:
@@ -195,7 +219,13 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.softmax(-1).view(offsets.shape[:-1])  # (B, Lq, nh, L, P)
         locations = self.sampling_locations(offsets, reference_points, spatial_shapes)
         output = ms_deform_attn_core(
-            value, spatial_shapes, level_start_index, locations, weights, impl=self.core_impl
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations,
+            weights,
+            impl=self.core_impl,
+            attn_mask=attn_mask,
         )  # (B, Lq, d)
         return self.output_proj(output)
 
@@ -210,3 +240,12 @@ def set_deformable_core(model: nn.Module, impl: str) -> int:
             module.core_impl = impl
             count += 1
     return count
+
+
+def build_from_config(cfg: ModelConfig, *, site: str) -> MultiScaleDeformableAttention:
+    """The "deformable" variant (see `detr_lab.models.attention.ATTENTION_SPECS`) at `site`:
+    `model.num_feature_levels` levels, `model.<site>.num_points` points per head and level."""
+    num_points = cfg.encoder.num_points if site == "encoder" else cfg.decoder.num_points
+    return MultiScaleDeformableAttention(
+        cfg.hidden_dim, cfg.num_feature_levels, cfg.num_heads, num_points, dropout=cfg.dropout
+    )

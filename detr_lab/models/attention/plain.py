@@ -1,14 +1,22 @@
 """Plain multi-head attention (DETR), batch-first, on `scaled_dot_product_attention`.
 
-`impl="math"` computes the same attention step by step (scaled `q @ k^T`, additive padding mask,
-softmax, dropout, `@ v`), as `nn.MultiheadAttention` of the reference DETR code does; it is the
-reference path for benchmarks and tests. `set_plain_attention_impl(model, "math")` switches every
-module of a model.
+`impl="math"` computes the same attention step by step (scaled `q @ k^T`, additive mask, softmax,
+dropout, `@ v`), as `nn.MultiheadAttention` of the reference DETR code does; it is the reference path
+for benchmarks and tests. `set_plain_attention_impl(model, "math")` switches every module of a model.
 
 The call contract is shared by every attention module in this package:
 
-    attn(query, key, value, *, key_padding_mask=None, reference_points=None,
-         spatial_shapes=None, level_start_index=None) -> [B, Lq, d]
+    attn(query, key, value, *, key_padding_mask=None, attn_mask=None, query_padding_mask=None,
+         reference_points=None, spatial_shapes=None, level_start_index=None) -> [B, Lq, d]
+
+- `query` `[B, Lq, d]`, `key` / `value` `[B, Lk, d]` (batch-first).
+- `key_padding_mask` bool `[B, Lk]` and `attn_mask` bool `[Lq, Lk]`, `[B, Lq, Lk]` or
+  `[B*heads, Lq, Lk]`: one polarity, True = may NOT attend (padding / not allowed); see
+  `detr_lab.models.attention.masks`. A query with no allowed key gets a zero attention result
+  (the output projection's bias), never NaN.
+- `query_padding_mask` bool `[B, Lq]`, True = padded query: its output is never read by real
+  tokens. Only adaptive clustering attention uses it (padded queries form their own clusters).
+- The multi-scale arguments are for deformable attention; the others accept and ignore them.
 
 Attention modules only mix tokens: no residual connection and no normalization inside.
 """
@@ -16,10 +24,16 @@ Attention modules only mix tokens: no residual connection and no normalization i
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .masks import additive_mask, blocked_keys
+
+if TYPE_CHECKING:
+    from detr_lab.config import ModelConfig
 
 PLAIN_IMPLS = ("sdpa", "math")
 
@@ -78,13 +92,33 @@ class PlainAttention(nn.Module):
             self.split_heads(self.v_proj(value)),
         )
 
-    @staticmethod
-    def attention_mask(key_padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """bool `[B, Lk]` (True = padding) -> additive float mask `[B, 1, 1, Lk]` (-inf at padding)."""
-        if key_padding_mask is None:
-            return None
-        mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-        return mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+    def attention_mask(
+        self,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        shape: tuple[int, int, int],
+        dtype: torch.dtype,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Masks of the contract -> (additive float mask, fully masked rows), or (None, None).
+
+        Args:
+            key_padding_mask: bool `[B, Lk]`, True = padding.
+            attn_mask: bool `[Lq, Lk]`, `[B, Lq, Lk]` or `[B*heads, Lq, Lk]`, True = may not attend.
+            shape: (B, Lq, Lk). dtype: of the additive mask.
+
+        Returns:
+            The additive mask `[B or 1, heads or 1, Lq or 1, Lk]` (0 allowed, -inf not) and the bool
+            rows `[..., 1]` where every key is masked (their mask row is 0; the caller zeroes their
+            result).
+
+        Raises:
+            ValueError: a mask of the wrong dtype or shape (the message names it).
+        """
+        if key_padding_mask is None and attn_mask is None:
+            return None, None
+        batch, num_queries, num_keys = shape
+        blocked = blocked_keys(attn_mask, key_padding_mask, batch, self.num_heads, num_queries, num_keys)
+        return additive_mask(blocked, dtype)
 
     def forward(
         self,
@@ -93,29 +127,39 @@ class PlainAttention(nn.Module):
         value: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        query_padding_mask: Tensor | None = None,
         reference_points: Tensor | None = None,
         spatial_shapes: Tensor | None = None,
         level_start_index: Tensor | None = None,
     ) -> Tensor:
         """Attend from `query` `[B, Lq, d]` to `key`/`value` `[B, Lk, d]` -> `[B, Lq, d]`.
 
-        `key_padding_mask` is bool `[B, Lk]`, True = padding (those keys get no weight). The
-        multi-scale arguments are accepted for the shared contract and ignored.
+        `key_padding_mask` bool `[B, Lk]` (True = padding) and `attn_mask` bool `[Lq, Lk]`,
+        `[B, Lq, Lk]` or `[B*heads, Lq, Lk]` (True = may not attend) together decide which keys
+        each query sees; a query that sees none returns `out_proj.bias`. `query_padding_mask` and
+        the multi-scale arguments are accepted for the shared contract and ignored.
+
+        Raises:
+            ValueError: a mask of the wrong dtype or shape.
         """
         q, k, v = self.project(query, key, value)  # (B, nh, L, hd)
-        mask = self.attention_mask(key_padding_mask, q.dtype)
+        shape = (query.shape[0], query.shape[1], key.shape[1])
+        mask, empty = self.attention_mask(key_padding_mask, attn_mask, shape, q.dtype)
         dropout = self.dropout if self.training else 0.0
         if self.impl == "math":
             out = self.math_attention(q, k, v, mask, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)  # queries with no allowed key attend to nothing
         return self.out_proj(self.merge_heads(out))
 
     def math_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
         """softmax(q k^T / sqrt(head_dim) + mask) v, step by step.
 
-        q `[B, nh, Lq, hd]`, k and v `[B, nh, Lk, hd]`, additive mask `[B, 1, 1, Lk]` or None
-        -> `[B, nh, Lq, hd]`.
+        q `[B, nh, Lq, hd]`, k and v `[B, nh, Lk, hd]`, additive mask broadcastable to
+        `[B, nh, Lq, Lk]` or None -> `[B, nh, Lq, hd]`.
         """
         scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, Lq, Lk)
         if mask is not None:
@@ -137,3 +181,9 @@ def set_plain_attention_impl(model: nn.Module, impl: str) -> int:
             module.impl = impl
             count += 1
     return count
+
+
+def build_from_config(cfg: ModelConfig, *, site: str) -> PlainAttention:
+    """The "plain" variant (see `detr_lab.models.attention.ATTENTION_SPECS`) at either site:
+    `model.hidden_dim` wide, `model.num_heads` heads, `model.dropout` on the attention weights."""
+    return PlainAttention(cfg.hidden_dim, cfg.num_heads, dropout=cfg.dropout)

@@ -13,6 +13,10 @@ Implementations (`impl`):
 
 All paths sample bilinearly with zero padding and pixel centres at +0.5, i.e. like
 `F.grid_sample(value_level, 2 * sampling_locations - 1, align_corners=False, padding_mode="zeros")`.
+
+With an `attn_mask` (bool, True = the query may not attend to the key) every `impl` runs
+`ms_deform_attn_core_masked`, the reference computation in which a bilinear corner at a masked key
+contributes zero; the fast cores have no masked variant.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import os
 import torch
 from torch import Tensor
 
+from ..masks import normalize_attn_mask
 from .cpu_fast import ms_deform_attn_core_cpu_fast
-from .reference import ms_deform_attn_core_reference
+from .reference import ms_deform_attn_core_masked, ms_deform_attn_core_reference
 
 CORE_IMPLS = ("auto", "reference", "cpu_fast", "triton")
 
@@ -32,6 +37,7 @@ __all__ = [
     "CORE_IMPLS",
     "ms_deform_attn_core",
     "ms_deform_attn_core_cpu_fast",
+    "ms_deform_attn_core_masked",
     "ms_deform_attn_core_reference",
     "resolve_core_impl",
     "triton_available",
@@ -105,6 +111,7 @@ def ms_deform_attn_core(
     attention_weights: Tensor,
     *,
     impl: str = "auto",
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """Weighted sum of bilinear samples of a multi-scale value map.
 
@@ -117,11 +124,24 @@ def ms_deform_attn_core(
             samples outside the map read zeros.
         attention_weights: `[B, Lq, heads, L, P]` (usually softmax-normalized over L*P per head).
         impl: "auto", "reference", "cpu_fast" or "triton" (see the module docstring).
+        attn_mask: optional bool `[Lq, Lv]`, `[B, Lq, Lv]` or `[B*heads, Lq, Lv]`, True = the query
+            may not attend to the key: a bilinear corner at such a key contributes zero. Any mask
+            runs the masked reference computation, whatever `impl` says.
 
     Returns:
         `[B, Lq, heads*dh]` in `value`'s dtype, heads concatenated.
+
+    Raises:
+        ValueError: inconsistent shapes (the message names the tensor), an `attn_mask` of another
+            shape or dtype.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if attn_mask is not None:
+        batch, length, heads, _ = value.shape
+        mask = normalize_attn_mask(attn_mask, batch, heads, sampling_locations.shape[1], length)
+        return ms_deform_attn_core_masked(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, mask
+        )
     name = resolve_core_impl(impl, value.device)
     if name == "reference":
         core = ms_deform_attn_core_reference

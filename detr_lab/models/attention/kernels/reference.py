@@ -2,6 +2,10 @@
 
 This is the readable definition every faster path is checked against. It runs on any device
 (CPU, CUDA, MPS) with autograd, and nothing in it is compiled.
+
+`ms_deform_attn_core_masked` is the same computation with an `attn_mask`: the four bilinear corners
+of every sampling point are gathered explicitly, and a corner at a key the query may not attend to
+contributes zero, as a padded key (a zeroed value row) or a corner outside the map does.
 """
 
 from __future__ import annotations
@@ -59,3 +63,69 @@ def ms_deform_attn_core_reference(
     weights = weights.reshape(batch * heads, 1, num_queries, num_levels * num_points)
     output = (stacked * weights.to(value.dtype)).sum(-1)  # (B*nh, dh, Lq)
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous().to(out_dtype)
+
+
+def ms_deform_attn_core_masked(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    attn_mask: Tensor,
+) -> Tensor:
+    """`ms_deform_attn_core_reference` where masked keys contribute nothing to a query's samples.
+
+    Bilinear sampling at (x, y) reads the four pixels around `(x * W - 0.5, y * H - 0.5)` with
+    weights `(1 - fx)(1 - fy)`, `fx (1 - fy)`, `(1 - fx) fy`, `fx fy` (`grid_sample`,
+    `align_corners=False`, zero padding). Here each corner's weight is also set to zero when the
+    corner is outside the map or when `attn_mask[b, h, q, key]` is True for its flat key index
+    `level_start + row * W + col`. With an all-False mask the result equals the reference.
+
+    Args:
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights: as
+            `ms_deform_attn_core_reference` (`level_start_index` unused likewise).
+        attn_mask: bool `[B or 1, heads or 1, Lq, Lv]`, True = the query may not attend to the key
+            (see `detr_lab.models.attention.masks.normalize_attn_mask`).
+
+    Returns:
+        `[B, Lq, heads*dh]` in `value`'s dtype (computed in float32 for half-precision values). A
+        query whose samples all fall on masked keys returns zeros.
+
+    Memory: a `[B, heads, Lq, L*P*4, dh]` gather, four times the reference's sampled tensor.
+    """
+    out_dtype = value.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        value = value.float()
+    batch, length, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    locations = sampling_locations.to(value.dtype).permute(0, 2, 1, 3, 4, 5)  # (B, nh, Lq, L, P, 2)
+    weights = attention_weights.to(value.dtype).permute(0, 2, 1, 3, 4)  # (B, nh, Lq, L, P)
+    indices, corner_weights = [], []
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        x = locations[:, :, :, level, :, 0] * width - 0.5  # (B, nh, Lq, P) pixel coordinates
+        y = locations[:, :, :, level, :, 1] * height - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        for dx, dy, bilinear in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
+            col, row = x0 + dx, y0 + dy
+            inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+            flat = start + row.clamp(0, height - 1).long() * width + col.clamp(0, width - 1).long()
+            indices.append(flat)
+            corner_weights.append(bilinear * inside * weights[:, :, :, level])
+        start += int(height) * int(width)
+    index = torch.stack(indices, dim=-1).flatten(-2)  # (B, nh, Lq, L*4*P)
+    corner_weight = torch.stack(corner_weights, dim=-1).flatten(-2)
+    mask = attn_mask.expand(batch, heads, num_queries, length)
+    corner_weight = corner_weight.masked_fill(mask.gather(-1, index), 0.0)
+    samples = index.shape[-1]
+    table = value.permute(0, 2, 1, 3)  # (B, nh, Lv, dh)
+    gathered = table.gather(2, index.reshape(batch, heads, -1, 1).expand(-1, -1, -1, head_dim))
+    gathered = gathered.view(batch, heads, num_queries, samples, head_dim)
+    output = (gathered * corner_weight[..., None]).sum(-2)  # (B, nh, Lq, dh)
+    return output.transpose(1, 2).reshape(batch, num_queries, heads * head_dim).to(out_dtype)
