@@ -391,3 +391,26 @@ def test_resume_with_other_classes_names_both(trained, tmp_path, capsys):
     line = single_error_line(capsys)
     assert f"checkpoint has 2 classes ([1, 2]), this run 6 ({SYNTHETIC_IDS})" in line
     assert "use --init-from to fine-tune" in line
+
+
+def test_infer_detections_do_not_depend_on_batch_size(trained, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for index, path in enumerate(sorted((trained["root"] / "data" / "train2017").iterdir())):
+        shutil.copy(path, folder / path.name)
+        with Image.open(path) as image:  # a second size of the same picture, so batches would pad
+            image.resize((image.width // 2 + index, image.height // 2)).save(folder / f"half_{path.name}")
+    detections = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"out{batch_size}"
+        arguments = [str(folder), "--checkpoint", str(trained["last"]), f"--output-dir={out}",
+                     f"--batch-size={batch_size}", "--score-threshold=0"]
+        assert load_tool("infer").main(arguments) == 0
+        images = json.loads((out / "detections.json").read_text())["images"]
+        detections[batch_size] = {Path(e["file"]).name: [(d["score"], *d["box"]) for d in e["detections"]]
+                                  for e in images}
+    assert len(detections[1]) == 8 and detections[1].keys() == detections[4].keys()
+    for name, rows in detections[1].items():  # json rounding: scores to 1e-4, boxes to 0.01 pixel
+        one, four = torch.tensor(rows), torch.tensor(detections[4][name])
+        torch.testing.assert_close(four[:, 0], one[:, 0], atol=2e-4, rtol=0)
+        torch.testing.assert_close(four[:, 1:], one[:, 1:], atol=0.011, rtol=0)
