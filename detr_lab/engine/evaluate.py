@@ -34,6 +34,7 @@ class EvaluationResult:
     results_path: Path  # COCO results json, original category ids
     num_images: int
     config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
+    forward_passes: int = 0  # batches run through the model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -143,4 +144,5 @@ def evaluate_checkpoint(
     predict_dataset(model, postprocess, loader, evaluator, target_device, progress=progress)
     stats = evaluator.compute()
     results_path = evaluator.write_results(output or default_results_path(cfg, checkpoint))
-    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg)
+    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg,
+                            forward_passes=len(loader))
