@@ -33,3 +33,26 @@ def test_rejects_drop_last_and_bad_batch_size():
         SameSizeBatchSampler(range(3), 2, True, sizes=[1, 1, 1])
     with pytest.raises(ValueError, match="batch_size"):
         SameSizeBatchSampler(range(3), 0, sizes=[1, 1, 1])
+
+
+def test_lightning_rebuilds_it_around_a_distributed_sampler():
+    # What Lightning does to a validation loader under DDP: re-create the batch sampler around a
+    # DistributedSampler with the saved constructor arguments (so `sizes` survives).
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader
+
+    sizes = [(1, 1), (2, 2), (2, 2), (1, 1), (2, 2), (3, 3)]
+    data = list(range(len(sizes)))
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = DataLoader(data, batch_sampler=SameSizeBatchSampler(SequentialSampler(data), 2, sizes=sizes))
+    seen = []
+    for rank in range(2):
+        share = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        rebuilt = _update_dataloader(loader, share, mode=RunningStage.VALIDATING)
+        assert isinstance(rebuilt.batch_sampler, SameSizeBatchSampler)
+        for batch in rebuilt:
+            assert len({sizes[int(i)] for i in batch}) == 1
+            seen.extend(int(i) for i in batch)
+    assert sorted(seen) == data
