@@ -15,6 +15,7 @@ On COCO this costs little: most images share a handful of sizes (640 x 480 -> 80
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 import torch.distributed as dist
@@ -54,7 +55,8 @@ class SameSizeBatchSampler(BatchSampler):
     Indices are taken in the sampler's order; a batch is emitted as soon as its size group is full,
     and the partial groups at the end in order of their first index. Under DDP Lightning rebuilds this
     sampler around its DistributedSampler (same keyword arguments), so each process batches its own
-    share by size.
+    share by size; batches are then split until every process has the same number of batches (the
+    loss all-reduces at every step, so unequal counts would hang).
 
     Args:
         sampler: yields dataset indices (e.g. `SequentialSampler(dataset)`).
@@ -78,20 +80,42 @@ class SameSizeBatchSampler(BatchSampler):
         self.drop_last = False
         self.sizes = list(sizes)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _group(self, indices: Iterable[int]) -> list[list[int]]:
         groups: dict[Hashable, list[int]] = {}
-        for index in self.sampler:
+        batches: list[list[int]] = []
+        for index in indices:
             group = groups.setdefault(self.sizes[index], [])
             group.append(index)
             if len(group) == self.batch_size:
-                yield list(group)
+                batches.append(list(group))
                 group.clear()
-        for group in groups.values():
-            if group:
-                yield list(group)
+        batches.extend(list(group) for group in groups.values() if group)
+        return batches
+
+    def _batches(self) -> list[list[int]]:
+        batches = self._group(self.sampler)
+        # Under DDP every process must run as many batches as the others (the loss all-reduces its
+        # box count at every step): split this share's largest batches until it has the most any
+        # process has. Every share holds the same number of indices, so this always succeeds.
+        if isinstance(self.sampler, DistributedSampler) and self.sampler.num_replicas > 1:
+            ranks = range(self.sampler.num_replicas)
+            target = max(len(self._group(_share(self.sampler, rank))) for rank in ranks)
+            while len(batches) < target:
+                largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+                batch = batches[largest]
+                half = (len(batch) + 1) // 2
+                batches[largest : largest + 1] = [batch[:half], batch[half:]]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
 
     def __len__(self) -> int:
-        counts: dict[Hashable, int] = {}
-        for index in self.sampler:
-            counts[self.sizes[index]] = counts.get(self.sizes[index], 0) + 1
-        return sum(-(-count // self.batch_size) for count in counts.values())
+        return len(self._batches())
+
+
+def _share(sampler: DistributedSampler, rank: int) -> list[int]:
+    """The indices `sampler` yields on process `rank` (same epoch, seed and padding)."""
+    other = copy.copy(sampler)
+    other.rank = rank
+    return list(iter(other))

@@ -17,15 +17,23 @@ def test_batches_hold_one_size_and_every_index_once():
         assert len({sizes[i] for i in batch}) == 1
 
 
-def test_follows_a_distributed_share():
-    sizes = [(1, 1), (2, 2)] * 5
-    seen = []
-    for rank in range(2):
-        share = DistributedSampler(range(len(sizes)), num_replicas=2, rank=rank, shuffle=False)
-        for batch in SameSizeBatchSampler(share, 4, sizes=sizes):
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_follows_a_distributed_share_with_equal_batch_counts(replicas):
+    # Rank 0 gets sizes 1, 1, 1, 1 (one batch of 4), rank 1 sizes 2, 3, 2, 3 (two batches) before
+    # balancing: every rank must run as many batches as the others (the loss all-reduces per step).
+    sizes = [1, 2, 1, 3, 1, 2, 1, 3, 4, 5, 6, 1]
+    seen, counts = [], []
+    for rank in range(replicas):
+        share = DistributedSampler(range(len(sizes)), num_replicas=replicas, rank=rank, shuffle=False)
+        sampler = SameSizeBatchSampler(share, 4, sizes=sizes)
+        batches = list(sampler)
+        counts.append(len(batches))
+        assert len(sampler) == len(batches)
+        for batch in batches:
             assert len({sizes[i] for i in batch}) == 1
             seen.extend(batch)
-    assert sorted(seen) == list(range(10))
+    assert len(set(counts)) == 1, counts
+    assert sorted(set(seen)) == list(range(len(sizes)))
 
 
 def test_rejects_drop_last_and_bad_batch_size():
