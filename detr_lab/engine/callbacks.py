@@ -35,8 +35,10 @@ from detr_lab.engine.optim import build_param_groups
 class PreserveTrainingState(Callback):
     """Save the training state where later work could lose it; stop cleanly on SIGINT / SIGTERM.
 
-    - After the last training batch of every epoch, before validation, the full state goes to
-      `last_path` (the epoch-end checkpoint of `ModelCheckpoint` is written only after validation).
+    - After the last training batch of every epoch, before validation, and after the last step of a
+      run stopped by `max_steps`, the full state goes to `last_path` (the epoch-end checkpoint of
+      `ModelCheckpoint` is written only after validation, and not at all when max_steps ends a run
+      mid-epoch).
     - Inside `handle_signals()`, the first SIGINT or SIGTERM sets a flag; at the next training batch
       end the state is saved to `last_path` and `Interrupted` is raised (during validation it is
       raised at the next validation batch, `last_path` already holding the end-of-epoch state). A
@@ -90,12 +92,16 @@ class PreserveTrainingState(Callback):
         resumed after epoch 0 of 3 with max_steps 12 ended at step 8). Here the epoch is marked
         finished and the loader position dropped, so the next epoch starts fresh, its order and
         augmentation given by (seed, epoch) (`detr_lab.data.samplers.EpochSampler`). A validation that
-        had not finished when the checkpoint was taken is not re-run.
+        had not finished when the checkpoint was taken is not re-run. A checkpoint of a run stopped by
+        `max_steps` inside an epoch resumes that epoch where it stopped.
         """
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
         batches = fit_loop.get("epoch_loop.batch_progress", {})
         epochs = fit_loop.get("epoch_progress", {})
-        if not batches.get("is_last_batch") or not epochs:
+        if not batches or not epochs:
+            return
+        if not batches.get("is_last_batch"):
+            _reopen_epoch_cut_by_max_steps(epochs, batches)
             return
         for counts in (epochs["total"], epochs["current"]):
             counts["processed"] = counts["completed"] = counts["started"]
@@ -111,7 +117,8 @@ class PreserveTrainingState(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
-        if last_of_epoch or self.received is not None:
+        last_step = 0 < trainer.max_steps <= trainer.global_step  # the run stops here, maybe mid-epoch
+        if last_of_epoch or last_step or self.received is not None:
             self._save(trainer)
         if self.received is not None:
             self._raise_interrupted(saved=True)
@@ -121,6 +128,16 @@ class PreserveTrainingState(Callback):
     ):
         if self.received is not None:
             self._raise_interrupted(saved=False)
+
+
+def _reopen_epoch_cut_by_max_steps(epochs: dict, batches: dict) -> None:
+    """A run stopped by `max_steps` inside an epoch saves that epoch as processed although batches of it
+    remain; mark it unfinished so that a resume with a larger `max_steps` finishes the same epoch
+    (same order, from the saved loader position) instead of numbering the remainder as a new epoch."""
+    current = epochs["current"]
+    if batches["current"].get("ready", 0) > 0 and current["processed"] == current["started"] > 0:
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"] = counts["started"] - 1
 
 
 class ConfiguredLearningRates(Callback):

@@ -119,3 +119,22 @@ def test_resume_matches_the_uninterrupted_run(tmp_path_factory, max_steps, point
 @pytest.mark.parametrize("point", [EPOCH_END, MID_EPOCH])
 def test_resume_matches_the_uninterrupted_run_with_two_workers(tmp_path_factory, point):
     check_resume(tmp_path_factory, 12, 2, point)
+
+
+def test_run_stopped_by_max_steps_mid_epoch_resumes_that_epoch(tmp_path_factory):
+    # Lightning saves the cut epoch as processed; resumed with a larger max_steps, the remainder used
+    # to be numbered as the next epoch (so every later epoch drew the wrong order).
+    config_path, _, whole_batches, whole_weights = whole_run(
+        tmp_path_factory.mktemp("whole_12_0") if (12, 0) not in _WHOLE else None, 12, 0)
+    run = tmp_path_factory.mktemp("cut_by_max_steps")
+    batches = Batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(load_config(config_path, [*overrides(6, 0), f"trainer.output_dir={run}"]), progress_bar=False)
+        cfg = load_config(config_path, [*overrides(12, 0), f"trainer.output_dir={run}"])
+        trainer = train(cfg, resume="auto", callbacks=[batches], progress_bar=False)
+    assert sorted(batches.by_step) == list(range(6, 12))
+    for step, seen in batches.by_step.items():
+        assert seen == whole_batches[step], f"step {step}"
+    weights = trainer.lightning_module.state_dict()
+    assert all(torch.equal(weights[name], value) for name, value in whole_weights.items())
