@@ -77,7 +77,8 @@ class PreserveTrainingState(Callback):
         trainer.save_checkpoint(self.last_path, weights_only=False)
         self.saved_at_step = trainer.global_step
 
-    def _raise_interrupted(self, saved: bool) -> None:
+    def raise_interrupted(self, saved: bool) -> None:
+        """Raise `Interrupted` naming the signal received and what was saved."""
         if saved or self.last_path.is_file():
             where = f"training state saved to {self.last_path}; continue with --resume auto"
         else:
@@ -121,13 +122,13 @@ class PreserveTrainingState(Callback):
         if last_of_epoch or last_step or self.received is not None:
             self._save(trainer)
         if self.received is not None:
-            self._raise_interrupted(saved=True)
+            self.raise_interrupted(saved=True)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
     ):
         if self.received is not None:
-            self._raise_interrupted(saved=False)
+            self.raise_interrupted(saved=False)
 
 
 def _reopen_epoch_cut_by_max_steps(epochs: dict, batches: dict) -> None:

@@ -295,7 +295,7 @@ def _fit_saving_on_signals(
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:
             preserve.received = preserve.received or "SIGTERM"
-            preserve._raise_interrupted(saved=False)
+            preserve.raise_interrupted(saved=False)
 
 
 @rank_zero_only
