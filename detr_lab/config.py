@@ -53,17 +53,34 @@ def _non_negative(default: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- model
+# ResNet depths of the "resnet" backbone type (torchvision).
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Options of one backbone type only: type -> keys. A key set for another type is an error.
+BACKBONE_TYPE_KEYS = {
+    "resnet": ("dilation", "frozen_stages", "norm"),
+    "vit": ("pyramid_channels",),
+}
+
+
 @dataclass
 class BackboneConfig:
-    name: str = _choice("resnet18", "resnet34", "resnet50", "resnet101", default="resnet50")
-    # ImageNet weights: `pretrained: true` uses torchvision's download (cached in TORCH_HOME);
-    # `weights_path` loads a local torchvision state dict instead and never touches the network.
+    # resnet: torchvision ResNet (name resnet18..resnet101); timm: a hierarchical timm model through
+    # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT with ViTDet's simple feature pyramid.
+    type: str = _choice("resnet", "timm", "vit", default="resnet")
+    name: str = "resnet50"  # resnet: one of RESNET_NAMES; timm / vit: a timm model name
+    # ImageNet weights through the library's own mechanism: `pretrained: true` downloads (torchvision
+    # or timm cache); `weights_path` loads a local torchvision / timm state dict and never downloads.
     pretrained: bool = False
     weights_path: str | None = None
-    dilation: bool = False  # dilate the last stage ("DC5"): stride 16 instead of 32
-    frozen_stages: int = field(default=1, metadata={"min": 0, "max": 4})  # stem + layer1 as in DETR
-    # frozen_bn: fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
-    norm: str = _choice("frozen_bn", "batch_norm", default="frozen_bn")
+    # timm / vit only: further timm.create_model arguments (e.g. drop_path_rate, or small widths).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # ResNet only (null = the default in brackets):
+    dilation: bool | None = None  # [false] dilate the last stage ("DC5"): stride 16 instead of 32
+    frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
+    # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
+    norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
+    # vit only: channels of every pyramid level [256].
+    pyramid_channels: int | None = field(default=None, metadata={"min": 0, "exclusive": True})
 
 
 @dataclass
@@ -208,6 +225,48 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (Lightning's `WeightAveraging` callback).
+
+    After each optimizer step, ema = d_n * ema + (1 - d_n) * weights, with the warm-up
+    d_n = decay * (1 - exp(-n / warmup_steps)) after n updates (the ModelEMA of YOLOv5 / RT-DETR), so
+    the average follows the fast-changing early weights and settles to `decay`; warmup_steps 0: d_n = decay.
+    Parameters and buffers (BatchNorm statistics) are averaged. Validation, the best checkpoint and every
+    saved `state_dict` (eval, infer, export) use the averaged weights; resume restores the average.
+    """
+
+    enabled: bool = False
+    decay: float = field(default=0.9998, metadata={"min": 0, "max": 1})
+    warmup_steps: int = _non_negative(2000)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when val/AP has not improved by more than `min_delta` for `patience` validation rounds."""
+
+    enabled: bool = False
+    patience: int = _positive(5)
+    min_delta: float = _non_negative(0.0)
+
+
+@dataclass
+class MonitorsConfig:
+    """Training-health checks (`detr_lab.engine.health`), on by default, silent while all is well."""
+
+    # Warn when val/AP is still <= stalled_ap_threshold after this many validation rounds (0: off).
+    stalled_ap_rounds: int = _non_negative(3)
+    stalled_ap_threshold: float = _non_negative(0.01)
+    # A non-finite loss or gradient: "error" stops naming the step and image ids; "skip" drops the step.
+    non_finite: str = _choice("error", "skip", default="error")
+    # Query usage over each training epoch (final decoder layer's matches): warn when the busiest
+    # `query_top_fraction` of the query slots take more than `query_max_share` of all matches, or when
+    # images have more objects than queries.
+    query_usage: bool = True
+    query_top_fraction: float = field(default=0.1, metadata={"min": 0, "max": 1, "exclusive": True})
+    query_max_share: float = field(default=0.5, metadata={"min": 0, "max": 1, "exclusive": True})
+
+
+@dataclass
 class TrainerConfig:
     output_dir: str = "runs/default"
     max_epochs: int = _positive(50)
@@ -224,6 +283,14 @@ class TrainerConfig:
     limit_val_batches: float = _positive(1.0)
     seed: int = 42
     save_every_n_steps: int = _non_negative(0)  # 0: checkpoint at each epoch end only
+    # Wall-clock budget of the fit (validation included), in minutes; 0: none. Training stops at the
+    # first step past it, validates, checkpoints and ends (Lightning's `max_time`).
+    max_time_minutes: float = _non_negative(0.0)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
+    # After training: print the final val AP and best checkpoint, and write summary/ (example image, AP plot).
+    summary: bool = True
 
 
 @dataclass
@@ -345,7 +412,7 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
         meta = f.metadata
         choices = meta.get("choices")
         choices = choices() if callable(choices) else choices
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             options = ", ".join(choices)
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -357,6 +424,46 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
                 raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be {op} {low}")
         if "max" in meta and value is not None and value > meta["max"]:
             raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be <= {meta['max']}")
+
+
+def _validate_backbone(b: BackboneConfig, where: str) -> None:
+    """Options valid only for one backbone type, ResNet depths, and the two weight sources."""
+    for backbone_type, keys in BACKBONE_TYPE_KEYS.items():
+        for key in keys:
+            if b.type != backbone_type and getattr(b, key) is not None:
+                raise ConfigError(
+                    f"{where}: 'model.backbone.{key}' applies to 'model.backbone.type: {backbone_type}' "
+                    f"only, not '{b.type}' (remove it or set it to null)"
+                )
+    if b.type == "resnet":
+        if b.name not in RESNET_NAMES:
+            close = difflib.get_close_matches(b.name, RESNET_NAMES, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: 'model.backbone.name' is {b.name!r}; a resnet backbone is one of: "
+                f"{', '.join(RESNET_NAMES)}{hint} (timm models: set 'model.backbone.type' to timm or vit)"
+            )
+        if b.timm_kwargs:
+            raise ConfigError(
+                f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, "
+                "not resnet"
+            )
+        if b.dilation and b.name in RESNET_NAMES[:2]:
+            raise ConfigError(
+                f"{where}: 'model.backbone.dilation' (DC5) needs a bottleneck ResNet (resnet50/101), "
+                f"not '{b.name}'"
+            )
+    else:
+        import timm  # only configs with timm backbones need it
+
+        if not timm.is_model(b.name):
+            close = difflib.get_close_matches(b.name, timm.list_models(), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else " (see timm.list_models())"
+            raise ConfigError(f"{where}: 'model.backbone.name' is {b.name!r}, not a timm model{hint}")
+    if b.pretrained and b.weights_path is not None:
+        raise ConfigError(
+            f"{where}: set either 'model.backbone.pretrained' or 'model.backbone.weights_path', not both"
+        )
 
 
 def _validate_loss_terms(terms: list[str], where: str) -> None:
@@ -391,6 +498,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"({m.encoder.attention} / {m.decoder.cross_attention}) or 'model.num_feature_levels' > 1 "
             f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
+    _validate_backbone(m.backbone, where)
     if (m.box_refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
         raise ConfigError(f"{where}: {refinement_error()}")
     if m.two_stage and not m.box_refine:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             f"trainer.output_dir={output_dir}",
             "trainer.max_epochs=100000",  # the last mark stops training
             "trainer.check_val_every_n_epoch=100000",  # evaluation happens at the marks instead
+            "trainer.max_time_minutes=0",  # the marks count training time, not the config's wall budget
+            "trainer.summary=false",  # the marks' table and plot are this tool's summary
         ]
         cfg = load_config(args.config, overrides)
         timed = TimedEvaluation(args.minutes, checkpoint_dir=output_dir / "checkpoints")

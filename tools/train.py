@@ -3,6 +3,9 @@
     --resume auto|PATH   continue an interrupted run (auto: <output_dir>/checkpoints/last.ckpt if present)
     --init-from CKPT     start from a checkpoint's weights where names and shapes match (fine-tuning)
 
+When training ends it prints the final validation AP, the best checkpoint and the paths of an example
+image (ground truth beside predictions) and of the AP-over-time plot (`<output_dir>/summary/`).
+
 Multi-GPU (one process per GPU):
     torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50.yaml --set trainer.devices=8
 """

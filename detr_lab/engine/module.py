@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pycocotools.coco import COCO
 
 from detr_lab.config import Config, ConfigError, config_to_dict
 from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
 from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
@@ -72,12 +73,18 @@ class DetectionModule(L.LightningModule):
         """images `[B, 3, H, W]`, padding_mask bool `[B, H, W]` (True = padding) -> the model outputs."""
         return self.model(images, padding_mask)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        """The weighted loss of one batch; None (Lightning skips the step) when the predictions are
+        non-finite and `trainer.monitors.non_finite` is "skip" (single device: under DDP every rank
+        must skip together). With "error" that raises `NonFiniteTrainingError` naming the step and the
+        batch's image ids, instead of the matcher's error without them."""
         images, padding_mask, targets = batch
         if self.distiller is None:
             outputs = self(images, padding_mask)
         else:
             outputs = self.model(images, padding_mask, return_memory=True)
+        if not self._finite_predictions(outputs, targets, batch_idx):
+            return None
         losses = self.criterion(outputs, targets)
         total = self.criterion.total_loss(losses)
         if self.distiller is not None:
@@ -129,6 +136,18 @@ class DetectionModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _finite_predictions(self, outputs: dict, targets: list[dict], batch_idx: int) -> bool:
+        finite = torch.isfinite(outputs["pred_logits"]).all() & torch.isfinite(outputs["pred_boxes"]).all()
+        if bool(finite):
+            return True
+        image_ids = [int(t["image_id"]) for t in targets if "image_id" in t]
+        where = (f"non-finite predictions (pred_logits / pred_boxes) at optimizer step {self.global_step} "
+                 f"(epoch {self.current_epoch}, batch {batch_idx}); image ids of the batch: {image_ids}")
+        if self.cfg.trainer.monitors.non_finite == "skip":
+            rank_zero_warn(f"skipped a step: {where}", category=TrainingHealthWarning)
+            return False
+        raise NonFiniteTrainingError(f"{where}; set trainer.monitors.non_finite=skip to skip such steps")
+
     def _log_losses(self, stage: str, losses: dict, total: torch.Tensor, batch_size: int) -> None:
         # Training per step and epoch, validation per epoch; averaged over ranks (scalars: cheap to reduce).
         options = {"on_step": stage == "train", "on_epoch": True, "batch_size": batch_size, "sync_dist": True}

@@ -5,9 +5,11 @@
 Run directory (`cfg.trainer.output_dir`):
     config.yaml                 the fully resolved config, written before training starts
     checkpoints/last.ckpt       the latest state: end of each training epoch (before validation, and
-                                again after it), every `save_every_n_steps` steps, and on SIGINT /
-                                SIGTERM (`detr_lab.engine.callbacks.PreserveTrainingState`)
-    checkpoints/best-*.ckpt     the best epoch by val/AP
+                                again after it), every `save_every_n_steps` steps, the last step of a
+                                run stopped by max_steps, and on SIGINT / SIGTERM
+                                (`detr_lab.engine.callbacks.PreserveTrainingState`)
+    checkpoints/best-*.ckpt     the best validation round by val/AP (with EMA on: the EMA weights' AP)
+    summary/                    example.png, ap_over_time.png / .csv (see detr_lab.engine.summary)
     tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
 
 Multi-GPU and multi-node training use Lightning's DDP strategy: set `trainer.devices` and
@@ -19,11 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,7 +42,10 @@ from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from detr_lab.engine.cli import ToolError
+from detr_lab.engine.ema import WarmupEMA
+from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
+from detr_lab.engine.summary import RunSummary
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -58,7 +70,8 @@ def parse_devices(value: str) -> int | str | list[int]:
 
 
 def build_callbacks(cfg: Config, *, progress_bar: bool = True) -> list[Callback]:
-    """Checkpointing (best by val/AP, last, optional every-N-steps last), LR monitor, progress bar."""
+    """Checkpointing (best by val/AP, last, optional every-N-steps last), LR monitor, the run callbacks
+    of `build_run_callbacks` (EMA, early stopping, health monitors, summary), progress bar."""
     directory = checkpoint_dir(cfg)
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -84,8 +97,36 @@ def build_callbacks(cfg: Config, *, progress_bar: bool = True) -> list[Callback]
                 enable_version_counter=False,
             )
         )
+    callbacks.extend(build_run_callbacks(cfg))
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    return callbacks
+
+
+def build_run_callbacks(cfg: Config) -> list[Callback]:
+    """EMA, early stopping, the training-health monitors and the end-of-run summary, from `cfg.trainer`."""
+    t = cfg.trainer
+    callbacks: list[Callback] = []
+    if t.ema.enabled:
+        callbacks.append(WarmupEMA.from_config(t.ema))
+    if t.early_stopping.enabled:
+        callbacks.append(
+            EarlyStopping(
+                monitor="val/AP",
+                mode="max",
+                patience=t.early_stopping.patience,
+                min_delta=t.early_stopping.min_delta,
+                check_on_train_epoch_end=False,  # val/AP exists after validation only
+            )
+        )
+    monitors = t.monitors
+    callbacks.append(NonFiniteGuard(monitors.non_finite))
+    if monitors.stalled_ap_rounds > 0:
+        callbacks.append(StalledAPMonitor(monitors.stalled_ap_rounds, monitors.stalled_ap_threshold))
+    if monitors.query_usage:
+        callbacks.append(QueryUsageMonitor(monitors.query_top_fraction, monitors.query_max_share))
+    if t.summary:
+        callbacks.append(RunSummary(t.output_dir))
     return callbacks
 
 
@@ -120,6 +161,7 @@ def build_trainer(
         precision=t.precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
+        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=clip if clip > 0 else None,
         gradient_clip_algorithm="norm",
@@ -256,7 +298,13 @@ def train(
         init_from: a checkpoint whose weights initialise the model where names and shapes match
             (see `load_matching_weights`); a report of what was loaded is printed.
     Returns:
-        The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`).
+        The Trainer after `fit` (its `callback_metrics`, `global_step`, `checkpoint_callback`). With
+        `trainer.summary` on, the final val AP, the best checkpoint and the paths of the example image
+        and the AP plot are printed when fit ends (`RunSummary.result` holds them). With EMA on, the
+        module then holds the averaged weights.
+    Raises:
+        NonFiniteTrainingError: a non-finite loss, gradient or prediction under
+            `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
     from detr_lab.data.datamodule import DetectionDataModule
 

@@ -67,8 +67,14 @@ class HungarianMatcher(nn.Module):
             ascending.
         Raises:
             ValueError: a wrong batch size, or a non-finite cost (NaN/inf predictions or targets).
+        All costs are computed in float32 with autocast disabled, whatever the outputs' dtype.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        # Costs in float32 whatever the autocast state or the outputs' dtype: under bf16 / fp16 mixed
+        # precision the focal cost's logs and the GIoU's areas lose the digits that order the matches.
+        with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
+            return self._match(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
+
+    def _match(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
         batch, num_queries = logits.shape[:2]
         if len(targets) != batch:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {batch} predictions")
@@ -82,7 +88,7 @@ class HungarianMatcher(nn.Module):
         flat_logits = logits.flatten(0, 1)  # (B*Q, C)
         flat_boxes = boxes.flatten(0, 1)  # (B*Q, 4)
         target_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (M, 4)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (M, 4), float32 like boxes
 
         cost_bbox = torch.cdist(flat_boxes, target_boxes, p=1)
         cost_class = self.class_cost(flat_logits, target_labels)

@@ -123,3 +123,40 @@ def test_focal_class_cost_matches_official_deformable_matching(name):
         indices, fixture["matcher_indices"], strict=True
     ):
         assert queries.tolist() == ref_queries.tolist() and matched.tolist() == ref_matched.tolist()
+
+
+@pytest.mark.parametrize("classification", ["softmax", "sigmoid"])
+def test_costs_are_float32_under_bf16_autocast(monkeypatch, classification):
+    """bf16 outputs under bf16 autocast: the solver gets float32 costs, equal to the costs computed
+    from the same values upcast to float64 (bf16 arithmetic would be off by ~1e-2)."""
+    import detr_lab.models.matcher as matcher_module
+
+    solved = []
+
+    def spy(cost):
+        solved.append(cost)
+        return real_solver(cost)
+
+    real_solver = matcher_module.linear_sum_assignment
+    monkeypatch.setattr(matcher_module, "linear_sum_assignment", spy)
+    matcher = HungarianMatcher(cost_class=2.0, classification=classification)
+    outputs = {k: v.bfloat16() for k, v in _random_outputs(batch=1, queries=7).items()}
+    targets = _random_targets([3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ((queries, matched),) = matcher(outputs, targets)
+    (cost,) = solved
+    assert cost.dtype == "float32"
+
+    logits, boxes = outputs["pred_logits"][0].double(), outputs["pred_boxes"][0].double()
+    target_boxes, labels = targets[0]["boxes"].double(), targets[0]["labels"]
+    if classification == "softmax":
+        class_cost = -logits.softmax(-1)[:, labels]
+    else:
+        prob = logits.sigmoid()
+        negative = 0.75 * prob**2 * -(1 - prob + 1e-8).log()
+        positive = 0.25 * (1 - prob) ** 2 * -(prob + 1e-8).log()
+        class_cost = (positive - negative)[:, labels]
+    expected = (5 * torch.cdist(boxes, target_boxes, p=1) + 2 * class_cost
+                - 2 * generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes)))
+    torch.testing.assert_close(torch.from_numpy(cost).double(), expected, atol=1e-5, rtol=1e-5)
+    assert len(queries) == len(matched) == 3
