@@ -4,8 +4,11 @@ Lightning's own writer serializes to memory and then writes the bytes through an
 which for local paths goes to a temporary file in the system temp directory and is then moved into
 place; when that directory is on another filesystem than the run (common on clusters: /tmp is local
 disk, runs live on shared storage) the move degrades to copying into the destination, so a process
-killed mid-copy leaves a truncated `last.ckpt`. `AtomicCheckpointIO` writes next to the destination
-and renames, which POSIX guarantees to be atomic on one filesystem.
+killed mid-copy leaves a truncated `last.ckpt`. `AtomicCheckpointIO` writes through
+`detr_lab.io.atomic_torch_save` (a temporary file next to the destination, fsync, rename, which
+POSIX guarantees to be atomic on one filesystem) and reads through `detr_lab.io.safe_load`, so a
+failed write names the file and the operating system's reason (disk full, read-only, permission
+denied) and a failed `--resume` names the checkpoint and why it cannot be read.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-_TEMPORARY = re.compile(r".+\.tmp-(\d+)$")
+from detr_lab.io import atomic_torch_save, safe_load
+
+# Partial writes: `.<name>.<random>.tmp` of `detr_lab.files.atomic_write`, and `<name>.tmp-<pid>` of
+# earlier versions of this writer.
+_TEMPORARY = re.compile(r"^\..+\.tmp$")
+_TEMPORARY_WITH_PID = re.compile(r".+\.tmp-(\d+)$")
 
 
 def _process_alive(pid: int) -> bool:
@@ -31,17 +38,46 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _files_open_on_this_machine() -> set[str] | None:
+    """Paths held open by any process (from /proc); None where /proc cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    held: set[str] = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            entries = list(fd_dir.iterdir())
+        except OSError:  # gone, or another user's process
+            continue
+        for entry in entries:
+            try:
+                held.add(os.readlink(entry))
+            except OSError:
+                continue
+    return held
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete `<file>.tmp-<pid>` files (partial checkpoint writes of `AtomicCheckpointIO`) in
-    `directory` whose writing process no longer runs on this machine (killed mid-write, e.g. by
-    kill -9); return the deleted paths. The files of live processes are left alone."""
+    """Delete partial checkpoint writes left in `directory` by processes killed mid-write (kill -9);
+    return the deleted paths. A `<name>.tmp-<pid>` file goes when its process no longer runs; a
+    `.<name>.<random>.tmp` file when no process on this machine holds it open (Linux /proc; elsewhere
+    these are left alone). Files being written are never touched."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    candidates = [path for path in directory.iterdir() if path.is_file()]
+    held = None
     removed = []
-    for path in directory.iterdir():
-        match = _TEMPORARY.fullmatch(path.name)
-        if match and path.is_file() and not _process_alive(int(match.group(1))):
+    for path in candidates:
+        with_pid = _TEMPORARY_WITH_PID.fullmatch(path.name)
+        if with_pid:
+            stale = not _process_alive(int(with_pid.group(1)))
+        elif _TEMPORARY.fullmatch(path.name):
+            held = _files_open_on_this_machine() if held is None else held
+            stale = held is not None and str(path.resolve()) not in held
+        else:
+            continue
+        if stale:
             path.unlink(missing_ok=True)
             removed.append(path)
     return sorted(removed)
@@ -52,7 +88,13 @@ def _is_local(path: Any) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Saves via `<file>.tmp-<pid>` + `os.replace`; loads `weights_only=True` (tensors, primitives)."""
+    """Saves via `atomic_torch_save`; loads via `safe_load` (tensors, containers, primitives only).
+
+    Remote paths (`s3://...`) go through Lightning's own fsspec reader and writer.
+    Raises (from `save_checkpoint`): FileWriteError naming the path and the reason.
+    Raises (from `load_checkpoint`): CheckpointError naming the path: missing, unreadable, corrupt,
+        or refused because it holds pickled code.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if not _is_local(path):
@@ -60,20 +102,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_torch_save(checkpoint, Path(str(path).removeprefix("file://")))
 
     def load_checkpoint(
         self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: Any = None
     ) -> dict[str, Any]:
         # Training checkpoints hold tensors, numbers, strings and plain containers only.
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return safe_load(Path(str(path).removeprefix("file://")), map_location=map_location)

@@ -38,7 +38,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from detr_lab.engine.cli import ToolError
@@ -46,6 +48,7 @@ from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
 from detr_lab.engine.summary import RunSummary
+from detr_lab.io import diff_state_dicts, safe_load
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -204,11 +207,10 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
 def check_resume_classes(path: Path, category_ids: Sequence[int]) -> None:
     """Refuse to resume a checkpoint trained on other classes, naming both class lists.
 
-    Reads only the checkpoint's metadata (memory-mapped). Checkpoints without detr_lab metadata are
-    left to Lightning. Raises:
-        ToolError: the class lists differ.
+    Checkpoints without detr_lab metadata are left to Lightning. Raises:
+        ToolError: the class lists differ; CheckpointError: the file cannot be read (see `safe_load`).
     """
-    meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_KEY) or {}
+    meta = safe_load(path).get(CHECKPOINT_KEY) or {}
     saved = meta.get("category_ids")
     if saved is None or [int(c) for c in saved] == [int(c) for c in category_ids]:
         return
@@ -252,26 +254,20 @@ def load_matching_weights(
     The typical use is fine-tuning on a dataset with another class count: the class head differs in
     shape, stays freshly initialised, and everything else is loaded.
     """
-    transfer = WeightTransfer(source=source_name)
-    target = model.state_dict()
-    matched = {}
-    for name, tensor in target.items():
-        if name not in source:
-            transfer.missing.append(name)
-        elif tuple(source[name].shape) != tuple(tensor.shape):
-            transfer.reinitialised.append((name, tuple(source[name].shape), tuple(tensor.shape)))
-        else:
-            matched[name] = source[name]
-            transfer.loaded.append(name)
-    transfer.unused = [name for name in source if name not in target]
-    model.load_state_dict(matched, strict=False)
+    diff = diff_state_dicts(model.state_dict(), source)
+    transfer = WeightTransfer(
+        source=source_name,
+        loaded=diff.matched,
+        reinitialised=diff.mismatched,
+        missing=diff.missing,
+        unused=diff.unexpected,
+    )
+    model.load_state_dict({name: source[name] for name in diff.matched}, strict=False)
     return transfer
 
 
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> WeightTransfer:
     """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR)."""
-    from detr_lab.checkpoints import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from: checkpoint not found: {path}")
@@ -306,8 +302,6 @@ def train(
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
-    from detr_lab.data.datamodule import DetectionDataModule
-
     L.seed_everything(cfg.trainer.seed, workers=True)
     ckpt_path = resolve_resume(cfg, resume)
     datamodule = DetectionDataModule(cfg)

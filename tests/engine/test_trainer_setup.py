@@ -1,7 +1,5 @@
 """Trainer construction from the config, resume path resolution, atomic checkpoint files, CLI errors."""
 
-import pickle
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -10,6 +8,7 @@ from detr_lab.config import ConfigError, load_config
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.cli import one_line, run_tool, split_model_overrides
 from detr_lab.engine.trainer import build_trainer, parse_devices, resolve_resume
+from detr_lab.io import CheckpointError
 
 
 def test_parse_devices():
@@ -63,8 +62,9 @@ def test_atomic_checkpoint_io_round_trip_and_refuses_code(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["a.ckpt"]  # no temporary file left
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.arange(3))
     io.save_checkpoint({"object": Opaque()}, tmp_path / "b.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"b\.ckpt: refused: .*unsafe global .*Opaque") as refused:
         io.load_checkpoint(tmp_path / "b.ckpt", weights_only=False)  # forced to weights_only=True
+    assert "weights_only" not in str(refused.value)
 
 
 def test_cli_error_handling(capsys):
@@ -98,9 +98,13 @@ def test_stale_partial_checkpoints_of_dead_processes_are_removed(tmp_path):
     dead.wait()
     stale = tmp_path / f"last.ckpt.tmp-{dead.pid}"
     live = tmp_path / f"last.ckpt.tmp-{os.getpid()}"
+    left = tmp_path / ".last.ckpt.k3j9x1.tmp"  # atomic_write's name, nobody writing it
+    writing = tmp_path / ".last.ckpt.a8d2zq.tmp"  # held open, as during a write
     other = tmp_path / "last.ckpt"
-    for path in (stale, live, other):
+    for path in (stale, live, left, writing, other):
         path.write_bytes(b"partial")
-    assert remove_stale_temporaries(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other.exists()
+    with open(writing, "ab"):
+        assert remove_stale_temporaries(tmp_path) == sorted([stale, left])
+    assert not stale.exists() and not left.exists()
+    assert live.exists() and writing.exists() and other.exists()
     assert remove_stale_temporaries(tmp_path / "missing") == []
