@@ -1,4 +1,5 @@
-"""Data pipeline: COCO-format datasets, DETR augmentation, padding collate, synthetic shapes set.
+"""Data pipeline: COCO- and YOLO-format datasets, DETR augmentation, padding collate, synthetic shapes
+set; the dataset doctor is `detr_lab.data.doctor`.
 
 `DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not re-exported, so the
 rest loads without Lightning.
@@ -17,6 +18,7 @@ from detr_lab.data.synthetic import (
     generate_synthetic_dataset,
 )
 from detr_lab.data.transforms import DetectionTransform, build_eval_transform, build_train_transform
+from detr_lab.data.yolo import YoloDetectionDataset, yolo_split_to_coco
 
 __all__ = [
     "AnnotationWarning",
@@ -28,6 +30,7 @@ __all__ = [
     "RawSample",
     "SYNTHETIC_CATEGORY_IDS",
     "SYNTHETIC_CLASS_NAMES",
+    "YoloDetectionDataset",
     "build_eval_transform",
     "build_train_transform",
     "collate_detection",
@@ -37,5 +40,6 @@ __all__ = [
     "pad_images",
     "read_categories",
     "read_coco_json",
+    "yolo_split_to_coco",
 ]
 
