@@ -70,7 +70,8 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: COCO, category_ids: Sequence[int]):
-        self.coco_gt = renumber_annotations(coco_gt)
+        self.coco_gt = coco_gt
+        self._scoring_gt: COCO | None = None  # coco_gt with annotation ids 1..N, built on first compute()
         self.category_ids = [int(c) for c in category_ids]
         # image id -> list of COCO result dicts; an image with no detection maps to [].
         self.results: dict[int, list[dict]] = {}
@@ -145,20 +146,23 @@ class CocoEvaluator:
         if not self.results:
             raise ValueError("CocoEvaluator.compute() called before any update()")
         detections = self.detections()
+        if self._scoring_gt is None:
+            self._scoring_gt = renumber_annotations(self.coco_gt)
+        coco_gt = self._scoring_gt
         quiet = io.StringIO()
         with contextlib.redirect_stdout(quiet):
             if detections:
                 # loadRes edits its input in place, so give it a copy.
-                coco_dt = self.coco_gt.loadRes(copy.deepcopy(detections))
+                coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
             else:
                 coco_dt = COCO()
                 coco_dt.dataset = {
-                    "images": list(self.coco_gt.dataset["images"]),
-                    "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),
+                    "images": list(coco_gt.dataset["images"]),
+                    "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
                     "annotations": [],
                 }
                 coco_dt.createIndex()
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
             coco_eval.params.imgIds = sorted(self.results)
             coco_eval.evaluate()
             coco_eval.accumulate()
