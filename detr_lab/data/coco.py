@@ -40,12 +40,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
 from detr_lab.data.images import load_rgb_image, read_upright_size
@@ -432,11 +431,10 @@ class CocoDetectionDataset(Dataset):
         return RawSample(image=image, boxes=boxes[keep], labels=labels[keep], image_id=image_id, path=path)
 
     def _prepare_this_process(self) -> None:
-        """Once per process: reseed the transforms; in DataLoader workers, keep OpenCV single-threaded."""
+        """Once per process: reseed the transforms (OpenCV's threads are set before workers fork:
+        `DetectionDataModule`)."""
         pid = os.getpid()
         if self._seeded_pid != pid:
-            if get_worker_info() is not None:
-                cv2.setNumThreads(1)  # workers already run in parallel; more threads only contend
             set_seed = getattr(self.transforms, "set_random_seed", None)
             if set_seed is not None:
                 # Differs between DataLoader workers (base seed + worker id) and between epochs

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
@@ -159,6 +160,12 @@ class DetectionDataModule(L.LightningDataModule):
 
     def _loader_options(self) -> dict:
         workers = self.data_cfg.num_workers
+        if workers > 0:
+            # Workers are forked: OpenCV's thread pool must be shut down in this process first. A
+            # forked child inherits the pool's mutex in whatever state an idle pool thread left it,
+            # and its first OpenCV call can then wait forever (seen as a hung DataLoader worker).
+            # Each worker runs OpenCV on one thread anyway: the workers are the parallelism.
+            cv2.setNumThreads(1)
         return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_detection,
                 "pin_memory": torch.cuda.is_available()}
 
