@@ -39,12 +39,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 
 from detr_lab.config import Config
 from detr_lab.data.coco import validate_coco_detection
+from detr_lab.data.datamodule import coco_split_paths, resolve_format
 from detr_lab.data.errors import DatasetError
+from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.data.transforms import shorter_side_size
 from detr_lab.data.yolo import upright_size, yolo_split_to_coco
+from detr_lab.files import atomic_write_text
 
 SEVERITIES = ("error", "warning", "info")
 BRIEF_FILE_SAMPLE = 32  # images per split whose files are opened at the start of training
@@ -101,12 +105,7 @@ class DoctorReport:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write `to_dict()` as JSON at `path` (atomically) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def text(self, *, lowest: str = "info") -> str:
         """The report: a heading, one line per finding down to severity `lowest` (errors first), a
@@ -453,12 +452,8 @@ def diagnose(cfg: Config, *, brief: bool = False) -> DoctorReport:
         A `DoctorReport`; its `errors` are the findings that would make training fail or silently
         wrong. Problems of the data are findings, never exceptions.
     """
-    from detr_lab.data.datamodule import coco_split_paths, resolve_format
-
     data_cfg = cfg.data
     if data_cfg.dataset == "synthetic":
-        from detr_lab.data.synthetic import ensure_synthetic_dataset
-
         ensure_synthetic_dataset(data_cfg)  # generated on first use, as training does
     fmt = resolve_format(data_cfg)
     yaml_path = Path(data_cfg.root) / data_cfg.yolo_data
@@ -497,8 +492,6 @@ def check_at_training_start(cfg: Config) -> DoctorReport | None:
     """
     if not cfg.data.doctor or cfg.data.dataset == "synthetic":
         return None
-    from lightning.pytorch.utilities import rank_zero_info
-
     report = diagnose(cfg, brief=True)
     rank_zero_info(report.text(lowest="warning") + " (statistics: tools/doctor.py)")
     if report.errors:

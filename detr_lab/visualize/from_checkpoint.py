@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import load_config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.images import load_rgb_image
 from detr_lab.engine.cli import ToolError, split_model_overrides
 from detr_lab.engine.evaluate import resolve_device
@@ -30,8 +32,6 @@ def load_predictor(
     Raises:
         ToolError: the checkpoint file does not exist.
     """
-    from detr_lab.checkpoints import load_checkpoint
-
     path = Path(checkpoint)
     if not path.is_file():
         raise ToolError(f"checkpoint not found: {path}")
@@ -63,8 +63,6 @@ def validation_predictions(
     The dataset is `config`'s (default: the checkpoint's stored config), read with the checkpoint's
     class mapping. Writes `<out_dir>/val_<image id>.png`; returns the paths.
     """
-    from detr_lab.data.datamodule import DetectionDataModule
-
     if num_images < 1:
         raise ToolError(f"--num-images must be >= 1, got {num_images}")
     predictor = load_predictor(checkpoint, overrides=overrides, device=device)
