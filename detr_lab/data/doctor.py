@@ -48,6 +48,7 @@ from detr_lab.data.errors import DatasetError
 from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.data.transforms import shorter_side_size
 from detr_lab.data.yolo import upright_size, yolo_split_to_coco
+from detr_lab.files import atomic_write_text
 
 SEVERITIES = ("error", "warning", "info")
 BRIEF_FILE_SAMPLE = 32  # images per split whose files are opened at the start of training
@@ -104,12 +105,7 @@ class DoctorReport:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write `to_dict()` as JSON at `path` (atomically) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def text(self, *, lowest: str = "info") -> str:
         """The report: a heading, one line per finding down to severity `lowest` (errors first), a

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from detr_lab.data.coco import CocoDetectionDataset, validate_coco_detection
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
+from detr_lab.files import atomic_write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SPLITS = ("train", "val")
@@ -290,17 +290,7 @@ def write_coco_json(data_yaml: str | os.PathLike, split: str, output: str | os.P
     image folder of the written json.
     """
     converted = yolo_split_to_coco(data_yaml, split)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(converted.coco, f)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    return atomic_write_text(output, json.dumps(converted.coco))
 
 
 # --------------------------------------------------------------------------------------- dataset

@@ -8,7 +8,6 @@ atomically (a temporary file, then a rename).
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,22 +17,20 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from detr_lab.files import atomic_write
+
 DPI = 100
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Write `figure` as a PNG at `path` (parent folders created, atomic) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `figure` as a PNG at `path` (parent folders created, atomic) and return the path.
+
+    Raises:
+        FileWriteError: the file cannot be written (the message names it).
+    """
+    with atomic_write(path, "wb") as file:
+        figure.savefig(file, dpi=DPI, format="png")
+    return Path(path)
 
 
 def _image_figure(image: np.ndarray, title: str, *, min_inches: float = 5.0) -> tuple[Figure, object]:

@@ -209,11 +209,12 @@ def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypat
 
     _problem_set(tmp_path)
     cfg = _cfg(tmp_path)
+    cfg.trainer.output_dir = str(tmp_path / "run")
 
     def never(*args, **kwargs):
         raise AssertionError("the datamodule must not be built")
 
-    monkeypatch.setattr("detr_lab.engine.trainer.DetectionDataModule", never)
+    monkeypatch.setattr(trainer, "DetectionDataModule", never)
     with pytest.raises(DatasetError, match=r"dataset doctor: 2 problem\(s\) .* first: \[train\]"):
         trainer.train(cfg)
     cfg.data.doctor = False
@@ -221,6 +222,7 @@ def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypat
         trainer.train(cfg)
     # Warnings only: logged, and training goes on (to the datamodule, stubbed here).
     cfg = _cfg(tmp_path, num_queries=3)
+    cfg.trainer.output_dir = str(tmp_path / "run")
     cfg.data.train_annotations, cfg.data.train_images = "val.json", "val"
     cfg.data.augment.train_scales = [400]
     cfg.data.batch_size = 1  # one image per batch: no padding; the empty categories 1, 2: warnings
