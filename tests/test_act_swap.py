@@ -20,11 +20,9 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_criterion, build_model
 
-TINY = [
-    "model.num_classes=3", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.num_queries=5", "model.dropout=0.0", "model.encoder.num_layers=2", "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18", "model.backbone.pretrained=false",
-]  # fmt: skip
+from conftest import tiny_overrides
+
+TINY = tiny_overrides(num_heads=2, num_queries=5, dropout=0.0, encoder__num_layers=2)
 ACT = "model.encoder.attention=act"
 
 

@@ -11,17 +11,10 @@ from detr_lab.config import config_to_dict, load_config
 from detr_lab.engine.optim import build_param_groups
 from detr_lab.models.build import build_criterion, build_model
 
+from conftest import tiny_overrides
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TINY_MODEL = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.backbone.pretrained=false",
-    "model.num_queries=8",
-]
+TINY_MODEL = tiny_overrides(num_queries=8, num_classes=None)  # classes: the YAML's
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -23,17 +23,9 @@ from detr_lab.models.optimize import (
 )
 from detr_lab.models.transformer import FeedForward
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=2",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.backbone.pretrained=false",
-    "model.num_queries=10",
-    "model.num_classes=5",
-]
+from conftest import tiny_overrides
+
+TINY = tiny_overrides(encoder__num_layers=2, num_queries=10, num_classes=5)
 DEFORMABLE = [
     "model.num_feature_levels=2",
     "model.encoder.attention=deformable",

@@ -4,7 +4,6 @@ One short training run (3 steps, a checkpoint every step) is shared by the tests
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -24,6 +23,8 @@ from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC_IDS = [1, 2, 3, 5, 8, 13]
@@ -57,13 +58,6 @@ trainer:
   save_every_n_steps: 1
   seed: 0
 """
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
