@@ -8,7 +8,6 @@ converter's rules; weights come from the fixtures' deterministic `synth_state_di
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,12 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.config import ConfigError
 
+from conftest import load_synth_weights, load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_module("official_ckpt_synth_weights", ROOT / "tests" / "fixtures" / "synth_weights.py")
+synth = load_synth_weights()
 
 
 def official_detr_spec(
@@ -268,7 +262,7 @@ def test_load_checkpoint_reads_official_weights_with_coco_names(tmp_path):
 # ---------------------------------------------------------------------------- the convert tool
 @pytest.fixture(scope="module")
 def convert_tool():
-    return _load_module("convert_checkpoint_tool", ROOT / "tools" / "convert_checkpoint.py")
+    return load_tool("convert_checkpoint")
 
 
 def test_convert_tool_writes_a_detr_lab_checkpoint(tmp_path, convert_tool, r18_state, capsys):

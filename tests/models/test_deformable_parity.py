@@ -7,7 +7,6 @@ stored key spec; the weights reach detr_lab through `load_official`, which infer
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ NAMES = ("deformable_detr_r50", "deformable_detr_r50_refine_twostage")
 ATOL = 1e-4
 
 
-def _synth_module():
-    spec = importlib.util.spec_from_file_location(
-        "deformable_parity_synth_weights", FIXTURES / "synth_weights.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
     std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
@@ -42,9 +32,9 @@ def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", params=NAMES)
-def parity(request):
+def parity(request, synth_weights):
     fixture = torch.load(FIXTURES / f"{request.param}.pt", weights_only=True)
-    state = _synth_module().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state = synth_weights.synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
     # The synthetic weights give every official alias of a shared head its own values; the converter
     # keeps the ones the official model ends up with and says so.
     with pytest.warns(CheckpointWarning, match="alias a shared head"):

@@ -6,7 +6,6 @@ weights rebuilt here from the stored key spec; the weights reach detr_lab throug
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-def _synth_module():
-    spec = importlib.util.spec_from_file_location("detr_parity_synth_weights", FIXTURES / "synth_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,9 +28,9 @@ def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def parity():
+def parity(synth_weights):
     fixture = torch.load(FIXTURES / "detr_r50.pt", weights_only=True)
-    state = _synth_module().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state = synth_weights.synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
     model, cfg = load_official(state)
     images, padding_mask = _batch(fixture)
     with torch.no_grad():
