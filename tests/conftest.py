@@ -120,3 +120,17 @@ def synth_weights() -> ModuleType:
 def detection_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
     """`tiny_batch()` with its defaults: 2 images of 64 x 96, the second padded right and below."""
     return tiny_batch()
+
+
+def official_reference(name: str) -> tuple[Config, dict[str, float]]:
+    """What an official checkpoint says about its recipe, from `tests/fixtures/<name>.pt`.
+
+    Returns:
+        the `Config` detr_lab infers from the official checkpoint's key / shape spec (on meta tensors:
+        nothing is allocated), and the loss `weight_dict` the official code built for that model.
+    """
+    from detr_lab.checkpoints import official_family
+
+    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+    state = {key: torch.empty(shape, device="meta") for key, shape in fixture["state_dict_spec"]}
+    return official_family(state).infer_config(state, {}), dict(fixture["weight_dict"])
