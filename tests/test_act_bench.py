@@ -56,6 +56,7 @@ def test_encoder_inputs_and_weights_come_from_the_checkpoint(bench, checkpoint):
         bench.main([*common, "--stride", "16"])
 
 
+@pytest.mark.slow  # COCO AP evaluations of several models
 def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     out = checkpoint["root"] / "ap.json"
     bench.main(["--checkpoint", str(checkpoint["path"]), "--image-size", "64", "96", "--stride", "32",
@@ -72,6 +73,7 @@ def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     assert "mean_clusters" not in plain
 
 
+@pytest.mark.slow  # COCO AP evaluations of several models
 def test_ap_sweep_overrides_reach_every_evaluation(bench, checkpoint):
     out = checkpoint["root"] / "ap_small.json"
     bench.main(["--checkpoint", str(checkpoint["path"]), "--image-size", "64", "96", "--stride", "32",

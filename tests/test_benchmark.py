@@ -60,6 +60,7 @@ def test_benchmark_config_never_downloads(tiny_config):
     assert cfg.model.hidden_dim == 32
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_report_structure_and_values(report, tiny_config):
     machine = report["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
@@ -97,6 +98,7 @@ def test_report_structure_and_values(report, tiny_config):
     assert cases[("train_step", 2)]["flops"] > 2 * cases[("inference", 1)]["flops"]
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_breakdown_of_inference_parts(report):
     (entry,) = report["models"]
     for case in entry["cases"]:
@@ -113,6 +115,7 @@ def test_breakdown_of_inference_parts(report):
             assert measured <= parts["total"] * 1.01
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_report_is_json_and_table_names_rows(report):
     json.loads(json.dumps(report))
     table = format_report(report)

@@ -118,8 +118,8 @@ def r18_state():
     [
         ("resnet18", False, False, 32),
         ("resnet34", False, True, 32),
-        ("resnet50", True, False, 16),  # R50-DC5
-        ("resnet101", True, False, 16),  # R101-DC5
+        pytest.param("resnet50", True, False, 16, marks=pytest.mark.slow, id="resnet50-dc5"),
+        pytest.param("resnet101", True, False, 16, marks=pytest.mark.slow, id="resnet101-dc5"),
     ],
 )
 def test_variants_are_inferred_and_run(backbone, dilation, learned, stride):
@@ -265,6 +265,7 @@ def convert_tool():
     return load_tool("convert_checkpoint")
 
 
+@pytest.mark.slow  # about 9 s in --durations (the tool's full convert-and-save run)
 def test_convert_tool_writes_a_detr_lab_checkpoint(tmp_path, convert_tool, r18_state, capsys):
     src, dst = tmp_path / "official.pth", tmp_path / "out" / "converted.pt"
     torch.save({"model": r18_state}, src)

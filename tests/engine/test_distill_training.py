@@ -98,6 +98,7 @@ def test_teacher_must_fit_the_student(teacher_path):
         DetectionModule(cfg, IDS, NAMES)
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_short_training_run_with_distillation(teacher_path, tmp_path):
     data = [
         "data.dataset=synthetic", f"data.root={tmp_path / 'data'}", "data.batch_size=2", "data.num_workers=0",

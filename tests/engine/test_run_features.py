@@ -114,6 +114,7 @@ def test_config_builds_the_run_callbacks(tmp_path):
     _callback(plain, NonFiniteGuard)  # always on
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_checkpoints_hold_the_ema_weights(ema_run):
     trainer = ema_run["trainer"]
     ema = _callback(trainer, WarmupEMA)
@@ -138,6 +139,7 @@ def test_checkpoints_hold_the_ema_weights(ema_run):
         assert torch.equal(value, final[name]), name
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_summary_reports_final_ap_best_checkpoint_image_and_plot(ema_run, caplog):
     trainer = ema_run["trainer"]
     summary = _callback(trainer, RunSummary)
@@ -161,6 +163,7 @@ def test_summary_reports_final_ap_best_checkpoint_image_and_plot(ema_run, caplog
         assert piece in text
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_summary_evaluates_when_training_stops_between_validations(tmp_path, caplog):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML.format(root=tmp_path))
     cfg = load_config(tmp_path / "tiny.yaml", ["trainer.max_steps=3", "trainer.ema.enabled=false"])
@@ -274,6 +277,7 @@ def test_a_failing_summary_picture_is_reported_not_raised():
         assert RunSummary._attempt("the example image", unreadable) is None
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_resumed_detection_run_continues_the_average(ema_run, tmp_path):
     """Resume from the epoch-0 checkpoint (step 2) to the end: same average as the uninterrupted run."""
     straight = _callback(ema_run["trainer"], WarmupEMA).averaged_state_dict()

@@ -16,6 +16,8 @@ from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import DeformableDetector
 
+pytestmark = pytest.mark.slow  # full-size R50 Deformable DETR built and run
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ("deformable_detr_r50", "deformable_detr_r50_refine_twostage")
 ATOL = 1e-4

@@ -14,6 +14,8 @@ import torch
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 
+pytestmark = pytest.mark.slow  # full-size R50 DETR built and run
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 

@@ -78,6 +78,7 @@ def images_and_mask(batch: int = 2, height: int = 64, width: int = 96) -> tuple[
     return images, padding_mask
 
 
+@pytest.mark.slow  # traced backbones, two model variants
 @pytest.mark.parametrize("variant", ["detr", "deformable"])
 def test_optimized_model_gives_the_same_outputs(variant, threads):
     threads(1)

@@ -26,6 +26,8 @@ from detr_lab.engine.trainer import train
 
 from conftest import load_tool
 
+pytestmark = pytest.mark.slow  # Lightning end to end: train, resume, eval, infer
+
 REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC_IDS = [1, 2, 3, 5, 8, 13]
 
