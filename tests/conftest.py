@@ -122,8 +122,10 @@ def detection_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.
     return tiny_batch()
 
 
-def official_reference(name: str) -> tuple[Config, dict[str, float]]:
+def official_reference(name: str, **overrides: object) -> tuple[Config, dict[str, float]]:
     """What an official checkpoint says about its recipe, from `tests/fixtures/<name>.pt`.
+
+    `overrides` are what weights cannot tell (`dilation=True` for DC5; see `load_official`).
 
     Returns:
         the `Config` detr_lab infers from the official checkpoint's key / shape spec (on meta tensors:
@@ -133,4 +135,4 @@ def official_reference(name: str) -> tuple[Config, dict[str, float]]:
 
     fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
     state = {key: torch.empty(shape, device="meta") for key, shape in fixture["state_dict_spec"]}
-    return official_family(state).infer_config(state, {}), dict(fixture["weight_dict"])
+    return official_family(state).infer_config(state, dict(overrides)), dict(fixture["weight_dict"])
