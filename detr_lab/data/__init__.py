@@ -1,6 +1,8 @@
 """Data pipeline: COCO-format datasets, DETR augmentation, padding collate, synthetic shapes set.
 
-`DetectionDataModule` (Lightning) is imported lazily, so the rest loads without Lightning.
+Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
+May import `detr_lab.config` and `detr_lab.boxes` only; `engine` and the tools import it (models do
+not). `DetectionDataModule` (Lightning) is imported lazily, so the rest loads without Lightning.
 """
 
 from __future__ import annotations
