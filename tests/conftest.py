@@ -90,6 +90,19 @@ def tiny_batch(
     return images, padding_mask, targets
 
 
+def official_batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a parity fixture as the official code fed them: uint8 `[3, h, w]` images scaled to
+    [0, 1], normalized with the fixture's mean / std and zero-padded into `[B, 3, H, W]`; with the
+    fixture's `padding_mask [B, H, W]` (True = padding)."""
+    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
+    padding_mask = fixture["padding_mask"]
+    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
+    for i, image in enumerate(fixture["images_uint8"]):
+        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
+    return images, padding_mask
+
+
 def load_module(path: Path, name: str | None = None) -> ModuleType:
     """Import a Python file by path (tools/ and tests/fixtures/ are not packages)."""
     name = name or f"detr_lab_test_{path.parent.name}_{path.stem}"

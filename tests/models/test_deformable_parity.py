@@ -16,21 +16,13 @@ from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import DeformableDetector
 
+from conftest import official_batch
+
 pytestmark = pytest.mark.slow  # full-size R50 Deformable DETR built and run
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ("deformable_detr_r50", "deformable_detr_r50_refine_twostage")
 ATOL = 1e-4
-
-
-def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
-    padding_mask = fixture["padding_mask"]
-    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
-    for i, image in enumerate(fixture["images_uint8"]):
-        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
-    return images, padding_mask
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -41,7 +33,7 @@ def parity(request, synth_weights):
     # keeps the ones the official model ends up with and says so.
     with pytest.warns(CheckpointWarning, match="alias a shared head"):
         model, cfg = load_official(state)
-    images, padding_mask = _batch(fixture)
+    images, padding_mask = official_batch(fixture)
     with torch.no_grad():
         outputs = model(images, padding_mask)
     return request.param, fixture, cfg, model, outputs
