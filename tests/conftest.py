@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from detr_lab.config import Config, load_config
 
@@ -66,6 +67,12 @@ def tiny_config(*extra: str, **changes: object) -> Config:
     """`load_config(overrides=tiny_overrides(*extra, **changes))`: the schema defaults under the tiny
     model (no YAML file)."""
     return load_config(overrides=tiny_overrides(*extra, **changes))
+
+
+def tiny_model_yaml(**changes: object) -> str:
+    """The `model:` section of a YAML config file for the tiny model (block style, no braces, so the
+    text can go through `str.format`); `changes` as in `tiny_overrides`."""
+    return OmegaConf.to_yaml(OmegaConf.from_dotlist(tiny_overrides(**changes)))
 
 
 def tiny_batch(

@@ -20,19 +20,10 @@ from detr_lab.benchmark import (
 )
 from detr_lab.models.build import build_model
 
-TINY_YAML = """
-model:
-  num_classes: 3
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  num_queries: 8
-  backbone:
-    name: resnet18
-    pretrained: true   # the benchmark must switch this off: it never downloads
-  encoder: {num_layers: 2}
-  decoder: {num_layers: 2}
-"""
+from conftest import tiny_model_yaml
+
+# pretrained: the benchmark must switch it off (it never downloads).
+TINY_YAML = tiny_model_yaml(num_heads=2, num_queries=8, encoder__num_layers=2, backbone__pretrained=True)
 
 
 @pytest.fixture(scope="module")

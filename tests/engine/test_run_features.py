@@ -26,17 +26,11 @@ from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
 from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
 
-TINY_YAML = """
-model:
-  num_classes: 6
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  dropout: 0.0
-  num_queries: 8
-  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
-  encoder: {{num_layers: 1}}
-  decoder: {{num_layers: 1}}
+from conftest import tiny_model_yaml
+
+TINY_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=8, backbone__frozen_stages=0, decoder__num_layers=1
+) + """
 data:
   dataset: synthetic
   root: {root}/data

@@ -24,24 +24,16 @@ from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
 
-from conftest import load_tool
+from conftest import load_tool, tiny_model_yaml
 
 pytestmark = pytest.mark.slow  # Lightning end to end: train, resume, eval, infer
 
 REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC_IDS = [1, 2, 3, 5, 8, 13]
 
-TINY_YAML = """
-model:
-  num_classes: 6
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  dropout: 0.0
-  num_queries: 5
-  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
-  encoder: {{num_layers: 1}}
-  decoder: {{num_layers: 2}}
+TINY_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=5, backbone__frozen_stages=0
+) + """
 data:
   dataset: synthetic
   root: {root}/data
