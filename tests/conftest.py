@@ -1,133 +1,12 @@
-"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, synthetic official weights.
-
-The factories are plain functions (importable as `from conftest import tiny_overrides`, for module
-constants and module-scoped fixtures); the fixtures below hand out the same objects to tests. Setup
-only: no assertions live here.
-"""
+"""Fixtures shared by every test folder; the factories behind them live in tests/factories.py."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 
-from detr_lab.config import Config, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
-
-# The tiny model every model / engine / tool test starts from (keys under `model.`): hidden size 32,
-# one encoder and two decoder layers on a ResNet-18 with random weights. Tests change what they
-# need through `tiny_overrides(**changes)`.
-TINY_MODEL: dict[str, object] = {
-    "hidden_dim": 32,
-    "num_heads": 4,
-    "ffn_dim": 64,
-    "encoder.num_layers": 1,
-    "decoder.num_layers": 2,
-    "backbone.name": "resnet18",
-    "backbone.pretrained": False,
-    "num_queries": 6,
-    "num_classes": 3,
-}
-
-
-def _format(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def tiny_overrides(*extra: str, **changes: object) -> list[str]:
-    """Dotted overrides of the tiny model (`TINY_MODEL`), changed by `changes`, then `extra`.
-
-    Args:
-        extra: further `key.path=value` strings (any section), appended last so they win.
-        changes: model keys to set, `__` standing for a dot (`encoder__num_layers=2` ->
-            `model.encoder.num_layers=2`); `None` drops a tiny key (the schema default applies).
-
-    Returns:
-        A list for `load_config(overrides=...)`, e.g. `["model.hidden_dim=32", ...]`.
-    """
-    model = dict(TINY_MODEL)
-    for key, value in changes.items():
-        dotted = key.replace("__", ".")
-        if value is None:
-            model.pop(dotted, None)
-        else:
-            model[dotted] = value
-    return [f"model.{key}={_format(value)}" for key, value in model.items()] + list(extra)
-
-
-def tiny_config(*extra: str, **changes: object) -> Config:
-    """`load_config(overrides=tiny_overrides(*extra, **changes))`: the schema defaults under the tiny
-    model (no YAML file)."""
-    return load_config(overrides=tiny_overrides(*extra, **changes))
-
-
-def tiny_model_yaml(**changes: object) -> str:
-    """The `model:` section of a YAML config file for the tiny model (block style, no braces, so the
-    text can go through `str.format`); `changes` as in `tiny_overrides`."""
-    return OmegaConf.to_yaml(OmegaConf.from_dotlist(tiny_overrides(**changes)))
-
-
-def tiny_batch(
-    *, height: int = 64, width: int = 96, padded_from_row: int = 40, padded_from_col: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """Two images (seed 0) and their targets; the second image is padding from the given row / column on.
-
-    Returns:
-        images `[2, 3, H, W]` (zero under the padding), padding_mask `[2, H, W]` (True = padding) and
-        targets: `labels [N]` and `boxes [N, 4]` normalized cxcywh (2 objects, then 1; labels < 5).
-    """
-    torch.manual_seed(0)
-    images = torch.randn(2, 3, height, width)
-    padding_mask = torch.zeros(2, height, width, dtype=torch.bool)
-    padding_mask[1, padded_from_row:, :] = True
-    padding_mask[1, :, padded_from_col:] = True
-    images[padding_mask[:, None].expand_as(images)] = 0
-    targets = [
-        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.2]])},
-        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
-    ]
-    return images, padding_mask, targets
-
-
-def official_batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of a parity fixture as the official code fed them: uint8 `[3, h, w]` images scaled to
-    [0, 1], normalized with the fixture's mean / std and zero-padded into `[B, 3, H, W]`; with the
-    fixture's `padding_mask [B, H, W]` (True = padding)."""
-    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
-    padding_mask = fixture["padding_mask"]
-    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
-    for i, image in enumerate(fixture["images_uint8"]):
-        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
-    return images, padding_mask
-
-
-def load_module(path: Path, name: str | None = None) -> ModuleType:
-    """Import a Python file by path (tools/ and tests/fixtures/ are not packages)."""
-    name = name or f"detr_lab_test_{path.parent.name}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_tool(name: str) -> ModuleType:
-    """The module of `tools/<name>.py` (its `main(argv)` is what the command line runs)."""
-    return load_module(REPO / "tools" / f"{name}.py", f"detr_lab_tool_{name}")
-
-
-def load_synth_weights() -> ModuleType:
-    """`tests/fixtures/synth_weights.py`: `synth_state_dict(spec, seed)` rebuilds the deterministic
-    synthetic official weights the parity fixtures were made with."""
-    return load_module(FIXTURES / "synth_weights.py", "detr_lab_test_synth_weights")
+from factories import load_synth_weights
 
 
 @pytest.fixture(scope="session")
@@ -135,24 +14,3 @@ def synth_weights() -> ModuleType:
     """The `tests/fixtures/synth_weights.py` module (see `load_synth_weights`)."""
     return load_synth_weights()
 
-
-@pytest.fixture
-def detection_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """`tiny_batch()` with its defaults: 2 images of 64 x 96, the second padded right and below."""
-    return tiny_batch()
-
-
-def official_reference(name: str, **overrides: object) -> tuple[Config, dict[str, float]]:
-    """What an official checkpoint says about its recipe, from `tests/fixtures/<name>.pt`.
-
-    `overrides` are what weights cannot tell (`dilation=True` for DC5; see `load_official`).
-
-    Returns:
-        the `Config` detr_lab infers from the official checkpoint's key / shape spec (on meta tensors:
-        nothing is allocated), and the loss `weight_dict` the official code built for that model.
-    """
-    from detr_lab.checkpoints import official_family
-
-    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
-    state = {key: torch.empty(shape, device="meta") for key, shape in fixture["state_dict_spec"]}
-    return official_family(state).infer_config(state, dict(overrides)), dict(fixture["weight_dict"])

@@ -15,7 +15,7 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-from conftest import load_tool, tiny_overrides
+from factories import load_tool, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_criterion, build_model
 
-from conftest import official_reference, tiny_overrides
+from factories import official_reference, tiny_overrides
 
 TINY = tiny_overrides(num_heads=2, num_queries=5, dropout=0.0, encoder__num_layers=2)
 ACT = "model.encoder.attention=act"

@@ -15,7 +15,7 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-from conftest import load_tool, tiny_overrides
+from factories import load_tool, tiny_overrides
 
 TINY = tiny_overrides(
     "data.augment.eval_size=96", "data.augment.eval_max_size=128",  # infer.py's transform

@@ -20,7 +20,7 @@ from detr_lab.benchmark import (
 )
 from detr_lab.models.build import build_model
 
-from conftest import tiny_model_yaml
+from factories import tiny_model_yaml
 
 # pretrained: the benchmark must switch it off (it never downloads).
 TINY_YAML = tiny_model_yaml(num_heads=2, num_queries=8, encoder__num_layers=2, backbone__pretrained=True)

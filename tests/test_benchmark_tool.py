@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import load_tool
+from factories import load_tool
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.backbone import ResNetBackbone
 from detr_lab.models.build import build_model
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides()
 CATEGORY_IDS = [1, 5, 9]

@@ -23,7 +23,7 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 
-from conftest import load_synth_weights, load_tool
+from factories import load_synth_weights, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

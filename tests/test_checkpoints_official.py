@@ -22,7 +22,7 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.config import ConfigError
 
-from conftest import load_synth_weights, load_tool
+from factories import load_synth_weights, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 

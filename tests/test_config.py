@@ -8,7 +8,7 @@ import pytest
 
 from detr_lab.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
-from conftest import official_reference
+from factories import official_reference
 
 
 def write(path: Path, text: str) -> Path:

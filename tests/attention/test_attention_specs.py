@@ -19,7 +19,7 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_model
 from detr_lab.models.detector import DeformableDetector, Detector
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides(num_feature_levels=2)
 SHAPES = torch.tensor([[4, 4], [2, 2]])

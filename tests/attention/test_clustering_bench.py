@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_tool
+from factories import load_tool
 
 
 @pytest.fixture(scope="module")

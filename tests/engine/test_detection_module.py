@@ -8,7 +8,7 @@ from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.trainer import init_from_checkpoint, load_matching_weights
 from detr_lab.models.build import build_model
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides(num_heads=2, num_queries=4)
 IDS, NAMES = [4, 9, 11], ["a", "b", "c"]

@@ -16,7 +16,7 @@ from detr_lab.engine.trainer import train
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.build import build_model
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides(
     num_classes=6, num_heads=2, num_queries=5, dropout=0.0, backbone__frozen_stages=0

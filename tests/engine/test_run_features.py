@@ -26,7 +26,7 @@ from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
 from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
 
-from conftest import tiny_model_yaml
+from factories import tiny_model_yaml
 
 TINY_YAML = tiny_model_yaml(
     num_classes=6, num_heads=2, dropout=0.0, num_queries=8, backbone__frozen_stages=0, decoder__num_layers=1

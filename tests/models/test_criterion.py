@@ -12,7 +12,7 @@ from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.criterion import SetCriterion, average_num_boxes
 from detr_lab.models.matcher import HungarianMatcher
 
-from conftest import tiny_config
+from factories import tiny_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

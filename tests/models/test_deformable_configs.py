@@ -11,7 +11,7 @@ from detr_lab.config import config_to_dict, load_config
 from detr_lab.engine.optim import build_param_groups
 from detr_lab.models.build import build_criterion, build_model
 
-from conftest import official_reference, tiny_overrides
+from factories import official_reference, tiny_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_MODEL = tiny_overrides(num_queries=8, num_classes=None)  # classes: the YAML's

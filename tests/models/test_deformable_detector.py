@@ -17,7 +17,7 @@ from detr_lab.models.position import SinePositionEncoding
 from detr_lab.models.transformer import Decoder, DecoderLayer, inverse_sigmoid, refine_boxes
 from detr_lab.models.two_stage import TwoStageQueries, encoder_proposals, proposal_sine_embedding
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 D = 32
 TINY = tiny_overrides(

@@ -16,7 +16,7 @@ from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import DeformableDetector
 
-from conftest import official_batch
+from factories import official_batch
 
 pytestmark = pytest.mark.slow  # full-size R50 Deformable DETR built and run
 

@@ -15,7 +15,7 @@ from detr_lab.config import load_config
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 from detr_lab.models.detector import DeformableDetector, Detector
 
-from conftest import tiny_batch, tiny_overrides
+from factories import tiny_batch, tiny_overrides
 
 TINY = tiny_overrides(
     "model.encoder.act.q_hashes=4",

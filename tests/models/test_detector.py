@@ -6,7 +6,7 @@ import torch
 from detr_lab.config import load_config
 from detr_lab.models.build import build_criterion, build_model
 
-from conftest import tiny_batch, tiny_overrides
+from factories import tiny_batch, tiny_overrides
 
 TINY = tiny_overrides(encoder__num_layers=2, num_queries=10, num_classes=5)
 

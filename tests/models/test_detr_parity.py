@@ -14,7 +14,7 @@ import torch
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 
-from conftest import official_batch
+from factories import official_batch
 
 pytestmark = pytest.mark.slow  # full-size R50 DETR built and run
 

@@ -8,7 +8,7 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_criterion, build_model, build_position_encoding, build_postprocess
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides(encoder__num_layers=2, decoder__num_layers=3, num_queries=10, num_classes=5)
 

@@ -23,7 +23,7 @@ from detr_lab.models.optimize import (
 )
 from detr_lab.models.transformer import FeedForward
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 TINY = tiny_overrides(encoder__num_layers=2, num_queries=10, num_classes=5)
 DEFORMABLE = [

@@ -10,7 +10,7 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention, set_plain_attention_impl
 from detr_lab.models.build import build_model
 
-from conftest import tiny_overrides
+from factories import tiny_overrides
 
 
 def test_math_path_matches_sdpa_with_padding():

@@ -24,7 +24,7 @@ from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
 
-from conftest import load_tool, tiny_model_yaml
+from factories import load_tool, tiny_model_yaml
 
 pytestmark = pytest.mark.slow  # Lightning end to end: train, resume, eval, infer
 
