@@ -52,17 +52,34 @@ def _non_negative(default: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- model
+# ResNet depths of the "resnet" backbone type (torchvision).
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Options of one backbone type only: type -> keys. A key set for another type is an error.
+BACKBONE_TYPE_KEYS = {
+    "resnet": ("dilation", "frozen_stages", "norm"),
+    "vit": ("pyramid_channels",),
+}
+
+
 @dataclass
 class BackboneConfig:
-    name: str = _choice("resnet18", "resnet34", "resnet50", "resnet101", default="resnet50")
-    # ImageNet weights: `pretrained: true` uses torchvision's download (cached in TORCH_HOME);
-    # `weights_path` loads a local torchvision state dict instead and never touches the network.
+    # resnet: torchvision ResNet (name resnet18..resnet101); timm: a hierarchical timm model through
+    # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT with ViTDet's simple feature pyramid.
+    type: str = _choice("resnet", "timm", "vit", default="resnet")
+    name: str = "resnet50"  # resnet: one of RESNET_NAMES; timm / vit: a timm model name
+    # ImageNet weights through the library's own mechanism: `pretrained: true` downloads (torchvision
+    # or timm cache); `weights_path` loads a local torchvision / timm state dict and never downloads.
     pretrained: bool = False
     weights_path: str | None = None
-    dilation: bool = False  # dilate the last stage ("DC5"): stride 16 instead of 32
-    frozen_stages: int = field(default=1, metadata={"min": 0, "max": 4})  # stem + layer1 as in DETR
-    # frozen_bn: fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
-    norm: str = _choice("frozen_bn", "batch_norm", default="frozen_bn")
+    # timm / vit only: further timm.create_model arguments (e.g. drop_path_rate, or small widths).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # ResNet only (null = the default in brackets):
+    dilation: bool | None = None  # [false] dilate the last stage ("DC5"): stride 16 instead of 32
+    frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
+    # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
+    norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
+    # vit only: channels of every pyramid level [256].
+    pyramid_channels: int | None = field(default=None, metadata={"min": 0, "exclusive": True})
 
 
 @dataclass
@@ -378,7 +395,7 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
         meta = f.metadata
         choices = meta.get("choices")
         choices = choices() if callable(choices) else choices
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             options = ", ".join(choices)
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -390,6 +407,46 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
                 raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be {op} {low}")
         if "max" in meta and value is not None and value > meta["max"]:
             raise ConfigError(f"{where}: '{dotted}' is {value!r}; it must be <= {meta['max']}")
+
+
+def _validate_backbone(b: BackboneConfig, where: str) -> None:
+    """Options valid only for one backbone type, ResNet depths, and the two weight sources."""
+    for backbone_type, keys in BACKBONE_TYPE_KEYS.items():
+        for key in keys:
+            if b.type != backbone_type and getattr(b, key) is not None:
+                raise ConfigError(
+                    f"{where}: 'model.backbone.{key}' applies to 'model.backbone.type: {backbone_type}' "
+                    f"only, not '{b.type}' (remove it or set it to null)"
+                )
+    if b.type == "resnet":
+        if b.name not in RESNET_NAMES:
+            close = difflib.get_close_matches(b.name, RESNET_NAMES, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: 'model.backbone.name' is {b.name!r}; a resnet backbone is one of: "
+                f"{', '.join(RESNET_NAMES)}{hint} (timm models: set 'model.backbone.type' to timm or vit)"
+            )
+        if b.timm_kwargs:
+            raise ConfigError(
+                f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, "
+                "not resnet"
+            )
+        if b.dilation and b.name in RESNET_NAMES[:2]:
+            raise ConfigError(
+                f"{where}: 'model.backbone.dilation' (DC5) needs a bottleneck ResNet (resnet50/101), "
+                f"not '{b.name}'"
+            )
+    else:
+        import timm  # only configs with timm backbones need it
+
+        if not timm.is_model(b.name):
+            close = difflib.get_close_matches(b.name, timm.list_models(), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else " (see timm.list_models())"
+            raise ConfigError(f"{where}: 'model.backbone.name' is {b.name!r}, not a timm model{hint}")
+    if b.pretrained and b.weights_path is not None:
+        raise ConfigError(
+            f"{where}: set either 'model.backbone.pretrained' or 'model.backbone.weights_path', not both"
+        )
 
 
 def _validate_loss_terms(terms: list[str], where: str) -> None:
@@ -424,6 +481,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"({m.encoder.attention} / {m.decoder.cross_attention}) or 'model.num_feature_levels' > 1 "
             f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
+    _validate_backbone(m.backbone, where)
     if (m.box_refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
         raise ConfigError(f"{where}: {refinement_error()}")
     if m.two_stage and not m.box_refine:

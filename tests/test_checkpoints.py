@@ -10,7 +10,7 @@ import torch
 from detr_lab.checkpoints import CheckpointError, load_checkpoint, safe_load, save_checkpoint
 from detr_lab.config import ConfigError, config_to_dict, load_config
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
-from detr_lab.models.backbone import ResNetBackbone
+from detr_lab.models.backbones import ResNetBackbone
 from detr_lab.models.build import build_model
 
 from factories import tiny_overrides

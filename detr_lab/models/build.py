@@ -7,14 +7,16 @@
 Attention variants are chosen by `cfg.encoder.attention` and `cfg.decoder.cross_attention` and built
 from the spec table `detr_lab.models.attention.ATTENTION_SPECS`, whose properties (reference points,
 multi-scale inputs, final decoder norm) also pick the input side, the decoder and the detector head;
-a new variant is a new file in `models/attention/` plus one line in that table.
+a new variant is a new file in `models/attention/` plus one line in that table. Backbones are chosen
+by `cfg.backbone.type` in `BACKBONES`; a new kind is a module under `models/backbones/`, one builder
+function and one registry line here (and its name among the choices of `BackboneConfig.type`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from detr_lab.config import LossConfig, ModelConfig
+from detr_lab.config import BackboneConfig, LossConfig, ModelConfig
 from detr_lab.models.attention import (
     attention_spec,
     build_attention,
@@ -22,7 +24,7 @@ from detr_lab.models.attention import (
     refinement_error,
 )
 from detr_lab.models.attention.plain import PlainAttention
-from detr_lab.models.backbone import ResNetBackbone
+from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
 from detr_lab.models.criterion import SetCriterion
 from detr_lab.models.detector import DeformableDetector, Detector, group_norm_projection
 from detr_lab.models.matcher import HungarianMatcher
@@ -45,26 +47,71 @@ def reference_point_head(cfg: ModelConfig) -> bool:
     return attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
 
 
+# Strides of the feature levels a detector with 1..4 levels reads: DETR C5; Deformable DETR C3-C5 and
+# a stride-64 level. A backbone returns the levels it has natively; build_input_proj adds the
+# deeper ones it lacks as strided convolutions of the deepest level (Deformable DETR's extra level).
+LEVEL_STRIDES = {1: (32,), 2: (16, 32), 3: (8, 16, 32), 4: (8, 16, 32, 64)}
+
+
 def backbone_stages(num_levels: int) -> tuple[int, ...]:
     """ResNet stages feeding `num_levels` levels: C5; C4-C5; C3-C5; C3-C5 plus extra strided levels."""
     return ((4,), (3, 4))[num_levels - 1] if num_levels < 3 else (2, 3, 4)
 
 
-def build_backbone(cfg: ModelConfig) -> ResNetBackbone:
-    """ResNet returning the stages of `backbone_stages(cfg.num_feature_levels)` (strides 8/16/32)."""
-    b = cfg.backbone
+def _resnet(b: BackboneConfig, num_levels: int) -> Backbone:
+    """torchvision ResNet: stages `backbone_stages(num_levels)` (a DC5 last stage has stride 16)."""
     return ResNetBackbone(
         b.name,
-        stages=backbone_stages(cfg.num_feature_levels),
-        dilation=b.dilation,
-        frozen_stages=b.frozen_stages,
+        stages=backbone_stages(num_levels),
+        dilation=bool(b.dilation),
+        frozen_stages=1 if b.frozen_stages is None else b.frozen_stages,
         pretrained=b.pretrained,
         weights_path=b.weights_path,
-        norm=b.norm,
+        norm=b.norm or "frozen_bn",
     )
 
 
-def build_input_proj(cfg: ModelConfig, backbone: ResNetBackbone) -> list[nn.Module]:
+def _timm(b: BackboneConfig, num_levels: int) -> Backbone:
+    """Hierarchical timm model: its stages at strides 8/16/32 (those of `LEVEL_STRIDES`)."""
+    strides = [s for s in LEVEL_STRIDES[num_levels] if s <= 32]
+    return TimmBackbone(
+        b.name,
+        strides=strides,
+        pretrained=b.pretrained,
+        weights_path=b.weights_path,
+        model_kwargs=b.timm_kwargs,
+    )
+
+
+def _vit(b: BackboneConfig, num_levels: int) -> Backbone:
+    """Plain ViT + simple feature pyramid: every level of `LEVEL_STRIDES` (8/16/32/64 for patch 16)."""
+    return ViTBackbone(
+        b.name,
+        strides=LEVEL_STRIDES[num_levels],
+        pyramid_channels=b.pyramid_channels or 256,
+        pretrained=b.pretrained,
+        weights_path=b.weights_path,
+        model_kwargs=b.timm_kwargs,
+    )
+
+
+# model.backbone.type -> builder(backbone config, number of detector levels).
+BACKBONES = {"resnet": _resnet, "timm": _timm, "vit": _vit}
+
+
+def build_backbone(cfg: ModelConfig) -> Backbone:
+    """The backbone of `cfg.backbone.type` with the levels of `cfg.num_feature_levels`.
+
+    Raises:
+        ValueError: a backbone type without a builder, or the backbone's own argument errors.
+    """
+    b = cfg.backbone
+    if b.type not in BACKBONES:
+        raise ValueError(f"unknown 'model.backbone.type: {b.type}'; expected one of: {', '.join(BACKBONES)}")
+    return BACKBONES[b.type](b, cfg.num_feature_levels)
+
+
+def build_input_proj(cfg: ModelConfig, backbone: Backbone) -> list[nn.Module]:
     """One projection to `hidden_dim` per level: 1x1 convolutions (DETR), or Conv + GroupNorm(32) and
     stride-2 3x3 Conv + GroupNorm(32) for each level past the deepest backbone stage (Deformable DETR)."""
     d = cfg.hidden_dim

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detr_lab.models.backbone import ResNetBackbone, downsample_mask
+from detr_lab.models.backbones import Backbone, downsample_mask
 from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
 from detr_lab.models.two_stage import TwoStageQueries
 
@@ -85,7 +85,7 @@ class DetectorBase(nn.Module):
     """Backbone levels, their projections to width d, extra strided levels and position embeddings.
 
     Args:
-        backbone: returns feature levels with masks (see `ResNetBackbone.forward`); its
+        backbone: returns feature levels with masks (see `Backbone.forward`); its
             `num_channels` lists each level's channels.
         position_encoding: padding mask `[B, H, W]` -> position embeddings `[B, d, H, W]`.
         transformer: a `Transformer` of width d.
@@ -98,7 +98,7 @@ class DetectorBase(nn.Module):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],
@@ -170,7 +170,7 @@ class Detector(DetectorBase):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],
@@ -249,7 +249,7 @@ class DeformableDetector(DetectorBase):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         position_encoding: nn.Module,
         transformer: Transformer,
         input_proj: Sequence[nn.Module],

@@ -24,7 +24,8 @@ What `optimize_for_inference` does, in place:
   slower than none.)
 - Switches plain attention to `scaled_dot_product_attention` and deformable attention to the
   device's fast sampling core ("auto"), in case a model was set to its reference paths.
-- On CPU (float32 weights), compiles each ResNet backbone for inference (`trace_backbones`): traced
+- On CPU (float32 weights), compiles each ResNet backbone for inference (`trace_backbones`): the
+  detector's `ResNetBackbone` is replaced by a `TracedBackbone` wrapping it, whose body is traced
   with TorchScript, frozen, and rewritten by `torch.jit.optimize_for_inference`, which keeps the
   maps in oneDNN's blocked layout from layer to layer, prepacks the weights and fuses each
   convolution with its ReLU and residual sum. ResNet-50 at 800 x 1066, one thread: about 1.2 s
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detr_lab.models.backbone import FrozenBatchNorm2d, ResNetBackbone
+from detr_lab.models.backbones import Backbone, FrozenBatchNorm2d, ResNetBackbone
 from detr_lab.models.transformer import FeedForward
 
 # Hidden activations per chunk of `ChunkedFeedForward` (floats): 2 MiB in float32, about one core's
@@ -177,22 +178,22 @@ def chunk_feed_forwards(model: nn.Module) -> int:
     return count
 
 
-class _StageMaps(nn.Module):
-    """`backbone.run_body` as the forward of a module, for tracing."""
+class _FeatureMaps(nn.Module):
+    """`backbone.feature_maps` (no padding mask) as the forward of a module, for tracing."""
 
-    def __init__(self, backbone: ResNetBackbone) -> None:
+    def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        return self.backbone.run_body(images)
+        return self.backbone.feature_maps(images)
 
 
 class TracedBackboneRunner:
     """A ResNet body compiled for CPU inference: `images [B, 3, H, W]` -> the stage maps.
 
-    Deliberately not an `nn.Module`: the backbone holds it without registering it, and a copy or a
-    pickle of the backbone drops it (the copy computes with its own modules).
+    Deliberately not an `nn.Module`: the `TracedBackbone` holds it without registering it, and a copy
+    or a pickle of that backbone drops it (the copy computes with its own modules).
     """
 
     def __init__(self, compiled: torch.jit.ScriptModule) -> None:
@@ -217,10 +218,46 @@ class TracedBackboneRunner:
         return type(None), ()
 
 
+class TracedBackbone(Backbone):
+    """A backbone whose feature maps come from an inference runner where it applies.
+
+    Same levels, channels, strides and outputs as `eager` (the wrapped backbone, a submodule); its
+    `feature_maps` calls `inference_runner(images)` for inputs where `inference_runner.applies_to(images)`
+    in eval mode, and `eager.feature_maps` everywhere else (training, autograd, autocast, other
+    devices or dtypes, no runner). The runner is not a submodule: it is neither saved, moved between
+    devices nor copied with the backbone (a copy computes with `eager`). Only for backbones whose maps
+    do not depend on the padding mask (ResNets).
+    """
+
+    def __init__(self, eager: Backbone, runner: TracedBackboneRunner | None = None) -> None:
+        super().__init__()
+        self.eager = eager
+        self.num_channels = list(eager.num_channels)
+        self.strides = list(eager.strides)
+        self.size_multiple = eager.size_multiple
+        self._inference_runner = runner
+
+    @property
+    def inference_runner(self) -> TracedBackboneRunner | None:
+        """The runner set by `set_inference_runner`, or None."""
+        return self._inference_runner
+
+    def set_inference_runner(self, runner) -> None:
+        """Let `runner` compute `feature_maps` where `runner.applies_to(images)` (None: always `eager`)."""
+        self._inference_runner = runner
+
+    def feature_maps(self, images: Tensor, padding_mask: Tensor | None = None) -> list[Tensor]:
+        """`eager.feature_maps(images, padding_mask)`, computed by the runner where it applies."""
+        runner = self._inference_runner
+        if runner is not None and not self.training and runner.applies_to(images):
+            return runner(images)
+        return self.eager.feature_maps(images, padding_mask)
+
+
 def trace_backbone(
     backbone: ResNetBackbone, example_size: tuple[int, int] = (64, 96)
 ) -> TracedBackboneRunner:
-    """Compile `backbone`'s body for CPU inference and check it against the eager body.
+    """Compile `backbone.feature_maps` for CPU inference and check it against the eager maps.
 
     The backbone must be on the CPU with float32 weights and in eval mode. Raises RuntimeError when
     tracing fails or the compiled body disagrees with the eager one (relative 1e-4) on an input of
@@ -229,7 +266,7 @@ def trace_backbone(
     weight = next(backbone.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or backbone.training:
         raise RuntimeError("only a CPU float32 backbone in eval mode can be traced for inference")
-    eager = _StageMaps(backbone).eval()
+    eager = _FeatureMaps(backbone).eval()
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(1, 3, *example_size, generator=generator)
     check = torch.randn(2, 3, example_size[0] + 32, example_size[1] - 16, generator=generator)
@@ -248,21 +285,28 @@ def trace_backbone(
 
 
 def trace_backbones(model: nn.Module) -> int:
-    """Give every CPU float32 `ResNetBackbone` in `model` a traced inference runner; returns how many.
+    """Replace every CPU float32 `ResNetBackbone` in `model` by a `TracedBackbone` wrapping it with a
+    traced inference runner; returns how many.
 
-    A backbone that cannot be traced keeps computing with its modules (a warning says why).
+    A backbone that cannot be traced stays as it is, computing with its modules (a warning says why).
     """
     count = 0
-    for backbone in [m for m in model.modules() if isinstance(m, ResNetBackbone)]:
-        weight = next(backbone.parameters())
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            continue
-        try:
-            backbone.set_inference_runner(trace_backbone(backbone.eval()))
-        except RuntimeError as err:
-            warnings.warn(f"backbone left uncompiled: {err}", stacklevel=2)
-            continue
-        count += 1
+    for parent in list(model.modules()):
+        if isinstance(parent, TracedBackbone):
+            continue  # already wrapped (a second call)
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, ResNetBackbone):
+                continue
+            weight = next(child.parameters())
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                continue
+            try:
+                runner = trace_backbone(child.eval())
+            except RuntimeError as err:
+                warnings.warn(f"backbone left uncompiled: {err}", stacklevel=2)
+                continue
+            setattr(parent, name, TracedBackbone(child, runner).eval())
+            count += 1
     return count
 
 

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from detr_lab.checkpoints import CheckpointError
-from detr_lab.models.backbone import FrozenBatchNorm2d, ResNetBackbone, downsample_mask
+from detr_lab.models.backbones import FrozenBatchNorm2d, ResNetBackbone, downsample_mask
 
 
 def test_frozen_batch_norm_matches_eval_batch_norm():

@@ -11,7 +11,7 @@ from torch import nn
 
 from detr_lab.config import load_config
 from detr_lab.models.attention.plain import PlainAttention
-from detr_lab.models.backbone import FrozenBatchNorm2d
+from detr_lab.models.backbones import FrozenBatchNorm2d, ResNetBackbone
 from detr_lab.models.build import build_model
 from detr_lab.models.optimize import (
     ChunkedFeedForward,
@@ -216,17 +216,18 @@ def test_traced_backbone_matches_eager_at_other_sizes(variant):
     model = tiny_model([] if variant == "detr" else DEFORMABLE)
     optimized = optimize_for_inference(copy.deepcopy(model))
     assert isinstance(optimized.backbone.inference_runner, TracedBackboneRunner)
+    assert isinstance(optimized.backbone.eager, ResNetBackbone)
     assert (
-        optimized.state_dict().keys()
-        == optimize_for_inference(copy.deepcopy(model), compile_backbone=False).state_dict().keys()
-    )  # the runner is no submodule
+        {key.replace("backbone.eager.", "backbone.", 1) for key in optimized.state_dict()}
+        == set(optimize_for_inference(copy.deepcopy(model), compile_backbone=False).state_dict())
+    )  # the runner is no submodule: the wrapper adds no state beyond the eager backbone's
     for batch, height, width in [(3, 80, 112), (2, 57, 129)]:  # traced at 1 x 64 x 96
         images, padding_mask = images_and_mask(batch, height, width)
         with torch.inference_mode():
             expected = model(images, padding_mask)
             got = optimized(images, padding_mask)
-            maps = optimized.backbone.stage_maps(images)
-            eager_maps = model.backbone.stage_maps(images)
+            maps = optimized.backbone.feature_maps(images)
+            eager_maps = model.backbone.feature_maps(images)
         for have, want in zip(maps, eager_maps, strict=True):
             assert have.shape == want.shape
             assert (have - want).abs().max() <= 1e-4 * want.abs().max()
@@ -245,15 +246,15 @@ def test_traced_backbone_only_runs_where_it_applies():
                               "__call__": lambda self, x: calls.append(1) or runner(x)})()
     )  # fmt: skip
     with torch.inference_mode():
-        backbone.stage_maps(images)
+        backbone.feature_maps(images)
     assert len(calls) == 1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        backbone.stage_maps(images)  # autocast: the modules decide the dtypes
-    maps = backbone.stage_maps(images.requires_grad_())  # autograd recording: eager, differentiable
+        backbone.feature_maps(images)  # autocast: the modules decide the dtypes
+    maps = backbone.feature_maps(images.requires_grad_())  # autograd recording: eager, differentiable
     assert maps[-1].requires_grad
     backbone.train()
     with torch.inference_mode():
-        backbone.stage_maps(images)
+        backbone.feature_maps(images)
     assert len(calls) == 1
     # A copy computes with its own modules (the compiled body holds the original weights).
     backbone.set_inference_runner(runner)
@@ -273,7 +274,7 @@ def test_tracing_failures_leave_the_backbone_eager(monkeypatch):
         UserWarning, match="backbone left uncompiled: tracing the backbone failed.*unavailable"
     ):
         optimized = optimize_for_inference(copy.deepcopy(model))
-    assert optimized.backbone.inference_runner is None
+    assert isinstance(optimized.backbone, ResNetBackbone)  # not wrapped: no inference runner
     images, padding_mask = images_and_mask()
     with torch.inference_mode():
         got, expected = optimized(images, padding_mask), model(images, padding_mask)

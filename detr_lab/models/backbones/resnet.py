@@ -1,19 +1,21 @@
-"""ResNet backbone with frozen batch norm: images -> feature levels with their padding masks.
+"""torchvision ResNets with frozen batch norm: images -> the feature maps of selected stages.
 
 DETR uses the last level (stride 32, or 16 with a dilated last stage, "DC5"); Deformable DETR uses
-the last three (strides 8, 16, 32). The backbone returns whichever stages it was asked for.
+the last three (strides 8, 16, 32). The backbone returns whichever stages it was asked for. Its
+module names are torchvision's (`body.conv1`, `body.layer1`, ...), which the official DETR and
+Deformable DETR checkpoints use too.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from detr_lab.models.backbones.base import Backbone
 
 # torchvision constructor and ImageNet weights enum per supported depth. DETR's published
 # checkpoints were trained from the original (V1) torchvision weights.
@@ -61,19 +63,7 @@ class FrozenBatchNorm2d(nn.Module):
 NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
 
 
-class FeatureLevel(NamedTuple):
-    """One backbone output: `features` float `[B, C, h, w]` and `mask` bool `[B, h, w]` (True = padding)."""
-
-    features: Tensor
-    mask: Tensor
-
-
-def downsample_mask(padding_mask: Tensor, size: Sequence[int]) -> Tensor:
-    """Nearest-neighbour resize of bool `[B, H, W]` (True = padding) to `[B, *size]`, as DETR."""
-    return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
-
-
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(Backbone):
     """torchvision ResNet-18/34/50/101 with FrozenBatchNorm2d, returning selected stages.
 
     Args:
@@ -130,7 +120,6 @@ class ResNetBackbone(nn.Module):
         for index in range(1, deepest + 1):
             modules[f"layer{index}"] = getattr(resnet, f"layer{index}")
         self.body = nn.ModuleDict(modules)
-        self._inference_runner = None  # see set_inference_runner
 
         width = 64 if name in BASIC_BLOCK_RESNETS else 256  # channels out of layer1
         self.num_channels = [width * 2 ** (s - 1) for s in stages]
@@ -196,36 +185,11 @@ class ResNetBackbone(nn.Module):
             if name in frozen:
                 module.requires_grad_(False)
 
-    def forward(self, images: Tensor, padding_mask: Tensor) -> list[FeatureLevel]:
-        """Features of the requested stages.
+    def feature_maps(self, images: Tensor, padding_mask: Tensor | None = None) -> list[Tensor]:
+        """Maps `[B, C_l, H_l, W_l]` of the requested stages, shallowest first (`padding_mask` unused).
 
-        Args:
-            images: float `[B, 3, H, W]`, normalized, zero-padded bottom/right.
-            padding_mask: bool `[B, H, W]`, True = padding.
-        Returns:
-            one `FeatureLevel` per requested stage, shallowest first: features `[B, C_l, H_l, W_l]`
-            and the padding mask resized to `[B, H_l, W_l]` (True = padding).
+        `images`: float `[B, 3, H, W]`; any size (each stride-2 layer rounds up, as torchvision).
         """
-        if images.dim() != 4 or padding_mask.shape != (images.shape[0], *images.shape[2:]):
-            raise ValueError(
-                f"images must be [B, 3, H, W] and padding_mask [B, H, W]; got {tuple(images.shape)} "
-                f"and {tuple(padding_mask.shape)}"
-            )
-        return [FeatureLevel(x, downsample_mask(padding_mask, x.shape[-2:])) for x in self.stage_maps(images)]
-
-    def stage_maps(self, images: Tensor) -> list[Tensor]:
-        """Feature maps `[B, C_l, H_l, W_l]` of the requested stages, shallowest first.
-
-        Computed by the inference runner when one is set (see `set_inference_runner`) and applies to
-        this call, otherwise by the modules of `body`.
-        """
-        runner = self._inference_runner
-        if runner is not None and not self.training and runner.applies_to(images):
-            return runner(images)
-        return self.run_body(images)
-
-    def run_body(self, images: Tensor) -> list[Tensor]:
-        """`stage_maps` computed by the modules of `body` (never the inference runner)."""
         x = images
         maps = []
         for name, module in self.body.items():
@@ -233,16 +197,3 @@ class ResNetBackbone(nn.Module):
             if name.startswith("layer") and int(name[5:]) in self.stages:
                 maps.append(x)
         return maps
-
-    @property
-    def inference_runner(self):
-        """The runner set by `set_inference_runner`, or None."""
-        return self._inference_runner
-
-    def set_inference_runner(self, runner) -> None:
-        """Let `runner` compute `stage_maps` where `runner.applies_to(images)` (None: always `body`).
-
-        A runner is a compiled copy of `body` for inference (`detr_lab.models.optimize`); it is not a
-        submodule, so it is neither saved, moved between devices nor copied with the backbone.
-        """
-        self._inference_runner = runner

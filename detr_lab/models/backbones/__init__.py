@@ -1,0 +1,23 @@
+"""Backbones: images + padding mask -> feature levels with their strides and channels.
+
+`Backbone` (base.py) is the contract; `resnet.py` holds torchvision's ResNets, `timm_features.py`
+hierarchical timm models (ConvNeXt, Swin, ...), `vit.py` a plain timm ViT with ViTDet's simple
+feature pyramid. `detr_lab.models.build.BACKBONES` maps `model.backbone.type` to them.
+"""
+
+from detr_lab.models.backbones.base import Backbone, FeatureLevel, downsample_mask, pad_to_multiple
+from detr_lab.models.backbones.resnet import FrozenBatchNorm2d, ResNetBackbone
+from detr_lab.models.backbones.timm_features import TimmBackbone
+from detr_lab.models.backbones.vit import SimpleFeaturePyramid, ViTBackbone
+
+__all__ = [
+    "Backbone",
+    "FeatureLevel",
+    "FrozenBatchNorm2d",
+    "ResNetBackbone",
+    "SimpleFeaturePyramid",
+    "TimmBackbone",
+    "ViTBackbone",
+    "downsample_mask",
+    "pad_to_multiple",
+]
