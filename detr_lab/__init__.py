@@ -2,14 +2,15 @@
 
 Packages, in the one direction data flows (a package imports only those before it):
 
-- `config` (typed schema, YAML loading; reads the attention spec table, which is pure data) and
-  `boxes` (box formats and IoU): leaves every other package may import;
+- leaves every package may import: `files` (atomic writes, standard library only), `io` (safe
+  reading, torch saving), `boxes` (box formats and IoU), `config` (typed schema, YAML loading; it
+  reads the attention spec table, which is pure data);
 - `data`: datasets, transforms, collate -> batches `(images, padding_mask, targets)`;
-- `models`: backbone, attention variants, transformer, detector heads, matcher, criterion,
-  post-processing; never imports `data` or `engine`;
-- `engine`: the Lightning training system, COCO evaluation, inference; imports all of the above;
-- `checkpoints` and `benchmark`: loading / saving weights and measuring models, for `engine` and
-  the tools;
+- `models`: backbones, attention variants, transformer, detector heads, matcher, criterion,
+  post-processing; never imports `data`, `checkpoints` or `engine`;
+- `checkpoints`: detr_lab, Lightning and official checkpoints -> models;
+- `engine`: the Lightning training system, COCO evaluation, inference;
+- `benchmark`: measuring models, paths and kernels, for the tools;
 - `tools/` (outside the package): thin command-line scripts over all of it.
 """
 

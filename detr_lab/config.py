@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from detr_lab.files import atomic_write_text
 from detr_lab.models.attention import (
     ATTENTION_SPECS,
     attention_names,
@@ -529,10 +530,9 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the fully resolved config as YAML (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, path)
-    return path
+    """Write the fully resolved config as YAML atomically (`detr_lab.files`) and return its path.
+
+    Raises:
+        FileWriteError: the file cannot be written (the message names the path and the reason).
+    """
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

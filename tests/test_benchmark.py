@@ -124,6 +124,7 @@ def test_inference_flops_of_a_convolution_have_the_closed_form():
 def test_summary_and_size_parsing():
     stats = summarize([3.0, 1.0, 2.0, 4.0])
     assert (stats["min"], stats["median"], stats["max"]) == (1.0, 2.5, 4.0)
+    assert (stats["q1"], stats["q3"]) == (1.75, 3.25)  # inclusive quartiles of 1, 2, 3, 4
     assert stats["values"] == [3.0, 1.0, 2.0, 4.0]
     assert parse_size("800x1066") == (800, 1066)
     for bad in ("800", "800x", "axb", "800x1066x3"):

@@ -1,13 +1,12 @@
 """Data pipeline: COCO-format datasets, DETR augmentation, padding collate, synthetic shapes set.
 
 Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
-May import `detr_lab.config` and `detr_lab.boxes` only; `engine` and the tools import it (models do
-not). `DetectionDataModule` (Lightning) is imported lazily, so the rest loads without Lightning.
+May import `detr_lab.config`, `detr_lab.boxes` and `detr_lab.io` only; `engine` and the tools import
+it (models do not). `DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not
+re-exported, so the rest loads without Lightning.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from detr_lab.data.coco import CocoDetectionDataset, RawSample, read_categories, read_coco_json
 from detr_lab.data.collate import collate_detection, pad_images
@@ -26,7 +25,6 @@ __all__ = [
     "CocoDetectionDataset",
     "CorruptImageError",
     "DatasetError",
-    "DetectionDataModule",
     "DetectionTransform",
     "MissingImageError",
     "RawSample",
@@ -43,10 +41,3 @@ __all__ = [
     "read_coco_json",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "DetectionDataModule":
-        from detr_lab.data.datamodule import DetectionDataModule
-
-        return DetectionDataModule
-    raise AttributeError(f"module 'detr_lab.data' has no attribute {name!r}")

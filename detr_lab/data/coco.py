@@ -47,6 +47,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
 from detr_lab.data.images import load_rgb_image
+from detr_lab.data.transforms import DetectionTransform
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +269,6 @@ class CocoDetectionDataset(Dataset):
         data = read_coco_json(self.annotation_file)
         self.category_ids, self.class_names = resolve_category_ids(data, self.annotation_file, category_ids)
         if transforms is None:
-            from detr_lab.data.transforms import DetectionTransform
-
             transforms = DetectionTransform([])
         self.transforms = transforms
         self.skip_corrupt_images = skip_corrupt_images

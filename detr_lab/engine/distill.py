@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy
+from detr_lab.checkpoints import load_checkpoint, load_state_exactly
 from detr_lab.config import Config, ConfigError, DistillConfig, ModelConfig
 
 FEATURE_TERM = "loss_feat"
@@ -273,8 +274,6 @@ def load_teacher(path: str | os.PathLike, student: ModelConfig) -> tuple[nn.Modu
         ConfigError: the teacher's classes, queries, head type or width differ from the student's.
         CheckpointError: the file is missing or unreadable.
     """
-    from detr_lab.checkpoints import load_checkpoint
-
     loaded = load_checkpoint(path)
     check_compatible(student, loaded.config.model, str(path))
     return freeze(loaded.model), loaded.config.model
@@ -287,8 +286,6 @@ def init_student(student: nn.Module, teacher: nn.Module, source: str) -> None:
     Raises:
         CheckpointError: naming the tensors that are missing, unexpected or of another shape.
     """
-    from detr_lab.checkpoints import load_state_exactly
-
     load_state_exactly(student, teacher.state_dict(), f"student initialised from teacher {source}")
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, load_config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.engine.cli import split_model_overrides
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.models.build import build_postprocess
@@ -85,9 +87,6 @@ def evaluate_checkpoint(
         device: "auto", "cpu", "cuda", "cuda:1", ...
         batch_size: images per forward pass (default `data.batch_size`).
     """
-    from detr_lab.checkpoints import load_checkpoint
-    from detr_lab.data.datamodule import DetectionDataModule
-
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")

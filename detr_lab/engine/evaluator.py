@@ -26,6 +26,8 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_lab.io import atomic_write_text
+
 # The order of COCOeval.stats.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -104,13 +106,12 @@ class CocoEvaluator:
         return [det for image_id in sorted(self.results) for det in self.results[image_id]]
 
     def write_results(self, path: str | os.PathLike) -> Path:
-        """Write the COCO results json (the format `COCO.loadRes` reads) and return its path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.detections()))
-        os.replace(tmp, path)
-        return path
+        """Write the COCO results json (the format `COCO.loadRes` reads) atomically; return its path.
+
+        Raises:
+            FileWriteError: the file cannot be written (the message names the path and the reason).
+        """
+        return atomic_write_text(path, json.dumps(self.detections()))
 
     def compute(self) -> dict[str, float]:
         """Run COCOeval on the images seen so far; return the 12 standard numbers by name (see STAT_NAMES).

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from detr_lab.checkpoints import apply_overrides, load_checkpoint, load_state_exactly
 from detr_lab.config import Config, load_config
 from detr_lab.data.collate import pad_images
 from detr_lab.data.images import load_rgb_image
@@ -111,8 +112,6 @@ class Predictor:
                 `CheckpointError` naming the differing tensors); its `data.augment` sets the transform.
             overrides: dotted `key=value`; `model.*` ones go to the checkpoint's stored config.
         """
-        from detr_lab.checkpoints import load_checkpoint, load_state_exactly
-
         path = Path(checkpoint)
         if not path.is_file():
             raise ToolError(f"checkpoint not found: {path}")
@@ -164,8 +163,6 @@ class Predictor:
 
 
 def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    from detr_lab.checkpoints import apply_overrides
-
     return apply_overrides(cfg, overrides, "command-line override")
 
 

@@ -13,7 +13,7 @@ small and self-contained on purpose (PIL and matplotlib only).
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.inference import class_color
+from detr_lab.files import atomic_write, atomic_write_text
 
 SUMMARY_DIR = "summary"
 
@@ -56,13 +58,9 @@ class RunResult:
 
 
 def _atomic_save(path: Path, save) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`save(file)` into a binary file that replaces `path` atomically (`detr_lab.files.atomic_write`)."""
+    with atomic_write(path, "wb") as file:
+        save(file)
     return path
 
 
@@ -119,13 +117,9 @@ def draw_ground_truth_and_predictions(
 
 def plot_ap_over_time(history: Sequence[dict], path: Path) -> Path:
     """Line plot of `AP` and `AP50` against `step` (one dict per validation round) to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [row["step"] for row in history]
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))  # the object-oriented API: no pyplot state, no backend switch
+    axes = figure.subplots()
     axes.plot(steps, [row["AP"] for row in history], marker="o", label="AP")
     axes.plot(steps, [row["AP50"] for row in history], marker="s", label="AP50")
     axes.set_xlabel("training step")
@@ -135,11 +129,7 @@ def plot_ap_over_time(history: Sequence[dict], path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    try:
-        _atomic_save(path, lambda tmp: figure.savefig(tmp, dpi=100))
-    finally:
-        plt.close(figure)
-    return path
+    return _atomic_save(path, lambda file: figure.savefig(file, format="png", dpi=100))
 
 
 class RunSummary(Callback):
@@ -219,13 +209,11 @@ class RunSummary(Callback):
             return None
 
     def _write_history_csv(self, path: Path) -> None:
-        def save(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=["epoch", "step", "AP", "AP50"])
-                writer.writeheader()
-                writer.writerows(self.history)
-
-        _atomic_save(path, save)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["epoch", "step", "AP", "AP50"])
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(path, text.getvalue())
 
     @staticmethod
     def _evaluate(datamodule, pl_module: L.LightningModule) -> dict[str, float]:
@@ -261,4 +249,4 @@ class RunSummary(Callback):
             detection["scores"][keep].tolist(), pl_module.class_names,
             score_threshold=self.score_threshold,
         )
-        return _atomic_save(path, lambda tmp: image.save(tmp))
+        return _atomic_save(path, lambda file: image.save(file, format="PNG"))

@@ -34,12 +34,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.summary import RunSummary
+from detr_lab.io import diff_state_dicts
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -229,26 +232,20 @@ def load_matching_weights(
     The typical use is fine-tuning on a dataset with another class count: the class head differs in
     shape, stays freshly initialised, and everything else is loaded.
     """
-    transfer = WeightTransfer(source=source_name)
-    target = model.state_dict()
-    matched = {}
-    for name, tensor in target.items():
-        if name not in source:
-            transfer.missing.append(name)
-        elif tuple(source[name].shape) != tuple(tensor.shape):
-            transfer.reinitialised.append((name, tuple(source[name].shape), tuple(tensor.shape)))
-        else:
-            matched[name] = source[name]
-            transfer.loaded.append(name)
-    transfer.unused = [name for name in source if name not in target]
-    model.load_state_dict(matched, strict=False)
+    diff = diff_state_dicts(model.state_dict(), source)
+    transfer = WeightTransfer(
+        source=source_name,
+        loaded=diff.matched,
+        reinitialised=diff.mismatched,
+        missing=diff.missing,
+        unused=diff.unexpected,
+    )
+    model.load_state_dict({name: source[name] for name in diff.matched}, strict=False)
     return transfer
 
 
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> WeightTransfer:
     """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR)."""
-    from detr_lab.checkpoints import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from: checkpoint not found: {path}")
@@ -282,8 +279,6 @@ def train(
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
-    from detr_lab.data.datamodule import DetectionDataModule
-
     L.seed_everything(cfg.trainer.seed, workers=True)
     ckpt_path = resolve_resume(cfg, resume)
     datamodule = DetectionDataModule(cfg)

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.attention.deformable import set_deformable_core
+from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.backbones import Backbone, FrozenBatchNorm2d, ResNetBackbone
 from detr_lab.models.transformer import FeedForward
 
@@ -312,9 +314,6 @@ def trace_backbones(model: nn.Module) -> int:
 
 def use_fast_attention(model: nn.Module) -> None:
     """Plain attention on SDPA, deformable attention on the device's fast core ("auto")."""
-    from detr_lab.models.attention.deformable import set_deformable_core
-    from detr_lab.models.attention.plain import set_plain_attention_impl
-
     set_plain_attention_impl(model, "sdpa")
     set_deformable_core(model, "auto")
 

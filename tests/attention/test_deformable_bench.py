@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detr_lab.models.attention.kernels.benchmark import benchmark_core, core_inputs, machine_description
+from detr_lab.benchmark.deformable_core import benchmark_core, core_inputs
+from detr_lab.benchmark.machine import describe_machine
 
 TINY = ((6, 8), (3, 4))
 
@@ -35,5 +36,5 @@ def test_benchmark_rows_compare_with_the_reference():
     for reference, fast in (rows[0:2], rows[2:4]):  # speed-up: reference median / this median
         assert reference["speedup"] == 1.0
         assert fast["speedup"] == pytest.approx(reference["median_ms"] / fast["median_ms"])
-    info = machine_description()
+    info = describe_machine()
     assert info["torch_threads"] == torch.get_num_threads() and info["cpu_model"]

@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from detr_lab.io import safe_load
 from detr_lab.models.backbones.base import Backbone
 
 # torchvision constructor and ImageNet weights enum per supported depth. DETR's published
@@ -140,8 +141,6 @@ class ResNetBackbone(Backbone):
 
     @staticmethod
     def read_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
-        from detr_lab.checkpoints import safe_load
-
         state = safe_load(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]

@@ -1,5 +1,8 @@
 """Speed, memory, FLOPs and size of detectors built from configs (the library behind tools/benchmark.py).
 
+Machine description, timer, memory/FLOP counters and report writing are the package's shared
+`machine`, `timer`, `measure` and `report` modules.
+
     report = run_benchmark(["configs/detr_r50.yaml"], BenchmarkSettings(device="cpu", runs=5))
     print(format_report(report))
     write_report(report, "runs/benchmark.json")
@@ -57,16 +60,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
-import json
 import os
-import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,8 +70,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from detr_lab.benchmark.machine import describe_machine, load_average, machine_line
+from detr_lab.benchmark.measure import (
+    count_flops,
+    count_inference_flops,
+    count_parameters,
+    measure_peak_memory,
+    release_free_heap,
+)
+from detr_lab.benchmark.report import format_table
+from detr_lab.benchmark.timer import ratio, summarize, synchronize, time_interleaved
 from detr_lab.config import Config, load_config
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
@@ -85,7 +90,6 @@ from detr_lab.models.optimize import optimize_for_inference
 MODES = ("fast", "reference", "fast_bf16")
 DEFAULT_MODES = ("fast", "reference")
 TASKS = ("inference", "train_step")
-MIB = 2**20
 
 
 @dataclass
@@ -137,215 +141,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-# ------------------------------------------------------------------------------------------ machine
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the system has none)."""
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def describe_machine(device: torch.device) -> dict:
-    """CPU, cores, threads, GPU, library versions, load and allocator settings of this process."""
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable_cores = os.cpu_count()
-    import torchvision
-
-    info = {
-        "cpu_model": cpu_model_name(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average": load_average(),
-        # Allocator settings change CPU timings a lot (page faults on freshly mapped memory).
-        "allocator_environment": {
-            key: value
-            for key, value in os.environ.items()
-            if key.startswith("MALLOC_") or key == "LD_PRELOAD"
-        },
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu_name=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-    return info
-
-
-# ------------------------------------------------------------------------------------------- timing
-def summarize(values: Sequence[float]) -> dict:
-    """Median, min, max, quartiles and the raw values (rounded to microseconds)."""
-    if not values:
-        raise ValueError("nothing to summarize: no measured values")
-    ordered = sorted(values)
-    if len(ordered) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = q3 = ordered[0]
-    return {
-        "median": round(statistics.median(ordered), 6),
-        "min": round(ordered[0], 6),
-        "max": round(ordered[-1], 6),
-        "q1": round(q1, 6),
-        "q3": round(q3, 6),
-        "values": [round(v, 6) for v in values],
-    }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    calls: dict[str, Callable[[], object]], *, runs: int, warmup: int, device: torch.device
-) -> dict[str, dict[str, list[float]]]:
-    """Time each call `runs` times after `warmup` untimed calls, the calls taking turns.
-
-    Within run r the calls go in dict order for even r and in reverse order for odd r.
-    Returns per name `{"wall": [seconds...], "cpu": [process CPU seconds...]}`.
-    """
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-            _synchronize(device)
-    times = {name: {"wall": [], "cpu": []} for name in names}
-    for run in range(runs):
-        for name in names if run % 2 == 0 else names[::-1]:
-            _synchronize(device)
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
-            calls[name]()
-            _synchronize(device)
-            times[name]["wall"].append(time.perf_counter() - wall_start)
-            times[name]["cpu"].append(time.process_time() - cpu_start)
-    return times
-
-
-# ------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's VmHWM to the current resident set (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _release_free_heap() -> None:
-    """Return freed heap memory to the system (glibc `malloc_trim`; no-op elsewhere)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def measure_peak_memory(call: Callable[[], object], device: torch.device) -> dict:
-    """Peak memory of one `call()` (see the module docstring for what each method measures)."""
-    if device.type == "cuda":
-        _synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        call()
-        _synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {
-            "method": "torch.cuda.max_memory_allocated",
-            "peak_mib": round(peak / MIB, 1),
-            "increase_mib": round((peak - before) / MIB, 1),
-        }
-    _release_free_heap()
-    before_kib = _proc_status_kib("VmRSS")
-    if before_kib is not None and _reset_peak_rss():
-        call()
-        peak_kib = _proc_status_kib("VmHWM")
-        if peak_kib is not None:
-            return {
-                "method": "VmHWM (reset before the call) - VmRSS before the call, after malloc_trim",
-                "peak_mib": round(peak_kib / 1024, 1),
-                "increase_mib": round((peak_kib - before_kib) / 1024, 1),
-            }
-    call()
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    return {
-        "method": "ru_maxrss (process lifetime peak)",
-        "peak_mib": round(peak / MIB, 1),
-        "increase_mib": None,
-    }
-
-
-def count_flops(call: Callable[[], object]) -> int:
-    """FLOPs of one `call()` seen by `FlopCounterMode` (convolutions, matmuls, attention)."""
-    with FlopCounterMode(display=False) as counter:
-        call()
-    return int(counter.get_total_flops())
-
-
-def count_inference_flops(model: nn.Module, images: Tensor, padding_mask: Tensor) -> int:
-    """FLOPs of one forward pass without gradients.
-
-    Run under `torch.no_grad()` with the parameters' `requires_grad` switched off for the call
-    (FlopCounterMode's module tracking fails on inference-mode tensors and on leaves that require
-    gradients inside `no_grad`); the flags are restored afterwards.
-    """
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    try:
-        for param, _ in flags:
-            param.requires_grad_(False)
-        with torch.no_grad():
-            return count_flops(lambda: model(images, padding_mask))
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-
-
-def count_parameters(model: nn.Module) -> dict:
-    params = list(model.parameters())
-    return {
-        "total": sum(p.numel() for p in params),
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
-    }
-
-
 # ---------------------------------------------------------------------------------------- breakdown
 BREAKDOWN_PARTS = (
     "backbone",  # ResNet
@@ -386,11 +181,11 @@ def time_breakdown(model: nn.Module, call: Callable[[], object], device: torch.d
         started: list[float] = []
 
         def pre_hook(module, args):
-            _synchronize(device)
+            synchronize(device)
             started.append(time.perf_counter())
 
         def post_hook(module, args, output):
-            _synchronize(device)
+            synchronize(device)
             totals[name] += time.perf_counter() - started.pop()
 
         return pre_hook, post_hook
@@ -401,10 +196,10 @@ def time_breakdown(model: nn.Module, call: Callable[[], object], device: torch.d
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook))
     try:
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         call()
-        _synchronize(device)
+        synchronize(device)
         total = time.perf_counter() - start
     finally:
         for handle in handles:
@@ -551,10 +346,6 @@ def _cases(settings: BenchmarkSettings) -> list[tuple[str, int, int, int]]:
     return cases
 
 
-def _ratio(fast: float, reference: float) -> float | None:
-    return round(fast / reference, 4) if reference > 0 else None
-
-
 def measure_case(
     base: nn.Module,
     criterion: nn.Module,
@@ -628,15 +419,15 @@ def measure_case(
         fast, reference = times[mode], times["reference"]
         key = "ratio" if mode == "fast" else f"ratio_{mode}"
         result[key] = {
-            "wall": _ratio(statistics.median(fast["wall"]), statistics.median(reference["wall"])),
-            "cpu": _ratio(statistics.median(fast["cpu"]), statistics.median(reference["cpu"])),
+            "wall": ratio(statistics.median(fast["wall"]), statistics.median(reference["wall"])),
+            "cpu": ratio(statistics.median(fast["cpu"]), statistics.median(reference["cpu"])),
             "paired_wall": round(
                 statistics.median(f / r for f, r in zip(fast["wall"], reference["wall"], strict=True)), 4
             ),
         }
     for held in (models, calls, outputs):
         held.clear()
-    _release_free_heap()
+    release_free_heap()
     return result
 
 
@@ -714,7 +505,7 @@ def format_report(report: dict) -> str:
         "model", "task", "size", "batch", "mode", "median ms", "min-max ms", "cpu ms",
         "peak +MiB", "GFLOPs", "params M", "fast/ref (cpu)",
     )
-    rows = [header]
+    rows = []
     for entry in report["models"]:
         params = f"{entry['parameters']['total'] / 1e6:.1f}"
         for case in entry["cases"]:
@@ -723,34 +514,27 @@ def format_report(report: dict) -> str:
                 wall, cpu = figures["wall_s"], figures["cpu_s"]
                 memory = figures["memory"]
                 mib = memory["increase_mib"] if memory["increase_mib"] is not None else memory["peak_mib"]
-                ratio = ""
+                ratios = ""
                 ratio_key = "ratio" if mode == "fast" else f"ratio_{mode}"
                 if ratio_key in case:
-                    ratio = f"{case[ratio_key]['wall']:.2f} ({case[ratio_key]['cpu']:.2f})"
+                    ratios = f"{case[ratio_key]['wall']:.2f} ({case[ratio_key]['cpu']:.2f})"
                 rows.append((
                     entry["name"], case["task"], size, str(case["batch_size"]), mode,
                     f"{wall['median'] * 1e3:.0f}", f"{wall['min'] * 1e3:.0f}-{wall['max'] * 1e3:.0f}",
-                    f"{cpu['median'] * 1e3:.0f}", f"{mib:.0f}", f"{case['flops'] / 1e9:.1f}", params, ratio,
+                    f"{cpu['median'] * 1e3:.0f}", f"{mib:.0f}", f"{case['flops'] / 1e9:.1f}", params, ratios,
                 ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = [format_table(header, rows)]
     breakdown = format_breakdown(report)
     if breakdown:
         lines += ["", breakdown]
-    machine = report["machine"]
-    lines.append(
-        f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, torch threads "
-        f"{machine['torch_threads']}, {machine.get('gpu_name', 'no GPU')}, torch {machine['torch']}, "
-        f"load average {machine['load_average']} -> {machine.get('load_average_end')}"
-    )
+    lines.append(machine_line(report["machine"]))
     return "\n".join(lines)
 
 
 def format_breakdown(report: dict) -> str:
     """Milliseconds per detector part (one row per model, case and mode), where measured."""
     header = ("model", "size", "batch", "mode", *BREAKDOWN_PARTS, "total")
-    rows = [header]
+    rows = []
     for entry in report["models"]:
         for case in entry["cases"]:
             for mode, figures in case["modes"].items():
@@ -761,16 +545,6 @@ def format_breakdown(report: dict) -> str:
                     entry["name"], f"{case['height']}x{case['width']}", str(case["batch_size"]), mode,
                     *(f"{parts[name] * 1e3:.0f}" for name in (*BREAKDOWN_PARTS, "total")),
                 ))
-    if len(rows) == 1:
+    if not rows:
         return ""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "breakdown of one inference call (ms):\n" + "\n".join(lines)
-
-
-def write_report(report: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    return path
+    return "breakdown of one inference call (ms):\n" + format_table(header, rows)

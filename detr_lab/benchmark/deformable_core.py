@@ -10,8 +10,9 @@ Sampling offsets are the official initial pattern (head direction x point index,
 unit Gaussian noise, so that points scatter around the reference like a trained model's, some of
 them off the map; attention weights are a softmax of Gaussian logits.
 
-Timings call the implementations in turn inside each repetition, so that load from other processes
-affects all of them alike; statistics are over `runs` repetitions after `warmup` untimed ones. Wall
+Timings use the package's timer (`detr_lab.benchmark.timer`): the implementations take turns inside
+each repetition, so that load from other processes affects all of them alike; statistics are over
+`runs` repetitions after `warmup` untimed ones. Wall
 time is the measure; the process CPU time (all threads) is recorded beside it, which shows how much of
 the wall time a loaded machine added. On an oversubscribed machine GNU OpenMP's busy-waiting makes
 every multi-threaded op slow; `OMP_WAIT_POLICY=PASSIVE` (set before starting Python) avoids that.
@@ -20,19 +21,20 @@ every multi-threaded op slow; `OMP_WAIT_POLICY=PASSIVE` (set before starting Pyt
 from __future__ import annotations
 
 import math
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import ms_deform_attn_core
+from detr_lab.benchmark.machine import describe_machine, load_average
+from detr_lab.benchmark.report import format_table
+from detr_lab.benchmark.timer import summarize, time_interleaved
+from detr_lab.models.attention.kernels import ms_deform_attn_core, triton_available
 
 R50_SPATIAL_SHAPES = ((100, 134), (50, 67), (25, 34), (13, 17))
 DECODER_QUERIES = 300
+KINDS = ("encoder", "decoder")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def core_inputs(
@@ -115,45 +117,15 @@ def _forward_backward_call(impl: str, inputs: dict[str, Tensor]) -> Callable[[],
     return call
 
 
-def time_calls(
-    calls: dict[str, Callable[[], None]],
-    *,
-    warmup: int,
-    runs: int,
-    synchronize: Callable[[], None] | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and process CPU seconds per call of each function, calling them in turn in every run.
-
-    Returns:
-        `{name: {"wall": [...], "cpu": [...]}}`, one entry per run.
-    """
-    sync = synchronize or (lambda: None)
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    sync()
-    times = {name: {"wall": [], "cpu": []} for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            sync()
-            wall, cpu = time.perf_counter(), time.process_time()
-            call()
-            sync()
-            times[name]["wall"].append(time.perf_counter() - wall)
-            times[name]["cpu"].append(time.process_time() - cpu)
-    return times
-
-
-def summarize(times: dict[str, list[float]]) -> dict[str, float]:
+def summarize_ms(times: dict[str, list[float]]) -> dict[str, float]:
     """Wall time median, min, max and interquartile range, and the CPU time median, in milliseconds."""
-    ms = sorted(s * 1e3 for s in times["wall"])
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    wall, cpu = summarize([s * 1e3 for s in times["wall"]]), summarize([s * 1e3 for s in times["cpu"]])
     return {
-        "median_ms": statistics.median(ms),
-        "min_ms": ms[0],
-        "max_ms": ms[-1],
-        "iqr_ms": quartiles[2] - quartiles[0],
-        "cpu_median_ms": statistics.median(s * 1e3 for s in times["cpu"]),
+        "median_ms": wall["median"],
+        "min_ms": wall["min"],
+        "max_ms": wall["max"],
+        "iqr_ms": round(wall["q3"] - wall["q1"], 6),
+        "cpu_median_ms": cpu["median"],
     }
 
 
@@ -179,15 +151,14 @@ def benchmark_core(
     inputs = core_inputs(
         kind, batch=batch, device=device, value_dtype=value_dtype, spatial_shapes=spatial_shapes
     )
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     passes = {"forward": _forward_call}
     if backward:
         passes["forward+backward"] = _forward_backward_call
     rows = []
     for pass_name, make_call in passes.items():
         calls = {impl: make_call(impl, inputs) for impl in impls}
-        times = time_calls(calls, warmup=warmup, runs=runs, synchronize=synchronize)
-        stats = {impl: summarize(times[impl]) for impl in impls}
+        times = time_interleaved(calls, warmup=warmup, runs=runs, device=device)
+        stats = {impl: summarize_ms(times[impl]) for impl in impls}
         for impl in impls:
             dtype = str(value_dtype).replace("torch.", "")
             row = {"kind": kind, "pass": pass_name, "impl": impl, "dtype": dtype, "runs": runs, **stats[impl]}
@@ -197,35 +168,71 @@ def benchmark_core(
     return rows
 
 
-def machine_description(device: str | torch.device = "cpu") -> dict:
-    """CPU model, core and thread counts, load, library versions and the GPU name (for CUDA)."""
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_1_5_15min"] = list(os.getloadavg())
-    threading_env = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
-    info["env"] = {name: os.environ[name] for name in threading_env if name in os.environ}
-    try:
-        import triton
+def default_impls(device: str | torch.device) -> list[str]:
+    """reference + the device's fast core: "cpu_fast" on the CPU, "triton" on CUDA."""
+    return ["reference", "triton"] if torch.device(device).type == "cuda" else ["reference", "cpu_fast"]
 
-        info["triton_version"] = triton.__version__
-    except Exception:
-        info["triton_version"] = None
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
+
+def run_core_benchmark(
+    *,
+    device: str = "cpu",
+    kinds: Sequence[str] = KINDS,
+    impls: Sequence[str] | None = None,
+    dtypes: Sequence[str] = ("float32",),
+    batch: int = 1,
+    runs: int = 7,
+    warmup: int = 2,
+    threads: int | None = None,
+    backward: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """`benchmark_core` for every dtype and kind; returns `{"machine", "settings", "rows"}`.
+
+    `impls` None means `default_impls(device)`; "triton" is left out (with a `log` line) where Triton
+    cannot be imported. `threads` sets torch's CPU threads for the run (restored afterwards).
+    Raises:
+        ValueError: CUDA requested but not available, or an unknown kind or dtype.
+    """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}': no CUDA device is available")
+    unknown = [k for k in kinds if k not in KINDS] + [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown kind or dtype {unknown}; kinds: {list(KINDS)}, dtypes: {sorted(DTYPES)}")
+    impls = list(impls) if impls is not None else default_impls(device)
+    if "triton" in impls and not triton_available():
+        if log is not None:
+            log("Triton cannot be imported: leaving it out")
+        impls = [impl for impl in impls if impl != "triton"]
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        machine = describe_machine(device)
+        rows = []
+        for dtype_name in dtypes:
+            for kind in kinds:
+                rows += benchmark_core(
+                    impls, kind, device=device, value_dtype=DTYPES[dtype_name], batch=batch,
+                    warmup=warmup, runs=runs, backward=backward,
+                )  # fmt: skip
+        machine["load_average_end"] = load_average()
+    finally:
+        torch.set_num_threads(threads_before)
+    settings = {"device": device, "kinds": list(kinds), "impls": impls, "dtypes": list(dtypes),
+                "batch": batch, "runs": runs, "warmup": warmup, "threads": threads,
+                "backward": backward}  # fmt: skip
+    return {"machine": machine, "settings": settings, "rows": rows}
+
+
+def format_core_table(rows: Sequence[dict]) -> str:
+    """One line per (kind, pass, dtype, impl): wall median, min, max, IQR (ms), speed-up, CPU median."""
+    header = ("kind", "pass", "dtype", "impl", "median ms", "min", "max", "IQR", "speed-up", "CPU ms")
+    cells = [
+        (
+            row["kind"], row["pass"], row["dtype"], row["impl"], f"{row['median_ms']:.1f}",
+            f"{row['min_ms']:.1f}", f"{row['max_ms']:.1f}", f"{row['iqr_ms']:.1f}",
+            f"{row['speedup']:.2f}x" if "speedup" in row else "", f"{row['cpu_median_ms']:.1f}",
+        )
+        for row in rows
+    ]  # fmt: skip
+    return format_table(header, cells)

@@ -1,0 +1,56 @@
+"""Benchmarks: one machine description, one timer, one report format for every measurement.
+
+    report = run_benchmark(["configs/detr_r50.yaml"], BenchmarkSettings(device="cpu", runs=5))
+    print(format_report(report))
+    write_report(report, "runs/benchmark.json")
+
+Modules:
+    machine.py           `describe_machine`: CPU, cores, threads, versions, load, environment, GPU
+    timer.py             `time_interleaved` (calls taking turns; wall and CPU seconds), `summarize`
+    measure.py           peak memory and FLOPs of one call, parameter counts
+    report.py            `format_table`, `write_report` (atomic JSON)
+    detectors.py         whole detectors from configs, fast vs reference paths (tools/benchmark.py)
+    deformable_core.py   the deformable attention core implementations (tools/bench_deformable_core.py)
+    act.py               ACT encoder self-attention against plain attention (tools/bench_act.py)
+
+The last stop before the tools: may import every other part of detr_lab (`act.py` evaluates
+checkpoints through `engine`); only the tools import it.
+"""
+
+from __future__ import annotations
+
+from detr_lab.benchmark.detectors import (
+    BREAKDOWN_PARTS,
+    DEFAULT_MODES,
+    MODES,
+    TASKS,
+    BenchmarkSettings,
+    benchmark_config,
+    format_report,
+    parse_size,
+    run_benchmark,
+)
+from detr_lab.benchmark.machine import describe_machine
+from detr_lab.benchmark.measure import count_flops, count_inference_flops, measure_peak_memory
+from detr_lab.benchmark.report import format_table, write_report
+from detr_lab.benchmark.timer import summarize, time_interleaved
+
+__all__ = [
+    "BREAKDOWN_PARTS",
+    "DEFAULT_MODES",
+    "MODES",
+    "TASKS",
+    "BenchmarkSettings",
+    "benchmark_config",
+    "count_flops",
+    "count_inference_flops",
+    "describe_machine",
+    "format_report",
+    "format_table",
+    "measure_peak_memory",
+    "parse_size",
+    "run_benchmark",
+    "summarize",
+    "time_interleaved",
+    "write_report",
+]

@@ -1,0 +1,144 @@
+"""What every official-checkpoint family shares: the family record, its registry, key mapping.
+
+A family (DETR, Deformable DETR, ...) is one module in this package that builds an `OfficialFamily`
+and calls `register_family` on it; `detr_lab.checkpoints.official` imports the family modules and
+converts a checkpoint with the first registered family whose `matches` accepts its keys.
+
+Key mapping: a rule maps an official key matching `pattern` to one or more detr_lab key templates
+(several: the tensor is split evenly along dim 0, e.g. a packed q/k/v projection); an empty tuple
+drops the key on purpose. A key no rule maps, and a model parameter no key fills, are errors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from detr_lab.config import Config
+from detr_lab.io import CheckpointError
+
+KeyRule = tuple[str, tuple[str, ...]]
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but something in it deserves attention (the message says what)."""
+
+
+@dataclass
+class OfficialFamily:
+    """How one official detector family's checkpoints become detr_lab models.
+
+    `matches(state)` recognises the family's keys; `infer_config(state, overrides)` returns the
+    `Config` the weights describe; `prepare(state, cfg, source)` resolves keys that name the same
+    tensor of the official model (shared modules) before `rules`/`fields` map the keys to detr_lab's
+    (see `map_keys`). `override_keys` are the keyword overrides `load_official` accepts for it.
+    """
+
+    name: str
+    override_keys: tuple[str, ...]
+    matches: Callable[[Mapping[str, Tensor]], bool]
+    infer_config: Callable[[Mapping[str, Tensor], dict[str, Any]], Config]
+    rules: Sequence[KeyRule]
+    fields: Callable[[dict[str, str]], dict[str, str] | None]
+    prepare: Callable[[dict[str, Tensor], Config, str], dict[str, Tensor]] = lambda state, cfg, source: state
+
+
+OFFICIAL_FAMILIES: list[OfficialFamily] = []
+
+
+def register_family(family: OfficialFamily) -> OfficialFamily:
+    """Add `family` to `OFFICIAL_FAMILIES` (checked in registration order) and return it.
+
+    Raises:
+        ValueError: a family of the same name is already registered.
+    """
+    if any(known.name == family.name for known in OFFICIAL_FAMILIES):
+        raise ValueError(f"an official checkpoint family named {family.name!r} is already registered")
+    OFFICIAL_FAMILIES.append(family)
+    return family
+
+
+def official_family(state: Mapping[str, Tensor], source: str = "checkpoint") -> OfficialFamily:
+    """The registered official family whose key layout `state` has.
+
+    Raises:
+        CheckpointError: no registered family recognises the keys.
+    """
+    for family in OFFICIAL_FAMILIES:
+        if family.matches(state):
+            return family
+    known = ", ".join(f.name for f in OFFICIAL_FAMILIES)
+    raise CheckpointError(
+        f"{source}: not an official checkpoint of a known family ({known}); first keys: {list(state)[:3]}"
+    )
+
+
+def map_keys(
+    state: Mapping[str, Tensor],
+    rules: Sequence[KeyRule],
+    fields: Callable[[dict[str, str]], dict[str, str] | None],
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Apply key rules: -> (mapped state dict, official keys no rule mapped)."""
+    compiled = [(re.compile(pattern), targets) for pattern, targets in rules]
+    mapped: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in state.items():
+        for pattern, targets in compiled:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            values = fields(match.groupdict())
+            if values is None:
+                continue
+            if targets:
+                parts = tensor.chunk(len(targets)) if len(targets) > 1 else (tensor,)
+                for target, part in zip(targets, parts, strict=True):
+                    mapped[target.format(**values)] = part
+            break
+        else:
+            unmapped.append(key)
+    return mapped, unmapped
+
+
+def count_indices(state: Mapping[str, Tensor], prefix: str) -> int:
+    """Number of consecutive integer children `prefix{i}.` (0, 1, ...) among the keys."""
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def require_key(state: Mapping[str, Tensor], key: str, family: str, *, ndim: int | None = None) -> Tensor:
+    """`state[key]`, which must exist (and have `ndim` dimensions when given)."""
+    if key not in state:
+        raise CheckpointError(f"official {family} checkpoint: missing key '{key}'")
+    if ndim is not None and state[key].dim() != ndim:
+        raise CheckpointError(
+            f"official {family} checkpoint: '{key}' has shape {tuple(state[key].shape)}; "
+            f"expected {ndim} dimensions"
+        )
+    return state[key]
+
+
+RESNET_DEPTHS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+}
+
+
+def infer_resnet(state: Mapping[str, Tensor], prefix: str) -> str:
+    """ResNet name from the block counts of `{prefix}layer1..4` and the block type (bottleneck = conv3)."""
+    counts = tuple(count_indices(state, f"{prefix}layer{i}.") for i in range(1, 5))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+    name = RESNET_DEPTHS.get((bottleneck, counts))
+    if name is None:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise CheckpointError(
+            f"unsupported backbone in checkpoint: {kind} blocks {counts} per stage under '{prefix}' "
+            "(supported: ResNet-18/34/50/101)"
+        )
+    return name

@@ -1,0 +1,99 @@
+"""Official checkpoints -> detr_lab models, through the registered families.
+
+    model, cfg = load_official("detr-r50-e632da11.pth")               # official DETR
+    model, cfg = load_official("r50_deformable_detr-checkpoint.pth")  # official Deformable DETR
+
+Each family (`detr.py`, `deformable_detr.py`) registers itself in `family.OFFICIAL_FAMILIES` when
+imported; this module imports them all. A key left unmapped or a parameter left unfilled is an
+error, so a partial load cannot pass silently. Class index = COCO category id in official
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+# Importing a family module registers it.
+from detr_lab.checkpoints import deformable_detr, detr  # noqa: F401
+from detr_lab.checkpoints.family import map_keys, official_family
+from detr_lab.checkpoints.weights import build_loaded, read_source
+from detr_lab.config import Config
+from detr_lab.data.categories import COCO_CATEGORY_NAMES
+from detr_lab.io import CheckpointError
+
+
+def _official_state(checkpoint: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], str]:
+    data, source = read_source(checkpoint)
+    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping) or not data or not all(isinstance(v, Tensor) for v in data.values()):
+        raise CheckpointError(
+            f"{source}: expected an official state dict (name -> tensor), or a dict with 'model'"
+        )
+    return dict(data), source
+
+
+def convert_official(
+    checkpoint: str | os.PathLike | Mapping, **overrides: Any
+) -> tuple[Config, dict[str, Tensor]]:
+    """Official checkpoint -> (the `Config` it describes, a detr_lab state dict). See `load_official`."""
+    state, source = _official_state(checkpoint)
+    family = official_family(state, source)
+    unknown = sorted(set(overrides) - set(family.override_keys))
+    if unknown:
+        raise CheckpointError(
+            f"unknown override(s) {', '.join(unknown)} for official {family.name} checkpoints; "
+            f"valid: {', '.join(family.override_keys)}"
+        )
+    cfg = family.infer_config(state, overrides)
+    state = family.prepare(state, cfg, source)
+    mapped, unmapped = map_keys(state, family.rules, family.fields)
+    if unmapped:
+        raise CheckpointError(
+            f"{source}: {len(unmapped)} official {family.name} key(s) have no place in the detr_lab model "
+            f"(e.g. {', '.join(unmapped[:5])})"
+        )
+    return cfg, mapped
+
+
+def load_official(checkpoint: str | os.PathLike | Mapping, **overrides: Any) -> tuple[nn.Module, Config]:
+    """Load an official DETR or Deformable DETR checkpoint into a detr_lab model.
+
+    Args:
+        checkpoint: a file path, a dict with `model`, or a bare official state dict.
+        overrides: what weights cannot tell: `dilation=True` (DC5), `num_heads=N` (default 8; for
+            Deformable DETR the sampling points per level follow from it); `num_queries=N` is checked
+            against the weights, or sets the proposal count of a two-stage Deformable DETR (which has
+            no query embedding; default 300).
+    Returns:
+        (eval-mode model, `Config` describing it). The architecture (backbone depth, layer counts,
+        widths, query and class counts; for Deformable DETR also the feature levels, sampling
+        points, box refinement and two-stage) is inferred from the weights.
+    Raises:
+        CheckpointError: unreadable input, unknown overrides, official keys without a place in the
+            model, or model parameters the checkpoint does not fill.
+    """
+    cfg, state = convert_official(checkpoint, **overrides)
+    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "official checkpoint"
+    return build_loaded(cfg, state, source), cfg
+
+
+def official_class_names(num_classes: int) -> list[str]:
+    """Class names of an official checkpoint, whose class index is the COCO category id.
+
+    COCO-sized heads (>= 91 classes) get the COCO name at each id and "N/A" at unused ids; smaller
+    heads (fine-tuned on other data) get placeholder names `class_<i>`.
+    """
+    if num_classes >= 91:
+        return [COCO_CATEGORY_NAMES.get(i, "N/A") for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def looks_official(data: Mapping) -> bool:
+    """True when `data` (a state dict, or a dict with `model`) has the official ResNet backbone keys."""
+    state = data.get("model") if isinstance(data.get("model"), Mapping) else data
+    return any(str(k).startswith("backbone.0.body.") for k in state)

@@ -1,0 +1,232 @@
+"""No import cycles in detr_lab, and no function-level imports that would hide one.
+
+Three checks:
+- the module-level import graph of detr_lab (read with `ast`, including the implicit import of every
+  package above an imported module) has no cycle;
+- every module imports on its own in a fresh interpreter (one subprocess that forgets all detr_lab
+  modules before each import, so import order cannot mask a cycle);
+- no `import` runs inside a function or method, except the few optional accelerator dependencies
+  listed in `FUNCTION_LEVEL_ALLOWED`, each with its reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "detr_lab"
+
+# (file relative to the repository, imported module as written) -> why it is imported in a function.
+FUNCTION_LEVEL_ALLOWED = {
+    ("detr_lab/models/attention/kernels/__init__.py", "triton"): (
+        "optional GPU dependency: probing whether Triton imports must not fail on machines without it"
+    ),
+    ("detr_lab/models/attention/kernels/__init__.py", ".triton_ms_deform"): (
+        "the Triton kernels import Triton at module level; loaded only when the Triton core is used"
+    ),
+    ("detr_lab/config.py", "timm"): (
+        "timm imports torch; config.py stays torch-free and checks a timm model name only when a "
+        "config selects a timm backbone"
+    ),
+    ("detr_lab/models/attention/__init__.py", "module_name"): (
+        "the attention spec table names each variant's builder as 'module:function' and imports it "
+        "with importlib when the first module of that variant is built (the table is pure data read "
+        "by config.py); not a cycle workaround: the variant modules import the config only for typing"
+    ),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module name of a `from ... import` (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports that run when the module is imported: module body, also inside if/try blocks, but not
+    under `if TYPE_CHECKING:`, and not inside functions or classes' methods."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, ast.If):
+                if "TYPE_CHECKING" not in ast.unparse(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                for block in (node.body, node.orelse, node.finalbody, *[h.body for h in node.handlers]):
+                    visit(block)
+            elif isinstance(node, (ast.With, ast.ClassDef)):
+                visit(node.body)
+
+    visit(tree.body)
+    return found
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """detr_lab module -> the detr_lab modules importing it runs (packages above a target included)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+                continue
+            base = _resolve(name, path, node)
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                targets.add(submodule if submodule in modules else base)
+        for target in list(targets):
+            targets.update(_ancestors(target))
+        own_packages = set(_ancestors(name))
+        graph[name] = {t for t in targets if t in modules and t != name and t not in own_packages}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_reads_relative_and_package_imports():
+    graph = import_graph()
+    # `from . import x` and `from .kernels import y` inside detr_lab.models.attention
+    assert "detr_lab.models.attention.kernels" in graph["detr_lab.models.attention.deformable"]
+    # importing detr_lab.checkpoints.official runs detr_lab.data (the package of data.categories)
+    assert {"detr_lab.data", "detr_lab.data.categories"} <= graph["detr_lab.checkpoints.official"]
+
+
+def test_no_import_cycles_in_detr_lab():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_every_module_imports_on_its_own():
+    names = sorted(_modules())
+    script = textwrap.dedent(
+        f"""
+        import importlib, sys, traceback
+        failed = []
+        for name in {names!r}:
+            for loaded in [m for m in sys.modules if m == "detr_lab" or m.startswith("detr_lab.")]:
+                del sys.modules[loaded]
+            try:
+                importlib.import_module(name)
+            except Exception as err:
+                failed.append(f"{{name}}: {{type(err).__name__}}: {{err}}")
+        print("\\n".join(failed))
+        sys.exit(1 if failed else 0)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_no_function_level_imports():
+    found: set[str] = set()
+    used = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        tree = ast.parse(path.read_text(), str(path))
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    written = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    written = ["." * node.level + (node.module or "")]
+                elif (
+                    isinstance(node, ast.Call)
+                    and ast.unparse(node.func) in ("__import__", "importlib.import_module", "import_module")
+                ):
+                    written = [ast.unparse(node.args[0]) if node.args else "?"]
+                else:
+                    continue
+                for module in written:
+                    key = (relative, module)
+                    if key in FUNCTION_LEVEL_ALLOWED:
+                        used.add(key)
+                    else:
+                        found.add(f"{relative}:{node.lineno} imports {module}")
+    assert not found, "function-level imports (move them to the module top):\n" + "\n".join(sorted(found))
+    stale = set(FUNCTION_LEVEL_ALLOWED) - used
+    assert not stale, f"allowlist entries that no longer occur: {stale}"
+
+
+def test_config_and_the_file_writer_load_without_torch():
+    """`detr_lab.config` (and the atomic writer it uses) stay free of torch, so a tool can report a
+    config error before paying for the torch import."""
+    script = "import sys, detr_lab.config, detr_lab.files; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
