@@ -194,6 +194,14 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     dataset: str = _choice("coco", "synthetic", default="coco")
+    # On-disk layout of a `dataset: coco` set: "coco" (image folders + instances json), "yolo"
+    # (Ultralytics: `<root>/<yolo_data>` naming the image folders, labels/*.txt beside images/), or
+    # "auto": yolo when `<root>/<yolo_data>` exists and neither COCO annotation file does.
+    format: str = _choice("auto", "coco", "yolo", default="auto")
+    yolo_data: str = "data.yaml"  # the YOLO dataset description, relative to `root`
+    # Run the dataset doctor's quick checks when training starts (see detr_lab.data.doctor);
+    # a finding that would make training fail or silently wrong stops the run.
+    doctor: bool = True
     root: str = "data/coco"
     # COCO 2017 layout by default: <root>/train2017, <root>/annotations/instances_train2017.json.
     # Relative paths below are resolved against `root`.

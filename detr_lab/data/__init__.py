@@ -1,4 +1,5 @@
-"""Data pipeline: COCO-format datasets, DETR augmentation, padding collate, synthetic shapes set.
+"""Data pipeline: COCO- and YOLO-format datasets, DETR augmentation, padding collate, synthetic shapes
+set; the dataset doctor is `detr_lab.data.doctor`.
 
 Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
 May import `detr_lab.config`, `detr_lab.boxes` and `detr_lab.io` only; `engine` and the tools import
@@ -19,6 +20,7 @@ from detr_lab.data.synthetic import (
     generate_synthetic_dataset,
 )
 from detr_lab.data.transforms import DetectionTransform, build_eval_transform, build_train_transform
+from detr_lab.data.yolo import YoloDetectionDataset, yolo_split_to_coco
 
 __all__ = [
     "AnnotationWarning",
@@ -30,6 +32,7 @@ __all__ = [
     "RawSample",
     "SYNTHETIC_CATEGORY_IDS",
     "SYNTHETIC_CLASS_NAMES",
+    "YoloDetectionDataset",
     "build_eval_transform",
     "build_train_transform",
     "collate_detection",
@@ -39,5 +42,6 @@ __all__ = [
     "pad_images",
     "read_categories",
     "read_coco_json",
+    "yolo_split_to_coco",
 ]
 

@@ -266,7 +266,7 @@ class CocoDetectionDataset(Dataset):
             raise DatasetError(
                 f"image folder not found: {self.images_dir} (images of {self.annotation_file})"
             )
-        data = read_coco_json(self.annotation_file)
+        data = self.read_annotations()
         self.category_ids, self.class_names = resolve_category_ids(data, self.annotation_file, category_ids)
         if transforms is None:
             transforms = DetectionTransform([])
@@ -362,7 +362,11 @@ class CocoDetectionDataset(Dataset):
     @cached_property
     def coco(self) -> COCO:
         """The pycocotools index of the annotation file (read again on first use), for the evaluator."""
-        return coco_from_dict(read_coco_json(self.annotation_file))
+        return coco_from_dict(self.read_annotations())
+
+    def read_annotations(self) -> dict:
+        """The validated COCO dict behind the dataset (other formats override this; read on each call)."""
+        return read_coco_json(self.annotation_file)
 
     def __len__(self) -> int:
         return len(self.file_names)

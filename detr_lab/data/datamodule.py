@@ -8,6 +8,8 @@
 The class mapping (class index -> category id) is, unless given, the sorted category ids of the
 validation annotation file (the synthetic set's fixed ids for `dataset: synthetic`); both splits use
 the same mapping, so a training annotation whose category is not in it is an error naming it.
+YOLO-format sets (`data.format`, see `resolve_format`) map class index i to category id i, with the
+names of their data.yaml, and are converted to COCO dicts in memory (`detr_lab.data.yolo`).
 Under DDP, Lightning inserts the DistributedSampler itself. The training loader is a torchdata
 `StatefulDataLoader`: Lightning stores its position and sampler state in each checkpoint.
 """
@@ -23,18 +25,39 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from detr_lab.config import Config
-from detr_lab.data.coco import CocoDetectionDataset, read_categories
+from detr_lab.config import Config, DataConfig
+from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
 from detr_lab.data.collate import collate_detection
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
 from detr_lab.data.transforms import build_eval_transform, build_train_transform
+from detr_lab.data.yolo import YoloDetectionDataset, read_yolo_categories
 
 # torchdata 0.11 calls a torch function that recent torch releases deprecate, once per iterator.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
+def coco_split_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """(image folder, annotation json) of a COCO-format split ("train" or "val") under `data.root`."""
+    root = Path(data_cfg.root)
+    images = data_cfg.train_images if split == "train" else data_cfg.val_images
+    annotations = data_cfg.train_annotations if split == "train" else data_cfg.val_annotations
+    return root / images, root / annotations
+
+
+def resolve_format(data_cfg: DataConfig) -> str:
+    """`data.format` with "auto" resolved: "yolo" when `<root>/<yolo_data>` exists and neither COCO
+    annotation file (train, val) does, else "coco". The synthetic dataset is always "coco"."""
+    if data_cfg.dataset == "synthetic" or data_cfg.format == "coco":
+        return "coco"
+    if data_cfg.format == "yolo":
+        return "yolo"
+    has_yaml = (Path(data_cfg.root) / data_cfg.yolo_data).is_file()
+    has_coco = any(coco_split_paths(data_cfg, split)[1].is_file() for split in ("train", "val"))
+    return "yolo" if has_yaml and not has_coco else "coco"
+
+
 class DetectionDataModule(L.LightningDataModule):
-    """Datasets and loaders for `cfg.data` (`dataset: coco` or `synthetic`).
+    """Datasets and loaders for `cfg.data` (`dataset: coco` or `synthetic`; COCO or YOLO files).
 
     Batches are `(images [B, 3, H, W], padding_mask [B, H, W] bool True = padding, targets)`, see
     `detr_lab.data.collate.collate_detection`.
@@ -55,11 +78,19 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_dataset: CocoDetectionDataset | None = None
 
     # ------------------------------------------------------------------------------------- paths
+    @property
+    def format(self) -> str:
+        """The on-disk format, "coco" or "yolo" (`data.format`, "auto" resolved; see `resolve_format`)."""
+        return resolve_format(self.data_cfg)
+
     def _paths(self, split: str) -> tuple[Path, Path]:
-        root = Path(self.data_cfg.root)
-        images = self.data_cfg.train_images if split == "train" else self.data_cfg.val_images
-        annotations = self.data_cfg.train_annotations if split == "train" else self.data_cfg.val_annotations
-        return root / images, root / annotations
+        return coco_split_paths(self.data_cfg, split)
+
+    def _build_dataset(self, split: str, **kwargs) -> CocoDetectionDataset:
+        if self.format == "yolo":
+            return YoloDetectionDataset(Path(self.data_cfg.root) / self.data_cfg.yolo_data, split, **kwargs)
+        images, annotations = self._paths(split)
+        return CocoDetectionDataset(images, annotations, **kwargs)
 
     # ------------------------------------------------------------------------------- class mapping
     def _resolve_categories(self) -> tuple[list[int], list[str]]:
@@ -68,6 +99,13 @@ class DetectionDataModule(L.LightningDataModule):
                 ids = self._requested_category_ids or list(SYNTHETIC_CATEGORY_IDS)
                 name_of = dict(zip(SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, strict=True))
                 self._categories = (ids, [name_of.get(i, "N/A") for i in ids])
+            elif self.format == "yolo":
+                ids, names = read_yolo_categories(Path(self.data_cfg.root) / self.data_cfg.yolo_data)
+                if self._requested_category_ids is not None:
+                    name_of = dict(zip(ids, names, strict=True))
+                    ids = self._requested_category_ids
+                    names = [name_of.get(i, UNNAMED_CATEGORY) for i in ids]
+                self._categories = (ids, names)
             else:
                 _, annotation_file = self._paths("val")
                 self._categories = read_categories(annotation_file, self._requested_category_ids)
@@ -98,19 +136,15 @@ class DetectionDataModule(L.LightningDataModule):
             ensure_synthetic_dataset(self.data_cfg)  # no-op when prepare_data has run
         category_ids = self.category_ids
         if stage in (None, "fit") and self.train_dataset is None:
-            images, annotations = self._paths("train")
-            self.train_dataset = CocoDetectionDataset(
-                images,
-                annotations,
+            self.train_dataset = self._build_dataset(
+                "train",
                 transforms=build_train_transform(self.data_cfg.augment),
                 category_ids=category_ids,
                 skip_corrupt_images=self.data_cfg.skip_corrupt_images,
             )
         if self.val_dataset is None:
-            images, annotations = self._paths("val")
-            self.val_dataset = CocoDetectionDataset(
-                images,
-                annotations,
+            self.val_dataset = self._build_dataset(
+                "val",
                 transforms=build_eval_transform(self.data_cfg.augment),
                 category_ids=category_ids,
                 skip_corrupt_images=False,  # evaluation must see every image

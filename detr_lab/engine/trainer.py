@@ -37,6 +37,7 @@ from torch import nn
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.data.datamodule import DetectionDataModule
+from detr_lab.data.doctor import check_at_training_start
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
@@ -280,6 +281,7 @@ def train(
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
     L.seed_everything(cfg.trainer.seed, workers=True)
+    check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)
     datamodule = DetectionDataModule(cfg)
     module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)

@@ -1,0 +1,117 @@
+"""Loss and AP curves of a run, from the `metrics.csv` Lightning's CSVLogger writes.
+
+A run directory (`trainer.output_dir`) holds `csv/version_N/metrics.csv`; the newest version is read.
+Rows are sparse: each holds the metrics logged at one (epoch, step). Plotted:
+- left: `train/loss_step` (or `train/loss`) against the step, with `train/loss_epoch` and `val/loss`
+  at the last step of each epoch;
+- right: `val/AP`, `val/AP50`, `val/AP75` against the epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from detr_lab.visualize.draw import save_figure
+
+AP_COLUMNS = ("val/AP", "val/AP50", "val/AP75")
+
+
+def find_metrics_csv(run: str | os.PathLike) -> Path:
+    """`run` itself if it is a CSV file, else the newest `csv/version_N/metrics.csv` under the run folder.
+
+    Raises:
+        FileNotFoundError: naming the folder searched.
+    """
+    run = Path(run)
+    if run.is_file():
+        return run
+    versions = sorted(run.glob("csv/version_*/metrics.csv"),
+                      key=lambda p: int(re.sub(r"\D", "", p.parent.name) or -1))
+    if not versions:
+        raise FileNotFoundError(f"no csv/version_*/metrics.csv under {run} (a run's trainer.output_dir)")
+    return versions[-1]
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, int, float]]]:
+    """metrics.csv -> column -> [(epoch, step, value)] for the rows where the column has a value.
+
+    Raises:
+        ValueError: the file has no `step` column (not a Lightning metrics file), or a value that is
+            not a number; the message names the file, line and column.
+    """
+    path = Path(path)
+    series: dict[str, list[tuple[int, int, float]]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{path}: not a Lightning metrics.csv (no 'step' column)")
+        for line, row in enumerate(reader, start=2):
+            epoch = int(float(row.get("epoch") or -1))
+            step = int(float(row["step"]))
+            for column, text in row.items():
+                if column in ("epoch", "step") or text in (None, ""):
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    where = f"{path}, line {line}: column '{column}'"
+                    raise ValueError(f"{where} value {text!r} is not a number") from None
+                if math.isfinite(value):
+                    series.setdefault(column, []).append((epoch, step, value))
+    return series
+
+
+def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Draw a run's loss and AP curves into a PNG at `path`; `run` is a run folder or a metrics.csv.
+
+    Raises:
+        FileNotFoundError: no metrics file; ValueError: it has neither a loss nor an AP column.
+    """
+    csv_path = find_metrics_csv(run)
+    series = read_metrics(csv_path)
+    step_loss = series.get("train/loss_step") or series.get("train/loss")
+    if not step_loss and not any(column in series for column in AP_COLUMNS):
+        raise ValueError(f"{csv_path}: no 'train/loss' or 'val/AP' values to plot")
+    figure = Figure(figsize=(11, 4), dpi=100)
+    loss_axes, ap_axes = figure.subplots(1, 2)
+    for column, style in (("train/loss_step", "-"), ("train/loss", "-"), ("train/loss_epoch", "o-"),
+                          ("val/loss", "s-")):
+        if column == "train/loss" and "train/loss_step" in series:
+            continue
+        points = series.get(column)
+        if points:
+            loss_axes.plot([p[1] for p in points], [p[2] for p in points], style, label=column,
+                           linewidth=1.0, markersize=4)
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("loss")
+    loss_axes.set_title("loss")
+    loss_axes.grid(alpha=0.3)
+    if loss_axes.lines:
+        loss_axes.legend(fontsize=8)
+    last_epoch = 0
+    for column, style in zip(AP_COLUMNS, ("o-", "s--", "^:"), strict=True):
+        points = series.get(column)
+        if points:
+            ap_axes.plot([p[0] for p in points], [p[2] for p in points], style, label=column, markersize=5)
+            last_epoch = max(last_epoch, max(p[0] for p in points))
+    ap_axes.set_xlim(-0.5, last_epoch + 0.5)
+    ap_axes.set_ylim(bottom=0)
+    ap_axes.set_xlabel("epoch")
+    ap_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ap_axes.set_ylabel("COCO AP")
+    ap_axes.set_title("validation AP")
+    ap_axes.grid(alpha=0.3)
+    if ap_axes.lines:
+        ap_axes.legend(fontsize=8)
+    else:
+        ap_axes.text(0.5, 0.5, "no val/AP logged yet", ha="center", va="center", transform=ap_axes.transAxes)
+    figure.suptitle(str(csv_path), fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -1,0 +1,106 @@
+"""Pictures as PNG files: `python tools/visualize.py <picture> [options]`.
+
+    predictions  --checkpoint CKPT [--config X.yaml] [--num-images 4] [--score-threshold 0.5] --out DIR
+    attention    --checkpoint CKPT --image IMG [--query Q] [--layer -1] [--level 0] [--head H] --out PNG
+                 (DETR: decoder cross-attention of one query over the image)
+    sampling     --checkpoint CKPT --image IMG [--query Q] [--layer -1] [--level 0|all] --out PNG
+                 (Deformable DETR: sampling points of one query)
+    clusters     --checkpoint CKPT --image IMG [--layer 0] [--head 0] [--level 0] --out PNG
+                 (ACT: the encoder's query clusters over the image)
+    curves       --run runs/NAME (or a metrics.csv) --out PNG   (loss and AP of a run)
+
+The query defaults to the highest-scoring one. `--set model.KEY=VALUE` overrides reach the
+checkpoint's model (e.g. `--set model.encoder.attention=act` to show ACT clusters of a plain model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from detr_lab.engine.cli import add_common_arguments, run_tool
+
+PICTURES = ("predictions", "attention", "sampling", "clusters", "curves")
+
+
+def _level(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="visualize.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("picture", choices=PICTURES)
+    parser.add_argument("--out", required=True, help="PNG file (predictions: a folder)")
+    parser.add_argument("--checkpoint", help="model checkpoint (all but curves)")
+    parser.add_argument("--config", help="predictions: dataset config (default: the checkpoint's)")
+    parser.add_argument("--image", help="attention, sampling, clusters: the image file")
+    parser.add_argument("--run", help="curves: a run folder (trainer.output_dir) or its metrics.csv")
+    parser.add_argument("--num-images", type=int, default=4, help="predictions: validation images to draw")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="predictions: lowest score drawn")
+    parser.add_argument("--query", type=int, help="query index (default: the highest-scoring)")
+    parser.add_argument("--layer", type=int, help="decoder layer (-1: last); clusters: encoder layer")
+    parser.add_argument("--level", type=_level, default=0, help="feature level; sampling also takes 'all'")
+    parser.add_argument("--head", type=int, help="attention head (attention: default the mean of heads)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _need(args: argparse.Namespace, *names: str) -> None:
+    from detr_lab.engine.cli import ToolError
+
+    for name in names:
+        if getattr(args, name) is None:
+            raise ToolError(f"'{args.picture}' needs --{name.replace('_', '-')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> None:
+        if args.picture == "curves":
+            from detr_lab.visualize.curves import plot_run_curves
+
+            _need(args, "run")
+            print(plot_run_curves(args.run, args.out))
+            return
+        from detr_lab.visualize import attention
+        from detr_lab.visualize.from_checkpoint import load_predictor, model_input, validation_predictions
+
+        _need(args, "checkpoint")
+        if args.picture == "predictions":
+            for path in validation_predictions(args.checkpoint, args.out, config=args.config,
+                                               overrides=args.overrides, num_images=args.num_images,
+                                               score_threshold=args.score_threshold, device=args.device):
+                print(path)
+            return
+        _need(args, "image")
+        predictor = load_predictor(args.checkpoint, overrides=args.overrides, device=args.device)
+        image = model_input(predictor, args.image)
+        augment = predictor.config.data.augment
+        common = {"mean": augment.mean, "std": augment.std}
+        decoder_layer = -1 if args.layer is None else args.layer
+        if args.picture == "attention":
+            if args.level is None:
+                raise ValueError("attention: --level must be a level index")
+            path = attention.cross_attention_picture(
+                predictor.model, image, args.out, query=args.query, layer=decoder_layer, level=args.level,
+                head=args.head, **common)
+        elif args.picture == "sampling":
+            path = attention.sampling_points_picture(
+                predictor.model, image, args.out, query=args.query, layer=decoder_layer, level=args.level,
+                **common)
+        else:
+            if args.level is None:
+                raise ValueError("clusters: --level must be a level index")
+            path = attention.clusters_picture(
+                predictor.model, image, args.out, layer=0 if args.layer is None else args.layer,
+                head=0 if args.head is None else args.head, level=args.level, **common)
+        print(path)
+
+    return run_tool("visualize.py", body, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
