@@ -10,7 +10,8 @@ Packages, in the one direction data flows (a package imports only those before i
   post-processing; never imports `data`, `checkpoints` or `engine`;
 - `checkpoints`: detr_lab, Lightning and official checkpoints -> models;
 - `engine`: the Lightning training system, COCO evaluation, inference;
-- `benchmark`: measuring models, paths and kernels, for the tools;
+- `benchmark` (measuring models, paths and kernels) and `visualize` (pictures of predictions,
+  attention and run curves), for the tools;
 - `tools/` (outside the package): thin command-line scripts over all of it.
 """
 
