@@ -29,6 +29,10 @@ FUNCTION_LEVEL_ALLOWED = {
     ("detr_lab/models/attention/kernels/__init__.py", ".triton_ms_deform"): (
         "the Triton kernels import Triton at module level; loaded only when the Triton core is used"
     ),
+    ("detr_lab/export/dependencies.py", "name"): (
+        "the optional export extra (onnx, onnxruntime): imported by name when an export or onnxruntime "
+        "function runs, so detr_lab imports without the extra and the tools can say what to install"
+    ),
     ("detr_lab/config.py", "timm"): (
         "timm imports torch; config.py stays torch-free and checks a timm model name only when a "
         "config selects a timm backbone"

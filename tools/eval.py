@@ -2,6 +2,8 @@
 
 The model comes from the checkpoint (detr_lab, Lightning or official DETR); the config gives the
 dataset, whose validation split is evaluated. `--set model.*=...` overrides reach the model.
+`--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU; needs the
+export extra), with the same batches.
 Prints the 12-line COCOeval summary and writes the COCO results json (original category ids).
 """
 
@@ -16,30 +18,41 @@ from detr_lab.engine.cli import add_common_arguments, run_tool
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config giving the dataset")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--checkpoint", help="checkpoint to evaluate (pytorch backend)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch (default) or onnxruntime (an exported --model)")
+    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
     parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/coco_results.json)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
+        parser.error("the pytorch backend needs --checkpoint (and no --model)")
+    if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
+        parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        from detr_lab.engine.evaluate import evaluate_checkpoint
+        from detr_lab.engine.evaluate import evaluate_checkpoint, evaluate_onnx
 
-        result = evaluate_checkpoint(
-            args.config,
-            args.checkpoint,
+        common = dict(
             overrides=args.overrides,
             output=args.output,
-            device=args.device,
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
+        if args.backend == "onnxruntime":
+            if args.device not in ("auto", "cpu"):
+                raise ValueError(f"--backend onnxruntime runs on the CPU; got --device {args.device}")
+            result = evaluate_onnx(args.config, args.model, **common)
+        else:
+            result = evaluate_checkpoint(args.config, args.checkpoint, device=args.device, **common)
         print(result.summary, end="")
         print(f"{result.num_images} images; COCO results written to {result.results_path}")
 

@@ -1,5 +1,7 @@
 """Detect objects in images: `python tools/infer.py IMAGE|FOLDER [...] --checkpoint CKPT [--output-dir DIR]`.
 
+`--backend onnxruntime --model model.onnx` runs an exported model instead (CPU; export extra).
+
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
 """
@@ -15,14 +17,22 @@ from detr_lab.engine.cli import add_common_arguments, run_tool
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
-    parser.add_argument("--checkpoint", required=True, help="detr_lab, Lightning or official DETR file")
+    parser.add_argument("--checkpoint", help="detr_lab, Lightning or official DETR file (pytorch backend)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch (default) or onnxruntime (an exported --model)")
+    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
     parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
+        parser.error("the pytorch backend needs --checkpoint (and no --model)")
+    if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
+        parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
         path = run_inference(
             args.inputs,
-            args.checkpoint,
+            args.model if args.backend == "onnxruntime" else args.checkpoint,
             output_dir=args.output_dir,
             score_threshold=args.score_threshold,
             device=args.device,
             batch_size=args.batch_size,
             config_path=args.config,
             overrides=args.overrides,
+            backend=args.backend,
         )
         print(f"detections written to {path}")
 

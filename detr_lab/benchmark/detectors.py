@@ -17,6 +17,9 @@ the same weights:
 - "fast": plain attention on `scaled_dot_product_attention`, deformable attention on the device's
   fast core ("auto"), and for inference `optimize_for_inference` (frozen batch norms folded into
   the convolutions, chunked feed-forward blocks, channels-last convolutions).
+- "onnxruntime" (only when asked for; export extra): the model exported to ONNX at the case's fixed
+  size (`detr_lab.export`, gather deformable core) and run by onnxruntime on the CPU with
+  `threads` intra-op threads; no breakdown.
 - "fast_bf16" (only when asked for): "fast" under `torch.autocast(dtype=torch.bfloat16)`. Not a
   drop-in replacement: outputs move (DETR-R50 with random weights: about 2e-2 on the logits, 1e-3
   on the normalized boxes; a two-stage model may select other proposals altogether). Each inference
@@ -82,12 +85,13 @@ from detr_lab.benchmark.measure import (
 from detr_lab.benchmark.report import format_table
 from detr_lab.benchmark.timer import ratio, summarize, synchronize, time_interleaved
 from detr_lab.config import Config, load_config
+from detr_lab.export.timing import onnxruntime_call
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 
-MODES = ("fast", "reference", "fast_bf16")
+MODES = ("fast", "reference", "fast_bf16", "onnxruntime")
 DEFAULT_MODES = ("fast", "reference")
 TASKS = ("inference", "train_step")
 
@@ -281,6 +285,8 @@ def models_for(base: nn.Module, task: str, modes: Sequence[str]) -> dict[str, nn
         model = copy.deepcopy(base)
         if mode == "reference":
             use_reference_paths(model)
+        elif mode == "onnxruntime":
+            pass  # exported as built (the export picks its own attention paths)
         elif task == "inference":
             optimize_for_inference(model)
         else:
@@ -371,7 +377,11 @@ def measure_case(
     calls = {}
     for mode, model in models.items():
         dtype = torch.bfloat16 if mode == "fast_bf16" else None
-        if task == "inference":
+        if mode == "onnxruntime":
+            if task != "inference" or device.type != "cpu":
+                raise ValueError("the onnxruntime mode measures CPU inference only")
+            calls[mode] = onnxruntime_call(model, cfg, images, padding_mask, threads=settings.threads)
+        elif task == "inference":
             calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)
         else:
             calls[mode] = train_step_call(
@@ -399,7 +409,7 @@ def measure_case(
             "cpu_s": summarize(times[mode]["cpu"]),
             "memory": measure_peak_memory(keep_outputs, device),
         }
-        if settings.breakdown and task == "inference":
+        if settings.breakdown and task == "inference" and mode != "onnxruntime":
             result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
     if "reference" in models:
         flops_model = models["reference"]

@@ -2,6 +2,7 @@
 
     result = evaluate_checkpoint("configs/detr_r50.yaml", "detr-r50.pth", output="results.json")
     print(result.summary)
+    result = evaluate_onnx("configs/detr_r50.yaml", "detr-r50.onnx")   # onnxruntime (export extra)
 
 The model (architecture, classes) comes from the checkpoint; the YAML gives the data settings. Model
 overrides (`model.*=...`) are applied to the checkpoint's stored config, the others to the YAML.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from tqdm import tqdm
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, load_config
 from detr_lab.data.datamodule import DetectionDataModule
-from detr_lab.engine.cli import split_model_overrides
+from detr_lab.engine.cli import ToolError, split_model_overrides
+from detr_lab.engine.devices import resolve_device
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.export.runtime import OnnxDetector
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 
@@ -36,19 +39,9 @@ class EvaluationResult:
     config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else as torch.device (error if unavailable)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    return resolved
-
-
 @torch.inference_mode()
 def predict_dataset(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor, torch.Tensor], dict],
     postprocess: torch.nn.Module,
     loader: Iterable,
     evaluator: CocoEvaluator,
@@ -56,8 +49,9 @@ def predict_dataset(
     *,
     progress: bool = False,
 ) -> CocoEvaluator:
-    """Feed every batch `(images, padding_mask, targets)` of `loader` through `model` (as it is: call
-    `.eval()` first) and `postprocess`, adding the detections to `evaluator`; return it."""
+    """Feed every batch `(images, padding_mask, targets)` of `loader` through `model` (an `nn.Module` as
+    it is: call `.eval()` first; or an onnxruntime `OnnxDetector`) and `postprocess`, adding the
+    detections to `evaluator`; return it."""
     for images, padding_mask, targets in tqdm(loader, desc="evaluating", disable=not progress):
         outputs = model(images.to(device), padding_mask.to(device))
         orig_sizes = torch.stack([target["orig_size"] for target in targets]).to(device)  # [B, 2] (h, w)
@@ -94,15 +88,63 @@ def evaluate_checkpoint(
     loaded = load_checkpoint(checkpoint, overrides=model_overrides)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
 
-    datamodule = DetectionDataModule(cfg, category_ids=loaded.category_ids)
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    evaluator = CocoEvaluator(datamodule.val_dataset.coco, loaded.category_ids)
-    postprocess = build_postprocess(loaded.config.model)
     target_device = resolve_device(device)
     model = optimize_for_inference(loaded.model.to(target_device).eval())
+    return _evaluate(cfg, model, loaded.category_ids, target_device, output=output, progress=progress)
+
+
+def evaluate_onnx(
+    config_path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    *,
+    overrides: Sequence[str] = (),
+    output: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> EvaluationResult:
+    """`evaluate_checkpoint` for an exported ONNX model, run by onnxruntime on the CPU.
+
+    The model config, classes and category ids come from the ONNX file's metadata (see
+    `detr_lab.export`); the YAML gives the dataset. Validation batches are the PyTorch path's
+    (same transform, padding and batch size), so the two APs are directly comparable.
+    Args:
+        overrides: dotted `key=value` for the YAML's data settings (`model.*` ones are refused: the
+            exported graph is fixed).
+    Raises:
+        ToolError: a `model.*` override; MissingExtraError: onnxruntime missing; MetadataError: an ONNX
+        file not written by detr_lab's export.
+    """
+    model_overrides, data_overrides = split_model_overrides(list(overrides))
+    if model_overrides:
+        raise ToolError(f"model overrides {model_overrides} cannot change an exported ONNX model")
+    if batch_size is not None:
+        data_overrides.append(f"data.batch_size={batch_size}")
+    cfg = load_config(config_path, data_overrides)
+    detector = OnnxDetector(model_path, threads=threads)
+    cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
+    return _evaluate(
+        cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress
+    )
+
+
+def _evaluate(
+    cfg: Config,
+    model,
+    category_ids: Sequence[int],
+    device: torch.device,
+    *,
+    output: str | os.PathLike | None,
+    progress: bool,
+) -> EvaluationResult:
+    """Predict the val split of `cfg.data` with `model` (a ready detector), score it, write the json."""
+    datamodule = DetectionDataModule(cfg, category_ids=list(category_ids))
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    evaluator = CocoEvaluator(datamodule.val_dataset.coco, list(category_ids))
+    postprocess = build_postprocess(cfg.model)
     loader = datamodule.val_dataloader()
-    predict_dataset(model, postprocess, loader, evaluator, target_device, progress=progress)
+    predict_dataset(model, postprocess, loader, evaluator, device, progress=progress)
     stats = evaluator.compute()
     results_path = evaluator.write_results(output or Path(cfg.trainer.output_dir) / "coco_results.json")
     return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg)

@@ -305,12 +305,14 @@ def flatten_levels(
             f"need the same non-zero number of feature maps, masks and position maps; got "
             f"{len(features)}, {len(masks)}, {len(pos)}"
         )
-    shapes = [tuple(f.shape[-2:]) for f in features]
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # (B, S, d)
     flat_pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], dim=1)
     padding_mask = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
-    device = tokens.device
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)  # (levels, 2)
+    # One 0-dim tensor per size rather than a list of ints: a traced graph (ONNX export) then reads
+    # the level sizes from its input instead of freezing those of the example input.
+    spatial_shapes = torch.stack(
+        [torch.stack([torch.as_tensor(size, dtype=torch.long) for size in f.shape[-2:]]) for f in features]
+    ).to(tokens.device)  # (levels, 2)
     areas = spatial_shapes.prod(1)
     level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
     return tokens, flat_pos, padding_mask, spatial_shapes, level_start_index
@@ -339,7 +341,10 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
         `[B, S, levels, 2]` (x, y).
     """
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    # Traced (ONNX export), the sizes stay 0-dim tensors so that the graph reads them from its input;
+    # eager, one host read of all of them.
+    sizes = spatial_shapes if torch.jit.is_tracing() else spatial_shapes.tolist()
+    for level, (height, width) in enumerate(sizes):
         ys, xs = torch.meshgrid(
             torch.arange(height, dtype=ratios.dtype, device=ratios.device) + 0.5,
             torch.arange(width, dtype=ratios.dtype, device=ratios.device) + 0.5,

@@ -31,23 +31,29 @@ def encoder_proposals(memory_padding_mask: Tensor, spatial_shapes: Tensor) -> tu
         unpadded extent, +inf at padding and for boxes too close to the border; valid bool `[B, S, 1]`
         (True = a usable proposal).
     """
-    batch = memory_padding_mask.shape[0]
-    boxes, start = [], 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
-        mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
-        start += height * width
-        valid_h = (~mask[:, :, 0]).sum(1)  # (B,)
-        valid_w = (~mask[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(
-            torch.arange(height, dtype=torch.float32, device=mask.device),
-            torch.arange(width, dtype=torch.float32, device=mask.device),
-            indexing="ij",
-        )  # (H, W) each
-        extent = torch.stack((valid_w, valid_h), dim=-1).view(batch, 1, 1, 2)
-        centres = (torch.stack((xs, ys), dim=-1)[None] + 0.5) / extent  # (B, H, W, 2)
-        sizes = torch.full_like(centres, PROPOSAL_BASE_SIZE * 2.0**level)
-        boxes.append(torch.cat((centres, sizes), dim=-1).view(batch, -1, 4))
-    proposals = torch.cat(boxes, dim=1)  # (B, S, 4)
+    # Vectorized over all tokens (no loop over level sizes read on the host), so a traced graph (ONNX
+    # export) stays valid for every input size: each token's level, pixel (x, y), and its level's
+    # unpadded width / height (the valid tokens in the level's first row / column).
+    batch, length = memory_padding_mask.shape
+    device = memory_padding_mask.device
+    num_levels = spatial_shapes.shape[0]
+    heights, widths = spatial_shapes[:, 0], spatial_shapes[:, 1]  # (L,)
+    areas = heights * widths
+    starts = areas.cumsum(0) - areas  # (L,)
+    token = torch.arange(length, device=device)  # (S,)
+    level = (token[:, None] >= starts[None, :]).sum(1) - 1  # (S,)
+    local = token - starts[level]
+    xs = local % widths[level]
+    ys = torch.div(local, widths[level], rounding_mode="floor")
+    one_hot = (level[:, None] == torch.arange(num_levels, device=device)).float()  # (S, L)
+    valid = (~memory_padding_mask).float()  # (B, S)
+    valid_w = (valid * (ys == 0)) @ one_hot  # (B, L) valid pixels in each level's first row
+    valid_h = (valid * (xs == 0)) @ one_hot
+    extent = torch.stack((valid_w[:, level], valid_h[:, level]), dim=-1)  # (B, S, 2)
+    centres = (torch.stack((xs, ys), dim=-1).float()[None] + 0.5) / extent  # (B, S, 2)
+    # 0.05 * 2^level is exact in float32, as the per-level constant it replaces
+    sizes = (2.0 ** level.float() * PROPOSAL_BASE_SIZE)[None, :, None].expand(batch, -1, 2)
+    proposals = torch.cat((centres, sizes), dim=-1)  # (B, S, 4)
     valid = ((proposals > PROPOSAL_MARGIN) & (proposals < 1 - PROPOSAL_MARGIN)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
     proposals = proposals.masked_fill(memory_padding_mask[..., None], float("inf"))

@@ -49,8 +49,8 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: sampling points per head and level.
         dropout: accepted for a uniform attention constructor and ignored (the official module has
             no dropout).
-        core_impl: "auto", "reference", "cpu_fast" or "triton"; the attribute of the same name may be
-            changed after construction.
+        core_impl: "auto", "reference", "cpu_fast", "triton" or "gather"; the attribute of the same
+            name may be changed after construction.
     """
 
     def __init__(
@@ -206,8 +206,11 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
         value = self.value_proj(value)
         # In place on the fresh projection. On CPU a batch without padding (a single image) skips the
-        # pass over the whole map; on GPU the check would cost a host synchronisation.
-        if key_padding_mask is not None and (value.device.type != "cpu" or bool(key_padding_mask.any())):
+        # pass over the whole map; on GPU the check would cost a host synchronisation, and a traced
+        # graph (ONNX export) must mask whatever its example input was.
+        if key_padding_mask is not None and (
+            value.device.type != "cpu" or torch.jit.is_tracing() or bool(key_padding_mask.any())
+        ):
             value = value.masked_fill_(key_padding_mask[..., None], 0.0)
         value = value.view(batch, length, self.num_heads, self.head_dim)  # (B, Lv, nh, hd)
         offsets = self.sampling_offsets(query).view(

@@ -33,7 +33,8 @@ def pad_to_multiple(images: Tensor, padding_mask: Tensor, multiple: int) -> tupl
     are padding (True) in the returned mask `[B, H', W']`. Unchanged inputs when already divisible."""
     height, width = images.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
-    if not pad_h and not pad_w:
+    # a traced graph (ONNX export) always pads (maybe by zero): the branch would freeze the example's size
+    if not pad_h and not pad_w and not torch.jit.is_tracing():
         return images, padding_mask
     images = F.pad(images, (0, pad_w, 0, pad_h))
     padding_mask = F.pad(padding_mask, (0, pad_w, 0, pad_h), value=True)

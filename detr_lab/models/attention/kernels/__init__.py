@@ -8,6 +8,8 @@ Implementations (`impl`):
 - "reference": per-level `F.grid_sample` in plain PyTorch (any device, autograd; the definition).
 - "cpu_fast": a weighted gather-sum (`embedding_bag`) with a hand-written backward; CPU.
 - "triton": Triton kernels for CUDA tensors (Triton is imported only when this path is used).
+- "gather": four bilinear gathers from the flattened map (`gather.py`), any device, autograd; the
+  ONNX export path (standard operators only, valid for every traced input size).
 - "auto": "triton" for CUDA tensors when Triton imports, "cpu_fast" for CPU tensors, otherwise
   "reference" (e.g. MPS, or CUDA without Triton).
 
@@ -29,14 +31,16 @@ from torch import Tensor
 
 from ..masks import normalize_attn_mask
 from .cpu_fast import ms_deform_attn_core_cpu_fast
+from .gather import ms_deform_attn_core_gather
 from .reference import ms_deform_attn_core_masked, ms_deform_attn_core_reference
 
-CORE_IMPLS = ("auto", "reference", "cpu_fast", "triton")
+CORE_IMPLS = ("auto", "reference", "cpu_fast", "triton", "gather")
 
 __all__ = [
     "CORE_IMPLS",
     "ms_deform_attn_core",
     "ms_deform_attn_core_cpu_fast",
+    "ms_deform_attn_core_gather",
     "ms_deform_attn_core_masked",
     "ms_deform_attn_core_reference",
     "resolve_core_impl",
@@ -123,7 +127,7 @@ def ms_deform_attn_core(
             of the map, (1, 1) the bottom-right one, pixel centres at ((j + 0.5) / W, (i + 0.5) / H);
             samples outside the map read zeros.
         attention_weights: `[B, Lq, heads, L, P]` (usually softmax-normalized over L*P per head).
-        impl: "auto", "reference", "cpu_fast" or "triton" (see the module docstring).
+        impl: "auto", "reference", "cpu_fast", "triton" or "gather" (see the module docstring).
         attn_mask: optional bool `[Lq, Lv]`, `[B, Lq, Lv]` or `[B*heads, Lq, Lv]`, True = the query
             may not attend to the key: a bilinear corner at such a key contributes zero. Any mask
             runs the masked reference computation, whatever `impl` says.
@@ -147,6 +151,8 @@ def ms_deform_attn_core(
         core = ms_deform_attn_core_reference
     elif name == "cpu_fast":
         core = ms_deform_attn_core_cpu_fast
+    elif name == "gather":
+        core = ms_deform_attn_core_gather
     else:
         if value.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(

@@ -1,0 +1,10 @@
+"""ONNX export, its accuracy proof and onnxruntime inference (needs the `export` extra).
+
+- `onnx_export.export_onnx(model, path, metadata=...)`: trace a detector to ONNX (standard ops only).
+- `verify.verify_onnx(model, path)`: onnxruntime against PyTorch on random and validation batches.
+- `runtime.OnnxDetector(path)`: onnxruntime inference with the PyTorch model's call contract.
+- `from_checkpoint.export_checkpoint(...)`: checkpoint -> ONNX (+ verify), behind `tools/export.py`.
+
+onnx and onnxruntime are imported only when a function needs them; without them the functions raise
+`MissingExtraError` saying `pip install -e ".[export]"`.
+"""

@@ -1,0 +1,174 @@
+"""Export a detector to ONNX: `images` + `padding_mask` in, final-layer `pred_logits` + `pred_boxes` out.
+
+    path = export_onnx(loaded.model, "model.onnx", metadata=ExportMetadata.from_loaded(loaded),
+                       height=800, width=1066, dynamic=True)
+
+The graph is traced with the TorchScript-based `torch.onnx.export` (dynamo=False): the model runs once
+on an example batch, so the export path avoids host-side reads of tensor values. Deformable attention
+is exported through a core of standard ONNX operators: "gather" (default; bilinear gathers, valid for
+every input size, TensorRT-safe) or "grid_sample" (ONNX `GridSample`, opset >= 16; the per-level
+split sizes are traced as constants, so only for a fixed input size). Any detector whose forward
+returns `pred_logits` and `pred_boxes` exports unchanged; ACT's adaptive clustering attention is
+refused (its cluster counts are data-dependent).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from detr_lab.export.dependencies import require
+from detr_lab.export.metadata import ExportMetadata
+from detr_lab.files import atomic_write
+from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
+from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
+
+INPUT_NAMES = ("images", "padding_mask")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+DEFORMABLE_CORES = {"gather": "gather", "grid_sample": "reference"}  # export name -> core_impl
+DEFAULT_OPSET = 17
+MIN_OPSET = {"gather": 13, "grid_sample": 16}
+
+
+class ExportError(ValueError):
+    """A model or an export setting that cannot be exported; the message says why and what to do."""
+
+
+class ExportedDetector(nn.Module):
+    """The traced interface: `(images [B, 3, H, W] float, padding_mask [B, H, W] bool, True = padding)`
+    -> `(pred_logits [B, Q, C], pred_boxes [B, Q, 4] normalized cxcywh)` of the final decoder layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = self.model(images, padding_mask)
+        return outputs["pred_logits"], outputs["pred_boxes"]
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise `ExportError` for a model holding a module ONNX cannot express (ACT's clustering)."""
+    if any(isinstance(module, AdaptiveClusteringAttention) for module in model.modules()):
+        raise ExportError(
+            "ACT (adaptive clustering attention) cannot be exported: its number of clusters depends on "
+            "the image content, which a static ONNX graph cannot express; export the plain-attention "
+            "model instead with --set model.encoder.attention=plain (same weights)"
+        )
+
+
+def prepare_for_export(model: nn.Module, deformable_core: str = "gather") -> ExportedDetector:
+    """A float32 CPU eval-mode copy of `model` with its deformable attention on the export core.
+
+    Raises:
+        ExportError: ACT attention, or an unknown `deformable_core` ("gather" or "grid_sample").
+    """
+    if deformable_core not in DEFORMABLE_CORES:
+        raise ExportError(
+            f"deformable core must be one of {sorted(DEFORMABLE_CORES)}, got {deformable_core!r}"
+        )
+    check_exportable(model)
+    copied = copy.deepcopy(model).float().cpu().eval()
+    set_deformable_core(copied, DEFORMABLE_CORES[deformable_core])
+    return ExportedDetector(copied).eval()
+
+
+def example_inputs(batch: int, height: int, width: int, *, padded: bool = True) -> tuple[Tensor, Tensor]:
+    """A random normalized batch `[B, 3, H, W]` and its padding mask `[B, H, W]` (True = padding).
+
+    With `padded` and B > 1, the second image has padding at its bottom and right, so that the traced
+    graph contains the masking of padded positions.
+    """
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    padding_mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    if padded:
+        padding_mask[-1, (3 * height) // 4 :, :] = True
+        padding_mask[-1, :, (3 * width) // 4 :] = True
+        images = images.masked_fill(padding_mask[:, None], 0.0)
+    return images, padding_mask
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | os.PathLike,
+    *,
+    metadata: ExportMetadata,
+    height: int = 800,
+    width: int = 1066,
+    batch: int = 2,
+    dynamic: bool = False,
+    opset: int = DEFAULT_OPSET,
+    deformable_core: str = "gather",
+) -> Path:
+    """Trace `model` at `[batch, 3, height, width]` and write the ONNX file atomically.
+
+    Args:
+        model: a detector (`Detector`, `DeformableDetector`, or any module with the same forward).
+        output: the `.onnx` path (its folder is created).
+        metadata: classes, category ids and the model config, stored as ONNX metadata properties.
+        height, width, batch: the traced input size; the graph accepts only this size unless `dynamic`.
+        dynamic: batch size, height and width become dynamic axes (needs the "gather" core).
+        opset: ONNX opset (>= 13; >= 16 for "grid_sample").
+        deformable_core: "gather" or "grid_sample" (see the module docstring).
+    Raises:
+        ExportError: ACT attention, a bad core/opset/size combination.
+        MissingExtraError: onnx is not installed.
+    """
+    onnx = require("onnx")
+    if min(height, width, batch) < 1:
+        raise ExportError(f"export size must be positive, got batch {batch}, height {height}, width {width}")
+    if opset < MIN_OPSET.get(deformable_core, 13):
+        raise ExportError(
+            f"--opset {opset} is too old for the {deformable_core!r} deformable core "
+            f"(needs >= {MIN_OPSET[deformable_core]})"
+        )
+    if dynamic and deformable_core == "grid_sample" and _has_deformable(model):
+        raise ExportError(
+            "the grid_sample deformable core traces the level sizes as constants: export it without "
+            "--dynamic, or use the gather core"
+        )
+    wrapper = prepare_for_export(model, deformable_core)
+    inputs = example_inputs(batch, height, width)
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "padding_mask": {0: "batch", 1: "height", 2: "width"},
+            "pred_logits": {0: "batch"},
+            "pred_boxes": {0: "batch"},
+        }
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shape arithmetic traced as constants is intended for the fixed parts (level count, head
+        # sizes); input-size dependence is checked by `verify_onnx` on other sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        torch.onnx.export(
+            wrapper,
+            inputs,
+            buffer,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    metadata.store(proto, traced_size=None if dynamic else (batch, height, width))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(output, "wb") as handle:  # temporary file, fsync, rename
+        handle.write(proto.SerializeToString())
+    return output
+
+
+def _has_deformable(model: nn.Module) -> bool:
+    return any(isinstance(module, MultiScaleDeformableAttention) for module in model.modules())

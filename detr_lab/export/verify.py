@@ -1,0 +1,182 @@
+"""Accuracy proof of an export: the ONNX model under onnxruntime against the PyTorch model.
+
+    report = verify_onnx(model, "model.onnx", config=cfg)   # cfg: validation images too (optional)
+    print(report.text()); assert report.passed
+
+Both models see the same batches: random normalized images of random sizes, padded to the batch's
+largest like real batches (a fixed-size export: its traced size), and, when a config is given, the
+first batches of its validation split. The largest absolute differences of the final-layer
+`pred_logits` and `pred_boxes` (normalized cxcywh) are reported; the proof passes when both are
+within `tolerance` (1e-4 by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from detr_lab.config import Config
+from detr_lab.data.datamodule import DetectionDataModule
+from detr_lab.export.runtime import OnnxDetector, OnnxInputError
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class VerifyCase:
+    description: str  # e.g. "random 2 x 3 x 72 x 96" or "validation batch 0 (2 images)"
+    logits_diff: float
+    boxes_diff: float
+
+
+@dataclass
+class VerifyReport:
+    tolerance: float
+    cases: list[VerifyCase] = field(default_factory=list)
+
+    @property
+    def logits_diff(self) -> float:
+        return max((case.logits_diff for case in self.cases), default=0.0)
+
+    @property
+    def boxes_diff(self) -> float:
+        return max((case.boxes_diff for case in self.cases), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and self.logits_diff <= self.tolerance and self.boxes_diff <= self.tolerance
+
+    def text(self) -> str:
+        """One line per batch, then the verdict line."""
+        lines = [
+            f"  {case.description}: max |diff| logits {case.logits_diff:.3g}, boxes {case.boxes_diff:.3g}"
+            for case in self.cases
+        ]
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(
+            f"verify {verdict}: max |onnxruntime - PyTorch| over {len(self.cases)} batches: "
+            f"logits {self.logits_diff:.3g}, boxes {self.boxes_diff:.3g} (tolerance {self.tolerance:g})"
+        )
+        return "\n".join(lines)
+
+
+def random_batch(
+    generator: torch.Generator,
+    batch: int,
+    sizes: list[tuple[int, int]],
+    canvas: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Random normalized images of the given (h, w) sizes, zero-padded bottom/right to the largest (or to
+    `canvas`): `[B, 3, H, W]` and the padding mask `[B, H, W]` (True = padding)."""
+    height = canvas[0] if canvas else max(h for h, _ in sizes)
+    width = canvas[1] if canvas else max(w for _, w in sizes)
+    images = torch.zeros(batch, 3, height, width)
+    padding_mask = torch.ones(batch, height, width, dtype=torch.bool)
+    for index, (h, w) in enumerate(sizes):
+        images[index, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        padding_mask[index, :h, :w] = False
+    return images, padding_mask
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def verify_onnx(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    *,
+    config: Config | None = None,
+    num_random: int = 3,
+    num_val_batches: int = 2,
+    size_range: tuple[int, int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run `model` (PyTorch, as loaded) and the ONNX file on the same batches and compare.
+
+    Args:
+        model: the exported PyTorch detector.
+        onnx_path: the exported file.
+        config: when given, `num_val_batches` batches of its validation split are compared too (its
+            `data` section; the model section is not used).
+        num_random: random batches (1-2 images each; a fixed-size export: its traced batch and size).
+        size_range: (min, max) image side of the random batches of a dynamic export (default: from
+            half the model config's `eval_size` to its `eval_max_size`).
+        tolerance: the largest accepted absolute difference of logits and of boxes.
+    Returns:
+        a `VerifyReport` (`passed`, per-batch differences, `text()`).
+    """
+    detector = OnnxDetector(onnx_path)
+    model = model.eval()
+    report = VerifyReport(tolerance)
+    generator = torch.Generator().manual_seed(seed)
+    traced = detector.metadata.traced_size
+    augment = detector.metadata.config.data.augment
+    low, high = size_range or (max(32, augment.eval_size // 2), augment.eval_max_size)
+    for _ in range(num_random):
+        if traced is not None:
+            batch, height, width = traced
+            sizes = [(height, width)] + [
+                (int(torch.randint(height // 2, height + 1, (), generator=generator)),
+                 int(torch.randint(width // 2, width + 1, (), generator=generator)))
+                for _ in range(batch - 1)
+            ]
+            images, padding_mask = random_batch(generator, batch, sizes, (height, width))
+        else:
+            batch = int(torch.randint(1, 3, (), generator=generator))
+            sizes = [
+                tuple(int(v) for v in torch.randint(low, high + 1, (2,), generator=generator))
+                for _ in range(batch)
+            ]
+            images, padding_mask = random_batch(generator, batch, sizes)
+        shape = " x ".join(str(v) for v in images.shape)
+        report.cases.append(_compare(model, detector, images, padding_mask, f"random {shape}"))
+    if config is not None:
+        batches = _validation_batches(config, detector, num_val_batches)
+        for index, (images, padding_mask) in enumerate(batches):
+            count, height, width = images.shape[0], images.shape[2], images.shape[3]
+            description = f"validation batch {index} ({count} images, {height}x{width})"
+            report.cases.append(_compare(model, detector, images, padding_mask, description))
+    return report
+
+
+@torch.no_grad()
+def _compare(model: nn.Module, detector: OnnxDetector, images: Tensor, padding_mask: Tensor, what: str):
+    traced = detector.metadata.traced_size
+    if traced is not None and tuple(images.shape[2:]) != tuple(traced[1:]):
+        # both models see the batch padded to the fixed export size (the ONNX runtime would pad it)
+        if images.shape[2] > traced[1] or images.shape[3] > traced[2]:
+            raise OnnxInputError(
+                f"{what}: {images.shape[2]}x{images.shape[3]} images do not fit the fixed export size "
+                f"{traced[1]}x{traced[2]}; verify a --dynamic export, or export a larger size"
+            )
+        canvas = torch.zeros(images.shape[0], 3, traced[1], traced[2])
+        canvas[:, :, : images.shape[2], : images.shape[3]] = images
+        mask = torch.ones(images.shape[0], traced[1], traced[2], dtype=torch.bool)
+        mask[:, : images.shape[2], : images.shape[3]] = padding_mask
+        images, padding_mask = canvas, mask
+    expected = model(images, padding_mask)
+    got = detector(images, padding_mask)
+    return VerifyCase(
+        what,
+        _max_diff(got["pred_logits"], expected["pred_logits"]),
+        _max_diff(got["pred_boxes"], expected["pred_boxes"]),
+    )
+
+
+def _validation_batches(config: Config, detector: OnnxDetector, count: int):
+    cfg = dataclasses.replace(config, model=detector.metadata.config.model)
+    datamodule = DetectionDataModule(cfg, category_ids=detector.metadata.category_ids)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    for index, (images, padding_mask, _) in enumerate(datamodule.val_dataloader()):
+        if index >= count:
+            break
+        yield images, padding_mask

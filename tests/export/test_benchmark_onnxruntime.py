@@ -1,0 +1,38 @@
+"""The benchmark's onnxruntime mode: exported at the case size, timed beside the PyTorch paths."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+
+from detr_lab.benchmark import BenchmarkSettings, format_report, run_benchmark  # noqa: E402
+
+TINY = [
+    "model.hidden_dim=64", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=7",
+    "model.backbone.name=resnet18", "model.encoder.num_layers=1", "model.decoder.num_layers=1",
+]
+
+
+def test_onnxruntime_mode_times_the_exported_model():
+    settings = BenchmarkSettings(
+        sizes=[(64, 96)], batch_sizes=[1], tasks=["inference"], modes=["reference", "onnxruntime"],
+        runs=2, warmup=1, threads=1, overrides=TINY,
+    )
+    report = run_benchmark(["configs/deformable.yaml"], settings)
+    case = report["models"][0]["cases"][0]
+    figures = case["modes"]["onnxruntime"]
+    assert len(figures["wall_s"]["values"]) == 2 and figures["wall_s"]["median"] > 0
+    difference = figures["max_abs_difference"]  # against the PyTorch reference path, same weights
+    assert difference["pred_logits"] <= 1e-4 and difference["pred_boxes"] <= 1e-4
+    assert "ratio_onnxruntime" in case
+    assert "onnxruntime" in format_report(report)
+
+
+def test_onnxruntime_mode_refuses_the_training_step():
+    settings = BenchmarkSettings(
+        sizes=[(64, 96)], batch_sizes=[1], tasks=["train_step"], modes=["onnxruntime"], runs=1,
+        overrides=TINY,
+    )
+    with pytest.raises(ValueError, match="onnxruntime mode measures CPU inference only"):
+        run_benchmark(["configs/deformable.yaml"], settings)
