@@ -9,7 +9,8 @@ Packages, in the one direction data flows (a package imports only those before i
 - `models`: backbones, attention variants, transformer, detector heads, matcher, criterion,
   post-processing; never imports `data`, `checkpoints` or `engine`;
 - `checkpoints`: detr_lab, Lightning and official checkpoints -> models;
-- `engine`: the Lightning training system, COCO evaluation, inference;
+- `engine` (the Lightning training system, COCO evaluation, inference) beside `export` (ONNX
+  export and onnxruntime inference), which import each other's modules but form no cycle;
 - `benchmark` (measuring models, paths and kernels) and `visualize` (pictures of predictions,
   attention and run curves), for the tools;
 - `tools/` (outside the package): thin command-line scripts over all of it.
