@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,9 @@ class DataConfig:
     batch_size: int = _positive(2)  # per device
     num_workers: int = _non_negative(2)
     skip_corrupt_images: bool = True  # training only: a corrupt image is skipped and counted
+    # Evaluation batches: "same_size" puts only images of one resized size in a batch (no padding, so AP
+    # does not depend on batch size or process count); "padded" is the official DETR batching (parity).
+    eval_batching: str = _choice("same_size", "padded", default="same_size")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -352,6 +356,15 @@ def _merge(schema: DictConfig, data: DictConfig, where: str) -> DictConfig:
         raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
 
 
+def _yaml_error_text(err: Exception) -> str:
+    """One line for a YAML parse error: the problem and its 1-based line and column when known."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     """Read `path` with its `_base_` files merged underneath (paths relative to the file)."""
     path = path.resolve()
@@ -360,11 +373,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"_base_ cycle: {cycle}")
     if not path.is_file():
         origin = f" (named in _base_ of {chain[-1]})" if chain else ""
+        if path.is_dir():
+            raise ConfigError(f"config path is a folder, not a YAML file: {path}{origin}")
+        if path.exists():
+            raise ConfigError(f"config path is not a regular file: {path}{origin}")
         raise ConfigError(f"config file not found: {path}{origin}")
     try:
         data = OmegaConf.load(path)
     except Exception as err:  # yaml errors come in several types
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error_text(err)}") from None
     if data is None or isinstance(data, ListConfig):
         if data is None:
             data = OmegaConf.create({})
@@ -504,6 +521,10 @@ def validate(cfg: Config, where: str = "config") -> Config:
     for name in ("mean", "std"):
         if len(getattr(cfg.data.augment, name)) != 3:
             raise ConfigError(f"{where}: 'data.augment.{name}' must have 3 values (R, G, B)")
+    devices = str(cfg.trainer.devices).strip()
+    if not (devices == "auto" or re.fullmatch(r"\d+|\d+(\s*,\s*\d+)*\s*,?", devices)):
+        raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
+                          "such as '8' or a list such as '0,1'")
     return cfg
 
 

@@ -153,3 +153,25 @@ def test_config_from_dict_rejects_unknown_keys():
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml")))
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+def test_config_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model:\n  hidden_dim: [1, 2\n  x: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: .* at line 3, column \d+$"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("value", ["two", "1.5", "0,,1", "gpu"])
+def test_bad_devices_rejected_at_load(value):
+    with pytest.raises(ConfigError, match="'trainer.devices'"):
+        load_config(None, [f"trainer.devices={value}"])
+
+
+@pytest.mark.parametrize("value", ["auto", "8", "0,1", "0, 1"])
+def test_good_devices_accepted(value):
+    assert load_config(None, [f"trainer.devices={value}"]).trainer.devices == value

@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                         help="pytorch (default) or onnxruntime (an exported --model)")
     parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
-    parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/coco_results.json)")
+    parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/"
+                        "coco_results-<model file name>-<path hash>.json)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

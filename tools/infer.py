@@ -4,6 +4,8 @@
 
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
+An image that cannot be read or processed does not stop the others: it is listed (with its reason) on
+stdout and under "failed" in detections.json, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_common_arguments, run_tool
+from detr_lab.engine.cli import ToolError, add_common_arguments, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from detr_lab.engine.inference import run_inference
 
-        path = run_inference(
+        result = run_inference(
             args.inputs,
             args.model if args.backend == "onnxruntime" else args.checkpoint,
             output_dir=args.output_dir,
@@ -52,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides=args.overrides,
             backend=args.backend,
         )
-        print(f"detections written to {path}")
+        for failure in result.failed:
+            print(f"failed: {failure['error']}")
+        print(f"detections of {len(result.images)} images written to {result.json_path}")
+        if result.failed:
+            total = len(result.images) + len(result.failed)
+            raise ToolError(f"{len(result.failed)} of {total} images failed (listed under 'failed' in "
+                            f"{result.json_path}); first: {result.failed[0]['error']}")
 
     return run_tool("infer.py", body, debug=args.debug)
 

@@ -14,7 +14,9 @@ equals the category id).
 Annotations in the targets:
 - `iscrowd` objects are left out (they stay in `coco` for the evaluator, which ignores them);
 - boxes with zero or negative width or height are dropped, boxes reaching outside their image are
-  clipped to it (or dropped when nothing is left), with one `AnnotationWarning` per file giving counts;
+  clipped to it (or dropped when nothing is left), boxes whose width or height vanishes in float32
+  (the storage precision) are dropped, with one `AnnotationWarning` per file giving counts; where the
+  json gives no `width`/`height`, the image file's header gives the size used for clipping;
 - images without annotations are kept, with empty targets.
 
 Orientation: images are decoded upright (EXIF orientation applied, see `detr_lab.data.images`), and
@@ -46,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
-from detr_lab.data.images import load_rgb_image
+from detr_lab.data.images import load_rgb_image, read_upright_size
 from detr_lab.data.transforms import DetectionTransform
 
 logger = logging.getLogger(__name__)
@@ -237,8 +239,12 @@ class CocoDetectionDataset(Dataset):
         transforms: `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy, labels [N]) ->
             (image [3, H', W'], boxes [N', 4] normalized cxcywh, labels [N'])`, e.g. from
             `detr_lab.data.transforms.build_train_transform`; None: ImageNet normalization only.
-            An object with `set_random_seed(seed)` is reseeded once in each process that reads the
-            dataset (from `torch.initial_seed()`), so DataLoader workers draw different augmentations.
+            An object with `set_random_seed(seed)` is reseeded for every sample read with an
+            `(epoch, index)` key (see `sample_seed`), else once in each process that reads the dataset
+            (from `torch.initial_seed()`), so DataLoader workers draw different augmentations.
+        sample_seed: with it, `dataset[(epoch, index)]` draws its augmentation from a generator
+            seeded by (sample_seed, epoch, index) alone, whatever process, worker or resume reads it
+            (`detr_lab.data.samplers.EpochSampler` yields such keys); `dataset[index]` is unchanged.
         category_ids: class index -> category id; None: the sorted ids of the json's categories.
         skip_corrupt_images: an image that cannot be decoded is skipped (the next index is read
             instead) and counted in `num_skipped_images`, with a logged warning; otherwise it raises
@@ -259,6 +265,7 @@ class CocoDetectionDataset(Dataset):
         category_ids: Sequence[int] | None = None,
         skip_corrupt_images: bool = False,
         check_files: bool = True,
+        sample_seed: int | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -272,6 +279,7 @@ class CocoDetectionDataset(Dataset):
             transforms = DetectionTransform([])
         self.transforms = transforms
         self.skip_corrupt_images = skip_corrupt_images
+        self.sample_seed = sample_seed
         self.num_skipped_images = 0
         self._seeded_pid: int | None = None
         self._index_targets(data)
@@ -290,9 +298,17 @@ class CocoDetectionDataset(Dataset):
         self._json_sizes = np.array([(image.get("height", 0), image.get("width", 0)) for image in images],
                                     dtype=np.int64).reshape(-1, 2)
 
+        # Sizes for clipping: the json's, else the file header's (so those boxes are counted too).
+        clip_sizes = self._json_sizes.copy()
+        for row, (height, width) in enumerate(clip_sizes):
+            if not (height and width):
+                header = read_upright_size(self.images_dir / self.file_names[row])
+                if header is not None:
+                    clip_sizes[row] = header
+
         per_image: list[list[tuple[float, float, float, float, int]]] = [[] for _ in images]
         self.num_crowd = 0
-        counts = {"non_positive_size": 0, "outside_image": 0, "clipped": 0}
+        counts = {"non_positive_size": 0, "outside_image": 0, "clipped": 0, "float32_resolution": 0}
         for ann in data["annotations"]:
             if ann["category_id"] not in class_of:
                 raise DatasetError(
@@ -309,7 +325,7 @@ class CocoDetectionDataset(Dataset):
                 continue
             box = (x, y, x + w, y + h)
             row = row_of[ann["image_id"]]
-            height, width = self._json_sizes[row]
+            height, width = clip_sizes[row]
             if width > 0 and height > 0:
                 clipped = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
                            min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
@@ -319,14 +335,19 @@ class CocoDetectionDataset(Dataset):
                 if clipped != box:
                     counts["clipped"] += 1
                 box = clipped
+            stored = np.asarray(box, dtype=np.float32)  # boxes are kept as float32
+            if not (stored[2] > stored[0] and stored[3] > stored[1]):
+                counts["float32_resolution"] += 1  # e.g. x = 2**25, w = 1: x + w == x in float32
+                continue
             per_image[row].append((*box, class_of[ann["category_id"]]))
 
         self.degenerate_box_counts = counts
         if any(counts.values()):
             warnings.warn(
                 f"{self.annotation_file}: dropped {counts['non_positive_size']} boxes of zero or negative "
-                f"size and {counts['outside_image']} boxes outside their image; clipped {counts['clipped']} "
-                "boxes reaching outside their image",
+                f"size, {counts['outside_image']} boxes outside their image and "
+                f"{counts['float32_resolution']} boxes thinner than float32 resolution at their position; "
+                f"clipped {counts['clipped']} boxes reaching outside their image",
                 AnnotationWarning,
                 stacklevel=3,
             )
@@ -373,6 +394,13 @@ class CocoDetectionDataset(Dataset):
 
     def image_path(self, index: int) -> Path:
         return self.images_dir / self.file_names[index]
+
+    def upright_sizes(self) -> list[tuple[int, int] | None]:
+        """Per index the (h, w) of the decoded upright image, read from the file headers (cached);
+        None for a file whose header cannot be read."""
+        if getattr(self, "_upright_sizes", None) is None:
+            self._upright_sizes = [read_upright_size(self.image_path(i)) for i in range(len(self))]
+        return list(self._upright_sizes)
 
     def load_sample(self, index: int) -> RawSample:
         """Decode image `index` and its non-crowd targets, boxes clipped to the decoded image.
@@ -435,12 +463,24 @@ class CocoDetectionDataset(Dataset):
         }
         return image, target
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _seed_sample(self, epoch: int, index: int) -> None:
+        set_seed = getattr(self.transforms, "set_random_seed", None)
+        if set_seed is not None and self.sample_seed is not None:
+            entropy = [self.sample_seed % 2**32, epoch, index]
+            set_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """`dataset[index]`, or `dataset[(epoch, index)]` for augmentation drawn from (sample_seed,
+        epoch, index) (see the class docstring)."""
         self._prepare_this_process()
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         first_error: CorruptImageError | None = None
         for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            if epoch is not None:
+                self._seed_sample(epoch, current)
             try:
-                return self._transformed((index + attempt) % len(self))
+                return self._transformed(current)
             except CorruptImageError as err:
                 if not self.skip_corrupt_images:
                     raise

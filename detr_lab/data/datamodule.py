@@ -22,14 +22,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detr_lab.config import Config, DataConfig
 from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
 from detr_lab.data.collate import collate_detection
+from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
-from detr_lab.data.transforms import build_eval_transform, build_train_transform
+from detr_lab.data.transforms import build_eval_transform, build_train_transform, shorter_side_size
 from detr_lab.data.yolo import YoloDetectionDataset, read_yolo_categories
 
 # torchdata 0.11 calls a torch function that recent torch releases deprecate, once per iterator.
@@ -141,6 +142,7 @@ class DetectionDataModule(L.LightningDataModule):
                 transforms=build_train_transform(self.data_cfg.augment),
                 category_ids=category_ids,
                 skip_corrupt_images=self.data_cfg.skip_corrupt_images,
+                sample_seed=self.cfg.trainer.seed,
             )
         if self.val_dataset is None:
             self.val_dataset = self._build_dataset(
@@ -150,28 +152,49 @@ class DetectionDataModule(L.LightningDataModule):
                 skip_corrupt_images=False,  # evaluation must see every image
             )
 
-    def _loader(self, dataset: CocoDetectionDataset | None, split: str, shuffle: bool) -> DataLoader:
+    def _built(self, dataset: CocoDetectionDataset | None, split: str) -> CocoDetectionDataset:
         if dataset is None:
             raise RuntimeError(f"DetectionDataModule: the {split} dataset is not built; call setup() first")
+        return dataset
+
+    def _loader_options(self) -> dict:
         workers = self.data_cfg.num_workers
-        # The training loader is stateful: Lightning saves its position (batches yielded, the sampler's
-        # random state) in every checkpoint, so a run resumed mid-epoch finishes that epoch's order.
-        loader_class = StatefulDataLoader if split == "train" else DataLoader
-        return loader_class(
-            dataset,
-            batch_size=self.data_cfg.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=collate_detection,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_detection,
+                "pin_memory": torch.cuda.is_available()}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", shuffle=True)
+        """Shuffled by `EpochSampler`: order from (seed, epoch), augmentation from (seed, epoch, index),
+        so a resumed run draws exactly what the uninterrupted run would."""
+        # Stateful: Lightning saves its position in every checkpoint, so a run resumed mid-epoch
+        # finishes that epoch with the same batches.
+        dataset = self._built(self.train_dataset, "train")
+        sampler = EpochSampler(dataset, seed=self.cfg.trainer.seed)
+        # Lightning sets the epoch at each epoch start, but may create a resumed run's first iterator
+        # (and prefetch from it) before that: start from the trainer's epoch.
+        trainer = getattr(self, "trainer", None)
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return StatefulDataLoader(dataset, batch_size=self.data_cfg.batch_size, sampler=sampler,
+                                  **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", shuffle=False)
+        """Validation batches; with `data.eval_batching: same_size` (default) each batch holds images of
+        one resized size only, so no image is padded and AP does not depend on the batch size or the
+        number of processes (see `detr_lab.data.samplers`); `padded` is the official batching."""
+        dataset = self._built(self.val_dataset, "val")
+        if self.data_cfg.eval_batching == "padded":
+            batch_size = self.data_cfg.batch_size
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, **self._loader_options())
+        return self._same_size_loader(dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", shuffle=False)
+        return self.val_dataloader()
+
+    def _same_size_loader(self, dataset: CocoDetectionDataset) -> DataLoader:
+        aug = self.data_cfg.augment
+        sizes = [  # an unreadable header goes alone; decoding it raises the real error
+            shorter_side_size(*hw, aug.eval_size, aug.eval_max_size) if hw is not None else ("unread", index)
+            for index, hw in enumerate(dataset.upright_sizes())
+        ]
+        sampler = SequentialSampler(dataset)
+        batch_sampler = SameSizeBatchSampler(sampler, self.data_cfg.batch_size, sizes=sizes)
+        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_options())

@@ -81,3 +81,22 @@ def load_rgb_image(path: str | os.PathLike, image_id: int | None = None) -> np.n
             return pil_to_rgb_array(upright)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImageError(f"cannot decode image {where}: {type(err).__name__}: {err}") from err
+
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
+_EXIF_ORIENTATION = 0x0112
+
+
+def read_upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of the image as `load_rgb_image` returns it, from the file header only (no
+    decoding); None when the header cannot be read (decoding the file later raises the real error)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # malformed EXIF: load_rgb_image keeps the stored orientation too
+                orientation = 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)

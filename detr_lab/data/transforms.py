@@ -42,17 +42,33 @@ MIN_BOX_SIDE = 0.01
 def shorter_side_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
     """Output (h, w) when the shorter side goes to `size` and the longer side stays <= `max_size`.
 
-    DETR's rule: if the longer side would exceed `max_size`, the shorter side becomes
-    round(max_size * short / long) instead; the longer side is then truncated to an integer.
+    DETR's rule (official `datasets/transforms.py`, `get_size_with_aspect_ratio`): if the longer side
+    would exceed `max_size`, the shorter side becomes round(max_size * short / long) instead; the longer
+    side is then truncated to an integer. Two guarantees are added for very elongated images, where the
+    rule alone gives a side of 0 (20000 x 20) or a longer side above the cap ((3, 700) -> (1, 233) with
+    max_size 128): every side is at least 1 pixel, and the longer side never exceeds `max_size`
+    (aspect ratio is then not kept exactly). Ordinary images get exactly DETR's sizes.
+
+    Raises:
+        ValueError: a side, `size` or `max_size` that is not a positive integer.
     """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got (h, w) = ({height}, {width})")
+    if size < 1 or (max_size is not None and max_size < 1):
+        raise ValueError(f"size and max_size must be positive, got size={size}, max_size={max_size}")
     short, long = min(height, width), max(height, width)
     if max_size is not None and long / short * size > max_size:
         size = int(round(max_size * short / long))
-    if short == size:
+    if short == size and (max_size is None or long <= max_size):
         return height, width
+    size = max(1, size)
+    new_long = int(size * long / short)
+    if max_size is not None:
+        new_long = min(new_long, max_size)
+    new_long = max(size, new_long)
     if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+        return new_long, size
+    return size, new_long
 
 
 def _check_sizes(name: str, values: Sequence[int]) -> list[int]:

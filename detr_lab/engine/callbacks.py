@@ -1,5 +1,10 @@
 """Lightning callbacks of the engine.
 
+`PreserveTrainingState` keeps trained work from being lost: it writes `last.ckpt` at the end of each
+training epoch, before validation runs (so an unreadable validation image or any validation failure
+costs no training), and turns SIGINT / SIGTERM into a stop at the next batch boundary with the state
+saved, raising `detr_lab.engine.cli.Interrupted`.
+
 `TimedEvaluation` measures accuracy against training time: at given marks of training wall time
 (evaluation time excluded) it evaluates the validation set with COCOeval, records a row, optionally
 saves a checkpoint, and stops training after the last mark.
@@ -7,8 +12,12 @@ saves a checkpoint, and stops training after the last mark.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +25,162 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from detr_lab.config import ConfigError
+from detr_lab.engine.cli import Interrupted
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.engine.optim import build_param_groups
+
+
+class PreserveTrainingState(Callback):
+    """Save the training state where later work could lose it; stop cleanly on SIGINT / SIGTERM.
+
+    - After the last training batch of every epoch, before validation, and after the last step of a
+      run stopped by `max_steps`, the full state goes to `last_path` (the epoch-end checkpoint of
+      `ModelCheckpoint` is written only after validation, and not at all when max_steps ends a run
+      mid-epoch).
+    - Inside `handle_signals()`, the first SIGINT or SIGTERM sets a flag; at the next training batch
+      end the state is saved to `last_path` and `Interrupted` is raised (during validation it is
+      raised at the next validation batch, `last_path` already holding the end-of-epoch state). A
+      second SIGINT interrupts at once, without saving.
+
+    The checkpoint is written where `ModelCheckpoint(every_n_train_steps)` writes its own, so a run
+    resumed from it (`--resume auto`) continues exactly like one resumed from a periodic checkpoint.
+    """
+
+    def __init__(self, last_path: str | Path) -> None:
+        self.last_path = Path(last_path)
+        self.received: str | None = None  # name of the signal received, if any
+        self.saved_at_step: int | None = None
+
+    @contextlib.contextmanager
+    def handle_signals(self) -> Iterator[None]:
+        """Install the SIGINT / SIGTERM handlers (main thread only; a no-op elsewhere) while inside."""
+        try:
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot be handled here
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = self.received or name
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self.saved_at_step = trainer.global_step
+
+    def raise_interrupted(self, saved: bool) -> None:
+        """Raise `Interrupted` naming the signal received and what was saved."""
+        if saved or self.last_path.is_file():
+            where = f"training state saved to {self.last_path}; continue with --resume auto"
+        else:
+            where = "nothing trained yet, nothing saved"
+        raise Interrupted(f"{self.received} received; {where}")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Resume a checkpoint taken after an epoch's last batch as a clean start of the next epoch.
+
+        Lightning loads the exhausted position of that epoch's loader into the next epoch's loader
+        whenever `max_steps` is set, so the next epoch yields nothing (Lightning issue #19617: a run
+        resumed after epoch 0 of 3 with max_steps 12 ended at step 8). Here the epoch is marked
+        finished and the loader position dropped, so the next epoch starts fresh, its order and
+        augmentation given by (seed, epoch) (`detr_lab.data.samplers.EpochSampler`). A validation that
+        had not finished when the checkpoint was taken is not re-run. A checkpoint of a run stopped by
+        `max_steps` inside an epoch resumes that epoch where it stopped.
+        """
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches = fit_loop.get("epoch_loop.batch_progress", {})
+        epochs = fit_loop.get("epoch_progress", {})
+        if not batches or not epochs:
+            return
+        if not batches.get("is_last_batch"):
+            _reopen_epoch_cut_by_max_steps(epochs, batches)
+            return
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"] = counts["started"]
+        total = batches["total"]
+        if total["completed"] < total["processed"]:  # taken in the last batch's end hooks
+            total["completed"] = total["processed"]
+            stepped = fit_loop.get("epoch_loop.state_dict", {})
+            if "_batches_that_stepped" in stepped:  # the logging step, counted after those hooks
+                stepped["_batches_that_stepped"] += 1
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+        fit_loop.get("state_dict", {}).pop("combined_loader", None)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        last_step = 0 < trainer.max_steps <= trainer.global_step  # the run stops here, maybe mid-epoch
+        if last_of_epoch or last_step or self.received is not None:
+            self._save(trainer)
+        if self.received is not None:
+            self.raise_interrupted(saved=True)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        if self.received is not None:
+            self.raise_interrupted(saved=False)
+
+
+def _reopen_epoch_cut_by_max_steps(epochs: dict, batches: dict) -> None:
+    """A run stopped by `max_steps` inside an epoch saves that epoch as processed although batches of it
+    remain; mark it unfinished so that a resume with a larger `max_steps` finishes the same epoch
+    (same order, from the saved loader position) instead of numbering the remainder as a new epoch."""
+    current = epochs["current"]
+    if batches["current"].get("ready", 0) > 0 and current["processed"] == current["started"] > 0:
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+
+
+class ConfiguredLearningRates(Callback):
+    """On a resumed run, apply the config's learning rates and LR drops over the restored optimizer state.
+
+    Lightning restores the optimizer's and scheduler's saved hyper-parameters, which would silently
+    override a changed `optim.lr`, `optim.lr_backbone`, `optim.lr_multipliers`, `optim.weight_decay`,
+    `optim.lr_drop_epochs` or `optim.lr_drop_factor` while config.yaml says they apply. Like the
+    official Deformable-DETR's `--override_resumed_lr_drop`, the scheduler keeps its epoch count and
+    takes the new base rates and milestones; each group's rate becomes
+    `base * lr_drop_factor ** (number of lr_drop_epochs <= scheduler epoch)` (MultiStepLR's rule).
+    Adam moments are kept. Raises ConfigError when the configured parameter groups do not match the
+    checkpoint's (e.g. a multiplier key added).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+
+
+        optim = pl_module.cfg.optim
+        wanted = {group["name"]: group["lr"] for group in build_param_groups(pl_module.model, optim)}
+        optimizer = trainer.optimizers[0]
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        names = [group.get("name") for group in optimizer.param_groups]
+        if sorted(map(str, names)) != sorted(wanted):
+            raise ConfigError(f"cannot apply 'optim' to the resumed optimizer: its parameter groups are "
+                              f"{names}, the config gives {sorted(wanted)}")
+        milestones = sorted(optim.lr_drop_epochs)
+        drops = optim.lr_drop_factor ** bisect_right(milestones, scheduler.last_epoch)
+        changes = []
+        for index, group in enumerate(optimizer.param_groups):
+            base = wanted[group["name"]]
+            if abs(group["lr"] - base * drops) > 1e-12 * max(1.0, base):
+                changes.append(f"{group['name']} {group['lr']:g} -> {base * drops:g}")
+            group["initial_lr"] = base
+            group["lr"] = base * drops
+            group["weight_decay"] = optim.weight_decay
+            scheduler.base_lrs[index] = base
+        scheduler.milestones = Counter(milestones)
+        scheduler.gamma = optim.lr_drop_factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changes:
+            rank_zero_info("resumed with the configured learning rates: " + ", ".join(changes))
 
 
 @dataclass

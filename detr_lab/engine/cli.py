@@ -2,8 +2,9 @@
 
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
-130 interrupted. Without `--debug` a failure prints one line `<tool>: error: <message>` on stderr;
-with it the exception propagates with its traceback.
+130 interrupted (SIGINT or SIGTERM; training saves its state first, see
+`detr_lab.engine.callbacks.PreserveTrainingState`). Without `--debug` a failure prints one line
+`<tool>: error: <message>` on stderr; with it the exception propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ class ToolError(RuntimeError):
     """A failure a tool reports in one line: the message names the file or value at fault."""
 
 
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM at a safe point (tools exit with `EXIT_INTERRUPTED`).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it; not a
+    KeyboardInterrupt, because Lightning turns that into `sys.exit(1)`. The message says what was
+    saved and how to continue.
+    """
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     if overrides:
         parser.add_argument(
@@ -40,7 +50,7 @@ def one_line(err: BaseException) -> str:
         return type(err).__name__
     if len(lines) > 1:
         text += " [...]"
-    if isinstance(err, (ConfigError, ToolError, FileNotFoundError, ValueError)):
+    if isinstance(err, (ConfigError, ToolError, Interrupted, FileNotFoundError, ValueError)):
         return text
     return f"{type(err).__name__}: {text}"
 
@@ -49,6 +59,9 @@ def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
     """Run `body()`, turning an exception into a one-line message and an exit code (see module doc)."""
     try:
         body()
+    except Interrupted as err:
+        print(f"{prog}: interrupted: {one_line(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

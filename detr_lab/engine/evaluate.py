@@ -11,7 +11,9 @@ overrides (`model.*=...`) are applied to the checkpoint's stored config, the oth
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,40 @@ class EvaluationResult:
     results_path: Path  # COCO results json, original category ids
     num_images: int
     config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
+    forward_passes: int = 0  # batches run through the model
+
+
+class ModelMismatchWarning(UserWarning):
+    """The YAML given to eval.py describes another model than the checkpoint holds."""
+
+
+def default_results_path(cfg: Config, checkpoint: str | os.PathLike) -> Path:
+    """`<trainer.output_dir>/coco_results-<checkpoint stem>-<8 hex digits of its absolute path>.json`."""
+    resolved = Path(checkpoint).resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    return Path(cfg.trainer.output_dir) / f"coco_results-{resolved.stem}-{digest}.json"
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    if dataclasses.is_dataclass(value):
+        items = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {k: v for name, item in items.items() for k, v in _flatten(item, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def warn_model_differences(yaml_model, checkpoint_model, config_path, checkpoint) -> list[str]:
+    """Warn (`ModelMismatchWarning`) when the YAML's model section differs from the checkpoint's, which
+    is the one evaluated; return the differing keys. Backbone weight sources are not compared."""
+    ignored = {"backbone.pretrained", "backbone.weights_path"}
+    mine, theirs = _flatten(yaml_model), _flatten(checkpoint_model)
+    differing = [key for key in mine if key not in ignored and mine[key] != theirs.get(key)]
+    if differing:
+        shown = ", ".join(f"model.{key}: {mine[key]!r} in the YAML, {theirs.get(key)!r} in the checkpoint"
+                          for key in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        warnings.warn(f"{config_path}: the model section differs from {checkpoint}'s ({shown}{more}); "
+                      "evaluating the checkpoint's model", ModelMismatchWarning, stacklevel=2)
+    return differing
 
 
 @torch.inference_mode()
@@ -77,7 +113,8 @@ def evaluate_checkpoint(
         config_path: YAML config giving the dataset (`data.*`); its `model` section is not used.
         checkpoint: any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR).
         overrides: dotted `key=value`; `model.*` ones go to the checkpoint's config.
-        output: where to write the COCO results json (default `<trainer.output_dir>/coco_results.json`).
+        output: where to write the COCO results json (default: `default_results_path`, one file per
+            checkpoint, so evaluating another checkpoint with the same YAML does not overwrite it).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         batch_size: images per forward pass (default `data.batch_size`).
     """
@@ -86,11 +123,13 @@ def evaluate_checkpoint(
         data_overrides.append(f"data.batch_size={batch_size}")
     cfg = load_config(config_path, data_overrides)
     loaded = load_checkpoint(checkpoint, overrides=model_overrides)
+    warn_model_differences(cfg.model, loaded.config.model, config_path, checkpoint)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
 
     target_device = resolve_device(device)
     model = optimize_for_inference(loaded.model.to(target_device).eval())
-    return _evaluate(cfg, model, loaded.category_ids, target_device, output=output, progress=progress)
+    return _evaluate(cfg, model, loaded.category_ids, target_device, output=output, progress=progress,
+                     source=checkpoint)
 
 
 def evaluate_onnx(
@@ -124,7 +163,8 @@ def evaluate_onnx(
     detector = OnnxDetector(model_path, threads=threads)
     cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
     return _evaluate(
-        cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress
+        cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress,
+        source=model_path,
     )
 
 
@@ -136,8 +176,10 @@ def _evaluate(
     *,
     output: str | os.PathLike | None,
     progress: bool,
+    source: str | os.PathLike,
 ) -> EvaluationResult:
-    """Predict the val split of `cfg.data` with `model` (a ready detector), score it, write the json."""
+    """Predict the val split of `cfg.data` with `model` (a ready detector), score it, write the json
+    (to `output`, default `default_results_path(cfg, source)`, source = the model's file)."""
     datamodule = DetectionDataModule(cfg, category_ids=list(category_ids))
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -146,5 +188,6 @@ def _evaluate(
     loader = datamodule.val_dataloader()
     predict_dataset(model, postprocess, loader, evaluator, device, progress=progress)
     stats = evaluator.compute()
-    results_path = evaluator.write_results(output or Path(cfg.trainer.output_dir) / "coco_results.json")
-    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg)
+    results_path = evaluator.write_results(output or default_results_path(cfg, source))
+    return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg,
+                            forward_passes=len(loader))

@@ -6,6 +6,10 @@
     stats = evaluator.compute()     # {"AP": ..., "AP50": ..., ..., "AR100": ...}
     evaluator.write_results("results.json")
 
+Annotation ids do not matter: the evaluator scores against its own index of the ground truth with the
+annotations renumbered 1..N, because pycocotools' match table uses 0 for "unmatched" and a ground-truth
+annotation with id 0 (or a negative id) would silently count as a miss (cocoapi issue #664).
+
 Detections are kept per image id, so an image predicted twice (a distributed sampler pads its last
 batch with repeated samples) is counted once. Class indices are written as the dataset's original
 category ids, boxes as COCO `[x, y, width, height]` in pixels of the original image.
@@ -38,16 +42,36 @@ def xyxy_to_coco_xywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
 
 
+def renumber_annotations(coco_gt: COCO) -> COCO:
+    """A new `COCO` index over the same images and categories whose annotations have ids 1..N.
+
+    COCOeval records a matched ground-truth id in a table where 0 means "unmatched", so an annotation
+    with id 0 is never counted as found (and a detection matched to it is a false positive). Ids are
+    only used for matching, so renumbering (in the order of the file) changes nothing else.
+    The input is not modified; each annotation dict is copied shallowly.
+    """
+    dataset = dict(coco_gt.dataset)
+    annotations = dataset.get("annotations", [])
+    dataset["annotations"] = [{**ann, "id": index} for index, ann in enumerate(annotations, start=1)]
+    renumbered = COCO()
+    renumbered.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        renumbered.createIndex()
+    return renumbered
+
+
 class CocoEvaluator:
     """Collects detections image by image and scores them with pycocotools' COCOeval (iouType "bbox").
 
     Args:
-        coco_gt: ground truth as a pycocotools `COCO` object (the validation dataset's `coco`).
+        coco_gt: ground truth as a pycocotools `COCO` object (the validation dataset's `coco`); it is not
+            modified, and its annotation ids may be any integers (see `renumber_annotations`).
         category_ids: class index -> original category id of the dataset (length `num_classes`).
     """
 
     def __init__(self, coco_gt: COCO, category_ids: Sequence[int]):
         self.coco_gt = coco_gt
+        self._scoring_gt: COCO | None = None  # coco_gt with annotation ids 1..N, built on first compute()
         self.category_ids = [int(c) for c in category_ids]
         # image id -> list of COCO result dicts; an image with no detection maps to [].
         self.results: dict[int, list[dict]] = {}
@@ -122,20 +146,23 @@ class CocoEvaluator:
         if not self.results:
             raise ValueError("CocoEvaluator.compute() called before any update()")
         detections = self.detections()
+        if self._scoring_gt is None:
+            self._scoring_gt = renumber_annotations(self.coco_gt)
+        coco_gt = self._scoring_gt
         quiet = io.StringIO()
         with contextlib.redirect_stdout(quiet):
             if detections:
                 # loadRes edits its input in place, so give it a copy.
-                coco_dt = self.coco_gt.loadRes(copy.deepcopy(detections))
+                coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
             else:
                 coco_dt = COCO()
                 coco_dt.dataset = {
-                    "images": list(self.coco_gt.dataset["images"]),
-                    "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),
+                    "images": list(coco_gt.dataset["images"]),
+                    "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
                     "annotations": [],
                 }
                 coco_dt.createIndex()
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
             coco_eval.params.imgIds = sorted(self.results)
             coco_eval.evaluate()
             coco_eval.accumulate()

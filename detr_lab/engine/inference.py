@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import errno
 import json
 import os
+import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +31,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from detr_lab.checkpoints import apply_overrides, load_checkpoint, load_state_exactly
-from detr_lab.config import Config, load_config
+from detr_lab.config import AugmentConfig, Config, load_config
 from detr_lab.data.collate import pad_images
+from detr_lab.data.errors import DatasetError
 from detr_lab.data.images import load_rgb_image, pil_to_rgb_array
-from detr_lab.data.transforms import build_eval_transform
+from detr_lab.data.transforms import build_eval_transform, shorter_side_size
 from detr_lab.engine.cli import ToolError, split_model_overrides
 from detr_lab.engine.devices import resolve_device
 from detr_lab.export.runtime import OnnxDetector
@@ -42,42 +46,61 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 DETECTIONS_FILE = "detections.json"
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+@dataclass
+class InputImages:
+    """What `collect_images` found: readable-looking image paths, and entries that cannot be read at all."""
+
+    paths: list[Path]
+    failed: list[dict]  # {"file", "error" (one line naming the file)}: dangling links, link loops, non-files
+
+
+def _folder_entries(folder: Path) -> tuple[list[Path], list[dict]]:
+    """Image files of `folder` (by suffix, sorted, not recursive); broken links and non-files are reported."""
+    found, failed = [], []
+    for entry in sorted(folder.iterdir()):
+        is_image = entry.suffix.lower() in IMAGE_SUFFIXES
+        try:
+            target = entry.stat()  # follows symbolic links
+        except OSError as err:  # dangling link, link loop, permission
+            kind = "symbolic link loop" if err.errno == errno.ELOOP else (
+                "dangling symbolic link" if entry.is_symlink() else "unreadable entry")
+            failed.append({"file": str(entry), "error": f"{entry}: {kind}: {err.strerror or err}"})
+            continue
+        if not is_image:
+            continue
+        if stat.S_ISREG(target.st_mode):
+            found.append(entry)
+        elif not stat.S_ISDIR(target.st_mode):
+            failed.append({"file": str(entry), "error": f"{entry}: not a regular file"})
+    return found, failed
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> InputImages:
     """Image files named on the command line; a folder contributes its image files (sorted, not recursive).
 
+    In a folder, a symbolic link that does not resolve (dangling, or a loop) is listed in `failed`
+    with its reason, whatever its name; files without an image suffix are not images and are ignored.
     Raises:
-        ToolError: a path that does not exist, or a folder without image files.
+        ToolError: a named path that does not exist, or a folder with neither image files nor broken
+            entries.
     """
     paths: list[Path] = []
+    failed: list[dict] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
+            found, broken = _folder_entries(path)
+            if not found and not broken:
                 raise ToolError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
             paths.extend(found)
+            failed.extend(broken)
         elif path.is_file():
             paths.append(path)
         else:
             raise ToolError(f"image not found: {path}")
-    if not paths:
+    if not paths and not failed:
         raise ToolError("no input images given")
-    return paths
-
-
-def check_readable(paths: Sequence[Path]) -> None:
-    """Fail early, before loading a model, on a file PIL cannot identify as an image.
-
-    (A file with an intact header but corrupt pixel data is caught later, when it is decoded.)
-    Raises:
-        ToolError: naming the first unreadable file.
-    """
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as err:
-            raise ToolError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    return InputImages(paths, failed)
 
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -291,6 +314,60 @@ def _output_name(path: Path, used: set[str]) -> str:
     return name
 
 
+@dataclass
+class InferenceResult:
+    """What `run_inference` did: the json written, the images with detections, the images that failed."""
+
+    json_path: Path
+    images: list[dict]  # as in the json's "images"
+    failed: list[dict]  # {"file", "error"}, as in the json's "failed"
+
+
+class _DetectionsWriter:
+    """Keeps the results and rewrites `detections.json` atomically, at most every `interval_s` seconds
+    (and on `flush(force=True)`), so that a run killed midway keeps what it had done."""
+
+    def __init__(self, path: Path, header: dict, interval_s: float = 30.0) -> None:
+        self.path = path
+        self.header = header
+        self.interval_s = interval_s
+        self.images: list[dict] = []
+        self.failed: list[dict] = []
+        self._last_write = time.monotonic()
+
+    def flush(self, *, force: bool = False, complete: bool = False) -> None:
+        if not force and time.monotonic() - self._last_write < self.interval_s:
+            return
+        payload = {**self.header, "complete": complete, "images": self.images, "failed": self.failed}
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(payload, indent=2))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._last_write = time.monotonic()
+
+
+def _failure(path: Path, err: BaseException) -> dict:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if str(path) not in message:
+        message = f"{path}: {type(err).__name__}: {message}"
+    return {"file": str(path), "error": message}
+
+
+def _predict_each(predictor: Predictor, group: list[tuple[Path, np.ndarray]]):
+    """(path, image, detection or None, failure or None) per image: the group in one batch, or, if the
+    batch fails, each image alone so that one bad image does not take the others with it."""
+    try:
+        detections = predictor.predict([image for _, image in group])
+        return [(path, image, det, None) for (path, image), det in zip(group, detections, strict=True)]
+    except Exception as err:
+        if len(group) == 1:
+            path, image = group[0]
+            return [(path, image, None, _failure(path, err))]
+    return [row for item in group for row in _predict_each(predictor, [item])]
+
+
 def run_inference(
     inputs: Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
@@ -302,17 +379,23 @@ def run_inference(
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
-) -> Path:
+) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
     `checkpoint` is the model file: a checkpoint (backend "pytorch"), or an exported `.onnx` file
     (backend "onnxruntime": CPU, no `config_path`, data overrides only); both write the same outputs.
 
-    The json holds `{"checkpoint", "score_threshold", "images": [{"file", "width", "height",
-    "annotated", "detections": [{"box": [x1, y1, x2, y2], "score", "category_id", "class_name"}]}]}`.
-    Returns the json's path.
+    The json holds `{"checkpoint", "score_threshold", "complete", "images": [{"file", "width", "height",
+    "annotated", "detections": [{"box": [x1, y1, x2, y2], "score", "category_id", "class_name"}]}],
+    "failed": [{"file", "error"}]}`: every image that could be read has its detections; an image that
+    cannot be decoded or processed (truncated file, broken link in a folder...) is listed in "failed"
+    with its reason and the others go on. The json is rewritten every 30 s while running and once at
+    the end, also when the run stops on an error or an interrupt ("complete" is then false).
+
+    Batches hold images of one resized size only (see `same_size_groups`), so no image is padded and
+    each image's detections do not depend on `batch_size` or on the other inputs.
     Raises:
-        ToolError: a missing image or checkpoint; CorruptImageError: an unreadable image;
+        ToolError: a missing named image or checkpoint, a bad argument;
         CheckpointError / ConfigError: a checkpoint that does not fit the config.
     """
     if batch_size < 1:
@@ -323,8 +406,7 @@ def run_inference(
         raise ToolError(f"--backend must be pytorch or onnxruntime, got {backend!r}")
     if backend == "onnxruntime" and (config_path is not None or device not in ("cpu", "auto")):
         raise ToolError("--backend onnxruntime takes no --config (the model is fixed) and runs on the CPU")
-    paths = collect_images(inputs)
-    check_readable(paths)
+    found = collect_images(inputs)
     if backend == "onnxruntime":
         predictor = Predictor.from_onnx(checkpoint, overrides=overrides)
     else:
@@ -333,20 +415,47 @@ def run_inference(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    header = {"checkpoint": str(checkpoint), "score_threshold": score_threshold}
+    writer = _DetectionsWriter(output_dir / DETECTIONS_FILE, header)
+    writer.failed.extend(found.failed)
     used: set[str] = set()
-    entries = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = [load_rgb_image(path) for path in chunk]
-        for path, image, detection in zip(chunk, images, predictor.predict(images), strict=True):
-            records = predictor.records(detection, score_threshold)
-            name = _output_name(path, used)
-            draw_detections(image, records, predictor.class_names).save(output_dir / name, quality=92)
-            height, width = image.shape[:2]
-            entries.append({
-                "file": str(path), "width": width, "height": height, "annotated": name, "detections": records,
-            })
-    result = {"checkpoint": str(checkpoint), "score_threshold": score_threshold, "images": entries}
-    json_path = output_dir / DETECTIONS_FILE
-    json_path.write_text(json.dumps(result, indent=2))
-    return json_path
+    complete = False
+    try:
+        for start in range(0, len(found.paths), batch_size):
+            decoded = []
+            for path in found.paths[start : start + batch_size]:
+                try:
+                    decoded.append((path, load_rgb_image(path)))
+                except DatasetError as err:  # missing since listed, truncated, not an image
+                    writer.failed.append(_failure(path, err))
+            for group in same_size_groups(decoded, predictor.config.data.augment):
+                for path, image, detection, failure in _predict_each(predictor, group):
+                    if failure is not None:
+                        writer.failed.append(failure)
+                        continue
+                    records = predictor.records(detection, score_threshold)
+                    name = _output_name(path, used)
+                    draw_detections(image, records, predictor.class_names).save(output_dir / name, quality=92)
+                    height, width = image.shape[:2]
+                    writer.images.append({
+                        "file": str(path), "width": width, "height": height, "annotated": name,
+                        "detections": records,
+                    })
+            writer.flush()
+        complete = True
+    finally:
+        writer.flush(force=True, complete=complete)
+    return InferenceResult(writer.path, writer.images, writer.failed)
+
+
+def same_size_groups(
+    images: Sequence[tuple[Path, np.ndarray]], augment: AugmentConfig
+) -> list[list[tuple[Path, np.ndarray]]]:
+    """Split (path, uint8 [H, W, 3] image) pairs into groups whose evaluation-resized sizes are equal
+    (order kept within a group; groups in order of first appearance). A batch of one group needs no
+    padding, and padding changes DETR's outputs (facebookresearch/detr #217)."""
+    groups: dict[tuple[int, int], list[tuple[Path, np.ndarray]]] = {}
+    for path, image in images:
+        size = shorter_side_size(image.shape[0], image.shape[1], augment.eval_size, augment.eval_max_size)
+        groups.setdefault(size, []).append((path, image))
+    return list(groups.values())

@@ -4,7 +4,10 @@
 
 Run directory (`cfg.trainer.output_dir`):
     config.yaml                 the fully resolved config, written before training starts
-    checkpoints/last.ckpt       the latest state (epoch end, and every `save_every_n_steps` steps)
+    checkpoints/last.ckpt       the latest state: end of each training epoch (before validation, and
+                                again after it), every `save_every_n_steps` steps, the last step of a
+                                run stopped by max_steps, and on SIGINT / SIGTERM
+                                (`detr_lab.engine.callbacks.PreserveTrainingState`)
     checkpoints/best-*.ckpt     the best validation round by val/AP (with EMA on: the EMA weights' AP)
     summary/                    example.png, ap_over_time.png / .csv (see detr_lab.engine.summary)
     tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
@@ -32,18 +35,21 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.doctor import check_at_training_start
-from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
+from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
+from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from detr_lab.engine.cli import ToolError
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
-from detr_lab.engine.module import DetectionModule
+from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
 from detr_lab.engine.summary import RunSummary
-from detr_lab.io import diff_state_dicts
+from detr_lab.io import diff_state_dicts, safe_load
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -199,6 +205,22 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
     return path
 
 
+def check_resume_classes(path: Path, category_ids: Sequence[int]) -> None:
+    """Refuse to resume a checkpoint trained on other classes, naming both class lists.
+
+    Checkpoints without detr_lab metadata are left to Lightning. Raises:
+        ToolError: the class lists differ; CheckpointError: the file cannot be read (see `safe_load`).
+    """
+    meta = safe_load(path).get(CHECKPOINT_KEY) or {}
+    saved = meta.get("category_ids")
+    if saved is None or [int(c) for c in saved] == [int(c) for c in category_ids]:
+        return
+    raise ToolError(
+        f"--resume {path}: checkpoint has {len(saved)} classes ({list(saved)}), this run {len(category_ids)} "
+        f"({list(category_ids)}); use --init-from to fine-tune on other classes"
+    )
+
+
 # ------------------------------------------------------------------------------ fine-tuning init
 @dataclass
 class WeightTransfer:
@@ -267,8 +289,9 @@ def train(
 
     Args:
         resume: None, "auto" (resume from `<output_dir>/checkpoints/last.ckpt` when it exists, else
-            start) or a checkpoint path. Resuming restores weights, optimizer, LR schedule, epoch and
-            global step; `init_from` is then ignored.
+            start) or a checkpoint path. Resuming restores weights, optimizer state, epoch and global
+            step; `init_from` is then ignored. The learning rates, weight decay and LR drops of `cfg.optim`
+            are applied after the restore (`ConfiguredLearningRates`), so config.yaml says what runs.
         init_from: a checkpoint whose weights initialise the model where names and shapes match
             (see `load_matching_weights`); a report of what was loaded is printed.
     Returns:
@@ -286,6 +309,7 @@ def train(
     datamodule = DetectionDataModule(cfg)
     module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
     if ckpt_path is not None:
+        check_resume_classes(ckpt_path, datamodule.category_ids)
         rank_zero_info(f"resuming from {ckpt_path}")
         if init_from:
             rank_zero_info(f"--init-from {init_from} ignored: the resumed checkpoint holds the weights")
@@ -294,9 +318,34 @@ def train(
     elif resume == "auto":
         rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
     _save_run_config(cfg)
-    trainer = build_trainer(cfg, callbacks=callbacks, progress_bar=progress_bar)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    _remove_stale_temporaries(cfg)
+    preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
+    own: list[Callback] = [preserve]
+    if ckpt_path is not None:
+        own.append(ConfiguredLearningRates())
+    trainer = build_trainer(cfg, callbacks=[*own, *callbacks], progress_bar=progress_bar)
+    _fit_saving_on_signals(trainer, preserve, module, datamodule, ckpt_path)
     return trainer
+
+
+def _fit_saving_on_signals(
+    trainer: L.Trainer, preserve: PreserveTrainingState, module: L.LightningModule, datamodule, ckpt_path
+) -> None:
+    """`trainer.fit`, with SIGINT / SIGTERM stopping at the next batch with the state saved (raises
+    `Interrupted`); Lightning's own SIGTERM stop (raised where our callback did not see it first)
+    becomes `Interrupted` too."""
+    with preserve.handle_signals():
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:
+            preserve.received = preserve.received or "SIGTERM"
+            preserve.raise_interrupted(saved=False)
+
+
+@rank_zero_only
+def _remove_stale_temporaries(cfg: Config) -> None:
+    for path in remove_stale_temporaries(checkpoint_dir(cfg)):
+        rank_zero_info(f"removed {path}, a partial checkpoint of a process that no longer runs")
 
 
 @rank_zero_only

@@ -124,7 +124,8 @@ def test_degenerate_boxes_counted_in_one_warning(tmp_path):
     message = str(repaired[0].message)
     assert "dropped 2 boxes of zero or negative size" in message
     assert "1 boxes outside their image" in message and "clipped 1 boxes" in message
-    assert dataset.degenerate_box_counts == {"non_positive_size": 2, "outside_image": 1, "clipped": 1}
+    assert dataset.degenerate_box_counts == {"non_positive_size": 2, "outside_image": 1, "clipped": 1,
+                                             "float32_resolution": 0}
     sample = dataset.load_sample(0)
     np.testing.assert_allclose(sample.boxes, [[0, 30, 15, 48], [20, 10, 30, 20]])
 
@@ -281,3 +282,26 @@ def test_exif_rotated_image_with_stored_size_in_json_warns(tmp_path):
     with pytest.warns(AnnotationWarning, match=r"r\.jpg \(image id 4\).*sides swapped: .*EXIF orientation"):
         _, target = dataset[0]
     assert target["orig_size"].tolist() == [40, 20]
+
+
+def test_boxes_clipped_without_json_size_and_float32_slivers_are_counted(tmp_path):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    solid_image(64, 48).save(images_dir / "a.jpg")
+    solid_image(40, 30).save(images_dir / "b.jpg")
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 20]},  # no json size: clip to 64x48
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2**25, 5, 1, 10]},  # x + w == x in float32
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 10, 10]},  # fine
+    ]
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg", "width": 2**26, "height": 30}]
+    ann_file = write_coco_json(tmp_path / "ann.json", images, annotations, [{"id": 1, "name": "thing"}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = CocoDetectionDataset(images_dir, ann_file)
+    messages = [str(w.message) for w in caught if issubclass(w.category, AnnotationWarning)]
+    assert len(messages) == 1
+    assert "1 boxes thinner than float32 resolution" in messages[0] and "clipped 1 boxes" in messages[0]
+    assert dataset.degenerate_box_counts == {"non_positive_size": 0, "outside_image": 0, "clipped": 1,
+                                             "float32_resolution": 1}
+    np.testing.assert_allclose(dataset.load_sample(0).boxes, [[50, 40, 64, 48]])

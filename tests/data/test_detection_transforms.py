@@ -175,3 +175,44 @@ def test_invalid_arguments_raise():
         DetectionTransform([])(np.zeros((4, 4, 3), dtype=np.float32), np.zeros((0, 4)), np.zeros(0))
     with pytest.raises(ValueError, match="2 boxes but 1 labels"):
         DetectionTransform([])(np.zeros((4, 4, 3), dtype=np.uint8), np.ones((2, 4)), np.zeros(1))
+
+
+# (h, w) shapes that made the DETR rule give a side of 0 or a longer side above the cap.
+ELONGATED = [(20, 20000), (20000, 20), (1, 700), (700, 2), (3, 2000), (2000, 3), (3, 700), (1, 1), (2, 5000)]
+
+
+def test_resize_sides_at_least_one_and_long_side_capped_over_many_shapes():
+    rng = np.random.default_rng(0)
+    shapes = ELONGATED + [tuple(int(v) for v in rng.integers(1, 3000, size=2)) for _ in range(400)]
+    for height, width in shapes:
+        for size, max_size in ((800, 1333), (64, 128), (64, 96), (1, 1), (32, None), (300, 200)):
+            out_h, out_w = shorter_side_size(height, width, size, max_size)
+            assert out_h >= 1 and out_w >= 1, (height, width, size, max_size)
+            if max_size is not None:
+                assert max(out_h, out_w) <= max_size, (height, width, size, max_size, out_h, out_w)
+            # the longer side stays the longer (or equal) one
+            assert (out_h >= out_w) == (height >= width) or out_h == out_w, (height, width, out_h, out_w)
+
+
+def test_resize_of_the_reported_shapes():
+    assert shorter_side_size(3, 700, 64, 128) == (1, 128)  # was (1, 233): above the cap
+    assert shorter_side_size(20, 20000, 64, 96) == (1, 96)  # was (0, 0...): cv2.resize asserted
+    assert shorter_side_size(20000, 20, 800, 1333) == (1000, 1)  # 1333 * 20 / 20000 rounds to 1
+
+
+def test_invalid_sizes_raise():
+    with pytest.raises(ValueError, match="image size must be positive"):
+        shorter_side_size(0, 10, 64, 128)
+
+
+@pytest.mark.parametrize("height, width", [(20, 20000), (700, 2), (1, 700), (2000, 3)])
+def test_elongated_images_go_through_train_and_eval_pipelines(height, width):
+    aug = AugmentConfig(train_scales=[48, 64], max_size=96, crop_prob=0.5, crop_resize_scales=[60, 70],
+                        crop_min_size=20, crop_max_size=50, eval_size=64, eval_max_size=96)
+    image = np.full((height, width, 3), 80, dtype=np.uint8)
+    boxes = np.array([[0, 0, width, height]], dtype=np.float32)
+    for transform in (build_train_transform(aug, seed=0), build_eval_transform(aug)):
+        for _ in range(4):
+            out_image, out_boxes, _ = transform(image, boxes, np.array([0]))
+            assert min(out_image.shape[1:]) >= 1 and max(out_image.shape[1:]) <= 96
+            assert ((out_boxes >= 0) & (out_boxes <= 1)).all()

@@ -49,7 +49,8 @@ def test_loads_as_a_coco_dataset(small_root):
     images_dir, annotation_file = split_paths(small_root, "train")
     dataset = CocoDetectionDataset(images_dir, annotation_file)
     assert dataset.category_ids == sorted(c.id for c in SHAPE_CATEGORIES)
-    assert dataset.degenerate_box_counts == {"non_positive_size": 0, "outside_image": 0, "clipped": 0}
+    assert dataset.degenerate_box_counts == {"non_positive_size": 0, "outside_image": 0, "clipped": 0,
+                                             "float32_resolution": 0}
     counts = [len(dataset.load_sample(i).labels) for i in range(len(dataset))]
     assert all(1 <= c <= synthetic.MAX_OBJECTS for c in counts)
 

@@ -170,3 +170,38 @@ def test_gather_across_two_processes(tmp_path):
         assert report["images"] == [10, 11, 12]
         assert report["n"] == 5  # image 10 seen twice, counted once
         assert report["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("first_id", [0, -7, 2**40], ids=["zero", "negative", "very_large"])
+def test_ground_truth_scores_one_whatever_the_annotation_ids(first_id):
+    # pycocotools' match table uses 0 for "unmatched": a GT annotation with id 0 was never found
+    # (AP 0.252 instead of 1.0 on a two-box set, cocoapi #664).
+    dataset = make_coco_dataset()
+    for k, ann in enumerate(dataset["annotations"]):
+        ann["id"] = first_id + k
+    coco = make_coco(dataset)
+    evaluator = CocoEvaluator(coco, CATEGORY_IDS)
+    evaluator.update(ground_truth_as_predictions(coco))
+    stats = evaluator.compute()
+    assert stats["AP"] == pytest.approx(1.0)
+    assert stats["AR100"] == pytest.approx(1.0)
+    # the caller's index keeps its ids
+    assert sorted(coco.anns) == [first_id + k for k in range(len(dataset["annotations"]))]
+
+
+def test_two_box_set_with_annotation_id_zero_scores_one():
+    # The case of the bug report: ids 0 and 1 gave AP 0.252.
+    dataset = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "annotations": [
+            {"id": 0, "image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 30.0, 30.0], "area": 900.0,
+             "iscrowd": 0},
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [50.0, 40.0, 40.0, 50.0], "area": 2000.0,
+             "iscrowd": 0},
+        ],
+        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS],
+    }
+    coco = make_coco(dataset)
+    evaluator = CocoEvaluator(coco, CATEGORY_IDS)
+    evaluator.update(ground_truth_as_predictions(coco))
+    assert evaluator.compute()["AP"] == pytest.approx(1.0)

@@ -85,3 +85,26 @@ def test_cli_error_handling(capsys):
     assert one_line(ValueError("")) == "ValueError"
     assert split_model_overrides(["model.a=1", "data.b=2", "model.c.d=x"]) == (["model.a=1", "model.c.d=x"],
                                                                                 ["data.b=2"])
+
+
+def test_stale_partial_checkpoints_of_dead_processes_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from detr_lab.engine.checkpoint_io import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"last.ckpt.tmp-{dead.pid}"
+    live = tmp_path / f"last.ckpt.tmp-{os.getpid()}"
+    left = tmp_path / ".last.ckpt.k3j9x1.tmp"  # atomic_write's name, nobody writing it
+    writing = tmp_path / ".last.ckpt.a8d2zq.tmp"  # held open, as during a write
+    other = tmp_path / "last.ckpt"
+    for path in (stale, live, left, writing, other):
+        path.write_bytes(b"partial")
+    with open(writing, "ab"):
+        assert remove_stale_temporaries(tmp_path) == sorted([stale, left])
+    assert not stale.exists() and not left.exists()
+    assert live.exists() and writing.exists() and other.exists()
+    assert remove_stale_temporaries(tmp_path / "missing") == []

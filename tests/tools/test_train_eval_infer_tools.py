@@ -259,3 +259,146 @@ def test_resume_mid_epoch_continues_the_interrupted_epoch_order(tmp_path, worker
         train(resumed, resume="auto", callbacks=[rest], progress_bar=False)
     assert sorted(rest.by_step) == [7, 8]
     assert {**first.by_step, **rest.by_step} == whole.by_step
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is intact (PIL's verify() accepts it) but whose pixel data is cut short."""
+    noise = Image.fromarray(torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8).numpy())
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def test_infer_one_bad_item_does_not_discard_the_others(trained, tmp_path, capsys):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    good = sorted((trained["root"] / "data" / "val2017").iterdir())[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    Image.new("RGB", (20000, 20), (120, 60, 30)).save(folder / "wide.jpg")  # a resize side used to round to 0
+    Image.new("RGB", (2, 700), (20, 60, 130)).save(folder / "tall.png")
+    write_truncated_jpeg(folder / "truncated.jpg")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    out = tmp_path / "out"
+
+    arguments = [str(folder), "--checkpoint", str(trained["last"]), f"--output-dir={out}", "--batch-size=4"]
+    code = load_tool("infer").main(arguments)
+    assert code == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "3 of 7 images failed" in err[0] and "Traceback" not in captured.err
+    result = json.loads((out / "detections.json").read_text())
+    assert result["complete"] is True
+    assert sorted(Path(entry["file"]).name for entry in result["images"]) == sorted(
+        [p.name for p in good] + ["wide.jpg", "tall.png"])
+    for entry in result["images"]:
+        assert (out / entry["annotated"]).is_file()
+    reasons = {Path(item["file"]).name: item["error"] for item in result["failed"]}
+    assert set(reasons) == {"truncated.jpg", "dangling.jpg", "loop.jpg"}
+    assert "truncated.jpg" in reasons["truncated.jpg"] and "cannot decode" in reasons["truncated.jpg"]
+    assert "dangling.jpg: dangling symbolic link" in reasons["dangling.jpg"]
+    assert "loop.jpg: symbolic link loop" in reasons["loop.jpg"]
+    failed_lines = [line for line in captured.out.splitlines() if line.startswith("failed: ")]
+    assert len(failed_lines) == 3 and all(any(name in line for line in failed_lines) for name in reasons)
+
+
+def test_eval_results_do_not_depend_on_batch_size(trained, tmp_path):
+    # Six validation images of different sizes: padded batches changed every padded image's outputs.
+    overrides = [f"data.root={tmp_path / 'data6'}", "data.synthetic.num_val=6"]
+    results = {}
+    for batch_size in (1, 2, 4):
+        result = evaluate_checkpoint(trained["config"], trained["last"], overrides=overrides, progress=False,
+                                     batch_size=batch_size, output=tmp_path / f"results_{batch_size}.json")
+        detections = json.loads(result.results_path.read_text())
+        rows = sorted((d["image_id"], d["score"], *d["bbox"]) for d in detections)
+        results[batch_size] = (result.stats["AP"], rows)
+    ap_1, detections_1 = results[1]
+    for batch_size in (2, 4):
+        ap, detections = results[batch_size]
+        assert ap == ap_1
+        assert len(detections) == len(detections_1) == 6 * 5
+        torch.testing.assert_close(torch.tensor(detections), torch.tensor(detections_1), atol=1e-4, rtol=1e-4)
+
+
+def test_train_rejects_bad_devices_before_writing_anything(tmp_path, capsys):
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    code = load_tool("train").main(["--config", str(config_path), "--set", "trainer.devices=two"])
+    assert code == 2
+    assert "'trainer.devices' is 'two'" in single_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_default_results_path_is_per_checkpoint_and_model_mismatch_warns(trained, tmp_path):
+    other = tmp_path / "copy.ckpt"
+    shutil.copy(trained["last"], other)
+    first = evaluate_checkpoint(trained["config"], trained["last"], progress=False).results_path
+    second = evaluate_checkpoint(trained["config"], other, progress=False).results_path
+    assert first != second and first.is_file() and second.is_file()
+    assert first.parent == second.parent == trained["root"] / "run"
+
+    yaml = tmp_path / "other.yaml"
+    yaml.write_text(TINY_YAML.format(root=trained["root"]).replace("num_queries: 5", "num_queries: 7"))
+    with pytest.warns(UserWarning, match=r"model.num_queries: 7 in the YAML, 5 in the checkpoint"):
+        evaluate_checkpoint(yaml, trained["last"], progress=False, output=tmp_path / "r.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        evaluate_checkpoint(trained["config"], trained["last"], progress=False, output=tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("drops, expected_lr", [("[5]", 5e-4), ("[1]", 5e-5)], ids=["no_drop_yet", "dropped"])
+def test_resume_applies_a_changed_lr_and_lr_drop(trained, tmp_path, drops, expected_lr):
+    # The checkpoint ran at lr 1e-4 and had dropped to 1e-5 at epoch 1; the restored optimizer state
+    # used to win over the new values while config.yaml claimed them.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained["last"], run / "checkpoints" / "last.ckpt")
+    cfg = load_config(trained["config"], [f"trainer.output_dir={run}", "trainer.max_steps=4", "optim.lr=5e-4",
+                                          f"optim.lr_drop_epochs={drops}"])
+    probe = FirstBatch()
+    train(cfg, resume="auto", callbacks=[probe], progress_bar=False)
+    epoch, step, _, lr = probe.seen
+    assert (epoch, step) == (1, 3)
+    assert lr == pytest.approx(expected_lr)
+    saved = load_config(run / "config.yaml").optim
+    assert saved.lr == pytest.approx(5e-4) and saved.lr_drop_epochs == [int(drops[1])]
+
+
+def test_resume_with_other_classes_names_both(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = torch.load(trained["last"], weights_only=True)
+    checkpoint["detr_lab"]["category_ids"] = [1, 2]
+    torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
+    code = load_tool("train").main(["--config", str(trained["config"]), "--resume", "auto",
+                                    "--set", f"trainer.output_dir={run}"])
+    assert code == 1
+    line = single_error_line(capsys)
+    assert f"checkpoint has 2 classes ([1, 2]), this run 6 ({SYNTHETIC_IDS})" in line
+    assert "use --init-from to fine-tune" in line
+
+
+def test_infer_detections_do_not_depend_on_batch_size(trained, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for index, path in enumerate(sorted((trained["root"] / "data" / "train2017").iterdir())):
+        shutil.copy(path, folder / path.name)
+        with Image.open(path) as image:  # a second size of the same picture, so batches would pad
+            image.resize((image.width // 2 + index, image.height // 2)).save(folder / f"half_{path.name}")
+    detections = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"out{batch_size}"
+        arguments = [str(folder), "--checkpoint", str(trained["last"]), f"--output-dir={out}",
+                     f"--batch-size={batch_size}", "--score-threshold=0"]
+        assert load_tool("infer").main(arguments) == 0
+        images = json.loads((out / "detections.json").read_text())["images"]
+        detections[batch_size] = {Path(e["file"]).name: [(d["score"], *d["box"]) for d in e["detections"]]
+                                  for e in images}
+    assert len(detections[1]) == 8 and detections[1].keys() == detections[4].keys()
+    for name, rows in detections[1].items():  # json rounding: scores to 1e-4, boxes to 0.01 pixel
+        one, four = torch.tensor(rows), torch.tensor(detections[4][name])
+        torch.testing.assert_close(four[:, 0], one[:, 0], atol=2e-4, rtol=0)
+        torch.testing.assert_close(four[:, 1:], one[:, 1:], atol=0.011, rtol=0)
