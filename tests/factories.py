@@ -75,6 +75,31 @@ def tiny_model_yaml(**changes: object) -> str:
     return OmegaConf.to_yaml(OmegaConf.from_dotlist(tiny_overrides(**changes)))
 
 
+# A whole training run on the tiny model and a 4 + 2 image synthetic set (64 px): 3 steps over 2
+# epochs, a checkpoint every step. A `str.format` template: `{root}` is the run's folder.
+TINY_RUN_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=5, backbone__frozen_stages=0
+) + """
+data:
+  dataset: synthetic
+  root: {root}/data
+  batch_size: 2
+  num_workers: 0
+  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
+  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+optim: {{lr: 1.0e-4, lr_backbone: 0.0, lr_drop_epochs: [1], lr_drop_factor: 0.1}}
+trainer:
+  output_dir: {root}/run
+  accelerator: cpu
+  devices: "1"
+  max_epochs: 2
+  max_steps: 3
+  log_every_n_steps: 1
+  save_every_n_steps: 1
+  seed: 0
+"""
+
+
 def tiny_batch(
     *, height: int = 64, width: int = 96, padded_from_row: int = 40, padded_from_col: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
