@@ -74,7 +74,6 @@ def _start_training(config_path: Path, *extra: str) -> tuple[subprocess.Popen, l
     return proc, out, err
 
 
-@pytest.mark.slow  # tools/train.py in a subprocess, interrupted and resumed
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_state_exits_130_and_resume_auto_continues(tmp_path, signum):
