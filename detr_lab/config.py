@@ -109,6 +109,22 @@ class DecoderConfig:
 
 
 @dataclass
+class DenoisingConfig:
+    """Contrastive denoising training (DINO, arXiv:2203.03605; DN-DETR without negatives' extra noise).
+
+    Ground-truth boxes and labels are noised into extra decoder queries (a positive and a negative
+    copy per object and group) that learn to reconstruct the objects; used in training only.
+    """
+
+    enabled: bool = False
+    # Queries budget: groups = 2 * dn_number // (2 * most objects in an image of the batch), the
+    # official rule (see `detr_lab.models.queries.denoising.num_denoising_groups`).
+    dn_number: int = _positive(100)
+    label_noise_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})  # half of it flips labels
+    box_noise_scale: float = _non_negative(0.4)  # corner shift in units of half the box size
+
+
+@dataclass
 class ModelConfig:
     # Real classes; "no object" is index `num_classes` for softmax classification.
     num_classes: int = _positive(91)
@@ -117,12 +133,24 @@ class ModelConfig:
     ffn_dim: int = _positive(2048)
     dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})
     num_queries: int = _positive(100)
-    num_feature_levels: int = field(default=1, metadata={"min": 1, "max": 4})
+    # 5 levels: C2-C5 plus one strided level (DINO 5-scale); 4: C3-C5 plus one; else C5 / C4-C5.
+    num_feature_levels: int = field(default=1, metadata={"min": 1, "max": 5})
     position_encoding: str = _choice("sine", "learned", default="sine")
     classification: str = _choice("softmax", "sigmoid", default="softmax")  # sigmoid = focal loss
     box_refine: bool = False  # Deformable DETR iterative bounding-box refinement
     two_stage: bool = False  # Deformable DETR two-stage (encoder proposals as reference points)
     aux_loss: bool = True
+    # DAB/DINO anchor-box decoder: queries carry 4-D boxes; each layer's query_pos is an MLP of the
+    # sine embedding of its current boxes, and boxes are refined layer by layer (needs box_refine).
+    anchor_boxes: bool = False
+    # DINO mixed query selection: the top-K encoder proposals give the anchors, content is learned.
+    mixed_query_selection: bool = False
+    # DINO look-forward-twice: a layer's box also gets gradients through the next layer's refinement.
+    look_forward_twice: bool = False
+    share_heads: bool = False  # one class head and one box head shared by every decoder layer
+    position_temperature: float = _positive(10000.0)  # sine position encoding (DINO: 20)
+    num_detections: int = _positive(100)  # sigmoid post-processing: top (query, class) pairs kept
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -508,8 +536,10 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
     _validate_backbone(m.backbone, where)
-    if (m.box_refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
-        raise ConfigError(f"{where}: {refinement_error()}")
+    refine = m.box_refine and not m.anchor_boxes  # anchor-box decoders refine with any attention
+    if (refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
+        raise ConfigError(f"{where}: {refinement_error()} (box_refine also works with 'model.anchor_boxes')")
+    _validate_anchor_options(m, where)
     if m.two_stage and not m.box_refine:
         raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")
     _validate_loss_terms(cfg.loss.terms, where)
@@ -526,6 +556,31 @@ def validate(cfg: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
                           "such as '8' or a list such as '0,1'")
     return cfg
+
+
+def _validate_anchor_options(m: ModelConfig, where: str) -> None:
+    """The DINO switches build on the anchor-box decoder."""
+    needs_anchors = {
+        "model.mixed_query_selection": m.mixed_query_selection,
+        "model.look_forward_twice": m.look_forward_twice,
+        "model.denoising.enabled": m.denoising.enabled,
+    }
+    for key, on in needs_anchors.items():
+        if on and not m.anchor_boxes:
+            raise ConfigError(f"{where}: '{key}' needs 'model.anchor_boxes: true' (queries with 4-D boxes)")
+    if m.anchor_boxes and not m.box_refine:
+        raise ConfigError(
+            f"{where}: 'model.anchor_boxes' needs 'model.box_refine: true' (every layer refines the anchors)"
+        )
+    if m.anchor_boxes and m.two_stage:
+        raise ConfigError(
+            f"{where}: 'model.two_stage' is Deformable DETR's; with 'model.anchor_boxes' use "
+            "'model.mixed_query_selection' for encoder proposals"
+        )
+    if m.anchor_boxes and m.classification != "sigmoid":
+        raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.classification: sigmoid' (focal loss)")
+    if m.anchor_boxes and m.hidden_dim % 4:
+        raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.hidden_dim' divisible by 4")
 
 
 def config_from_dict(data: dict | DictConfig, where: str = "config") -> Config:

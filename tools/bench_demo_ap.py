@@ -1,15 +1,17 @@
-"""Benchmark: validation AP of the CPU demo after 5, 10 and 15 minutes of training.
+"""Benchmark: validation AP of CPU demos after 5, 10 and 15 minutes of training, config after config.
 
-    python tools/bench_demo_ap.py [--config configs/demo.yaml] [--minutes 5 10 15]
-                                  [--output-dir runs/bench_demo] [--set key=value ...]
+    python tools/bench_demo_ap.py [--config configs/demo.yaml configs/demo_dino.yaml ...]
+                                  [--minutes 5 10 15] [--output-dir runs/bench_demo] [--set key=value ...]
 
-Trains the config from scratch (Lightning's per-epoch validation switched off) and, as soon as the
-training time (wall clock since training started, minus the time spent evaluating) passes each mark,
-evaluates the whole synthetic validation set with COCOeval and saves a checkpoint. Stops after the
-last mark. Writes `<output-dir>/demo_ap.csv` and `<output-dir>/demo_ap.png` (AP and AP50 against
-training minutes). `cpu_minutes` is the CPU time the training process used (all its threads), which
-shows how much of the wall time the machine actually gave it. Numbers depend on the machine and on
-what else runs on it.
+Trains each config from scratch in turn (Lightning's per-epoch validation switched off) and, as soon
+as the training time (wall clock since training started, minus the time spent evaluating) passes each
+mark, evaluates the whole synthetic validation set with COCOeval and saves a checkpoint (under
+`<output-dir>/<config name>/`). Stops after the last mark. Writes one `<output-dir>/demo_ap.csv` (a
+row per config and mark) and one `<output-dir>/demo_ap.png` (AP against training minutes, a curve per
+config). The default compares the current demo, the DINO demo and the current demo with denoising
+only. `cpu_minutes` is the CPU time the training process used (all its threads), which shows how
+much of the wall time the machine actually gave it. Numbers depend on the machine and on what else
+runs on it.
 """
 
 from __future__ import annotations
@@ -22,48 +24,59 @@ from pathlib import Path
 
 from detr_lab.engine.cli import add_common_arguments, run_tool
 
-FIELDS = ("mark_minutes", "train_minutes", "wall_minutes", "cpu_minutes", "epoch", "global_step",
+DEFAULT_CONFIGS = ["configs/demo.yaml", "configs/demo_dino.yaml", "configs/demo_denoising.yaml"]
+FIELDS = ("config", "mark_minutes", "train_minutes", "wall_minutes", "cpu_minutes", "epoch", "global_step",
           "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_demo_ap.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", nargs="+", default=DEFAULT_CONFIGS, help="configs trained in turn")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0, 15.0], help="marks (minutes)")
     parser.add_argument("--output-dir", default="runs/bench_demo")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
-def write_csv(records, path: Path) -> None:
-    with open(path, "w", newline="") as file:
+def write_csv(runs: dict[str, list], path: Path) -> None:
+    """One row per (config, mark); `runs` maps a config name to its `TimedEvaluation` records."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(FIELDS)
-        for r in records:
-            stats = [f"{r.stats[name]:.4f}" for name in FIELDS[6:]]
-            writer.writerow([f"{r.mark_minutes:g}", f"{r.train_minutes:.2f}", f"{r.wall_minutes:.2f}",
-                             f"{r.cpu_minutes:.2f}", r.epoch, r.global_step, *stats])
+        for config, records in runs.items():
+            for r in records:
+                stats = [f"{r.stats[name]:.4f}" for name in FIELDS[7:]]
+                times = [f"{r.train_minutes:.2f}", f"{r.wall_minutes:.2f}", f"{r.cpu_minutes:.2f}"]
+                writer.writerow([config, f"{r.mark_minutes:g}", *times, r.epoch, r.global_step, *stats])
+    os.replace(tmp, path)
 
 
-def write_plot(records, path: Path, title: str) -> None:
+def write_plot(runs: dict[str, list], path: Path, title: str) -> None:
+    """AP (solid) and AP50 (dashed) against training minutes, one colour per config."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    minutes = [r.train_minutes for r in records]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, style in (("AP", "o-"), ("AP50", "s--")):
-        axes.plot(minutes, [r.stats[name] for r in records], style, label=name)
-    for r in records:
-        axes.annotate(f"{r.stats['AP']:.3f}", (r.train_minutes, r.stats["AP"]), textcoords="offset points",
-                      xytext=(0, 6), ha="center", fontsize=8)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    minutes = [r.train_minutes for records in runs.values() for r in records]
+    for index, (config, records) in enumerate(runs.items()):
+        colour = f"C{index}"
+        times = [r.train_minutes for r in records]
+        axes.plot(times, [r.stats["AP"] for r in records], "o-", color=colour, label=f"{config} AP")
+        ap50 = [r.stats["AP50"] for r in records]
+        axes.plot(times, ap50, "s--", color=colour, alpha=0.5, label=f"{config} AP50")
+        for r in records:
+            point = (r.train_minutes, r.stats["AP"])
+            axes.annotate(f"{r.stats['AP']:.3f}", point, textcoords="offset points", xytext=(0, 6),
+                          ha="center", fontsize=7, color=colour)
     axes.set_xlabel("training time (minutes, evaluation excluded)")
     axes.set_ylabel("COCO box AP (synthetic val)")
     axes.set_ylim(0, 1)
     axes.set_xlim(0, max(minutes) * 1.05 if minutes else 1)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=7)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -81,24 +94,32 @@ def main(argv: list[str] | None = None) -> int:
         from detr_lab.engine.trainer import train
 
         output_dir = Path(args.output_dir)
-        overrides = [
-            *args.overrides,
-            f"trainer.output_dir={output_dir}",
-            "trainer.max_epochs=100000",  # the last mark stops training
-            "trainer.check_val_every_n_epoch=100000",  # evaluation happens at the marks instead
-            "trainer.max_time_minutes=0",  # the marks count training time, not the config's wall budget
-            "trainer.summary=false",  # the marks' table and plot are this tool's summary
-        ]
-        cfg = load_config(args.config, overrides)
-        timed = TimedEvaluation(args.minutes, checkpoint_dir=output_dir / "checkpoints")
-        train(cfg, callbacks=[timed], progress_bar=False)
+        names = [Path(config).stem for config in args.config]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--config: give configs with distinct file names, got {args.config}")
+        configs = {}
+        for name, config in zip(names, args.config, strict=True):
+            overrides = [
+                *args.overrides,
+                f"trainer.output_dir={output_dir / name}",
+                "trainer.max_epochs=100000",  # the last mark stops training
+                "trainer.check_val_every_n_epoch=100000",  # evaluation happens at the marks instead
+                "trainer.max_time_minutes=0",  # the marks count training time, not the config's wall budget
+                "trainer.summary=false",  # the marks' table and plot are this tool's summary
+            ]
+            configs[name] = load_config(config, overrides)  # every config checked before any training
+        runs: dict[str, list] = {}
         csv_path, png_path = output_dir / "demo_ap.csv", output_dir / "demo_ap.png"
-        write_csv(timed.records, csv_path)
-        title = f"{args.config}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
-        write_plot(timed.records, png_path, title)
-        for r in timed.records:
-            print(f"{r.mark_minutes:g} min: AP {r.stats['AP']:.4f}  AP50 {r.stats['AP50']:.4f}  "
-                  f"(epoch {r.epoch}, step {r.global_step}, training {r.train_minutes:.2f} min)")
+        title = f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+        for name, cfg in configs.items():
+            timed = TimedEvaluation(args.minutes, checkpoint_dir=output_dir / name / "checkpoints")
+            train(cfg, callbacks=[timed], progress_bar=False)
+            runs[name] = timed.records
+            write_csv(runs, csv_path)  # after each config, so a stopped run keeps what it measured
+            write_plot(runs, png_path, title)
+            for r in timed.records:
+                print(f"{name} {r.mark_minutes:g} min: AP {r.stats['AP']:.4f}  AP50 {r.stats['AP50']:.4f}  "
+                      f"(epoch {r.epoch}, step {r.global_step}, training {r.train_minutes:.2f} min)")
         print(f"wrote {csv_path} and {png_path}")
 
     return run_tool("bench_demo_ap.py", body, debug=args.debug)

@@ -1,11 +1,13 @@
-"""Convert an official DETR or Deformable DETR checkpoint into a detr_lab checkpoint.
+"""Convert an official DETR, Deformable DETR or DINO checkpoint into a detr_lab checkpoint.
 
     python tools/convert_checkpoint.py detr-r50-e632da11.pth detr_r50.pt
     python tools/convert_checkpoint.py detr-r101-dc5-a2e86def.pth detr_r101_dc5.pt --dilation
     python tools/convert_checkpoint.py r50_deformable_detr-checkpoint.pth deformable_detr_r50.pt
+    python tools/convert_checkpoint.py checkpoint0011_4scale.pth dino_4scale_r50.pt
 
 The architecture is read from the weights; pass what they cannot tell (--dilation for DC5 models,
---num-heads when not 8, --num-queries for the proposal count of a two-stage Deformable DETR).
+--num-heads when not 8, --num-queries for the proposal count of a two-stage Deformable DETR; for
+DINO it is checked against the weights).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Modules:
     family.py            the family record, its registry (`register_family`), key-rule mapping
     detr.py              the official DETR family (facebookresearch/detr)
     deformable_detr.py   the official Deformable DETR family (fundamentalvision/Deformable-DETR)
+    dino.py              the official DINO family (IDEA-Research/DINO)
     weights.py           exact state-dict loads, building a model from a config, config overrides
 
 Safe reading, the atomic writer and the state-dict comparison live in the leaf module

@@ -2,8 +2,9 @@
 
     model, cfg = load_official("detr-r50-e632da11.pth")               # official DETR
     model, cfg = load_official("r50_deformable_detr-checkpoint.pth")  # official Deformable DETR
+    model, cfg = load_official("checkpoint0011_4scale.pth")           # official DINO
 
-Each family (`detr.py`, `deformable_detr.py`) registers itself in `family.OFFICIAL_FAMILIES` when
+Each family (`detr.py`, `deformable_detr.py`, `dino.py`) registers itself in `family.OFFICIAL_FAMILIES` when
 imported; this module imports them all. A key left unmapped or a parameter left unfilled is an
 error, so a partial load cannot pass silently. Class index = COCO category id in official
 checkpoints.
@@ -18,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 # Importing a family module registers it.
-from detr_lab.checkpoints import deformable_detr, detr  # noqa: F401
+from detr_lab.checkpoints import deformable_detr, detr, dino  # noqa: F401
 from detr_lab.checkpoints.family import map_keys, official_family
 from detr_lab.checkpoints.weights import build_loaded, read_source
 from detr_lab.config import Config
@@ -61,14 +62,15 @@ def convert_official(
 
 
 def load_official(checkpoint: str | os.PathLike | Mapping, **overrides: Any) -> tuple[nn.Module, Config]:
-    """Load an official DETR or Deformable DETR checkpoint into a detr_lab model.
+    """Load an official DETR, Deformable DETR or DINO checkpoint into a detr_lab model.
 
     Args:
         checkpoint: a file path, a dict with `model`, or a bare official state dict.
         overrides: what weights cannot tell: `dilation=True` (DC5), `num_heads=N` (default 8; for
             Deformable DETR the sampling points per level follow from it); `num_queries=N` is checked
             against the weights, or sets the proposal count of a two-stage Deformable DETR (which has
-            no query embedding; default 300).
+            no query embedding; default 300); DINO: `share_heads=False` keeps differing per-layer
+            head copies apart (default: shared, the official recipe).
     Returns:
         (eval-mode model, `Config` describing it). The architecture (backbone depth, layer counts,
         widths, query and class counts; for Deformable DETR also the feature levels, sampling

@@ -27,9 +27,12 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
 from detr_lab.models.criterion import SetCriterion
 from detr_lab.models.detector import DeformableDetector, Detector, group_norm_projection
+from detr_lab.models.dino import AnchorDetector
+from detr_lab.models.dn_criterion import DenoisingCriterion
 from detr_lab.models.matcher import HungarianMatcher
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
 from detr_lab.models.postprocess import PostProcess
+from detr_lab.models.queries.denoising import ContrastiveDenoising
 from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, Transformer
 
 
@@ -54,7 +57,10 @@ LEVEL_STRIDES = {1: (32,), 2: (16, 32), 3: (8, 16, 32), 4: (8, 16, 32, 64)}
 
 
 def backbone_stages(num_levels: int) -> tuple[int, ...]:
-    """ResNet stages feeding `num_levels` levels: C5; C4-C5; C3-C5; C3-C5 plus extra strided levels."""
+    """ResNet stages feeding `num_levels` levels: C5; C4-C5; C3-C5; C3-C5 plus an extra strided level;
+    C2-C5 plus one (5 levels, DINO 5-scale)."""
+    if num_levels >= 5:
+        return (1, 2, 3, 4)
     return ((4,), (3, 4))[num_levels - 1] if num_levels < 3 else (2, 3, 4)
 
 
@@ -126,19 +132,22 @@ def build_input_proj(cfg: ModelConfig, backbone: Backbone) -> list[nn.Module]:
 
 
 def build_position_encoding(cfg: ModelConfig) -> nn.Module:
-    """Sine (Deformable DETR's half-pixel offset for multi-scale inputs) or learned."""
+    """Sine (Deformable DETR's half-pixel offset for multi-scale inputs; none for anchor-box models,
+    as DINO; temperature `cfg.position_temperature`) or learned."""
     if cfg.hidden_dim % 2:
         raise ValueError(f"model.hidden_dim ({cfg.hidden_dim}) must be even for a 2-D position encoding")
     if cfg.position_encoding == "learned":
         return LearnedPositionEncoding(cfg.hidden_dim // 2)
-    return SinePositionEncoding(cfg.hidden_dim // 2, offset=-0.5 if multiscale_inputs(cfg) else 0.0)
+    offset = -0.5 if multiscale_inputs(cfg) and not cfg.anchor_boxes else 0.0
+    return SinePositionEncoding(cfg.hidden_dim // 2, temperature=cfg.position_temperature, offset=offset)
 
 
 def build_transformer(cfg: ModelConfig) -> Transformer:
     """Post-norm encoder/decoder with the configured attention modules.
 
     The decoder applies a final LayerNorm to every layer's output when its cross-attention's spec
-    says so (DETR), none otherwise (Deformable DETR). Multi-scale inputs add a learned level embedding.
+    says so (DETR) or for anchor-box (DINO) decoders, none otherwise (Deformable DETR). Multi-scale
+    inputs add a learned level embedding.
     """
     d, ffn, dropout = cfg.hidden_dim, cfg.ffn_dim, cfg.dropout
     encoder_layers = [
@@ -161,7 +170,7 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
         for _ in range(cfg.decoder.num_layers)
     ]
     cross_spec = attention_spec(cfg.decoder.cross_attention, "decoder")
-    final_norm = nn.LayerNorm(d) if cross_spec.final_decoder_norm else None
+    final_norm = nn.LayerNorm(d) if cross_spec.final_decoder_norm or cfg.anchor_boxes else None
     num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) else None
     return Transformer(
         Encoder(encoder_layers), Decoder(decoder_layers, final_norm), embed_dim=d, num_levels=num_levels
@@ -169,17 +178,34 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Options only the reference-point (Deformable DETR) head has (the config validator checks the same)."""
-    if (cfg.box_refine or cfg.two_stage) and not reference_point_head(cfg):
-        raise ValueError(refinement_error())
+    """Options only some heads have (the config validator checks the same)."""
+    refine = cfg.box_refine and not cfg.anchor_boxes  # anchor-box decoders refine with any attention
+    if (refine or cfg.two_stage) and not reference_point_head(cfg):
+        raise ValueError(refinement_error() + " (box_refine also works with 'model.anchor_boxes')")
+    if cfg.anchor_boxes and cfg.classification != "sigmoid":
+        raise ValueError("'model.anchor_boxes' needs 'model.classification: sigmoid' (focal loss)")
 
 
-def build_model(cfg: ModelConfig) -> Detector | DeformableDetector:
+def build_denoising(cfg: ModelConfig) -> ContrastiveDenoising | None:
+    dn = cfg.denoising
+    if not dn.enabled:
+        return None
+    return ContrastiveDenoising(
+        cfg.hidden_dim,
+        cfg.num_classes,
+        dn_number=dn.dn_number,
+        label_noise_ratio=dn.label_noise_ratio,
+        box_noise_scale=dn.box_noise_scale,
+    )
+
+
+def build_model(cfg: ModelConfig) -> Detector | DeformableDetector | AnchorDetector:
     """The detector described by `cfg` (randomly initialised apart from optional ImageNet weights).
 
-    A decoder cross-attention with reference points (its spec's `reference_points`, e.g. deformable)
-    gives a `DeformableDetector` (boxes relative to the reference points, optional box refinement and
-    two-stage); otherwise a DETR `Detector`.
+    `anchor_boxes` gives an `AnchorDetector` (DAB/DINO: 4-D anchor queries with the DINO switches);
+    else a decoder cross-attention with reference points (its spec's `reference_points`, e.g.
+    deformable) gives a `DeformableDetector` (boxes relative to the reference points, optional box
+    refinement and two-stage); otherwise a DETR `Detector`.
     """
     check_supported(cfg)
     transformer = build_transformer(cfg)
@@ -194,6 +220,15 @@ def build_model(cfg: ModelConfig) -> Detector | DeformableDetector:
         aux_loss=cfg.aux_loss,
         classification=cfg.classification,
     )
+    if cfg.anchor_boxes:
+        common.pop("classification")
+        return AnchorDetector(
+            **common,
+            share_heads=cfg.share_heads,
+            mixed_query_selection=cfg.mixed_query_selection,
+            look_forward_twice=cfg.look_forward_twice,
+            denoising=build_denoising(cfg),
+        )
     if reference_point_head(cfg):
         return DeformableDetector(**common, box_refine=cfg.box_refine, two_stage=cfg.two_stage)
     return Detector(**common)
@@ -211,7 +246,25 @@ def build_matcher(model_cfg: ModelConfig, loss_cfg: LossConfig) -> HungarianMatc
 
 
 def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterion:
-    """Set loss with its matcher; weights and costs come from `loss_cfg` only."""
+    """Set loss with its matcher; weights and costs come from `loss_cfg` only.
+
+    Anchor-box models get the `DenoisingCriterion` (proposals scored with their real classes,
+    denoising terms when `model.denoising.enabled`).
+    """
+    if model_cfg.anchor_boxes:
+        return DenoisingCriterion(
+            model_cfg.num_classes,
+            build_matcher(model_cfg, loss_cfg),
+            class_weight=loss_cfg.class_weight,
+            bbox_weight=loss_cfg.bbox_weight,
+            giou_weight=loss_cfg.giou_weight,
+            num_aux_layers=model_cfg.decoder.num_layers - 1 if model_cfg.aux_loss else 0,
+            proposals=model_cfg.mixed_query_selection,
+            denoising=model_cfg.denoising.enabled,
+            focal_alpha=loss_cfg.focal_alpha,
+            focal_gamma=loss_cfg.focal_gamma,
+            terms=loss_cfg.terms,
+        )
     return SetCriterion(
         model_cfg.num_classes,
         build_matcher(model_cfg, loss_cfg),
@@ -229,4 +282,4 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
 
 
 def build_postprocess(cfg: ModelConfig) -> PostProcess:
-    return PostProcess(cfg.classification)
+    return PostProcess(cfg.classification, num_top=cfg.num_detections)

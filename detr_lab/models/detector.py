@@ -13,11 +13,12 @@ import copy
 import math
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_lab.models.backbones import Backbone, downsample_mask
+from detr_lab.models.queries import QuerySet
+from detr_lab.models.queries.learned import deformable_queries, detr_queries
 from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
 from detr_lab.models.two_stage import TwoStageQueries
 
@@ -209,10 +210,8 @@ class Detector(DetectorBase):
             `memory_padding_mask` bool `[B, S]` (True = padding; S = sum of H_l * W_l over the levels).
         """
         features, masks, pos = self.feature_levels(images, padding_mask)
-        batch = images.shape[0]
-        query_pos = self.query_embed.weight[None].expand(batch, -1, -1)  # (B, Q, d)
-        queries = torch.zeros_like(query_pos)
-        decoded, encoded = self.transformer(features, masks, pos, queries, query_pos)
+        query_set = detr_queries(self.query_embed, images.shape[0])
+        decoded, encoded = self.transformer(features, masks, pos, query_set.queries, query_set.query_pos)
         hidden = decoded.hidden  # (L, B, Q, d)
         outputs = layer_outputs(self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), self.aux_loss)
         if return_memory:
@@ -306,26 +305,13 @@ class DeformableDetector(DetectorBase):
     def box_head(self, layer: int) -> nn.Module:
         return self.bbox_embed[layer] if self.box_refine else self.bbox_embed
 
-    def initial_queries(
-        self, encoded: EncoderOutput, batch: int
-    ) -> tuple[Tensor, Tensor, Tensor, dict | None]:
-        """-> (queries, query_pos `[B, Q, d]`, reference points `[B, Q, 2 or 4]`, enc_outputs or None)."""
+    def initial_queries(self, encoded: EncoderOutput, batch: int) -> QuerySet:
+        """The query set: learned embeddings (`deformable_queries`, reference points `[B, Q, 2]`) or the
+        two-stage proposals (`TwoStageQueries.query_set`, reference boxes `[B, Q, 4]`, `enc_outputs`)."""
         if self.proposal_queries is None:
-            d = self.transformer.embed_dim
-            query_pos, queries = self.query_embed.weight.split(d, dim=1)  # (Q, d) each
-            query_pos = query_pos[None].expand(batch, -1, -1)
-            queries = queries[None].expand(batch, -1, -1)
-            reference_points = self.reference_points_head(query_pos).sigmoid()  # (B, Q, 2)
-            return queries, query_pos, reference_points, None
-        # (B, S, d) features and (B, S, 4) proposals in logit space
-        proposal_features, proposals = self.proposal_queries.proposal_features(encoded)
-        layer = self.num_decoder_layers
-        proposal_logits = self.class_head(layer)(proposal_features)  # (B, S, C)
-        proposal_boxes = self.box_head(layer)(proposal_features) + proposals  # logit space, inf = unusable
-        chosen = self.proposal_queries.select(proposal_logits[..., 0], proposal_boxes)  # (B, Q, 4)
-        query_pos, queries = self.proposal_queries.queries(chosen)
-        enc_outputs = {"pred_logits": proposal_logits, "pred_boxes": proposal_boxes.sigmoid()}
-        return queries, query_pos, chosen.sigmoid(), enc_outputs
+            return deformable_queries(self.query_embed, self.reference_points_head, batch)
+        layer = self.num_decoder_layers  # the proposal heads follow the decoder layers' heads
+        return self.proposal_queries.query_set(encoded, self.class_head(layer), self.box_head(layer))
 
     def forward(self, images: Tensor, padding_mask: Tensor, *, return_memory: bool = False) -> dict:
         """Detect objects in a padded batch.
@@ -344,12 +330,12 @@ class DeformableDetector(DetectorBase):
         """
         features, masks, pos = self.feature_levels(images, padding_mask)
         encoded = self.transformer.encode(features, masks, pos)
-        queries, query_pos, reference_points, enc_outputs = self.initial_queries(encoded, images.shape[0])
+        query_set = self.initial_queries(encoded, images.shape[0])
         decoded = self.transformer.decode(
-            queries,
-            query_pos,
+            query_set.queries,
+            query_set.query_pos,
             encoded,
-            reference_points=reference_points,
+            reference_points=query_set.reference_points,
             box_heads=self.bbox_embed if self.box_refine else None,
         )
         logits, boxes = [], []
@@ -357,8 +343,8 @@ class DeformableDetector(DetectorBase):
             logits.append(self.class_head(layer)(hidden))
             boxes.append(refine_boxes(self.box_head(layer)(hidden), reference))
         outputs = layer_outputs(logits, boxes, self.aux_loss)
-        if enc_outputs is not None:
-            outputs["enc_outputs"] = enc_outputs
+        if "enc_outputs" in query_set.meta:
+            outputs["enc_outputs"] = query_set.meta["enc_outputs"]
         if return_memory:
             outputs.update(self.memory_outputs(encoded))
         return outputs

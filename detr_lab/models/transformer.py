@@ -124,14 +124,18 @@ class DecoderLayer(nn.Module):
         reference_points: Tensor | None = None,
         spatial_shapes: Tensor | None = None,
         level_start_index: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """`queries`, `query_pos` `[B, Q, d]`; `memory`, `memory_pos` `[B, S, d]` -> queries `[B, Q, d]`.
 
         `memory_padding_mask` bool `[B, S]` (True = padding). `reference_points` `[B, Q, levels, 2 or 4]`
         (normalized), `spatial_shapes`, `level_start_index` are passed to the cross-attention.
+        `self_attn_mask` bool `[Q, Q]` (True = may NOT attend; e.g. the denoising groups) is passed to
+        the self-attention as `attn_mask`.
         """
         query_key = queries + query_pos
-        attended = self.self_attn(query=query_key, key=query_key, value=queries)
+        mask_kwargs = {} if self_attn_mask is None else {"attn_mask": self_attn_mask}
+        attended = self.self_attn(query=query_key, key=query_key, value=queries, **mask_kwargs)
         queries = self.self_attn_norm(queries + self.self_attn_dropout(attended))
         attended = self.cross_attn(
             query=queries + query_pos,
@@ -166,17 +170,18 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def refine_boxes(deltas: Tensor, reference: Tensor) -> Tensor:
+def refine_boxes(deltas: Tensor, reference: Tensor, *, eps: float = 1e-5) -> Tensor:
     """Boxes predicted relative to reference points: `sigmoid(deltas + logit(reference))`.
 
     Args:
         deltas: `[..., 4]` unnormalized (cx, cy, w, h) offsets in logit space.
         reference: `[..., 4]` normalized boxes (cx, cy, w, h), or `[..., 2]` normalized points (x, y),
             which shift only the centre.
+        eps: the logit's clamp (Deformable DETR 1e-5, DINO 1e-3).
     Returns:
         `[..., 4]` normalized cxcywh boxes.
     """
-    logits = inverse_sigmoid(reference)
+    logits = inverse_sigmoid(reference, eps)
     if reference.shape[-1] == 4:
         return (deltas + logits).sigmoid()
     if reference.shape[-1] != 2:
@@ -191,7 +196,8 @@ class DecoderOutput:
     hidden `[num_layers, B, Q, d]`; references: one `[B, Q, 2 or 4]` per layer, the normalized
     reference points (x, y) or boxes (cx, cy, w, h) *entering* that layer, relative to each image's
     unpadded extent (with box refinement, points become boxes after the first layer); None when the
-    decoder ran without reference points.
+    decoder ran without reference points. With look-forward-twice, the references of layers after
+    the first carry the gradient of the previous layer's refinement (the values are the same).
     """
 
     hidden: Tensor
@@ -231,26 +237,44 @@ class Decoder(nn.Module):
     def forward(
         self,
         queries: Tensor,
-        query_pos: Tensor,
+        query_pos: Tensor | None,
         memory: Tensor,
         memory_pos: Tensor,
         *,
         reference_points: Tensor | None = None,
         valid_ratios: Tensor | None = None,
         box_heads: Sequence[nn.Module] | None = None,
+        query_pos_head: nn.Module | None = None,
+        self_attn_mask: Tensor | None = None,
+        look_forward_twice: bool = False,
+        logit_eps: float = 1e-5,
         **kwargs,
     ) -> DecoderOutput:
         """Queries `[B, Q, d]` through every layer.
 
         Args:
-            queries, query_pos: `[B, Q, d]`. memory, memory_pos: `[B, S, d]`.
+            queries: `[B, Q, d]`. query_pos: `[B, Q, d]`, or None with `query_pos_head`.
+            memory, memory_pos: `[B, S, d]`.
             reference_points: `[B, Q, 2]` normalized (x, y) or `[B, Q, 4]` normalized (cx, cy, w, h),
                 relative to each image's unpadded extent; needs `valid_ratios` `[B, levels, 2]`.
             box_heads: one module per layer mapping `[B, Q, d]` -> `[B, Q, 4]` box deltas; refines the
                 reference points between layers (needs `reference_points`).
+            query_pos_head: DAB/DINO: maps each layer's current reference boxes (scaled to the first
+                level, `[B, Q, 4]`) to that layer's `query_pos` `[B, Q, d]`, replacing `query_pos`.
+            self_attn_mask: bool `[Q, Q]` (True = may NOT attend), given to every layer's self-attention.
+            look_forward_twice: DINO: the references returned for layer i + 1 keep the gradient of
+                layer i's refinement (the next layer's input stays detached, as the official code).
+            logit_eps: clamp of the logit in the box refinement (Deformable DETR 1e-5, DINO 1e-3).
             kwargs: passed to every `DecoderLayer.forward` (`memory_padding_mask`, `spatial_shapes`,
                 `level_start_index`).
+        Raises:
+            ValueError: box heads without reference points or too few of them; reference points without
+                valid ratios; a `query_pos_head` without reference boxes; neither query_pos nor its head.
         """
+        if query_pos_head is not None and (reference_points is None or reference_points.shape[-1] != 4):
+            raise ValueError("a query-position head needs [B, Q, 4] reference boxes")
+        if query_pos is None and query_pos_head is None:
+            raise ValueError("the decoder needs query_pos or a query_pos_head")
         if box_heads is not None and (reference_points is None or len(box_heads) < len(self.layers)):
             raise ValueError(
                 f"box refinement needs reference points and one box head per decoder layer "
@@ -259,16 +283,23 @@ class Decoder(nn.Module):
             )
         if reference_points is not None and valid_ratios is None:
             raise ValueError("reference points need the valid ratios of the feature levels")
+        if self_attn_mask is not None:
+            kwargs["self_attn_mask"] = self_attn_mask
         outputs, references = [], []
+        returned_reference = reference_points  # what the detector predicts relative to
         for index, layer in enumerate(self.layers):
             level_points = None
             if reference_points is not None:
-                references.append(reference_points)
+                references.append(returned_reference)
                 level_points = self.level_reference_points(reference_points, valid_ratios)
+            if query_pos_head is not None:
+                query_pos = query_pos_head(level_points[:, :, 0])  # boxes scaled to the first level
             queries = layer(queries, query_pos, memory, memory_pos, reference_points=level_points, **kwargs)
             outputs.append(self.norm(queries) if self.norm is not None else queries)
             if box_heads is not None:
-                reference_points = refine_boxes(box_heads[index](queries), reference_points).detach()
+                refined = refine_boxes(box_heads[index](queries), reference_points, eps=logit_eps)
+                reference_points = refined.detach()
+                returned_reference = refined if look_forward_twice else reference_points
         return DecoderOutput(torch.stack(outputs), references if references else None)
 
 
@@ -437,12 +468,14 @@ class Transformer(nn.Module):
         *,
         reference_points: Tensor | None = None,
         box_heads: Sequence[nn.Module] | None = None,
+        **decoder_options,
     ) -> DecoderOutput:
         """Decode queries `[B, Q, d]` with embeddings `query_pos` `[B, Q, d]` against the memory.
 
         `reference_points` `[B, Q, 2 or 4]` are normalized to each image's unpadded extent; the
         decoder scales them to every level for the cross-attention. `box_heads` (one per layer)
-        turn on iterative box refinement (see `Decoder`).
+        turn on iterative box refinement; `decoder_options` (`query_pos_head`, `self_attn_mask`,
+        `look_forward_twice`, `logit_eps`) go to `Decoder.forward`.
         """
         return self.decoder(
             queries,
@@ -452,6 +485,7 @@ class Transformer(nn.Module):
             reference_points=reference_points,
             valid_ratios=encoded.valid_ratios,
             box_heads=box_heads,
+            **decoder_options,
             memory_padding_mask=encoded.memory_padding_mask,
             spatial_shapes=encoded.spatial_shapes,
             level_start_index=encoded.level_start_index,

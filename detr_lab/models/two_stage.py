@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from detr_lab.models.queries import QuerySet
 from detr_lab.models.transformer import EncoderOutput
 
 # Proposals whose box leaves (0.01, 0.99) in any coordinate are dropped (their logits become +inf).
@@ -138,3 +139,22 @@ class TwoStageQueries(nn.Module):
         embedding = proposal_sine_embedding(chosen, self.embed_dim // 2)  # (B, K, 2d)
         query_pos, queries = self.query_norm(self.query_proj(embedding)).split(self.embed_dim, dim=-1)
         return query_pos, queries
+
+    def query_set(self, encoded: EncoderOutput, class_head: nn.Module, box_head: nn.Module) -> QuerySet:
+        """Two-stage queries from the encoder output, scored and refined by the proposal heads.
+
+        Args:
+            encoded: the encoder output. class_head: `[B, S, d]` -> `[B, S, C]` logits (the first
+                class ranks the proposals); box_head: `[B, S, d]` -> `[B, S, 4]` deltas in logit space.
+        Returns:
+            `QuerySet`: queries and query_pos `[B, K, d]`, reference boxes `[B, K, 4]` normalized cxcywh
+            (detached), meta `enc_outputs`: every token's proposal, `pred_logits` `[B, S, C]` and
+            `pred_boxes` `[B, S, 4]` (unusable ones at (1, 1, 1, 1)).
+        """
+        features, proposals = self.proposal_features(encoded)  # (B, S, d), (B, S, 4) logit space
+        logits = class_head(features)  # (B, S, C)
+        boxes = box_head(features) + proposals  # logit space, inf = unusable
+        chosen = self.select(logits[..., 0], boxes)  # (B, K, 4)
+        query_pos, queries = self.queries(chosen)
+        enc_outputs = {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+        return QuerySet(queries, chosen.sigmoid(), meta={"enc_outputs": enc_outputs}, query_pos=query_pos)

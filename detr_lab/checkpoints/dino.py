@@ -1,0 +1,269 @@
+"""Official IDEA-Research/DINO checkpoints -> detr_lab `AnchorDetector` (the DINO family).
+
+Registers the DINO family (first: its keys include Deformable DETR's), so `load_official` and
+`tools/convert_checkpoint.py` accept DINO R50 checkpoints (4-scale and 5-scale, two-stage "standard"
+with learned content queries, or learned anchors). The architecture comes from the weights: levels
+(`transformer.level_embed`), backbone stages (the first input projection's channels), layer counts,
+query count (`transformer.tgt_embed`), classes (`class_embed.0`), sampling points, denoising
+(`label_enc`). What the weights cannot tell follows `config/DINO/DINO_4scale.py`: sine encoding at
+temperature 20, dropout 0, denoising with dn_number 100, label noise 0.5, box noise 0.4, top-300
+post-processing, focal matching costs 2/5/2 and loss weights 1/5/2.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from detr_lab.checkpoints.deformable_detr import _deformable_points
+from detr_lab.checkpoints.family import (
+    OFFICIAL_FAMILIES,
+    CheckpointWarning,
+    KeyRule,
+    OfficialFamily,
+    count_indices,
+    infer_resnet,
+    register_family,
+    require_key,
+)
+from detr_lab.config import Config, config_from_dict
+from detr_lab.io import CheckpointError
+from detr_lab.models.build import backbone_stages
+
+FAMILY = "DINO"
+RESNET_STAGE_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}  # bottleneck ResNets (R50/R101)
+_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
+_ATTENTION = (
+    r"(?P<attn>self_attn|cross_attn)\.(?P<part>sampling_offsets|attention_weights|value_proj|output_proj)"
+)
+_MLP = r"layers\.(?P<k>\d+)\.(?P<p>weight|bias)"
+
+DINO_KEY_RULES: list[KeyRule] = [
+    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
+    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
+    (r"input_proj\.(?P<l>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)", ("input_proj.{l}.{k}.{p}",)),
+    (r"transformer\.level_embed", ("transformer.level_embed",)),
+    (r"transformer\.tgt_embed\.weight", ("query_source.content.weight",)),
+    (r"transformer\.refpoint_embed\.weight", ("query_source.anchors.weight",)),
+    (r"transformer\.enc_output\.(?P<p>weight|bias)", ("query_source.memory_proj.{p}",)),
+    (r"transformer\.enc_output_norm\.(?P<p>weight|bias)", ("query_source.memory_norm.{p}",)),
+    (r"transformer\.enc_out_class_embed\.(?P<p>weight|bias)", ("query_source.class_head.{p}",)),
+    (r"transformer\.enc_out_bbox_embed\." + _MLP, ("query_source.box_head.layers.{k}.{p}",)),
+    (r"transformer\.decoder\.ref_point_head\." + _MLP, ("query_pos_head.layers.{k}.{p}",)),
+    (r"transformer\.decoder\.norm\.(?P<p>weight|bias)", ("transformer.decoder.norm.{p}",)),
+    (r"label_enc\.weight", ("denoising.label_embed.weight",)),
+    # Heads: one per layer, or one shared module (`prepare` reduced the copies to `class_embed.weight`).
+    (r"class_embed\.(?:(?P<j>\d+)\.)?(?P<p>weight|bias)", ("class_embed.{j}{p}",)),
+    (r"bbox_embed\.(?:(?P<j>\d+)\.)?" + _MLP, ("bbox_embed.{j}layers.{k}.{p}",)),
+    (_LAYER + _ATTENTION + r"\.(?P<p>weight|bias)", ("transformer.{stack}.layers.{i}.{attn}.{part}.{p}",)),
+    (
+        r"transformer\.decoder\.layers\.(?P<i>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
+        (
+            "transformer.decoder.layers.{i}.self_attn.q_proj.{p}",
+            "transformer.decoder.layers.{i}.self_attn.k_proj.{p}",
+            "transformer.decoder.layers.{i}.self_attn.v_proj.{p}",
+        ),
+    ),
+    (
+        r"transformer\.decoder\.layers\.(?P<i>\d+)\.self_attn\.out_proj\.(?P<p>weight|bias)",
+        ("transformer.decoder.layers.{i}.self_attn.out_proj.{p}",),
+    ),
+    (
+        _LAYER + r"linear(?P<n>[12])\.(?P<p>weight|bias)",
+        ("transformer.{stack}.layers.{i}.ffn.linear{n}.{p}",),
+    ),
+    (_LAYER + r"norm(?P<norm>[123])\.(?P<p>weight|bias)", ("transformer.{stack}.layers.{i}.{norm}.{p}",)),
+]
+# As Deformable DETR: decoder self-attention -> norm2, cross-attention -> norm1, feed-forward -> norm3.
+_NORMS = {
+    "encoder": {"1": "self_attn_norm", "2": "ffn_norm"},
+    "decoder": {"1": "cross_attn_norm", "2": "self_attn_norm", "3": "ffn_norm"},
+}
+_DECODER_HEAD_PREFIXES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
+
+
+def _fields(groups: dict[str, str]) -> dict[str, str] | None:
+    fields = dict(groups)
+    if "j" in fields:
+        fields["j"] = f"{fields['j']}." if fields["j"] is not None else ""
+    if "norm" in fields:
+        norm = _NORMS[fields["stack"]].get(fields["norm"])
+        if norm is None:
+            return None
+        fields["norm"] = norm
+    if fields.get("attn") == "self_attn" and fields.get("stack") == "decoder":
+        return None  # plain multi-head self-attention: the in_proj/out_proj rules
+    if fields.get("attn") == "cross_attn" and fields.get("stack") == "encoder":
+        return None
+    return fields
+
+
+def is_dino(state: Mapping[str, Tensor]) -> bool:
+    return (
+        "transformer.tgt_embed.weight" in state
+        and "transformer.decoder.ref_point_head.layers.0.weight" in state
+    )
+
+
+def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -> Config:
+    """The `Config` an official DINO state dict describes (see the module docstring)."""
+    num_levels, hidden_dim = require_key(state, "transformer.level_embed", FAMILY, ndim=2).shape
+    if not 1 <= num_levels <= 5:
+        raise CheckpointError(f"official {FAMILY} checkpoint: {num_levels} feature levels (supported: 1-5)")
+    projections = count_indices(state, "input_proj.")
+    if projections != num_levels:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: {projections} input projections but level_embed has "
+            f"{num_levels} levels"
+        )
+    backbone = infer_resnet(state, "backbone.0.body.")
+    first_channels = require_key(state, "input_proj.0.0.weight", FAMILY, ndim=4).shape[1]
+    first_stage = backbone_stages(num_levels)[0]
+    if backbone in ("resnet50", "resnet101") and first_channels != RESNET_STAGE_CHANNELS[first_stage]:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: input_proj.0 takes {first_channels} channels; with {num_levels} "
+            f"levels detr_lab feeds it ResNet stage C{first_stage + 1} ({RESNET_STAGE_CHANNELS[first_stage]})"
+        )
+    encoder_layers = count_indices(state, "transformer.encoder.layers.")
+    decoder_layers = count_indices(state, "transformer.decoder.layers.")
+    num_queries = require_key(state, "transformer.tgt_embed.weight", FAMILY, ndim=2).shape[0]
+    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
+        raise CheckpointError(
+            f"num_queries={overrides['num_queries']} given, but the checkpoint's transformer.tgt_embed holds "
+            f"{num_queries} queries"
+        )
+    num_classes = require_key(state, "class_embed.0.weight", FAMILY, ndim=2).shape[0]
+    if count_indices(state, "class_embed.") != decoder_layers:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: {count_indices(state, 'class_embed.')} class heads for "
+            f"{decoder_layers} decoder layers"
+        )
+    mixed = "transformer.enc_output.weight" in state
+    if not mixed and "transformer.refpoint_embed.weight" not in state:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: neither encoder proposals (transformer.enc_output) nor learned "
+            "anchors (transformer.refpoint_embed)"
+        )
+    denoising = "label_enc.weight" in state
+    if denoising and state["label_enc.weight"].shape[0] != num_classes + 1:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: label_enc has {state['label_enc.weight'].shape[0]} rows; "
+            f"detr_lab's denoising label embedding has num_classes + 1 = {num_classes + 1}"
+        )
+    stack = "encoder" if encoder_layers else "decoder"
+    ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", FAMILY, ndim=2).shape[0]
+    num_heads = int(overrides.get("num_heads", 8))
+    if hidden_dim % num_heads:
+        raise CheckpointError(f"num_heads={num_heads} does not divide the checkpoint's width {hidden_dim}")
+    encoder_points = (
+        _deformable_points(state, "transformer.encoder.layers.0.self_attn", num_heads, num_levels)
+        if encoder_layers
+        else 4
+    )
+    decoder_points = _deformable_points(
+        state, "transformer.decoder.layers.0.cross_attn", num_heads, num_levels
+    )
+    model = {
+        "num_classes": num_classes,
+        "hidden_dim": hidden_dim,
+        "num_heads": num_heads,
+        "ffn_dim": ffn_dim,
+        "dropout": 0.0,
+        "num_queries": num_queries,
+        "num_feature_levels": num_levels,
+        "position_encoding": "sine",
+        "position_temperature": 20.0,
+        "classification": "sigmoid",
+        "box_refine": True,
+        "anchor_boxes": True,
+        "mixed_query_selection": mixed,
+        "look_forward_twice": True,
+        "share_heads": bool(overrides.get("share_heads", True)),
+        "num_detections": 300,
+        "denoising": {
+            "enabled": denoising,
+            "dn_number": 100,
+            "label_noise_ratio": 0.5,
+            "box_noise_scale": 0.4,
+        },
+        "backbone": {
+            "name": backbone,
+            "dilation": bool(overrides.get("dilation", False)),
+            "pretrained": False,
+            "weights_path": None,
+        },
+        "encoder": {"num_layers": encoder_layers, "attention": "deformable", "num_points": encoder_points},
+        "decoder": {
+            "num_layers": decoder_layers,
+            "cross_attention": "deformable",
+            "num_points": decoder_points,
+        },
+    }
+    loss = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "class_weight": 1.0, "bbox_weight": 5.0}
+    loss.update({"giou_weight": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0})
+    return config_from_dict({"model": model, "loss": loss}, f"official {FAMILY} checkpoint")
+
+
+def resolve_dino_heads(state: dict[str, Tensor], cfg: Config, source: str) -> dict[str, Tensor]:
+    """Reduce the official head aliases to one key per tensor.
+
+    The official model lists its decoder heads twice (`class_embed.j` and the decoder's
+    `transformer.decoder.class_embed.j`) and, with shared heads, one module once per layer. Loading a
+    state dict into it leaves each tensor with the value of the key loaded last: the detector's own
+    head, the highest layer index. The same values are kept here; copies that differ (never in a
+    trained checkpoint) are reported in a `CheckpointWarning`.
+    """
+    state = dict(state)
+    differing: list[str] = []
+    for key in [k for k in state if k.startswith(_DECODER_HEAD_PREFIXES)]:
+        head_key = key[len("transformer.decoder.") :]
+        if head_key not in state:
+            raise CheckpointError(
+                f"{source}: '{key}' has no counterpart '{head_key}' among the detector heads"
+            )
+        if not torch.equal(state[key], state[head_key]):
+            differing.append(key)
+        del state[key]
+    if cfg.model.share_heads:
+        for head in ("class_embed", "bbox_embed"):
+            copies: dict[str, dict[int, str]] = {}
+            for key in state:
+                if m := re.fullmatch(rf"{head}\.(\d+)\.(.+)", key):
+                    copies.setdefault(m.group(2), {})[int(m.group(1))] = key
+            for rest, by_layer in copies.items():
+                kept = state[by_layer[max(by_layer)]]
+                for key in by_layer.values():
+                    if not torch.equal(state[key], kept):
+                        differing.append(key)
+                    del state[key]
+                state[f"{head}.{rest}"] = kept
+    if differing:
+        warnings.warn(
+            f"{source}: {len(differing)} official key(s) alias a shared head but hold other values "
+            f"(e.g. {', '.join(differing[:3])}); kept the values the official model loads last "
+            "(the detector's heads; the last layer's copy of a shared head)",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return state
+
+
+DINO_FAMILY = register_family(
+    OfficialFamily(
+        name=FAMILY,
+        override_keys=("dilation", "num_heads", "num_queries", "share_heads"),
+        matches=is_dino,
+        infer_config=infer_dino_config,
+        rules=DINO_KEY_RULES,
+        fields=_fields,
+        prepare=resolve_dino_heads,
+    )
+)
+# Checked before Deformable DETR, whose keys a DINO checkpoint also has.
+OFFICIAL_FAMILIES.remove(DINO_FAMILY)
+OFFICIAL_FAMILIES.insert(0, DINO_FAMILY)

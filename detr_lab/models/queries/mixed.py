@@ -1,0 +1,69 @@
+"""DINO mixed query selection: encoder proposals give the anchors, the content queries are learned.
+
+Every encoder token proposes a box centred on its pixel (the two-stage proposals of
+`detr_lab.models.two_stage`); a class head and a box head (the proposal heads, separate from the
+decoder's) score and refine them; the top-K tokens by their best class logit give the decoder's
+anchor boxes (detached) and the content queries are the learned `content` (`tgt_embed`), as
+`DeformableTransformer.forward` with `two_stage_type='standard'` and `embed_init_tgt=True` in the
+official DINO code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detr_lab.models.queries import QuerySet
+from detr_lab.models.transformer import EncoderOutput
+from detr_lab.models.two_stage import encoder_proposals
+
+
+class MixedQuerySelection(nn.Module):
+    """Top-K encoder proposals as anchors plus learned content.
+
+    Args:
+        embed_dim: model width d. num_queries: K. class_head: `[..., d]` -> `[..., C]` logits;
+        box_head: `[..., d]` -> `[..., 4]` box deltas in logit space (both owned here; DINO's
+        `enc_out_class_embed` / `enc_out_bbox_embed`).
+
+    Attributes: `memory_proj` + `memory_norm` (DINO's `enc_output`, `enc_output_norm`), `class_head`,
+    `box_head`, `content` (`nn.Embedding(K, d)`, DINO's `tgt_embed`).
+    """
+
+    def __init__(
+        self, embed_dim: int, num_queries: int, *, class_head: nn.Module, box_head: nn.Module
+    ) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.memory_proj = nn.Linear(embed_dim, embed_dim)
+        self.memory_norm = nn.LayerNorm(embed_dim)
+        nn.init.xavier_uniform_(self.memory_proj.weight)
+        self.class_head = class_head
+        self.box_head = box_head
+        self.content = nn.Embedding(num_queries, embed_dim)
+        nn.init.normal_(self.content.weight)
+
+    def forward(self, encoded: EncoderOutput) -> QuerySet:
+        """-> `QuerySet`: queries `[B, K, d]`, reference boxes `[B, K, 4]` (detached), and in `meta`
+        `enc_outputs`: the selected proposals' `pred_logits` `[B, K, C]` and `pred_boxes` `[B, K, 4]`
+        (normalized cxcywh, with gradients; unusable proposals at (1, 1, 1, 1)).
+
+        Raises:
+            ValueError: fewer encoder tokens than K.
+        """
+        proposals, valid = encoder_proposals(encoded.memory_padding_mask, encoded.spatial_shapes)
+        if proposals.shape[1] < self.num_queries:
+            raise ValueError(
+                f"mixed query selection needs at least num_queries={self.num_queries} encoder tokens, "
+                f"got {proposals.shape[1]} (larger images or fewer queries)"
+            )
+        features = self.memory_norm(self.memory_proj(encoded.memory.masked_fill(~valid, 0.0)))  # (B, S, d)
+        logits = self.class_head(features)  # (B, S, C)
+        boxes = self.box_head(features) + proposals  # (B, S, 4) logit space; inf = unusable
+        top = torch.topk(logits.max(-1).values, self.num_queries, dim=1).indices  # (B, K)
+        chosen_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
+        chosen_features = features.gather(1, top[..., None].expand(-1, -1, features.shape[-1]))
+        batch = features.shape[0]
+        queries = self.content.weight[None].expand(batch, -1, -1)
+        enc_outputs = {"pred_logits": self.class_head(chosen_features), "pred_boxes": chosen_boxes.sigmoid()}
+        return QuerySet(queries, chosen_boxes.detach().sigmoid(), meta={"enc_outputs": enc_outputs})
