@@ -155,6 +155,35 @@ def load_synth_weights() -> ModuleType:
     return load_module(FIXTURES / "synth_weights.py", "detr_lab_test_synth_weights")
 
 
+# Model keys an official checkpoint's weights cannot tell: detr_lab counts real classes (80 for COCO;
+# the official heads have 91 slots, one per COCO id), and ImageNet initialisation, the frozen stages
+# and DC5 dilation are choices of the run.
+NOT_IN_THE_WEIGHTS = frozenset({
+    "num_classes",
+    "backbone.pretrained", "backbone.weights_path", "backbone.frozen_stages", "backbone.dilation",
+})  # fmt: skip
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"a.b.c": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def architecture_differences(ours: Config, official: Config) -> dict[str, tuple]:
+    """Model keys whose values differ between two configs, `NOT_IN_THE_WEIGHTS` left out."""
+    from detr_lab.config import config_to_dict
+
+    a, b = flat_dict(config_to_dict(ours)["model"]), flat_dict(config_to_dict(official)["model"])
+    keys = (a.keys() | b.keys()) - NOT_IN_THE_WEIGHTS
+    return {key: (a.get(key), b.get(key)) for key in sorted(keys) if a.get(key) != b.get(key)}
+
+
 def official_reference(name: str, **overrides: object) -> tuple[Config, dict[str, float]]:
     """What an official checkpoint says about its recipe, from `tests/fixtures/<name>.pt`.
 

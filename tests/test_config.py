@@ -8,7 +8,7 @@ import pytest
 
 from detr_lab.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
-from factories import official_reference
+from factories import architecture_differences, official_reference
 
 
 def write(path: Path, text: str) -> Path:
@@ -19,12 +19,12 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_are_the_official_detr_r50():
     """With no file, the model is the one detr_lab infers from the official DETR-R50 checkpoint's keys
-    and shapes (tests/fixtures/detr_r50.pt; 91 class slots, one per COCO id) and the loss weights
+    and shapes (tests/fixtures/detr_r50.pt; keys the weights cannot tell aside) and the loss weights
     are the official `weight_dict`; the optimizer and scales are the official `main.py` /
     `datasets/coco.py` defaults (facebookresearch/detr)."""
     cfg = load_config()
     official, weight_dict = official_reference("detr_r50")
-    assert config_to_dict(cfg.model) == config_to_dict(official.model)
+    assert architecture_differences(cfg, official) == {}
     assert (cfg.loss.class_weight, cfg.loss.bbox_weight, cfg.loss.giou_weight) == (
         weight_dict["loss_ce"],
         weight_dict["loss_bbox"],

@@ -11,7 +11,7 @@ from detr_lab.config import config_to_dict, load_config
 from detr_lab.engine.optim import build_param_groups
 from detr_lab.models.build import build_criterion, build_model
 
-from factories import official_reference, tiny_overrides
+from factories import architecture_differences, official_reference, tiny_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_MODEL = tiny_overrides(num_queries=8, num_classes=None)  # classes: the YAML's
@@ -27,11 +27,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-# Model-section keys the official weights cannot tell: detr_lab counts the 80 real COCO classes (the
-# official heads have 91 slots, one per COCO id), and ImageNet initialisation is a training choice.
-NOT_IN_THE_WEIGHTS = {"num_classes", "backbone.pretrained", "backbone.weights_path"}
-
-
 @pytest.mark.parametrize(
     ("name", "official"),
     [
@@ -45,9 +40,7 @@ def test_recipe_matches_the_official_checkpoint(name, official):
     shapes (tests/fixtures), and the loss weights are those of the official code's `weight_dict`."""
     cfg = load_config(CONFIGS / f"{name}.yaml")
     inferred, weight_dict = official_reference(official)
-    ours, theirs = _flat(config_to_dict(cfg.model)), _flat(config_to_dict(inferred.model))
-    differences = {key: (ours[key], theirs[key]) for key in ours if ours[key] != theirs[key]}
-    assert set(differences) <= NOT_IN_THE_WEIGHTS, differences
+    assert architecture_differences(cfg, inferred) == {}
     loss = cfg.loss
     assert (loss.class_weight, loss.bbox_weight, loss.giou_weight) == (
         weight_dict["loss_ce"],
