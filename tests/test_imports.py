@@ -18,6 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "detr_lab"
 
@@ -168,6 +170,7 @@ def test_no_import_cycles_in_detr_lab():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+@pytest.mark.slow  # one fresh interpreter importing every module
 def test_every_module_imports_on_its_own():
     names = sorted(_modules())
     script = textwrap.dedent(

@@ -58,6 +58,7 @@ def test_export_tool_one_line_errors(checkpoints, tmp_path, capsys):
     assert usage.value.code == 2 and "add --verify" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two COCO evaluations
 def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_config, tmp_path, capsys):
     path, argv = exported
     if not path.is_file():
