@@ -4,9 +4,7 @@ A tiny model and a 2-image synthetic validation set; with a tiny bucket width AC
 so its relative error vanishes, every real token is its own cluster and the AP equals plain's.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,29 +15,24 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+from factories import load_tool, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("act_bench_tool", REPO / "tools" / "bench_act.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_act")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("act_bench")
     torch.manual_seed(0)
-    cfg = load_config(overrides=[
-        "model.num_classes=6", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-        "model.num_queries=5", "model.encoder.num_layers=2", "model.decoder.num_layers=1",
-        "model.backbone.name=resnet18", "model.backbone.pretrained=false",
+    cfg = load_config(overrides=tiny_overrides(
         "data.dataset=synthetic", f"data.root={root / 'data'}", "data.num_workers=0",
         "data.synthetic.num_train=1", "data.synthetic.num_val=2", "data.synthetic.image_size=96",
         "data.augment.eval_size=96", "data.augment.eval_max_size=128",
-    ])  # fmt: skip
+        num_classes=6, num_heads=2, num_queries=5, encoder__num_layers=2, decoder__num_layers=1,
+    ))  # fmt: skip
     path = save_checkpoint(root / "model.pt", build_model(cfg.model), cfg, [1, 2, 3, 5, 8, 13], "abcdef")
     image = root / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image)
@@ -63,6 +56,7 @@ def test_encoder_inputs_and_weights_come_from_the_checkpoint(bench, checkpoint):
         bench.main([*common, "--stride", "16"])
 
 
+@pytest.mark.slow  # COCO AP evaluations of several models
 def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     out = checkpoint["root"] / "ap.json"
     bench.main(["--checkpoint", str(checkpoint["path"]), "--image-size", "64", "96", "--stride", "32",
@@ -79,6 +73,7 @@ def test_ap_sweep_of_plain_and_act(bench, checkpoint):
     assert "mean_clusters" not in plain
 
 
+@pytest.mark.slow  # COCO AP evaluations of several models
 def test_ap_sweep_overrides_reach_every_evaluation(bench, checkpoint):
     out = checkpoint["root"] / "ap_small.json"
     bench.main(["--checkpoint", str(checkpoint["path"]), "--image-size", "64", "96", "--stride", "32",

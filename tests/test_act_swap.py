@@ -20,11 +20,9 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_criterion, build_model
 
-TINY = [
-    "model.num_classes=3", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.num_queries=5", "model.dropout=0.0", "model.encoder.num_layers=2", "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18", "model.backbone.pretrained=false",
-]  # fmt: skip
+from factories import architecture_differences, official_reference, tiny_overrides
+
+TINY = tiny_overrides(num_heads=2, num_queries=5, dropout=0.0, encoder__num_layers=2)
 ACT = "model.encoder.attention=act"
 
 
@@ -163,15 +161,17 @@ def test_act_model_trains_from_scratch():
     assert not torch.equal(query_weight.detach(), before)
 
 
-def test_act_config_is_detr_r50_dc5_with_32_hash_rounds():
+def test_act_config_is_the_official_detr_r50_dc5_with_an_act_encoder():
+    """configs/act.yaml runs ACT on the official DETR-R50-DC5 weights: its model section is the
+    architecture inferred from the official checkpoint fixture (keys the weights cannot tell aside),
+    only the encoder's attention differs."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "act.yaml")
-    m = cfg.model
-    assert (m.backbone.name, m.backbone.dilation) == ("resnet50", True)
-    assert (m.encoder.attention, m.decoder.cross_attention) == ("act", "plain")
-    assert m.encoder.act.q_hashes == 32 and m.encoder.act.bucket_width == 8.0
-    assert (m.hidden_dim, m.num_heads, m.encoder.num_layers, m.decoder.num_layers, m.num_queries) == (
-        256, 8, 6, 6, 100
-    )  # fmt: skip
+    official, _ = official_reference("detr_r50", dilation=True)
+    assert cfg.model.encoder.attention == "act" and official.model.encoder.attention == "plain"
+    assert cfg.model.backbone.dilation  # DC5
+    encoder = dataclasses.replace(official.model.encoder, attention="act", act=cfg.model.encoder.act)
+    official.model = dataclasses.replace(official.model, encoder=encoder)
+    assert architecture_differences(cfg, official) == {}
 
 
 def test_demo_act_config_differs_from_its_teacher_only_in_encoder_attention():

@@ -5,9 +5,7 @@ hash settings are read from the overrides too (tests/test_act_swap.py checks the
 wide buckets change the outputs).
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +15,12 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.num_classes=6", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.num_queries=5", "model.dropout=0.0", "model.encoder.num_layers=1", "model.decoder.num_layers=1",
-    "model.backbone.name=resnet18", "model.backbone.pretrained=false",
+from factories import load_tool, tiny_overrides
+
+TINY = tiny_overrides(
     "data.augment.eval_size=96", "data.augment.eval_max_size=128",  # infer.py's transform
-]  # fmt: skip
+    num_classes=6, num_heads=2, num_queries=5, dropout=0.0, decoder__num_layers=1,
+)
 DATA_YAML = """
 data:
   dataset: synthetic
@@ -34,13 +31,6 @@ data:
   augment: {{eval_size: 96, eval_max_size: 128}}
 """
 ACT = "model.encoder.attention=act"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"act_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,13 @@
 """tools/bench_demo_ap.py: one CSV row per (config, mark), one plot, configs checked up front."""
 
 import csv
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
+from factories import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_demo_ap_tool", REPO / "tools" / "bench_demo_ap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_demo_ap")
 
 
 def _record(tool, mark, ap):

@@ -20,19 +20,10 @@ from detr_lab.benchmark import (
 )
 from detr_lab.models.build import build_model
 
-TINY_YAML = """
-model:
-  num_classes: 3
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  num_queries: 8
-  backbone:
-    name: resnet18
-    pretrained: true   # the benchmark must switch this off: it never downloads
-  encoder: {num_layers: 2}
-  decoder: {num_layers: 2}
-"""
+from factories import tiny_model_yaml
+
+# pretrained: the benchmark must switch it off (it never downloads).
+TINY_YAML = tiny_model_yaml(num_heads=2, num_queries=8, encoder__num_layers=2, backbone__pretrained=True)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +51,7 @@ def test_benchmark_config_never_downloads(tiny_config):
     assert cfg.model.hidden_dim == 32
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_report_structure_and_values(report, tiny_config):
     machine = report["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
@@ -79,6 +71,9 @@ def test_report_structure_and_values(report, tiny_config):
             for kind in ("wall_s", "cpu_s"):
                 stats = figures[kind]
                 assert len(stats["values"]) == 2 and all(v > 0 for v in stats["values"])
+                values = stats["values"]  # the summary describes the measured values
+                assert (stats["min"], stats["max"]) == (min(values), max(values))
+                assert stats["median"] == pytest.approx(statistics.median(values), abs=1e-6)
             assert figures["memory"]["peak_mib"] > 0
         medians = {mode: statistics.median(f["wall_s"]["values"]) for mode, f in case["modes"].items()}
         assert case["ratio"]["wall"] == pytest.approx(medians["fast"] / medians["reference"], rel=1e-3)
@@ -94,6 +89,7 @@ def test_report_structure_and_values(report, tiny_config):
     assert cases[("train_step", 2)]["flops"] > 2 * cases[("inference", 1)]["flops"]
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_breakdown_of_inference_parts(report):
     (entry,) = report["models"]
     for case in entry["cases"]:
@@ -110,6 +106,7 @@ def test_breakdown_of_inference_parts(report):
             assert measured <= parts["total"] * 1.01
 
 
+@pytest.mark.slow  # the shared benchmark run times three paths
 def test_report_is_json_and_table_names_rows(report):
     json.loads(json.dumps(report))
     table = format_report(report)

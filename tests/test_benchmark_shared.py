@@ -3,10 +3,8 @@ tools/bench_deformable_core.py built on them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from detr_lab.benchmark.machine import describe_machine, machine_line, package_v
 from detr_lab.benchmark.report import format_table, write_report
 from detr_lab.benchmark.timer import ratio, time_interleaved
 
-REPO = Path(__file__).resolve().parents[1]
+from factories import load_tool
 
 
 def test_calls_take_turns_in_alternating_order():
@@ -58,10 +56,7 @@ def test_table_and_report(tmp_path):
 
 
 def test_deformable_core_tool_is_thin_and_writes_the_shared_report(tmp_path, capsys):
-    path = REPO / "tools" / "bench_deformable_core.py"
-    spec = importlib.util.spec_from_file_location("bench_core_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("bench_deformable_core")
     out = tmp_path / "core.json"
     code = tool.main(["--kinds", "decoder", "--runs", "1", "--warmup", "0", "--no-backward", "--threads", "1",
                       "--json", str(out)])  # fmt: skip

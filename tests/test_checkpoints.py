@@ -13,16 +13,9 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.backbones import ResNetBackbone
 from detr_lab.models.build import build_model
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.num_queries=6",
-    "model.num_classes=3",
-]
+from factories import tiny_overrides
+
+TINY = tiny_overrides()
 CATEGORY_IDS = [1, 5, 9]
 CLASS_NAMES = ["cat", "dog", "bird"]
 

@@ -8,7 +8,6 @@ specs stored in the fixtures; weights come from the fixtures' deterministic `syn
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,13 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 
+from factories import load_synth_weights, load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_module("deformable_ckpt_synth_weights", FIXTURES / "synth_weights.py")
+synth = load_synth_weights()
 
 
 def official_deformable_spec(
@@ -372,7 +366,7 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     assert loaded.config.model.two_stage and loaded.class_names[1] == "person"
     assert loaded.category_ids == list(range(91))
 
-    tool = _load_module("convert_checkpoint_tool_deformable", ROOT / "tools" / "convert_checkpoint.py")
+    tool = load_tool("convert_checkpoint")
     destination = tmp_path / "converted.pt"
     assert tool.main([str(source), str(destination), "--num-queries", "16"]) == 0
     assert "wrote" in capsys.readouterr().out

@@ -9,7 +9,6 @@ The official key layout is written out here by hand from the official module str
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ import torchvision
 from detr_lab.checkpoints import CheckpointError, load_checkpoint, load_official
 from detr_lab.models.dino import AnchorDetector
 from detr_lab.models.queries.anchors import LearnedAnchors
+
+from factories import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -258,11 +259,7 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     torch.save({"model": state, "epoch": 11}, source)
     loaded = load_checkpoint(source)
     assert loaded.config.model.anchor_boxes and loaded.class_names[1] == "person"
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint_tool_dino", ROOT / "tools" / "convert_checkpoint.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_checkpoint")
     destination = tmp_path / "converted.pt"
     assert tool.main([str(source), str(destination), "--num-queries", "7"]) == 0
     assert "wrote" in capsys.readouterr().out

@@ -8,7 +8,6 @@ converter's rules; weights come from the fixtures' deterministic `synth_state_di
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,12 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.config import ConfigError
 
+from factories import load_synth_weights, load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_module("official_ckpt_synth_weights", ROOT / "tests" / "fixtures" / "synth_weights.py")
+synth = load_synth_weights()
 
 
 def official_detr_spec(
@@ -124,8 +118,8 @@ def r18_state():
     [
         ("resnet18", False, False, 32),
         ("resnet34", False, True, 32),
-        ("resnet50", True, False, 16),  # R50-DC5
-        ("resnet101", True, False, 16),  # R101-DC5
+        pytest.param("resnet50", True, False, 16, marks=pytest.mark.slow, id="resnet50-dc5"),
+        pytest.param("resnet101", True, False, 16, marks=pytest.mark.slow, id="resnet101-dc5"),
     ],
 )
 def test_variants_are_inferred_and_run(backbone, dilation, learned, stride):
@@ -268,9 +262,10 @@ def test_load_checkpoint_reads_official_weights_with_coco_names(tmp_path):
 # ---------------------------------------------------------------------------- the convert tool
 @pytest.fixture(scope="module")
 def convert_tool():
-    return _load_module("convert_checkpoint_tool", ROOT / "tools" / "convert_checkpoint.py")
+    return load_tool("convert_checkpoint")
 
 
+@pytest.mark.slow  # about 9 s in --durations (the tool's full convert-and-save run)
 def test_convert_tool_writes_a_detr_lab_checkpoint(tmp_path, convert_tool, r18_state, capsys):
     src, dst = tmp_path / "official.pth", tmp_path / "out" / "converted.pt"
     torch.save({"model": r18_state}, src)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from detr_lab.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from detr_lab.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+
+from factories import architecture_differences, official_reference
 
 
 def write(path: Path, text: str) -> Path:
@@ -15,11 +17,19 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_the_detr_recipe():
+def test_defaults_are_the_official_detr_r50():
+    """With no file, the model is the one detr_lab infers from the official DETR-R50 checkpoint's keys
+    and shapes (tests/fixtures/detr_r50.pt; keys the weights cannot tell aside) and the loss weights
+    are the official `weight_dict`; the optimizer and scales are the official `main.py` /
+    `datasets/coco.py` defaults (facebookresearch/detr)."""
     cfg = load_config()
-    assert isinstance(cfg, Config)
-    assert cfg.model.num_queries == 100
-    assert cfg.model.hidden_dim == 256
+    official, weight_dict = official_reference("detr_r50")
+    assert architecture_differences(cfg, official) == {}
+    assert (cfg.loss.class_weight, cfg.loss.bbox_weight, cfg.loss.giou_weight) == (
+        weight_dict["loss_ce"],
+        weight_dict["loss_bbox"],
+        weight_dict["loss_giou"],
+    )
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.optim.lr_backbone == pytest.approx(1e-5)
     assert cfg.data.augment.train_scales == list(range(480, 801, 32))

@@ -34,16 +34,9 @@ from detr_lab.io import (
 )
 from detr_lab.models.build import build_model
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=1",
-    "model.backbone.name=resnet18",
-    "model.num_queries=4",
-    "model.num_classes=2",
-]
+from factories import tiny_overrides
+
+TINY = tiny_overrides(decoder__num_layers=1, num_queries=4, num_classes=2)
 
 
 class SomeClass:

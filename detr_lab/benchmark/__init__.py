@@ -12,6 +12,9 @@ Modules:
     detectors.py         whole detectors from configs, fast vs reference paths (tools/benchmark.py)
     deformable_core.py   the deformable attention core implementations (tools/bench_deformable_core.py)
     act.py               ACT encoder self-attention against plain attention (tools/bench_act.py)
+
+The last stop before the tools: may import every other part of detr_lab (`act.py` evaluates
+checkpoints through `engine`); only the tools import it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Modules:
 Safe reading, the atomic writer and the state-dict comparison live in the leaf module
 `detr_lab.io` and are re-exported here. Adding an official family is one module that calls
 `register_family` plus its import in `official.py`.
+
+May import `detr_lab.config`, `detr_lab.io`, `detr_lab.models` and `detr_lab.data.categories` (the
+COCO class names); `engine`, `benchmark` and the tools import it, `models` and `data` never do.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Data pipeline: COCO- and YOLO-format datasets, DETR augmentation, padding collate, synthetic shapes
 set; the dataset doctor is `detr_lab.data.doctor`.
 
-`DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not re-exported, so the
-rest loads without Lightning.
+Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
+May import `detr_lab.config`, `detr_lab.boxes` and `detr_lab.io` only; the later packages
+(checkpoints, engine, benchmark, visualize) and the tools import it, models never do.
+`DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not re-exported, so
+the rest loads without Lightning.
 """
 
 from __future__ import annotations

@@ -7,4 +7,7 @@
   `clusters_picture`;
 - `curves`: `plot_run_curves` from a run's Lightning `metrics.csv`;
 - `from_checkpoint`: checkpoints and validation images for `tools/visualize.py`.
+
+Beside `benchmark` at the end of the data flow: may import every other part of detr_lab (models,
+checkpoints, data, engine); only the tools import it.
 """

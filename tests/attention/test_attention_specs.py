@@ -19,17 +19,9 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_model
 from detr_lab.models.detector import DeformableDetector, Detector
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.num_queries=6",
-    "model.num_classes=3",
-    "model.num_feature_levels=2",
-]
+from factories import tiny_overrides
+
+TINY = tiny_overrides(num_feature_levels=2)
 SHAPES = torch.tensor([[4, 4], [2, 2]])
 
 
@@ -91,7 +83,7 @@ def test_a_new_variant_is_one_table_line(monkeypatch):
     )
     monkeypatch.setitem(ATTENTION_SPECS, "dense", AttentionSpec(plain_builder, sites=("decoder",)))
     monkeypatch.setitem(ATTENTION_SPECS, "sampled", sampled)
-    tiny = [item for item in TINY if "num_feature_levels" not in item]
+    tiny = tiny_overrides()  # one level
 
     cfg = load_config(overrides=[*tiny, "model.decoder.cross_attention=dense"])
     model = build_model(cfg.model)

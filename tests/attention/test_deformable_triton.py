@@ -68,6 +68,7 @@ def interpreted_results() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # Triton interpreter in a subprocess
 def test_interpreted_kernels_match_reference_float32(interpreted_results):
     result = interpreted_results["float32"]
     names = ("output", "grad value", "grad locations", "grad weights")
@@ -76,6 +77,7 @@ def test_interpreted_kernels_match_reference_float32(interpreted_results):
     assert result["dtypes"] == ["torch.float32", "torch.float32"]
 
 
+@pytest.mark.slow  # Triton interpreter in a subprocess
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_interpreted_kernels_accept_half_precision_values(interpreted_results, dtype):
     result = interpreted_results[dtype]

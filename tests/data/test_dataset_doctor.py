@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from detr_lab.config import Config, DataConfig, load_config
 from detr_lab.data.doctor import DoctorReport, diagnose, padding_waste
 from detr_lab.data.errors import DatasetError
 
-REPO = Path(__file__).resolve().parents[2]
+from factories import load_tool
+
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 7, "name": "owl"}]
 
 
@@ -180,17 +180,12 @@ def _write_config(tmp_path: Path, root: Path, extra: str = "") -> Path:
     return path
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_doctor_tool_exit_codes(tmp_path, capsys):
     _problem_set(tmp_path / "set")
     config = _write_config(tmp_path, tmp_path / "set")
-    main = _tool("doctor").main
+    main = load_tool("doctor").main
     assert main(["--config", str(config), "--json", str(tmp_path / "out" / "doctor.json")]) == 1
     assert "ERROR   [train] 1 of 4 checked: image files missing" in capsys.readouterr().out
     written = json.loads((tmp_path / "out" / "doctor.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from detr_lab.data.yolo import (
 )
 from detr_lab.engine.evaluator import CocoEvaluator
 
-REPO = Path(__file__).resolve().parents[2]
+from factories import load_tool, tiny_overrides
 
 
 def test_label_path_replaces_the_last_images_folder():
@@ -143,9 +142,7 @@ def test_datamodule_detects_yolo_and_evaluates_ground_truth_at_ap_one(tmp_path):
 
 
 def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("tool_convert", REPO / "tools" / "convert_dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_dataset")
     yaml_path = write_yolo_set(tmp_path / "set")
     out = tmp_path / "out"
     assert tool.main([str(yaml_path), "--output-dir", str(out)]) == 0, capsys.readouterr().err
@@ -162,6 +159,7 @@ def test_convert_dataset_tool_writes_coco_json_and_reports_bad_lines(tmp_path, c
     assert expected in err
 
 
+@pytest.mark.slow  # Lightning end to end (train, validate, eval tool)
 def test_training_on_a_yolo_set_logs_ap_and_curves(tmp_path):
     """One step and one validation on a YOLO set, the doctor on; the real CSV log draws as curves."""
     from detr_lab.config import load_config
@@ -169,16 +167,15 @@ def test_training_on_a_yolo_set_logs_ap_and_curves(tmp_path):
     from detr_lab.visualize.curves import plot_run_curves, read_metrics
 
     write_yolo_set(tmp_path / "set")
-    cfg = load_config(overrides=[
-        "model.num_classes=2", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-        "model.num_queries=4", "model.backbone.name=resnet18", "model.backbone.frozen_stages=0",
-        "model.encoder.num_layers=1", "model.decoder.num_layers=1", f"data.root={tmp_path / 'set'}",
+    cfg = load_config(overrides=tiny_overrides(
+        f"data.root={tmp_path / 'set'}",
         "data.batch_size=2", "data.num_workers=0", "data.augment.train_scales=[64]",
         "data.augment.max_size=96", "data.augment.crop_prob=0", "data.augment.eval_size=64",
         "data.augment.eval_max_size=96",
         f"trainer.output_dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "trainer.devices=1",
         "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
-    ])
+        num_classes=2, num_heads=2, num_queries=4, backbone__frozen_stages=0, decoder__num_layers=1,
+    ))
     trainer = train(cfg, progress_bar=False)
     assert trainer.global_step == 1 and "val/AP" in trainer.logged_metrics
     csv_path = next((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))

@@ -153,6 +153,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two gloo processes
 def test_gather_across_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -8,12 +8,9 @@ from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.trainer import init_from_checkpoint, load_matching_weights
 from detr_lab.models.build import build_model
 
-TINY = [
-    "model.num_classes=3", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.num_queries=4",
-    "model.encoder.num_layers=1", "model.decoder.num_layers=2", "model.backbone.name=resnet18",
-    "model.backbone.pretrained=false",
-]
+from factories import tiny_overrides
+
+TINY = tiny_overrides(num_heads=2, num_queries=4)
 IDS, NAMES = [4, 9, 11], ["a", "b", "c"]
 
 

@@ -16,11 +16,11 @@ from detr_lab.engine.trainer import train
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.build import build_model
 
-TINY = [
-    "model.num_classes=6", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.num_queries=5", "model.dropout=0.0", "model.encoder.num_layers=1", "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18", "model.backbone.pretrained=false", "model.backbone.frozen_stages=0",
-]  # fmt: skip
+from factories import tiny_overrides
+
+TINY = tiny_overrides(
+    num_classes=6, num_heads=2, num_queries=5, dropout=0.0, backbone__frozen_stages=0
+)
 IDS = [1, 2, 3, 5, 8, 13]
 NAMES = ["circle", "square", "triangle", "star", "ring", "cross"]
 TERMS = ("loss_feat", "loss_kd_ce", "loss_kd_bbox", "loss_kd_giou")
@@ -98,6 +98,7 @@ def test_teacher_must_fit_the_student(teacher_path):
         DetectionModule(cfg, IDS, NAMES)
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_short_training_run_with_distillation(teacher_path, tmp_path):
     data = [
         "data.dataset=synthetic", f"data.root={tmp_path / 'data'}", "data.batch_size=2", "data.num_workers=0",

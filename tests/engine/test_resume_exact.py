@@ -8,7 +8,6 @@ image ids, padded batch shape and pixel sum of every step, and the final weights
 """
 
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from detr_lab.config import load_config
 from detr_lab.engine.trainer import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from test_train_eval_infer_tools import TINY_YAML  # noqa: E402
+from factories import TINY_RUN_YAML
+
+pytestmark = pytest.mark.slow  # Lightning end to end: uninterrupted and resumed runs compared
 
 EPOCH_END, LAST_BATCH, MID_EPOCH = "epoch_end", "last_batch", "mid_epoch"
 
@@ -72,7 +72,7 @@ def whole_run(root: Path, max_steps: int, workers: int):
     key = (max_steps, workers)
     if key not in _WHOLE:
         config_path = root / "tiny.yaml"
-        config_path.write_text(TINY_YAML.format(root=root))
+        config_path.write_text(TINY_RUN_YAML.format(root=root))
         snapshots = root / "snapshots"
         snapshots.mkdir()
         batches = Batches()

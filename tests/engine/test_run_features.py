@@ -26,17 +26,11 @@ from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
 from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
 
-TINY_YAML = """
-model:
-  num_classes: 6
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  dropout: 0.0
-  num_queries: 8
-  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
-  encoder: {{num_layers: 1}}
-  decoder: {{num_layers: 1}}
+from factories import tiny_model_yaml
+
+TINY_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=8, backbone__frozen_stages=0, decoder__num_layers=1
+) + """
 data:
   dataset: synthetic
   root: {root}/data
@@ -114,6 +108,7 @@ def test_config_builds_the_run_callbacks(tmp_path):
     _callback(plain, NonFiniteGuard)  # always on
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_checkpoints_hold_the_ema_weights(ema_run):
     trainer = ema_run["trainer"]
     ema = _callback(trainer, WarmupEMA)
@@ -138,6 +133,7 @@ def test_checkpoints_hold_the_ema_weights(ema_run):
         assert torch.equal(value, final[name]), name
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_summary_reports_final_ap_best_checkpoint_image_and_plot(ema_run, caplog):
     trainer = ema_run["trainer"]
     summary = _callback(trainer, RunSummary)
@@ -161,6 +157,7 @@ def test_summary_reports_final_ap_best_checkpoint_image_and_plot(ema_run, caplog
         assert piece in text
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_summary_evaluates_when_training_stops_between_validations(tmp_path, caplog):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML.format(root=tmp_path))
     cfg = load_config(tmp_path / "tiny.yaml", ["trainer.max_steps=3", "trainer.ema.enabled=false"])
@@ -274,6 +271,7 @@ def test_a_failing_summary_picture_is_reported_not_raised():
         assert RunSummary._attempt("the example image", unreadable) is None
 
 
+@pytest.mark.slow  # Lightning end to end
 def test_resumed_detection_run_continues_the_average(ema_run, tmp_path):
     """Resume from the epoch-0 checkpoint (step 2) to the end: same average as the uninterrupted run."""
     straight = _callback(ema_run["trainer"], WarmupEMA).averaged_state_dict()

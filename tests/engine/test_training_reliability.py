@@ -24,9 +24,9 @@ from detr_lab.data.errors import DatasetError
 from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.engine.trainer import train
 
+from factories import TINY_RUN_YAML
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "tools"))
-from test_train_eval_infer_tools import TINY_YAML  # noqa: E402
 
 
 def truncate_jpeg(path: Path) -> None:
@@ -41,7 +41,7 @@ def truncate_jpeg(path: Path) -> None:
 
 def test_validation_failure_after_an_epoch_keeps_the_trained_epoch(tmp_path):
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    config_path.write_text(TINY_RUN_YAML.format(root=tmp_path))
     # 6 validation images in batches of 2: the sanity check reads the first two batches, not the third.
     cfg = load_config(config_path, ["data.synthetic.num_val=6", "trainer.save_every_n_steps=0",
                                     "trainer.max_steps=-1", "trainer.max_epochs=1"])
@@ -78,7 +78,7 @@ def _start_training(config_path: Path, *extra: str) -> tuple[subprocess.Popen, l
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_state_exits_130_and_resume_auto_continues(tmp_path, signum):
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(TINY_YAML.format(root=tmp_path).replace("max_steps: 3", "max_steps: 100000")
+    config_path.write_text(TINY_RUN_YAML.format(root=tmp_path).replace("max_steps: 3", "max_steps: 100000")
                            .replace("save_every_n_steps: 1", "save_every_n_steps: 0")
                            .replace("max_epochs: 2", "max_epochs: 100000"))
     proc, out, err = _start_training(config_path)

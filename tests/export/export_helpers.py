@@ -8,6 +8,8 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
+from factories import tiny_overrides
+
 CLASS_NAMES = ["circle", "square", "triangle", "cross", "ring", "star"]
 CATEGORY_IDS = [1, 2, 3, 5, 8, 13]
 
@@ -22,13 +24,10 @@ data:
 trainer: {{output_dir: {root}/run, accelerator: cpu}}
 """
 
-TINY = [
-    "model.num_classes=6", "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-    "model.dropout=0.0", "model.num_queries=7",
-    "model.backbone.name=resnet18", "model.backbone.pretrained=false",
-    "model.encoder.num_layers=1", "model.decoder.num_layers=2",
+TINY = tiny_overrides(
     "data.augment.eval_size=64", "data.augment.eval_max_size=96",
-]
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=7,
+)
 
 # name -> (base config, extra overrides); hidden 64 where GroupNorm(32) meets 1x1 levels of 64 px images
 VARIANTS = {

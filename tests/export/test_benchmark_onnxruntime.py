@@ -8,12 +8,15 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed")
 
 from detr_lab.benchmark import BenchmarkSettings, format_report, run_benchmark  # noqa: E402
 
-TINY = [
-    "model.hidden_dim=64", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=7",
-    "model.backbone.name=resnet18", "model.encoder.num_layers=1", "model.decoder.num_layers=1",
-]
+from factories import tiny_overrides  # noqa: E402
+
+TINY = tiny_overrides(  # the YAML's classes; the benchmark itself switches pretrained weights off
+    hidden_dim=64, num_heads=2, num_queries=7, decoder__num_layers=1,
+    num_classes=None, backbone__pretrained=None,
+)
 
 
+@pytest.mark.slow  # export + timed runs
 def test_onnxruntime_mode_times_the_exported_model():
     settings = BenchmarkSettings(
         sizes=[(64, 96)], batch_sizes=[1], tasks=["inference"], modes=["reference", "onnxruntime"],

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +10,7 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed")
 
 from detr_lab.data.synthetic import ensure_synthetic_dataset, split_paths  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"export_test_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from factories import load_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +22,7 @@ def exported(checkpoints, data_config, tmp_path_factory):
     return path, argv
 
 
+@pytest.mark.slow  # tool end to end
 def test_export_tool_verifies_within_tolerance(exported, capsys):
     path, argv = exported
     assert load_tool("export").main(argv) == 0
@@ -40,6 +32,7 @@ def test_export_tool_verifies_within_tolerance(exported, capsys):
     assert "verify PASSED" in out
 
 
+@pytest.mark.slow  # tool end to end
 def test_export_tool_fails_beyond_tolerance(exported, tmp_path, capsys):
     _, argv = exported
     argv = [*argv[:3], str(tmp_path / "strict.onnx"), *argv[4:], "--tolerance", "1e-12"]
@@ -65,6 +58,7 @@ def test_export_tool_one_line_errors(checkpoints, tmp_path, capsys):
     assert usage.value.code == 2 and "add --verify" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two COCO evaluations
 def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_config, tmp_path, capsys):
     path, argv = exported
     if not path.is_file():

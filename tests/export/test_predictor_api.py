@@ -92,6 +92,7 @@ def test_onnx_backend_through_the_same_api(checkpoints, image_files, tmp_path):
         Predictor.from_onnx(path, overrides=["model.num_queries=3"])
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_prediction_needs_no_lightning(checkpoints, image_files):
     """A notebook predicting with a checkpoint never imports Lightning."""
     import subprocess

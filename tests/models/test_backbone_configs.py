@@ -14,14 +14,10 @@ from detr_lab.models.backbones import TimmBackbone, ViTBackbone
 from detr_lab.models.build import build_model
 from detr_lab.models.optimize import optimize_for_inference
 
+from factories import tiny_overrides
+
 # The demo configs at test size: a 2-image synthetic set of 64-pixel images, one training step.
-TINY_RUN = [
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "model.ffn_dim=64",
-    "model.num_queries=5",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=1",
+TINY_RUN = tiny_overrides(
     "data.batch_size=2",
     "data.synthetic.num_train=2",
     "data.synthetic.num_val=2",
@@ -35,7 +31,10 @@ TINY_RUN = [
     "trainer.max_epochs=1",
     "trainer.check_val_every_n_epoch=2",  # no validation pass
     "trainer.log_every_n_steps=1",
-]
+    # the demo's backbone and classes stay
+    backbone__name=None, backbone__pretrained=None, num_classes=None,
+    num_heads=2, num_queries=5, decoder__num_layers=1,
+)  # fmt: skip
 DEMOS = {
     "demo_vit": (
         ViTBackbone,

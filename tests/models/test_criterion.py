@@ -12,6 +12,8 @@ from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.criterion import SetCriterion, average_num_boxes
 from detr_lab.models.matcher import HungarianMatcher
 
+from factories import tiny_config
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
@@ -53,18 +55,7 @@ def test_perfect_predictions_give_zero_box_losses():
 
 
 def test_batch_without_objects_trains():
-    cfg = load_config(
-        overrides=[
-            "model.hidden_dim=32",
-            "model.num_heads=4",
-            "model.ffn_dim=64",
-            "model.encoder.num_layers=1",
-            "model.decoder.num_layers=2",
-            "model.backbone.name=resnet18",
-            "model.num_queries=5",
-            "model.num_classes=3",
-        ]
-    )
+    cfg = tiny_config(num_queries=5)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     criterion = build_criterion(cfg.model, cfg.loss)

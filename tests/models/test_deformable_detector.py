@@ -17,21 +17,13 @@ from detr_lab.models.position import SinePositionEncoding
 from detr_lab.models.transformer import Decoder, DecoderLayer, inverse_sigmoid, refine_boxes
 from detr_lab.models.two_stage import TwoStageQueries, encoder_proposals, proposal_sine_embedding
 
+from factories import tiny_overrides
+
 D = 32
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.num_queries=6",
-    "model.num_classes=3",
-    "model.classification=sigmoid",
-    "model.encoder.attention=deformable",
-    "model.decoder.cross_attention=deformable",
-    "model.num_feature_levels=4",
-]
+TINY = tiny_overrides(
+    classification="sigmoid", encoder__attention="deformable", decoder__cross_attention="deformable",
+    num_feature_levels=4,
+)
 
 
 class RecordingAttention(nn.Module):
@@ -237,12 +229,13 @@ def test_initialisation_follows_the_official_model():
 
 
 def test_builder_picks_the_head_and_inputs_from_the_attention():
-    detr_act = build_model(load_config(overrides=[*TINY[:9], "model.encoder.attention=act"]).model)
+    sigmoid = tiny_overrides(classification="sigmoid")  # one level, plain attention
+    detr_act = build_model(load_config(overrides=[*sigmoid, "model.encoder.attention=act"]).model)
     assert type(detr_act).__name__ == "Detector" and isinstance(detr_act.input_proj[0], nn.Conv2d)
     assert detr_act.transformer.level_embed is None and detr_act.position_encoding.offset == 0
     assert isinstance(detr_act.transformer.decoder.norm, nn.LayerNorm)
     assert detr_act.class_embed.out_features == 3  # sigmoid head on DETR: no "no object" logit
-    plain_levels = build_model(load_config(overrides=[*TINY[:9], "model.num_feature_levels=2"]).model)
+    plain_levels = build_model(load_config(overrides=[*sigmoid, "model.num_feature_levels=2"]).model)
     assert type(plain_levels).__name__ == "Detector" and plain_levels.backbone.strides == [16, 32]
     assert isinstance(
         plain_levels.input_proj[1][1], nn.GroupNorm

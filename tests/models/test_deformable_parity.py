@@ -7,7 +7,6 @@ stored key spec; the weights reach detr_lab through `load_official`, which infer
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,39 +16,24 @@ from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import DeformableDetector
 
+from factories import official_batch
+
+pytestmark = pytest.mark.slow  # full-size R50 Deformable DETR built and run
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ("deformable_detr_r50", "deformable_detr_r50_refine_twostage")
 ATOL = 1e-4
 
 
-def _synth_module():
-    spec = importlib.util.spec_from_file_location(
-        "deformable_parity_synth_weights", FIXTURES / "synth_weights.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
-    padding_mask = fixture["padding_mask"]
-    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
-    for i, image in enumerate(fixture["images_uint8"]):
-        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
-    return images, padding_mask
-
-
 @pytest.fixture(scope="module", params=NAMES)
-def parity(request):
+def parity(request, synth_weights):
     fixture = torch.load(FIXTURES / f"{request.param}.pt", weights_only=True)
-    state = _synth_module().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state = synth_weights.synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
     # The synthetic weights give every official alias of a shared head its own values; the converter
     # keeps the ones the official model ends up with and says so.
     with pytest.warns(CheckpointWarning, match="alias a shared head"):
         model, cfg = load_official(state)
-    images, padding_mask = _batch(fixture)
+    images, padding_mask = official_batch(fixture)
     with torch.no_grad():
         outputs = model(images, padding_mask)
     return request.param, fixture, cfg, model, outputs

@@ -6,30 +6,28 @@ import torch
 from detr_lab.config import load_config
 from detr_lab.models.build import build_criterion, build_model
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=2",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.num_queries=10",
-    "model.num_classes=5",
-]
+from factories import tiny_batch, tiny_overrides
+
+TINY = tiny_overrides(encoder__num_layers=2, num_queries=10, num_classes=5)
 
 
-def _batch():
+def test_each_image_is_detected_on_its_own():
+    """In eval mode an image's outputs do not depend on the other images of its batch (their content or
+    padding): no attention, norm or reshape mixes the batch."""
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 64, 96)
-    padding_mask = torch.zeros(2, 64, 96, dtype=torch.bool)
-    padding_mask[1, 40:, :] = True
-    padding_mask[1, :, 64:] = True
-    images[padding_mask[:, None].expand_as(images)] = 0
-    targets = [
-        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.2]])},
-        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
-    ]
-    return images, padding_mask, targets
+    model = build_model(load_config(overrides=TINY).model).eval()
+    images, padding_mask, _ = tiny_batch()
+    others = torch.randn_like(images[1:])
+    other_mask = torch.zeros_like(padding_mask[1:])
+    other_mask[:, 32:, :] = True
+    with torch.no_grad():
+        together = model(images, padding_mask)
+        swapped = model(torch.cat([images[:1], others]), torch.cat([padding_mask[:1], other_mask]))
+        alone = model(images[:1], padding_mask[:1])
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(swapped[key][0], together[key][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone[key][0], together[key][0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(swapped["pred_logits"][1], together["pred_logits"][1])
 
 
 def test_tiny_model_forward_backward():
@@ -37,11 +35,10 @@ def test_tiny_model_forward_backward():
     torch.manual_seed(0)
     model = build_model(cfg.model)
     criterion = build_criterion(cfg.model, cfg.loss)
-    images, padding_mask, targets = _batch()
+    images, padding_mask, targets = tiny_batch()
     outputs = model(images, padding_mask)
     assert tuple(outputs["pred_logits"].shape) == (2, 10, 6)
     assert tuple(outputs["pred_boxes"].shape) == (2, 10, 4)
-    assert ((outputs["pred_boxes"] >= 0) & (outputs["pred_boxes"] <= 1)).all()
     assert len(outputs["aux_outputs"]) == 1
     assert tuple(outputs["aux_outputs"][0]["pred_logits"].shape) == (2, 10, 6)
     assert "memory" not in outputs
@@ -66,7 +63,7 @@ def test_tiny_model_forward_backward():
 def test_return_memory_gives_encoder_output_and_mask():
     cfg = load_config(overrides=TINY)
     model = build_model(cfg.model).eval()
-    images, padding_mask, _ = _batch()
+    images, padding_mask, _ = tiny_batch()
     with torch.no_grad():
         outputs = model(images, padding_mask, return_memory=True)
     # stride 32: 64x96 -> 2x3 tokens sampled at pixels (0|32, 0|32|64); image 1 is valid on rows < 40
@@ -78,7 +75,7 @@ def test_return_memory_gives_encoder_output_and_mask():
 def test_eval_outputs_are_deterministic_and_aux_can_be_disabled():
     cfg = load_config(overrides=[*TINY, "model.aux_loss=false"])
     model = build_model(cfg.model).eval()
-    images, padding_mask, _ = _batch()
+    images, padding_mask, _ = tiny_batch()
     with torch.no_grad():
         first, second = model(images, padding_mask), model(images, padding_mask)
     torch.testing.assert_close(first["pred_logits"], second["pred_logits"])

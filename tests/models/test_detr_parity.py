@@ -6,7 +6,6 @@ weights rebuilt here from the stored key spec; the weights reach detr_lab throug
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,32 +14,19 @@ import torch
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 
+from factories import official_batch
+
+pytestmark = pytest.mark.slow  # full-size R50 DETR built and run
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def _synth_module():
-    spec = importlib.util.spec_from_file_location("detr_parity_synth_weights", FIXTURES / "synth_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
-    padding_mask = fixture["padding_mask"]
-    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
-    for i, image in enumerate(fixture["images_uint8"]):
-        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
-    return images, padding_mask
-
-
 @pytest.fixture(scope="module")
-def parity():
+def parity(synth_weights):
     fixture = torch.load(FIXTURES / "detr_r50.pt", weights_only=True)
-    state = _synth_module().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state = synth_weights.synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
     model, cfg = load_official(state)
-    images, padding_mask = _batch(fixture)
+    images, padding_mask = official_batch(fixture)
     with torch.no_grad():
         outputs = model(images, padding_mask)
     return fixture, cfg, model, outputs

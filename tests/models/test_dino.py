@@ -18,22 +18,13 @@ from detr_lab.models.queries.denoising import (
 )
 from detr_lab.models.queries.embedding import box_sine_embedding
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.dropout=0.0",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.encoder.num_points=2",
-    "model.decoder.num_points=2",
-    "model.backbone.name=resnet18",
-    "model.backbone.frozen_stages=4",
-    "model.num_queries=6",
-    "model.num_classes=5",
-    "model.classification=sigmoid",
+from factories import tiny_overrides
+
+TINY = tiny_overrides(
     "model.encoder.act.q_hashes=4",
-]
+    dropout=0.0, encoder__num_points=2, decoder__num_points=2, backbone__frozen_stages=4, num_classes=5,
+    classification="sigmoid",
+)
 DINO = [
     "model.anchor_boxes=true",
     "model.box_refine=true",

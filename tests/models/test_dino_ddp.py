@@ -15,16 +15,16 @@ import torch.multiprocessing as mp
 from detr_lab.config import load_config
 from detr_lab.models.build import build_criterion, build_model
 
-OVERRIDES = [
-    "model.hidden_dim=32", "model.num_heads=4", "model.ffn_dim=64", "model.dropout=0.0",
-    "model.encoder.num_layers=1", "model.decoder.num_layers=2", "model.encoder.num_points=2",
-    "model.decoder.num_points=2", "model.backbone.name=resnet18", "model.backbone.frozen_stages=4",
-    "model.num_queries=6", "model.num_classes=5", "model.classification=sigmoid",
+from factories import tiny_overrides
+
+OVERRIDES = tiny_overrides(
     "model.num_feature_levels=2", "model.encoder.attention=deformable",
     "model.decoder.cross_attention=deformable",
     "model.anchor_boxes=true", "model.box_refine=true", "model.share_heads=true",
     "model.mixed_query_selection=true", "model.look_forward_twice=true", "model.denoising.enabled=true",
-]  # fmt: skip
+    dropout=0.0, encoder__num_points=2, decoder__num_points=2, backbone__frozen_stages=4, num_classes=5,
+    classification="sigmoid",
+)  # fmt: skip
 
 
 def _free_port() -> int:

@@ -14,7 +14,6 @@ must match to 1e-4.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -25,26 +24,13 @@ from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.dino import AnchorDetector
 from detr_lab.models.queries import QuerySet
 
+from factories import load_synth_weights, official_batch
+
+pytestmark = pytest.mark.slow  # full-size R50 DINO built and run
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ATOL = 1e-4
 TIE_TOL = 1e-5
-
-
-def _synth_module():
-    spec = importlib.util.spec_from_file_location("dino_parity_synth_weights", FIXTURES / "synth_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
-    padding_mask = fixture["padding_mask"]
-    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
-    for i, image in enumerate(fixture["images_uint8"]):
-        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
-    return images, padding_mask
 
 
 def _official_order(ours: QuerySet, expected: dict) -> torch.Tensor:
@@ -67,10 +53,10 @@ def _official_order(ours: QuerySet, expected: dict) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def parity():
     fixture = torch.load(FIXTURES / "dino_4scale_r50.pt", weights_only=True)
-    state = _synth_module().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
     with pytest.warns(CheckpointWarning, match="alias a shared head"):
         model, cfg = load_official(state)
-    images, padding_mask = _batch(fixture)
+    images, padding_mask = official_batch(fixture)
     source = model.query_source
     selection_forward = source.forward
     swaps = []

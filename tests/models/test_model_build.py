@@ -8,16 +8,9 @@ from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.build import build_criterion, build_model, build_position_encoding, build_postprocess
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=4",
-    "model.ffn_dim=64",
-    "model.encoder.num_layers=2",
-    "model.decoder.num_layers=3",
-    "model.backbone.name=resnet18",
-    "model.num_queries=10",
-    "model.num_classes=5",
-]
+from factories import tiny_overrides
+
+TINY = tiny_overrides(encoder__num_layers=2, decoder__num_layers=3, num_queries=10, num_classes=5)
 
 
 def test_model_follows_the_config():

@@ -10,6 +10,8 @@ from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention, set_plain_attention_impl
 from detr_lab.models.build import build_model
 
+from factories import tiny_overrides
+
 
 def test_math_path_matches_sdpa_with_padding():
     torch.manual_seed(0)
@@ -51,10 +53,9 @@ def test_math_path_applies_dropout_in_training_only():
 
 
 def test_set_impl_switches_plain_attention_but_not_act():
-    overrides = [
-        "model.hidden_dim=32", "model.num_heads=4", "model.ffn_dim=64", "model.encoder.num_layers=1",
-        "model.decoder.num_layers=1", "model.backbone.name=resnet18", "model.encoder.attention=act",
-    ]
+    overrides = tiny_overrides(
+        decoder__num_layers=1, encoder__attention="act", num_queries=None, num_classes=None
+    )
     model = build_model(load_config(overrides=overrides).model)
     assert set_plain_attention_impl(model, "math") == 2  # decoder self- and cross-attention
     act = [m for m in model.modules() if isinstance(m, AdaptiveClusteringAttention)]

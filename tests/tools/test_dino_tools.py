@@ -13,6 +13,8 @@ from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
 
+pytestmark = pytest.mark.slow  # Lightning end to end: train, eval, infer, fine-tune
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -9,25 +9,16 @@ checkpoint files (the tests run as root on one filesystem: no tiny tmpfs to fill
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from factories import load_tool, tiny_model_yaml
 
-TINY_YAML = """
-model:
-  num_classes: 6
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  num_queries: 4
-  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
-  encoder: {{num_layers: 1}}
-  decoder: {{num_layers: 1}}
+TINY_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, num_queries=4, backbone__frozen_stages=0, decoder__num_layers=1
+) + """
 data:
   dataset: synthetic
   root: {root}/data
@@ -48,10 +39,7 @@ class Payload:
 
 
 def _train_tool():
-    spec = importlib.util.spec_from_file_location("train_tool_resume", REPO / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train")
 
 
 @pytest.mark.parametrize("kind", ["refused", "corrupt"])

@@ -4,7 +4,6 @@ One short training run (3 steps, a checkpoint every step) is shared by the tests
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -25,52 +24,20 @@ from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
 
+from factories import TINY_RUN_YAML, load_tool
+
+pytestmark = pytest.mark.slow  # Lightning end to end: train, resume, eval, infer
+
 REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC_IDS = [1, 2, 3, 5, 8, 13]
 
-TINY_YAML = """
-model:
-  num_classes: 6
-  hidden_dim: 32
-  num_heads: 2
-  ffn_dim: 64
-  dropout: 0.0
-  num_queries: 5
-  backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
-  encoder: {{num_layers: 1}}
-  decoder: {{num_layers: 2}}
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
-optim: {{lr: 1.0e-4, lr_backbone: 0.0, lr_drop_epochs: [1], lr_drop_factor: 0.1}}
-trainer:
-  output_dir: {root}/run
-  accelerator: cpu
-  devices: "1"
-  max_epochs: 2
-  max_steps: 3
-  log_every_n_steps: 1
-  save_every_n_steps: 1
-  seed: 0
-"""
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     config_path = root / "tiny.yaml"
-    config_path.write_text(TINY_YAML.format(root=root))
+    config_path.write_text(TINY_RUN_YAML.format(root=root))
     torch.manual_seed(0)
     trainer = train(load_config(config_path), progress_bar=False)
     return {"root": root, "config": config_path, "trainer": trainer,
@@ -216,7 +183,7 @@ def test_infer_bad_inputs_fail_in_one_line(trained, tmp_path, capsys):
     assert "image not found" in single_error_line(capsys)
 
     other = tmp_path / "other.yaml"
-    other.write_text(TINY_YAML.format(root=trained["root"]).replace("hidden_dim: 32", "hidden_dim: 64"))
+    other.write_text(TINY_RUN_YAML.format(root=trained["root"]).replace("hidden_dim: 32", "hidden_dim: 64"))
     code = infer.main([str(image), "--checkpoint", ckpt, "--config", str(other),
                        "--output-dir", str(tmp_path / "o")])
     assert code == 1
@@ -253,7 +220,7 @@ class BatchImages(Callback):
 def test_resume_mid_epoch_continues_the_interrupted_epoch_order(tmp_path, workers):
     """A run stopped mid-epoch and resumed sees the same batches as one that never stopped."""
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    config_path.write_text(TINY_RUN_YAML.format(root=tmp_path))
     common = ["data.synthetic.num_train=10", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=10",
               f"data.num_workers={workers}"]  # fmt: skip
     whole = BatchImages()
@@ -337,7 +304,7 @@ def test_eval_results_do_not_depend_on_batch_size(trained, tmp_path):
 
 def test_train_rejects_bad_devices_before_writing_anything(tmp_path, capsys):
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(TINY_YAML.format(root=tmp_path))
+    config_path.write_text(TINY_RUN_YAML.format(root=tmp_path))
     code = load_tool("train").main(["--config", str(config_path), "--set", "trainer.devices=two"])
     assert code == 2
     assert "'trainer.devices' is 'two'" in single_error_line(capsys)
@@ -353,7 +320,7 @@ def test_eval_default_results_path_is_per_checkpoint_and_model_mismatch_warns(tr
     assert first.parent == second.parent == trained["root"] / "run"
 
     yaml = tmp_path / "other.yaml"
-    yaml.write_text(TINY_YAML.format(root=trained["root"]).replace("num_queries: 5", "num_queries: 7"))
+    yaml.write_text(TINY_RUN_YAML.format(root=trained["root"]).replace("num_queries: 5", "num_queries: 7"))
     with pytest.warns(UserWarning, match=r"model.num_queries: 7 in the YAML, 5 in the checkpoint"):
         evaluate_checkpoint(yaml, trained["last"], progress=False, output=tmp_path / "r.json")
     with warnings.catch_warnings():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,10 +30,9 @@ from detr_lab.visualize.capture import (
 from detr_lab.visualize.curves import find_metrics_csv, plot_run_curves, read_metrics
 from detr_lab.visualize.draw import draw_detections
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.hidden_dim=32", "model.num_heads=4", "model.ffn_dim=64", "model.encoder.num_layers=1",
-        "model.decoder.num_layers=2", "model.backbone.name=resnet18", "model.num_queries=6",
-        "model.num_classes=3", "data.augment.eval_size=96", "data.augment.eval_max_size=160"]
+from factories import load_tool, tiny_overrides
+
+TINY = tiny_overrides("data.augment.eval_size=96", "data.augment.eval_max_size=160")
 DEFORMABLE = ["model.num_feature_levels=2", "model.encoder.attention=deformable",
               "model.decoder.cross_attention=deformable", "model.classification=sigmoid"]
 ACT = ["model.encoder.attention=act"]
@@ -218,11 +216,6 @@ def test_curves_from_the_newest_csv_log(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- tool
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_visualize_tool(tmp_path, scene, capsys):
@@ -239,7 +232,7 @@ def test_visualize_tool(tmp_path, scene, capsys):
         "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}, {"id": 3, "name": "three"}]}))
     config = tmp_path / "data.yaml"
     config.write_text(f"data: {{root: {tmp_path}, val_images: val, val_annotations: val.json}}\n")
-    main = _tool("visualize").main
+    main = load_tool("visualize").main
 
     code = main(["attention", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "scene.png"),
                  "--out", str(tmp_path / "a.png")])

@@ -14,7 +14,8 @@ This module is pure data: importing it imports neither torch nor any variant. A 
 as "module:function" and imported when the first module of that variant is built.
 
 All variants share one call contract (see `detr_lab.models.attention.plain`) and one mask polarity
-(True = may not attend; see `detr_lab.models.attention.masks`).
+(True = may not attend; see `detr_lab.models.attention.masks`). The variant files import torch
+and this package only; `detr_lab.config` reads the table, `detr_lab.models` builds from it.
 """
 
 from __future__ import annotations

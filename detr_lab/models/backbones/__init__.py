@@ -3,6 +3,8 @@
 `Backbone` (base.py) is the contract; `resnet.py` holds torchvision's ResNets, `timm_features.py`
 hierarchical timm models (ConvNeXt, Swin, ...), `vit.py` a plain timm ViT with ViTDet's simple
 feature pyramid. `detr_lab.models.build.BACKBONES` maps `model.backbone.type` to them.
+May import torch, torchvision, timm and safe weight loading only (no config: `build.py` passes
+plain arguments); the rest of `detr_lab.models` imports it.
 """
 
 from detr_lab.models.backbones.base import Backbone, FeatureLevel, downsample_mask, pad_to_multiple

@@ -14,6 +14,9 @@ and, for sources with fixed position embeddings, `query_pos`.
 - `denoising.ContrastiveDenoising`: DINO's contrastive denoising queries made from the ground truth
   (training only), placed before the matching queries.
 - `embedding`: the sine embedding of boxes and the per-layer query-position head.
+
+May import torch, `detr_lab.boxes` and other `detr_lab.models` modules; the detectors and
+`build.py` import it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,200 @@
+"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, synthetic official weights.
+
+Plain functions, imported by tests as `from factories import tiny_overrides` (tests/ is on the path
+through tests/conftest.py, which also hands some of them out as fixtures). A module of its own, not
+conftest.py: other folders' conftest.py files would shadow `import conftest`. Setup only: no
+assertions live here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from omegaconf import OmegaConf
+
+from detr_lab.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+# The tiny model every model / engine / tool test starts from (keys under `model.`): hidden size 32,
+# one encoder and two decoder layers on a ResNet-18 with random weights. Tests change what they
+# need through `tiny_overrides(**changes)`.
+TINY_MODEL: dict[str, object] = {
+    "hidden_dim": 32,
+    "num_heads": 4,
+    "ffn_dim": 64,
+    "encoder.num_layers": 1,
+    "decoder.num_layers": 2,
+    "backbone.name": "resnet18",
+    "backbone.pretrained": False,
+    "num_queries": 6,
+    "num_classes": 3,
+}
+
+
+def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def tiny_overrides(*extra: str, **changes: object) -> list[str]:
+    """Dotted overrides of the tiny model (`TINY_MODEL`), changed by `changes`, then `extra`.
+
+    Args:
+        extra: further `key.path=value` strings (any section), appended last so they win.
+        changes: model keys to set, `__` standing for a dot (`encoder__num_layers=2` ->
+            `model.encoder.num_layers=2`); `None` drops a tiny key (the schema default applies).
+
+    Returns:
+        A list for `load_config(overrides=...)`, e.g. `["model.hidden_dim=32", ...]`.
+    """
+    model = dict(TINY_MODEL)
+    for key, value in changes.items():
+        dotted = key.replace("__", ".")
+        if value is None:
+            model.pop(dotted, None)
+        else:
+            model[dotted] = value
+    return [f"model.{key}={_format(value)}" for key, value in model.items()] + list(extra)
+
+
+def tiny_config(*extra: str, **changes: object) -> Config:
+    """`load_config(overrides=tiny_overrides(*extra, **changes))`: the schema defaults under the tiny
+    model (no YAML file)."""
+    return load_config(overrides=tiny_overrides(*extra, **changes))
+
+
+def tiny_model_yaml(**changes: object) -> str:
+    """The `model:` section of a YAML config file for the tiny model (block style, no braces, so the
+    text can go through `str.format`); `changes` as in `tiny_overrides`."""
+    return OmegaConf.to_yaml(OmegaConf.from_dotlist(tiny_overrides(**changes)))
+
+
+# A whole training run on the tiny model and a 4 + 2 image synthetic set (64 px): 3 steps over 2
+# epochs, a checkpoint every step. A `str.format` template: `{root}` is the run's folder.
+TINY_RUN_YAML = tiny_model_yaml(
+    num_classes=6, num_heads=2, dropout=0.0, num_queries=5, backbone__frozen_stages=0
+) + """
+data:
+  dataset: synthetic
+  root: {root}/data
+  batch_size: 2
+  num_workers: 0
+  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
+  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+optim: {{lr: 1.0e-4, lr_backbone: 0.0, lr_drop_epochs: [1], lr_drop_factor: 0.1}}
+trainer:
+  output_dir: {root}/run
+  accelerator: cpu
+  devices: "1"
+  max_epochs: 2
+  max_steps: 3
+  log_every_n_steps: 1
+  save_every_n_steps: 1
+  seed: 0
+"""
+
+
+def tiny_batch(
+    *, height: int = 64, width: int = 96, padded_from_row: int = 40, padded_from_col: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Two images (seed 0) and their targets; the second image is padding from the given row / column on.
+
+    Returns:
+        images `[2, 3, H, W]` (zero under the padding), padding_mask `[2, H, W]` (True = padding) and
+        targets: `labels [N]` and `boxes [N, 4]` normalized cxcywh (2 objects, then 1; labels < 5).
+    """
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, height, width)
+    padding_mask = torch.zeros(2, height, width, dtype=torch.bool)
+    padding_mask[1, padded_from_row:, :] = True
+    padding_mask[1, :, padded_from_col:] = True
+    images[padding_mask[:, None].expand_as(images)] = 0
+    targets = [
+        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.2]])},
+        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
+    ]
+    return images, padding_mask, targets
+
+
+def official_batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a parity fixture as the official code fed them: uint8 `[3, h, w]` images scaled to
+    [0, 1], normalized with the fixture's mean / std and zero-padded into `[B, 3, H, W]`; with the
+    fixture's `padding_mask [B, H, W]` (True = padding)."""
+    mean = torch.tensor(fixture["normalize"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(fixture["normalize"]["std"]).view(3, 1, 1)
+    padding_mask = fixture["padding_mask"]
+    images = torch.zeros(len(fixture["images_uint8"]), 3, *padding_mask.shape[1:])
+    for i, image in enumerate(fixture["images_uint8"]):
+        images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
+    return images, padding_mask
+
+
+def load_module(path: Path, name: str | None = None) -> ModuleType:
+    """Import a Python file by path (tools/ and tests/fixtures/ are not packages)."""
+    name = name or f"detr_lab_test_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_tool(name: str) -> ModuleType:
+    """The module of `tools/<name>.py` (its `main(argv)` is what the command line runs)."""
+    return load_module(REPO / "tools" / f"{name}.py", f"detr_lab_tool_{name}")
+
+
+def load_synth_weights() -> ModuleType:
+    """`tests/fixtures/synth_weights.py`: `synth_state_dict(spec, seed)` rebuilds the deterministic
+    synthetic official weights the parity fixtures were made with."""
+    return load_module(FIXTURES / "synth_weights.py", "detr_lab_test_synth_weights")
+
+
+# Model keys an official checkpoint's weights cannot tell: detr_lab counts real classes (80 for COCO;
+# the official heads have 91 slots, one per COCO id), and ImageNet initialisation, the frozen stages
+# and DC5 dilation are choices of the run.
+NOT_IN_THE_WEIGHTS = frozenset({
+    "num_classes",
+    "backbone.pretrained", "backbone.weights_path", "backbone.frozen_stages", "backbone.dilation",
+})  # fmt: skip
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"a.b.c": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def architecture_differences(ours: Config, official: Config) -> dict[str, tuple]:
+    """Model keys whose values differ between two configs, `NOT_IN_THE_WEIGHTS` left out."""
+    from detr_lab.config import config_to_dict
+
+    a, b = flat_dict(config_to_dict(ours)["model"]), flat_dict(config_to_dict(official)["model"])
+    keys = (a.keys() | b.keys()) - NOT_IN_THE_WEIGHTS
+    return {key: (a.get(key), b.get(key)) for key in sorted(keys) if a.get(key) != b.get(key)}
+
+
+def official_reference(name: str, **overrides: object) -> tuple[Config, dict[str, float]]:
+    """What an official checkpoint says about its recipe, from `tests/fixtures/<name>.pt`.
+
+    `overrides` are what weights cannot tell (`dilation=True` for DC5; see `load_official`).
+
+    Returns:
+        the `Config` detr_lab infers from the official checkpoint's key / shape spec (on meta tensors:
+        nothing is allocated), and the loss `weight_dict` the official code built for that model.
+    """
+    from detr_lab.checkpoints import official_family
+
+    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+    state = {key: torch.empty(shape, device="meta") for key, shape in fixture["state_dict_spec"]}
+    return official_family(state).infer_config(state, dict(overrides)), dict(fixture["weight_dict"])
