@@ -36,6 +36,7 @@ VARIANTS = {
     "single_scale": ("configs/deformable_single_scale.yaml", []),
     "refine": ("configs/deformable_refine.yaml", ["model.hidden_dim=64", "model.num_feature_levels=2"]),
     "two_stage": ("configs/deformable_refine_two_stage.yaml", ["model.hidden_dim=64"]),
+    "dino": ("configs/dino_4scale.yaml", ["model.hidden_dim=64", "model.ffn_dim=64"]),
 }
 
 
