@@ -277,11 +277,13 @@ class QueryUsageMonitor(Callback):
     each training epoch it warns when the busiest `ceil(top_fraction * Q)` slots took more than
     `max_share` of the matches (judged once an epoch has at least `min_matches_per_query * Q`
     matches), and when images had more objects than the Q queries. Each warning is issued once.
-    A module without `criterion.matcher` is not monitored.
+    A module without `criterion.matcher` is not monitored. With `ranked_slots` (two-stage or mixed
+    query selection: slot i holds the i-th best encoder proposal) the busiest slots are the best
+    proposals by design, so only the object count is checked.
     """
 
-    def __init__(self, top_fraction: float = 0.1, max_share: float = 0.5, *, min_matches_per_query: int = 4
-                 ) -> None:
+    def __init__(self, top_fraction: float = 0.1, max_share: float = 0.5, *, min_matches_per_query: int = 4,
+                 ranked_slots: bool = False) -> None:
         if not 0 < top_fraction < 1 or not 0 < max_share < 1:
             raise ValueError(
                 f"QueryUsageMonitor: top_fraction ({top_fraction}) and max_share ({max_share}) must be "
@@ -290,6 +292,7 @@ class QueryUsageMonitor(Callback):
         self.top_fraction = top_fraction
         self.max_share = max_share
         self.min_matches_per_query = min_matches_per_query
+        self.ranked_slots = ranked_slots
         self.counts: Tensor | None = None  # int64 [Q], this epoch
         self.overfull: dict[int, int] = {}  # image id -> object count, this epoch
         self.warned_concentration = False
@@ -361,7 +364,7 @@ class QueryUsageMonitor(Callback):
                 "are never matched; raise model.num_queries",
             )
         total = int(counts.sum())
-        if self.warned_concentration or total < self.min_matches_per_query * num_queries:
+        if self.ranked_slots or self.warned_concentration or total < self.min_matches_per_query * num_queries:
             return
         k, share = query_concentration(counts, self.top_fraction)
         if share > self.max_share:

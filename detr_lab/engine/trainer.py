@@ -128,7 +128,10 @@ def build_run_callbacks(cfg: Config) -> list[Callback]:
     if monitors.stalled_ap_rounds > 0:
         callbacks.append(StalledAPMonitor(monitors.stalled_ap_rounds, monitors.stalled_ap_threshold))
     if monitors.query_usage:
-        callbacks.append(QueryUsageMonitor(monitors.query_top_fraction, monitors.query_max_share))
+        ranked = cfg.model.two_stage or cfg.model.mixed_query_selection  # slots = proposals by score
+        callbacks.append(
+            QueryUsageMonitor(monitors.query_top_fraction, monitors.query_max_share, ranked_slots=ranked)
+        )
     if t.summary:
         callbacks.append(RunSummary(t.output_dir))
     return callbacks

@@ -249,8 +249,8 @@ def spread_batches(num_queries, num_batches):
 QUERY_BOXES = [[0.05 + 0.09 * k, 0.5, 0.05, 0.05] for k in range(10)]
 
 
-def run_usage(tmp_path, batches):
-    monitor = QueryUsageMonitor(top_fraction=0.1, max_share=0.5)
+def run_usage(tmp_path, batches, *, ranked_slots=False):
+    monitor = QueryUsageMonitor(top_fraction=0.1, max_share=0.5, ranked_slots=ranked_slots)
     module = FixedQueries(QUERY_BOXES)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -272,6 +272,19 @@ def test_query_usage_warns_when_few_slots_take_the_matches(tmp_path):
     assert len(found) == 1
     assert "100% of 40 matches went to 1 of 10 query slots ([3])" in found[0]
     assert "9 slots were never matched" in found[0]
+
+
+def test_query_usage_quiet_on_concentration_when_slots_are_ranked_proposals(tmp_path):
+    # Two-stage / mixed query selection: slot 0 holds the best proposal, so a few busy slots are
+    # expected; the too-many-objects check still runs.
+    batches = detection_batches(20, box=tuple(QUERY_BOXES[3]))
+    monitor, found = run_usage(tmp_path, batches, ranked_slots=True)
+    assert found == [] and monitor.warned_concentration is False
+    crowded = spread_batches(10, 20)
+    crowded.batches[4][2][1]["boxes"] = torch.tensor([QUERY_BOXES[0]] * 12)
+    crowded.batches[4][2][1]["labels"] = torch.zeros(12, dtype=torch.int64)
+    _, found = run_usage(tmp_path / "crowded", crowded, ranked_slots=True)
+    assert len(found) == 1 and "more objects than the 10 queries" in found[0]
 
 
 def test_query_usage_warns_when_images_have_more_objects_than_queries(tmp_path):
