@@ -12,24 +12,21 @@ post-processing, focal matching costs 2/5/2 and loss weights 1/5/2.
 
 from __future__ import annotations
 
-import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from detr_lab.checkpoints.deformable_detr import _deformable_points
 from detr_lab.checkpoints.family import (
     OFFICIAL_FAMILIES,
-    CheckpointWarning,
     KeyRule,
     OfficialFamily,
     count_indices,
     infer_resnet,
     register_family,
     require_key,
+    resolve_head_aliases,
 )
 from detr_lab.config import Config, config_from_dict
 from detr_lab.io import CheckpointError
@@ -84,7 +81,6 @@ _NORMS = {
     "encoder": {"1": "self_attn_norm", "2": "ffn_norm"},
     "decoder": {"1": "cross_attn_norm", "2": "self_attn_norm", "3": "ffn_norm"},
 }
-_DECODER_HEAD_PREFIXES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
 
 
 def _fields(groups: dict[str, str]) -> dict[str, str] | None:
@@ -218,39 +214,7 @@ def resolve_dino_heads(state: dict[str, Tensor], cfg: Config, source: str) -> di
     head, the highest layer index. The same values are kept here; copies that differ (never in a
     trained checkpoint) are reported in a `CheckpointWarning`.
     """
-    state = dict(state)
-    differing: list[str] = []
-    for key in [k for k in state if k.startswith(_DECODER_HEAD_PREFIXES)]:
-        head_key = key[len("transformer.decoder.") :]
-        if head_key not in state:
-            raise CheckpointError(
-                f"{source}: '{key}' has no counterpart '{head_key}' among the detector heads"
-            )
-        if not torch.equal(state[key], state[head_key]):
-            differing.append(key)
-        del state[key]
-    if cfg.model.share_heads:
-        for head in ("class_embed", "bbox_embed"):
-            copies: dict[str, dict[int, str]] = {}
-            for key in state:
-                if m := re.fullmatch(rf"{head}\.(\d+)\.(.+)", key):
-                    copies.setdefault(m.group(2), {})[int(m.group(1))] = key
-            for rest, by_layer in copies.items():
-                kept = state[by_layer[max(by_layer)]]
-                for key in by_layer.values():
-                    if not torch.equal(state[key], kept):
-                        differing.append(key)
-                    del state[key]
-                state[f"{head}.{rest}"] = kept
-    if differing:
-        warnings.warn(
-            f"{source}: {len(differing)} official key(s) alias a shared head but hold other values "
-            f"(e.g. {', '.join(differing[:3])}); kept the values the official model loads last "
-            "(the detector's heads; the last layer's copy of a shared head)",
-            CheckpointWarning,
-            stacklevel=3,
-        )
-    return state
+    return resolve_head_aliases(state, source, shared_layers=cfg.model.share_heads)
 
 
 DINO_FAMILY = register_family(

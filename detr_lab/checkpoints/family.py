@@ -12,10 +12,12 @@ drops the key on purpose. A key no rule maps, and a model parameter no key fills
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from detr_lab.config import Config
@@ -142,3 +144,57 @@ def infer_resnet(state: Mapping[str, Tensor], prefix: str) -> str:
             "(supported: ResNet-18/34/50/101)"
         )
     return name
+
+
+DECODER_HEAD_PREFIXES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
+
+
+def resolve_head_aliases(
+    state: Mapping[str, Tensor], source: str, *, shared_layers: bool
+) -> dict[str, Tensor]:
+    """Reduce the keys that name one tensor of an official Deformable-DETR-style model to one key each.
+
+    The official Deformable DETR and DINO register their heads twice (the decoder holds the detector's
+    `class_embed`/`bbox_embed` as `transformer.decoder.*` too) and, when the heads are shared across
+    layers (`shared_layers`: Deformable DETR without box refinement, DINO's shared heads), one module
+    is listed once per layer. Loading a state dict into the official model leaves, for each tensor,
+    the value of the key loaded last: the detector's own head over the decoder's alias, the highest
+    layer index among shared copies. The same values are kept here; copies that differ (never in a
+    trained checkpoint, whose copies are one tensor) are reported in a `CheckpointWarning`.
+
+    Raises:
+        CheckpointError: a decoder alias without its detector head.
+    """
+    state = dict(state)
+    differing: list[str] = []
+    for key in [k for k in state if k.startswith(DECODER_HEAD_PREFIXES)]:
+        head_key = key[len("transformer.decoder.") :]
+        if head_key not in state:
+            raise CheckpointError(
+                f"{source}: '{key}' has no counterpart '{head_key}' among the detector heads"
+            )
+        if not torch.equal(state[key], state[head_key]):
+            differing.append(key)
+        del state[key]
+    if shared_layers:
+        for head in ("class_embed", "bbox_embed"):
+            copies: dict[str, dict[int, str]] = {}
+            for key in state:
+                if m := re.fullmatch(rf"{head}\.(\d+)\.(.+)", key):
+                    copies.setdefault(m.group(2), {})[int(m.group(1))] = key
+            for rest, by_layer in copies.items():
+                kept = state[by_layer[max(by_layer)]]
+                for key in by_layer.values():
+                    if not torch.equal(state[key], kept):
+                        differing.append(key)
+                    del state[key]
+                state[f"{head}.{rest}"] = kept
+    if differing:
+        warnings.warn(
+            f"{source}: {len(differing)} official key(s) alias a shared head but hold other values "
+            f"(e.g. {', '.join(differing[:3])}); kept the values the official model loads last "
+            "(the detector's heads; the last layer's copy of a shared head)",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return state
