@@ -28,6 +28,7 @@ from detr_lab.export.metadata import ExportMetadata
 from detr_lab.files import atomic_write
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
+from detr_lab.models.backbones.vit import ViTBackbone
 
 INPUT_NAMES = ("images", "padding_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
@@ -54,12 +55,21 @@ class ExportedDetector(nn.Module):
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Raise `ExportError` for a model holding a module ONNX cannot express (ACT's clustering)."""
-    if any(isinstance(module, AdaptiveClusteringAttention) for module in model.modules()):
+    """Raise `ExportError` for a model holding a module ONNX cannot express: ACT's clustering, or a
+    ViT backbone (its position embeddings are resampled per image to a grid read from the padding
+    mask, with timm's antialiased bicubic resize, which has no ONNX operator)."""
+    modules = list(model.modules())
+    if any(isinstance(module, AdaptiveClusteringAttention) for module in modules):
         raise ExportError(
             "ACT (adaptive clustering attention) cannot be exported: its number of clusters depends on "
             "the image content, which a static ONNX graph cannot express; export the plain-attention "
             "model instead with --set model.encoder.attention=plain (same weights)"
+        )
+    if any(isinstance(module, ViTBackbone) for module in modules):
+        raise ExportError(
+            "ViT backbones cannot be exported: each image's position embeddings are resampled to its "
+            "own patch grid, read from the padding mask at run time, with an antialiased bicubic resize "
+            "that ONNX has no operator for; export a model with a ResNet or ConvNeXt backbone"
         )
 
 

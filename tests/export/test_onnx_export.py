@@ -104,6 +104,25 @@ def test_act_is_refused_with_the_plain_attention_hint(checkpoints, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_vit_backbone_is_refused_before_tracing(tmp_path):
+    """ViT resamples position embeddings per image from the padding mask: no ONNX graph for that."""
+    from detr_lab.config import load_config
+    from detr_lab.models.build import build_model
+
+    cfg = load_config("configs/demo_vit.yaml", [
+        "model.backbone.timm_kwargs.embed_dim=32", "model.backbone.timm_kwargs.depth=1",
+        "model.backbone.timm_kwargs.num_heads=2", "model.backbone.pyramid_channels=16",
+        "model.hidden_dim=32", "model.num_heads=2", "model.num_queries=5",
+        "model.encoder.num_layers=1", "model.decoder.num_layers=1",
+    ])
+    model = build_model(cfg.model).eval()
+    classes = cfg.model.num_classes
+    meta = ExportMetadata(list(range(classes)), [f"class{i}" for i in range(classes)], cfg)
+    with pytest.raises(ExportError, match=r"ViT backbones cannot be exported.*ResNet or ConvNeXt"):
+        export_onnx(model, tmp_path / "vit.onnx", metadata=meta, height=64, width=64)
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_extra_names_the_install_command(monkeypatch, checkpoints, tmp_path):
     from detr_lab.export.dependencies import MissingExtraError
 
