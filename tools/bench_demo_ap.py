@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from detr_lab.engine.cli import add_common_arguments, run_tool
+from detr_lab.files import atomic_write
 
 DEFAULT_CONFIGS = ["configs/demo.yaml", "configs/demo_dino.yaml", "configs/demo_denoising.yaml"]
 FIELDS = ("config", "mark_minutes", "train_minutes", "wall_minutes", "cpu_minutes", "epoch", "global_step",
@@ -40,8 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def write_csv(runs: dict[str, list], path: Path) -> None:
     """One row per (config, mark); `runs` maps a config name to its `TimedEvaluation` records."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as file:
+    with atomic_write(path, "w") as file:
         writer = csv.writer(file)
         writer.writerow(FIELDS)
         for config, records in runs.items():
@@ -49,7 +49,6 @@ def write_csv(runs: dict[str, list], path: Path) -> None:
                 stats = [f"{r.stats[name]:.4f}" for name in FIELDS[7:]]
                 times = [f"{r.train_minutes:.2f}", f"{r.wall_minutes:.2f}", f"{r.cpu_minutes:.2f}"]
                 writer.writerow([config, f"{r.mark_minutes:g}", *times, r.epoch, r.global_step, *stats])
-    os.replace(tmp, path)
 
 
 def write_plot(runs: dict[str, list], path: Path, title: str) -> None:
