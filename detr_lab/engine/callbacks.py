@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
 from detr_lab.config import ConfigError
@@ -267,13 +267,20 @@ class TimedEvaluation(Callback):
             trainer.should_stop = True
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """COCO stats of the weights a validation round would see: with a `WeightAveraging` callback
+        (EMA), its average is swapped in through the callback's own validation hooks and back after."""
         datamodule = trainer.datamodule
         evaluator = CocoEvaluator(datamodule.val_dataset.coco, pl_module.category_ids)
+        averaging = [callback for callback in trainer.callbacks if isinstance(callback, WeightAveraging)]
         was_training = pl_module.training
+        for callback in averaging:
+            callback.on_validation_epoch_start(trainer, pl_module)
         pl_module.eval()
         try:
             loader = datamodule.val_dataloader()
             predict_dataset(pl_module.model, pl_module.postprocess, loader, evaluator, pl_module.device)
         finally:
             pl_module.train(was_training)
+            for callback in reversed(averaging):
+                callback.on_validation_epoch_end(trainer, pl_module)
         return evaluator.compute()

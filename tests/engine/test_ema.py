@@ -124,3 +124,58 @@ def test_checkpoint_holds_the_average_and_resume_restores_it(tmp_path):
     assert resumed.global_step == 6 and resumed_ema.num_updates == 6
     torch.testing.assert_close(resumed_ema.averaged_state_dict()["layer.weight"],
                                straight_ema.averaged_state_dict()["layer.weight"])
+
+
+def test_timed_evaluation_scores_the_average_and_training_continues_from_raw_weights(tmp_path, monkeypatch):
+    """tools/bench_demo_ap.py evaluates mid-epoch: with EMA it must see what validation sees."""
+    from types import SimpleNamespace
+
+    from detr_lab.engine import callbacks as callbacks_module
+    from detr_lab.engine.callbacks import TimedEvaluation
+
+    evaluated = []
+
+    class Evaluator:
+        def __init__(self, coco, category_ids):
+            pass
+
+        def compute(self):
+            return {"AP": 0.0, "AP50": 0.0}
+
+    def record(model, postprocess, loader, evaluator, device):
+        evaluated.append(model.layer.weight.detach().clone())
+
+    monkeypatch.setattr(callbacks_module, "CocoEvaluator", Evaluator)
+    monkeypatch.setattr(callbacks_module, "predict_dataset", record)
+
+    class Data(L.LightningDataModule):
+        val_dataset = SimpleNamespace(coco=None)
+
+        def train_dataloader(self):
+            return data()
+
+        def val_dataloader(self):
+            return data(2)
+
+    def run(extra):
+        module = Regression()
+        object.__setattr__(module, "model", module)  # what TimedEvaluation evaluates; not a submodule
+        module.postprocess, module.category_ids = None, [1]
+        recorder = StepWeights()
+        callbacks = [recorder, WarmupEMA(decay=0.9, warmup_steps=2), *extra]
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=tmp_path, limit_val_batches=0)
+        trainer.fit(module, datamodule=Data())
+        return recorder.after_step
+
+    plain = run([])
+    # Marks far below one step's time: an evaluation after each of the three steps (EMA updated first).
+    raw = run([TimedEvaluation([1e-7, 2e-7, 3e-7], stop_after_last=True)])
+    assert len(evaluated) == 3
+    for step in range(3):
+        torch.testing.assert_close(evaluated[step], expected_ema(raw[: step + 1]))
+    assert not torch.allclose(evaluated[2], raw[2])
+    # The swaps are undone: training went on from the raw weights, exactly as without evaluations.
+    for ours, reference in zip(raw, plain, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
