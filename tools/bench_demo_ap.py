@@ -66,9 +66,10 @@ def write_plot(runs: dict[str, list], path: Path, title: str) -> None:
         axes.plot(times, [r.stats["AP"] for r in records], "o-", color=colour, label=f"{config} AP")
         ap50 = [r.stats["AP50"] for r in records]
         axes.plot(times, ap50, "s--", color=colour, alpha=0.5, label=f"{config} AP50")
+        shift = (index - (len(runs) - 1) / 2) * 18  # labels of configs that meet side by side, not stacked
         for r in records:
             point = (r.train_minutes, r.stats["AP"])
-            axes.annotate(f"{r.stats['AP']:.3f}", point, textcoords="offset points", xytext=(0, 6),
+            axes.annotate(f"{r.stats['AP']:.3f}", point, textcoords="offset points", xytext=(shift, 6),
                           ha="center", fontsize=7, color=colour)
     axes.set_xlabel("training time (minutes, evaluation excluded)")
     axes.set_ylabel("COCO box AP (synthetic val)")
