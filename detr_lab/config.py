@@ -21,13 +21,17 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from detr_lab.config_migration import LegacyConfigError, migrate_config_data
 from detr_lab.files import atomic_write_text
 from detr_lab.models.attention import (
     ATTENTION_SPECS,
     attention_names,
     needs_multiscale_inputs,
+    reference_attention_hint,
     refinement_error,
 )
+from detr_lab.models.necks import NECKS
+from detr_lab.models.queries import QUERY_SOURCES, resolved_query_source
 
 BASE_KEY = "_base_"
 
@@ -125,6 +129,15 @@ class DenoisingConfig:
 
 
 @dataclass
+class NeckConfig:
+    """The slot between the backbone and the encoder (`detr_lab.models.necks.NECKS`)."""
+
+    # projection: 1x1 convolutions (DETR) or Deformable DETR's GroupNorm projections + extra levels.
+    type: str = field(default="projection", metadata={"choices": lambda: tuple(NECKS)})
+    options: dict[str, Any] = field(default_factory=dict)  # the neck's own builder arguments
+
+
+@dataclass
 class ModelConfig:
     # Real classes; "no object" is index `num_classes` for softmax classification.
     num_classes: int = _positive(91)
@@ -137,14 +150,13 @@ class ModelConfig:
     num_feature_levels: int = field(default=1, metadata={"min": 1, "max": 5})
     position_encoding: str = _choice("sine", "learned", default="sine")
     classification: str = _choice("softmax", "sigmoid", default="softmax")  # sigmoid = focal loss
-    box_refine: bool = False  # Deformable DETR iterative bounding-box refinement
-    two_stage: bool = False  # Deformable DETR two-stage (encoder proposals as reference points)
+    # How the decoder's queries are made (`detr_lab.models.queries.QUERY_SOURCES`): learned (DETR),
+    # learned_points (Deformable DETR), proposals (two-stage Deformable DETR), learned_anchors
+    # (DAB-DETR), mixed_selection (DINO); null: learned_points when the decoder cross-attention takes
+    # reference points (deformable), else learned.
+    query_source: str | None = field(default=None, metadata={"choices": lambda: tuple(QUERY_SOURCES)})
+    box_refine: bool = False  # iterative bounding-box refinement (every decoder layer refines the boxes)
     aux_loss: bool = True
-    # DAB/DINO anchor-box decoder: queries carry 4-D boxes; each layer's query_pos is an MLP of the
-    # sine embedding of its current boxes, and boxes are refined layer by layer (needs box_refine).
-    anchor_boxes: bool = False
-    # DINO mixed query selection: the top-K encoder proposals give the anchors, content is learned.
-    mixed_query_selection: bool = False
     # DINO look-forward-twice: a layer's box also gets gradients through the next layer's refinement.
     look_forward_twice: bool = False
     share_heads: bool = False  # one class head and one box head shared by every decoder layer
@@ -152,12 +164,9 @@ class ModelConfig:
     num_detections: int = _positive(100)  # sigmoid post-processing: top (query, class) pairs kept
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-
-
-# Loss terms of `detr_lab.models.criterion.SetCriterion`, by name.
-LOSS_TERMS = ("labels", "boxes", "cardinality")
 
 
 @dataclass
@@ -173,9 +182,14 @@ class LossConfig:
     eos_coef: float = _non_negative(0.1)  # softmax: weight of the "no object" class
     focal_alpha: float = field(default=0.25, metadata={"min": 0, "max": 1})
     focal_gamma: float = _non_negative(2.0)
-    # Which terms run (names from LOSS_TERMS): labels = loss_ce (+ class_error), boxes = loss_bbox
-    # and loss_giou, cardinality = cardinality_error (logged only).
+    # Which terms run (names of `detr_lab.models.loss_terms.LOSS_TERMS`, checked when the criterion is
+    # built): labels = loss_ce (+ class_error), boxes = loss_bbox and loss_giou, cardinality =
+    # cardinality_error and box_parts = loss_xy / loss_hw (both logged only).
     terms: list[str] = field(default_factory=lambda: ["labels", "cardinality", "boxes"])
+    # Weighted value -> weight, for values whose weight has no key above (e.g. a new term's).
+    weights: dict[str, float] = field(default_factory=dict)
+    # Further matching costs of `detr_lab.models.matcher.MATCHING_COSTS`: name -> weight.
+    extra_costs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -373,6 +387,10 @@ def _check_keys(schema: DictConfig, data: Any, where: str, prefix: str = "") -> 
 
 
 def _merge(schema: DictConfig, data: DictConfig, where: str) -> DictConfig:
+    try:
+        data = migrate_config_data(data)
+    except LegacyConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
     _check_keys(schema, data, where)
     try:
         return OmegaConf.merge(schema, data)  # type: ignore[return-value]
@@ -504,15 +522,11 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
 
 
 def _validate_loss_terms(terms: list[str], where: str) -> None:
+    """At least one term and no repeats (the names are checked against the term table when the
+    criterion is built, `detr_lab.models.criterion.select_terms`)."""
     if not terms:
-        raise ConfigError(f"{where}: 'loss.terms' must name at least one of: {', '.join(LOSS_TERMS)}")
+        raise ConfigError(f"{where}: 'loss.terms' must name at least one loss term")
     for i, term in enumerate(terms):
-        if term not in LOSS_TERMS:
-            close = difflib.get_close_matches(str(term), LOSS_TERMS, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"{where}: 'loss.terms[{i}]' is {term!r}; expected one of: {', '.join(LOSS_TERMS)}{hint}"
-            )
         if term in terms[:i]:
             raise ConfigError(f"{where}: 'loss.terms[{i}]' repeats {term!r}")
 
@@ -536,12 +550,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
     _validate_backbone(m.backbone, where)
-    refine = m.box_refine and not m.anchor_boxes  # anchor-box decoders refine with any attention
-    if (refine or m.two_stage) and not ATTENTION_SPECS[m.decoder.cross_attention].reference_points:
-        raise ConfigError(f"{where}: {refinement_error()} (box_refine also works with 'model.anchor_boxes')")
-    _validate_anchor_options(m, where)
-    if m.two_stage and not m.box_refine:
-        raise ConfigError(f"{where}: 'model.two_stage' needs 'model.box_refine: true' (as the official code)")
+    _validate_query_source(m, where)
     _validate_loss_terms(cfg.loss.terms, where)
     for i, scale in enumerate(cfg.data.augment.train_scales):
         if scale <= 0:
@@ -558,29 +567,30 @@ def validate(cfg: Config, where: str = "config") -> Config:
     return cfg
 
 
-def _validate_anchor_options(m: ModelConfig, where: str) -> None:
-    """The DINO switches build on the anchor-box decoder."""
-    needs_anchors = {
-        "model.mixed_query_selection": m.mixed_query_selection,
-        "model.look_forward_twice": m.look_forward_twice,
-        "model.denoising.enabled": m.denoising.enabled,
-    }
-    for key, on in needs_anchors.items():
-        if on and not m.anchor_boxes:
-            raise ConfigError(f"{where}: '{key}' needs 'model.anchor_boxes: true' (queries with 4-D boxes)")
-    if m.anchor_boxes and not m.box_refine:
-        raise ConfigError(
-            f"{where}: 'model.anchor_boxes' needs 'model.box_refine: true' (every layer refines the anchors)"
-        )
-    if m.anchor_boxes and m.two_stage:
-        raise ConfigError(
-            f"{where}: 'model.two_stage' is Deformable DETR's; with 'model.anchor_boxes' use "
-            "'model.mixed_query_selection' for encoder proposals"
-        )
-    if m.anchor_boxes and m.classification != "sigmoid":
-        raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.classification: sigmoid' (focal loss)")
-    if m.anchor_boxes and m.hidden_dim % 4:
-        raise ConfigError(f"{where}: 'model.anchor_boxes' needs 'model.hidden_dim' divisible by 4")
+def _validate_query_source(m: ModelConfig, where: str) -> None:
+    """What the chosen query source (its spec in `QUERY_SOURCES`) asks of the rest of the model."""
+    cross = m.decoder.cross_attention
+    name = resolved_query_source(m.query_source, ATTENTION_SPECS[cross].reference_points)
+    spec = QUERY_SOURCES[name]
+    key = f"'model.query_source: {name}'"
+    if spec.box_dim == 0 and m.box_refine:
+        raise ConfigError(f"{where}: {refinement_error()}, or a query source with reference boxes")
+    if spec.reference_attention and not ATTENTION_SPECS[cross].reference_points:
+        raise ConfigError(f"{where}: {key} needs a decoder cross-attention with reference points "
+                          f"({reference_attention_hint()})")
+    if spec.needs_refinement and not m.box_refine:
+        raise ConfigError(f"{where}: {key} needs 'model.box_refine: true' (every layer refines the boxes)")
+    if spec.proposal_heads and m.share_heads:
+        raise ConfigError(f"{where}: {key} needs one head per decoder layer; set 'model.share_heads: false'")
+    if m.denoising.enabled and not spec.position_from_boxes:
+        raise ConfigError(f"{where}: 'model.denoising.enabled' needs a query source with 4-D anchor boxes "
+                          "('model.query_source': learned_anchors or mixed_selection)")
+    if m.look_forward_twice and not m.box_refine:
+        raise ConfigError(f"{where}: 'model.look_forward_twice' needs 'model.box_refine: true'")
+    if spec.position_from_boxes and m.classification != "sigmoid":
+        raise ConfigError(f"{where}: {key} needs 'model.classification: sigmoid' (focal loss)")
+    if spec.box_dim == 4 and m.hidden_dim % 4:
+        raise ConfigError(f"{where}: {key} needs 'model.hidden_dim' divisible by 4")
 
 
 def config_from_dict(data: dict | DictConfig, where: str = "config") -> Config:

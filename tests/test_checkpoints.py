@@ -175,7 +175,7 @@ def test_lightning_checkpoint(tmp_path, tiny):
     cfg, model = tiny
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state["criterion.class_weights"] = torch.ones(4)
-    state["teacher.model.query_embed.weight"] = torch.zeros(6, 32)
+    state["teacher.model.query_source.query_embed.weight"] = torch.zeros(6, 32)
     checkpoint = {
         "epoch": 3,
         "global_step": 120,

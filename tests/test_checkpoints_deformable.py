@@ -206,7 +206,7 @@ def test_variants_are_inferred_and_run(label, options, overrides, strides):
         options.get("backbone", "resnet50"),
         "dilation" in overrides,
     )
-    assert (m.box_refine, m.two_stage, m.classification) == (
+    assert (m.box_refine, m.query_source == "proposals", m.classification) == (
         options.get("box_refine", False),
         False,
         "sigmoid",
@@ -224,7 +224,7 @@ def test_variants_are_inferred_and_run(label, options, overrides, strides):
     assert outputs["memory"].shape[1] == expected_tokens, label
     assert tuple(outputs["pred_logits"].shape) == (1, m.num_queries, 5) and len(outputs["aux_outputs"]) == 1
     assert torch.isfinite(outputs["pred_boxes"]).all() and "enc_outputs" not in outputs
-    torch.testing.assert_close(model.query_embed.weight, state["query_embed.weight"])
+    torch.testing.assert_close(model.query_source.query_embed.weight, state["query_embed.weight"])
 
 
 def test_heads_default_to_eight_and_points_follow_from_them():
@@ -238,9 +238,9 @@ def test_heads_default_to_eight_and_points_follow_from_them():
 def test_two_stage_query_count_defaults_to_300_and_takes_an_override():
     state = quick_state(backbone="resnet18", box_refine=True, two_stage=True, decoder_layers=1)
     cfg, _ = convert_official(state)
-    assert (cfg.model.num_queries, cfg.model.two_stage, cfg.model.box_refine) == (300, True, True)
+    assert (cfg.model.num_queries, cfg.model.query_source, cfg.model.box_refine) == (300, "proposals", True)
     model, cfg = load_official(state, num_queries=20)
-    assert cfg.model.num_queries == 20 and model.proposal_queries.num_queries == 20
+    assert cfg.model.num_queries == 20 and model.query_source.num_queries == 20
     outputs = _forward(model)
     assert tuple(outputs["pred_boxes"].shape) == (1, 20, 4) and outputs["aux_outputs"] == []
     tokens = outputs["memory"].shape[1]
@@ -248,7 +248,7 @@ def test_two_stage_query_count_defaults_to_300_and_takes_an_override():
     # the proposal head is the (num_decoder_layers)-th one, the last of the official list
     torch.testing.assert_close(model.class_embed[1].weight, state["class_embed.1.weight"])
     torch.testing.assert_close(
-        model.proposal_queries.query_proj.weight, state["transformer.pos_trans.weight"]
+        model.query_source.query_proj.weight, state["transformer.pos_trans.weight"]
     )
 
 
@@ -278,11 +278,11 @@ def test_keys_land_in_the_right_modules():
         (decoder.self_attn.out_proj.weight, f"{official}.self_attn.out_proj.weight"),
         (decoder.ffn.linear2.weight, f"{official}.linear2.weight"),
         (model.transformer.level_embed, "transformer.level_embed"),
-        (model.reference_points_head.weight, "transformer.reference_points.weight"),
+        (model.query_source.reference_points_head.weight, "transformer.reference_points.weight"),
         (model.class_embed[1].bias, "class_embed.1.bias"),
         (model.bbox_embed[0].layers[2].weight, "bbox_embed.0.layers.2.weight"),
-        (model.input_proj[3][0].weight, "input_proj.3.0.weight"),
-        (model.input_proj[1][1].bias, "input_proj.1.1.bias"),
+        (model.neck.input_proj[3][0].weight, "input_proj.3.0.weight"),
+        (model.neck.input_proj[1][1].bias, "input_proj.1.1.bias"),
         (model.backbone.body.layer3[1].bn2.running_var, "backbone.0.body.layer3.1.bn2.running_var"),
     ]
     for tensor, key in expected:
@@ -329,7 +329,7 @@ def test_unmapped_and_unfilled_keys_are_errors():
     with pytest.raises(CheckpointError, match=r"2 official Deformable DETR key\(s\) have no place"):
         load_official(extra)
     missing = {k: v for k, v in state.items() if k != "transformer.reference_points.bias"}
-    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. reference_points_head\.bias\)"):
+    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. query_source\.reference_points_head"):
         load_official(missing)
     alias = {**quick_state(backbone="resnet18", box_refine=True)}
     del alias["bbox_embed.0.layers.0.weight"]
@@ -363,7 +363,7 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     source = tmp_path / "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.pth"
     torch.save({"model": state, "epoch": 49}, source)
     loaded = load_checkpoint(source)
-    assert loaded.config.model.two_stage and loaded.class_names[1] == "person"
+    assert loaded.config.model.query_source == "proposals" and loaded.class_names[1] == "person"
     assert loaded.category_ids == list(range(91))
 
     tool = load_tool("convert_checkpoint")
@@ -373,5 +373,5 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     converted = load_checkpoint(destination)
     assert converted.config.model.num_queries == 16 and converted.config.model.box_refine
     torch.testing.assert_close(
-        converted.model.proposal_queries.memory_proj.weight, state["transformer.enc_output.weight"]
+        converted.model.query_source.memory_proj.weight, state["transformer.enc_output.weight"]
     )

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from detr_lab.checkpoints import CheckpointError, load_checkpoint, load_official
-from detr_lab.models.dino import AnchorDetector
+from detr_lab.models.detector import Detector
 from detr_lab.models.queries.anchors import LearnedAnchors
 
 from factories import load_tool
@@ -177,7 +177,7 @@ def test_variants_are_inferred_and_run(label, options, strides):
     model, cfg = load_official(state, num_heads=4)
     m = cfg.model
     levels = options.get("levels", 4)
-    assert isinstance(model, AnchorDetector), label
+    assert isinstance(model, Detector), label
     assert (m.num_feature_levels, m.num_heads, m.hidden_dim, m.ffn_dim) == (levels, 4, 32, 64)
     assert (m.encoder.num_points, m.decoder.num_points) == (options.get("points", 4),) * 2
     assert m.backbone.name == options.get("backbone", "resnet50")
@@ -186,9 +186,10 @@ def test_variants_are_inferred_and_run(label, options, strides):
         5,
         options.get("decoder_layers", 2),
     )
-    assert m.mixed_query_selection == options.get("two_stage", True)
+    assert (m.query_source == "mixed_selection") == options.get("two_stage", True)
     assert m.denoising.enabled == options.get("denoising", True)
-    assert (m.anchor_boxes, m.share_heads, m.look_forward_twice, m.position_temperature) == (
+    anchors = m.query_source in ("mixed_selection", "learned_anchors")
+    assert (anchors, m.share_heads, m.look_forward_twice, m.position_temperature) == (
         True,
         True,
         True,
@@ -200,8 +201,8 @@ def test_variants_are_inferred_and_run(label, options, strides):
     assert tuple(outputs["pred_logits"].shape) == (1, m.num_queries, 5)
     assert len(outputs["aux_outputs"]) == m.decoder.num_layers - 1
     assert torch.isfinite(outputs["pred_boxes"]).all()
-    assert ("enc_outputs" in outputs) == m.mixed_query_selection
-    if not m.mixed_query_selection:
+    assert ("enc_outputs" in outputs) == (m.query_source == "mixed_selection")
+    if m.query_source != "mixed_selection":
         assert isinstance(model.query_source, LearnedAnchors)
         torch.testing.assert_close(
             model.query_source.anchors.weight, state["transformer.refpoint_embed.weight"]
@@ -246,7 +247,7 @@ def test_bad_checkpoints_are_errors():
         load_official(state, num_queries=3)
     broken = dict(state)
     del broken["input_proj.3.0.weight"]
-    with pytest.raises(CheckpointError, match=r"missing \(e.g. input_proj.3.0.weight\)"):
+    with pytest.raises(CheckpointError, match=r"missing \(e.g. neck.input_proj.3.0.weight\)"):
         load_official(broken)
     extra = dict(state, **{"transformer.decoder.mystery.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="mystery"):
@@ -258,7 +259,7 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     source = tmp_path / "checkpoint0011_4scale.pth"
     torch.save({"model": state, "epoch": 11}, source)
     loaded = load_checkpoint(source)
-    assert loaded.config.model.anchor_boxes and loaded.class_names[1] == "person"
+    assert loaded.config.model.query_source == "mixed_selection" and loaded.class_names[1] == "person"
     tool = load_tool("convert_checkpoint")
     destination = tmp_path / "converted.pt"
     assert tool.main([str(source), str(destination), "--num-queries", "7"]) == 0

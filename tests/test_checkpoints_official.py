@@ -177,7 +177,7 @@ def test_keys_land_in_the_right_modules(r18_state):
     torch.testing.assert_close(
         decoder.ffn.linear2.weight, r18_state["transformer.decoder.layers.1.linear2.weight"]
     )
-    torch.testing.assert_close(model.input_proj[0].weight, r18_state["input_proj.weight"])
+    torch.testing.assert_close(model.neck.input_proj[0].weight, r18_state["input_proj.weight"])
     torch.testing.assert_close(
         model.backbone.body.layer3[1].bn2.running_var, r18_state["backbone.0.body.layer3.1.bn2.running_var"]
     )
@@ -190,7 +190,7 @@ def test_checkpoint_file_with_training_arguments(tmp_path, r18_state):
     torch.save({"model": state, "args": argparse.Namespace(backbone="resnet18", lr=1e-4), "epoch": 3}, path)
     model, cfg = load_official(path)
     assert cfg.model.backbone.name == "resnet18"
-    torch.testing.assert_close(model.query_embed.weight, r18_state["query_embed.weight"])
+    torch.testing.assert_close(model.query_source.query_embed.weight, r18_state["query_embed.weight"])
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -206,7 +206,7 @@ def test_unmapped_official_keys_are_an_error(r18_state):
 
 def test_unfilled_parameters_are_an_error(r18_state):
     state = {k: v for k, v in r18_state.items() if k not in ("class_embed.bias", "input_proj.bias")}
-    with pytest.raises(CheckpointError, match=r"2 missing \(e\.g\. class_embed\.bias, input_proj\.0\.bias\)"):
+    with pytest.raises(CheckpointError, match=r"2 missing \(e\.g\. class_embed\.bias, neck\.input_proj\.0"):
         load_official(state)
 
 
@@ -273,7 +273,7 @@ def test_convert_tool_writes_a_detr_lab_checkpoint(tmp_path, convert_tool, r18_s
     assert "wrote" in capsys.readouterr().out
     loaded = load_checkpoint(dst)
     assert loaded.config.model.num_heads == 2 and loaded.category_ids == list(range(5))
-    torch.testing.assert_close(loaded.model.query_embed.weight, r18_state["query_embed.weight"])
+    torch.testing.assert_close(loaded.model.query_source.query_embed.weight, r18_state["query_embed.weight"])
     assert torch.load(dst, weights_only=True)["format"] == "detr_lab"
 
 

@@ -112,8 +112,8 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match=r"'model.hidden_dim' \(48\) must be divisible by 32.*levels"):
         load_config(overrides=["model.num_feature_levels=4", "model.hidden_dim=48"])
     assert load_config(overrides=["model.num_feature_levels=4"]).model.encoder.attention == "plain"
-    with pytest.raises(ConfigError, match="two_stage"):
-        load_config(overrides=["model.decoder.cross_attention=deformable", "model.two_stage=true"])
+    with pytest.raises(ConfigError, match="'model.query_source: proposals' needs 'model.box_refine: true'"):
+        load_config(overrides=["model.decoder.cross_attention=deformable", "model.query_source=proposals"])
 
 
 def test_missing_file_and_missing_base(tmp_path):

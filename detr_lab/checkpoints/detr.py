@@ -28,8 +28,8 @@ DETR_KEY_RULES: list[KeyRule] = [
     (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
     (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
     (r"backbone\.1\.(?P<table>row_embed|col_embed)\.weight", ("position_encoding.{table}.weight",)),
-    (r"input_proj\.(?P<p>weight|bias)", ("input_proj.0.{p}",)),
-    (r"query_embed\.weight", ("query_embed.weight",)),
+    (r"input_proj\.(?P<p>weight|bias)", ("neck.input_proj.0.{p}",)),
+    (r"query_embed\.weight", ("query_source.query_embed.weight",)),
     (r"class_embed\.(?P<p>weight|bias)", ("class_embed.{p}",)),
     (r"bbox_embed\.layers\.(?P<j>\d+)\.(?P<p>weight|bias)", ("bbox_embed.layers.{j}.{p}",)),
     (

@@ -43,7 +43,7 @@ _MLP = r"layers\.(?P<k>\d+)\.(?P<p>weight|bias)"
 DINO_KEY_RULES: list[KeyRule] = [
     (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
     (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
-    (r"input_proj\.(?P<l>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)", ("input_proj.{l}.{k}.{p}",)),
+    (r"input_proj\.(?P<l>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)", ("neck.input_proj.{l}.{k}.{p}",)),
     (r"transformer\.level_embed", ("transformer.level_embed",)),
     (r"transformer\.tgt_embed\.weight", ("query_source.content.weight",)),
     (r"transformer\.refpoint_embed\.weight", ("query_source.anchors.weight",)),
@@ -176,8 +176,7 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
         "position_temperature": 20.0,
         "classification": "sigmoid",
         "box_refine": True,
-        "anchor_boxes": True,
-        "mixed_query_selection": mixed,
+        "query_source": "mixed_selection" if mixed else "learned_anchors",
         "look_forward_twice": True,
         "share_heads": bool(overrides.get("share_heads", True)),
         "num_detections": 300,
@@ -202,6 +201,7 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
     }
     loss = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "class_weight": 1.0, "bbox_weight": 5.0}
     loss.update({"giou_weight": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0})
+    loss["terms"] = ["labels", "cardinality", "boxes", "box_parts"]  # DINO also logs loss_xy / loss_hw
     return config_from_dict({"model": model, "loss": loss}, f"official {FAMILY} checkpoint")
 
 

@@ -32,12 +32,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy
 from detr_lab.checkpoints import load_checkpoint, load_state_exactly
 from detr_lab.config import Config, ConfigError, DistillConfig, ModelConfig
+from detr_lab.models.classification import classification_strategy
 
 FEATURE_TERM = "loss_feat"
 CLASS_TERM = "loss_kd_ce"
@@ -93,20 +93,13 @@ def class_distillation(student_logits: Tensor, teacher_logits: Tensor, classific
     """KL(teacher || student) of each query's class distribution, mean over queries.
 
     Logits `[B, Q, C]`: softmax over the C entries (classes + "no object"), or, for sigmoid heads,
-    the sum over classes of the Bernoulli KL divergences.
+    the sum over classes of the Bernoulli KL divergences (`Classification.distillation`).
+
+    Raises:
+        ValueError: an unknown classification name.
     """
-    student = student_logits.float()
-    teacher = teacher_logits.float()
-    if classification == "softmax":
-        teacher_log = F.log_softmax(teacher, dim=-1)
-        kl = (teacher_log.exp() * (teacher_log - F.log_softmax(student, dim=-1))).sum(-1)
-    elif classification == "sigmoid":
-        teacher_p = teacher.sigmoid()
-        positive = teacher_p * (F.logsigmoid(teacher) - F.logsigmoid(student))
-        negative = (1 - teacher_p) * (F.logsigmoid(-teacher) - F.logsigmoid(-student))
-        kl = (positive + negative).sum(-1)
-    else:
-        raise ValueError(f"classification must be 'softmax' or 'sigmoid', got {classification!r}")
+    strategy = classification_strategy(classification)
+    kl = strategy.distillation(student_logits.float(), teacher_logits.float())
     return kl.mean().to(student_logits.dtype)
 
 

@@ -79,13 +79,8 @@ class DetectionModule(L.LightningModule):
         must skip together). With "error" that raises `NonFiniteTrainingError` naming the step and the
         batch's image ids, instead of the matcher's error without them."""
         images, padding_mask, targets = batch
-        if getattr(self.model, "uses_targets", False):
-            # Denoising training makes extra queries from the ground truth.
-            outputs = self.model(images, padding_mask, targets=targets)
-        elif self.distiller is None:
-            outputs = self(images, padding_mask)
-        else:
-            outputs = self.model(images, padding_mask, return_memory=True)
+        # Extra query sources (denoising) make queries from the ground truth; distillation reads the memory.
+        outputs = self.model(images, padding_mask, targets=targets, return_memory=self.distiller is not None)
         if not self._finite_predictions(outputs, targets, batch_idx):
             return None
         losses = self.criterion(outputs, targets)

@@ -50,6 +50,7 @@ from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPM
 from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
 from detr_lab.engine.summary import RunSummary
 from detr_lab.io import diff_state_dicts, safe_load
+from detr_lab.models.build import query_spec
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -128,7 +129,7 @@ def build_run_callbacks(cfg: Config) -> list[Callback]:
     if monitors.stalled_ap_rounds > 0:
         callbacks.append(StalledAPMonitor(monitors.stalled_ap_rounds, monitors.stalled_ap_threshold))
     if monitors.query_usage:
-        ranked = cfg.model.two_stage or cfg.model.mixed_query_selection  # slots = proposals by score
+        ranked = query_spec(cfg.model)[1].ranked_slots  # slots = proposals by score
         callbacks.append(
             QueryUsageMonitor(monitors.query_top_fraction, monitors.query_max_share, ranked_slots=ranked)
         )

@@ -4,36 +4,56 @@
     criterion = build_criterion(cfg.model, cfg.loss)
     postprocess = build_postprocess(cfg.model)
 
-Attention variants are chosen by `cfg.encoder.attention` and `cfg.decoder.cross_attention` and built
-from the spec table `detr_lab.models.attention.ATTENTION_SPECS`, whose properties (reference points,
-multi-scale inputs, final decoder norm) also pick the input side, the decoder and the detector head;
-a new variant is a new file in `models/attention/` plus one line in that table. Backbones are chosen
-by `cfg.backbone.type` in `BACKBONES`; a new kind is a module under `models/backbones/`, one builder
-function and one registry line here (and its name among the choices of `BackboneConfig.type`).
+Every part is chosen from a table and built from plain arguments: the backbone by
+`cfg.backbone.type` (`BACKBONES` here), the neck by `cfg.neck.type` (`detr_lab.models.necks.NECKS`),
+the attention variants by `cfg.encoder.attention` / `cfg.decoder.cross_attention`
+(`detr_lab.models.attention.ATTENTION_SPECS`), the query source by `cfg.query_source`
+(`detr_lab.models.queries.QUERY_SOURCES`), the loss terms by `loss.terms`
+(`detr_lab.models.loss_terms.LOSS_TERMS`), the matching costs (`detr_lab.models.matcher.MATCHING_COSTS`)
+and the classification strategy (`detr_lab.models.classification.CLASSIFICATIONS`). The specs'
+properties, not names, decide how the parts fit together. `cfg` is read by attribute only (any object
+shaped like `detr_lab.config.ModelConfig` / `LossConfig`).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from torch import nn
 
-from detr_lab.config import BackboneConfig, LossConfig, ModelConfig
-from detr_lab.models.attention import (
-    attention_spec,
-    build_attention,
-    needs_multiscale_inputs,
-    refinement_error,
-)
+from detr_lab.models.attention import attention_spec, build_attention, needs_multiscale_inputs
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
+from detr_lab.models.classification import Classification, classification_strategy
 from detr_lab.models.criterion import SetCriterion
-from detr_lab.models.detector import DeformableDetector, Detector, group_norm_projection
-from detr_lab.models.dino import AnchorDetector
-from detr_lab.models.dn_criterion import DenoisingCriterion
+from detr_lab.models.detector import MLP, Detector, prediction_heads
+from detr_lab.models.groups import PredictionGroup, denoising_groups, main_groups
 from detr_lab.models.matcher import HungarianMatcher
+from detr_lab.models.necks import NECKS
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
 from detr_lab.models.postprocess import PostProcess
+from detr_lab.models.queries import QuerySourceSpec, query_source_spec, resolved_query_source
 from detr_lab.models.queries.denoising import ContrastiveDenoising
+from detr_lab.models.queries.embedding import AnchorPositionHead
 from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, Transformer
+
+if TYPE_CHECKING:
+    from detr_lab.config import BackboneConfig, LossConfig, ModelConfig
+
+
+def import_builder(reference: str, what: str) -> Any:
+    """The function a table names as "module:function".
+
+    Raises:
+        ValueError: it cannot be imported (the message names `what` and the reference).
+    """
+    module_name, _, function_name = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what}: cannot import its builder {reference!r}: {err}") from None
 
 
 def multiscale_inputs(cfg: ModelConfig) -> bool:
@@ -45,9 +65,11 @@ def multiscale_inputs(cfg: ModelConfig) -> bool:
     return needs_multiscale_inputs(cfg.encoder.attention, cfg.decoder.cross_attention, cfg.num_feature_levels)
 
 
-def reference_point_head(cfg: ModelConfig) -> bool:
-    """Whether the decoder cross-attention samples around reference points (the Deformable DETR head)."""
-    return attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
+def query_spec(cfg: ModelConfig) -> tuple[str, QuerySourceSpec]:
+    """The query source's name (`model.query_source`, or the decoder's natural one) and spec."""
+    reference = attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
+    name = resolved_query_source(cfg.query_source, reference)
+    return name, query_source_spec(name)
 
 
 # Strides of the feature levels a detector with 1..4 levels reads: DETR C5; Deformable DETR C3-C5 and
@@ -117,42 +139,69 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     return BACKBONES[b.type](b, cfg.num_feature_levels)
 
 
-def build_input_proj(cfg: ModelConfig, backbone: Backbone) -> list[nn.Module]:
-    """One projection to `hidden_dim` per level: 1x1 convolutions (DETR), or Conv + GroupNorm(32) and
-    stride-2 3x3 Conv + GroupNorm(32) for each level past the deepest backbone stage (Deformable DETR)."""
-    d = cfg.hidden_dim
-    if not multiscale_inputs(cfg):
-        return [nn.Conv2d(channels, d, kernel_size=1) for channels in backbone.num_channels]
-    projections: list[nn.Module] = [group_norm_projection(c, d) for c in backbone.num_channels]
-    in_channels = backbone.num_channels[-1]
-    for _ in range(cfg.num_feature_levels - len(backbone.num_channels)):
-        projections.append(group_norm_projection(in_channels, d, kernel_size=3, stride=2))
-        in_channels = d
-    return projections
+def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
+    """The neck of `cfg.neck.type` (`NECKS`) for `backbone`'s levels and `cfg.num_feature_levels`.
+
+    Raises:
+        ValueError: an unknown neck type, or the neck's own argument errors.
+    """
+    neck = cfg.neck
+    if neck.type not in NECKS:
+        raise ValueError(f"unknown 'model.neck.type: {neck.type}'; expected one of: {', '.join(NECKS)}")
+    builder = import_builder(NECKS[neck.type], f"neck {neck.type!r}")
+    return builder(
+        in_channels=list(backbone.num_channels),
+        strides=list(backbone.strides),
+        hidden_dim=cfg.hidden_dim,
+        num_levels=cfg.num_feature_levels,
+        group_norm=multiscale_inputs(cfg),
+        **dict(neck.options),
+    )
 
 
 def build_position_encoding(cfg: ModelConfig) -> nn.Module:
-    """Sine (Deformable DETR's half-pixel offset for multi-scale inputs; none for anchor-box models,
-    as DINO; temperature `cfg.position_temperature`) or learned."""
+    """Sine (Deformable DETR's half-pixel offset for multi-scale inputs unless the query source's spec
+    sets another, as DINO's; temperature `cfg.position_temperature`) or learned."""
     if cfg.hidden_dim % 2:
         raise ValueError(f"model.hidden_dim ({cfg.hidden_dim}) must be even for a 2-D position encoding")
     if cfg.position_encoding == "learned":
         return LearnedPositionEncoding(cfg.hidden_dim // 2)
-    offset = -0.5 if multiscale_inputs(cfg) and not cfg.anchor_boxes else 0.0
+    offset = 0.0
+    if multiscale_inputs(cfg):
+        spec_offset = query_spec(cfg)[1].sine_offset
+        offset = -0.5 if spec_offset is None else spec_offset
     return SinePositionEncoding(cfg.hidden_dim // 2, temperature=cfg.position_temperature, offset=offset)
+
+
+def attention_arguments(cfg: ModelConfig, site: str) -> dict[str, Any]:
+    """Plain builder arguments of the attention at `site` ("encoder" or "decoder")."""
+    section = cfg.encoder if site == "encoder" else cfg.decoder
+    act = cfg.encoder.act
+    return dict(
+        embed_dim=cfg.hidden_dim,
+        num_heads=cfg.num_heads,
+        dropout=cfg.dropout,
+        num_levels=cfg.num_feature_levels,
+        num_points=section.num_points,
+        q_hashes=act.q_hashes,
+        bucket_width=act.bucket_width,
+        seed=act.seed,
+    )
 
 
 def build_transformer(cfg: ModelConfig) -> Transformer:
     """Post-norm encoder/decoder with the configured attention modules.
 
     The decoder applies a final LayerNorm to every layer's output when its cross-attention's spec
-    says so (DETR) or for anchor-box (DINO) decoders, none otherwise (Deformable DETR). Multi-scale
-    inputs add a learned level embedding.
+    says so (DETR) or its query source's (the DAB / DINO decoder), none otherwise (Deformable DETR).
+    Multi-scale inputs add a learned level embedding.
     """
     d, ffn, dropout = cfg.hidden_dim, cfg.ffn_dim, cfg.dropout
     encoder_layers = [
         EncoderLayer(
-            self_attn=build_attention(cfg.encoder.attention, cfg, site="encoder"),
+            self_attn=build_attention(
+                cfg.encoder.attention, site="encoder", **attention_arguments(cfg, "encoder")
+            ),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
@@ -162,7 +211,9 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
     decoder_layers = [
         DecoderLayer(
             self_attn=PlainAttention(d, cfg.num_heads, dropout=dropout),
-            cross_attn=build_attention(cfg.decoder.cross_attention, cfg, site="decoder"),
+            cross_attn=build_attention(
+                cfg.decoder.cross_attention, site="decoder", **attention_arguments(cfg, "decoder")
+            ),
             embed_dim=d,
             ffn_dim=ffn,
             dropout=dropout,
@@ -170,20 +221,14 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
         for _ in range(cfg.decoder.num_layers)
     ]
     cross_spec = attention_spec(cfg.decoder.cross_attention, "decoder")
-    final_norm = nn.LayerNorm(d) if cross_spec.final_decoder_norm or cfg.anchor_boxes else None
+    final_norm = cross_spec.final_decoder_norm or query_spec(cfg)[1].final_decoder_norm
     num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) else None
     return Transformer(
-        Encoder(encoder_layers), Decoder(decoder_layers, final_norm), embed_dim=d, num_levels=num_levels
+        Encoder(encoder_layers),
+        Decoder(decoder_layers, nn.LayerNorm(d) if final_norm else None),
+        embed_dim=d,
+        num_levels=num_levels,
     )
-
-
-def check_supported(cfg: ModelConfig) -> None:
-    """Options only some heads have (the config validator checks the same)."""
-    refine = cfg.box_refine and not cfg.anchor_boxes  # anchor-box decoders refine with any attention
-    if (refine or cfg.two_stage) and not reference_point_head(cfg):
-        raise ValueError(refinement_error() + " (box_refine also works with 'model.anchor_boxes')")
-    if cfg.anchor_boxes and cfg.classification != "sigmoid":
-        raise ValueError("'model.anchor_boxes' needs 'model.classification: sigmoid' (focal loss)")
 
 
 def build_denoising(cfg: ModelConfig) -> ContrastiveDenoising | None:
@@ -199,87 +244,141 @@ def build_denoising(cfg: ModelConfig) -> ContrastiveDenoising | None:
     )
 
 
-def build_model(cfg: ModelConfig) -> Detector | DeformableDetector | AnchorDetector:
+def build_classification(model_cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> Classification:
+    """The classification strategy of `model.classification` with the loss config's options."""
+    options = {}
+    if loss_cfg is not None:
+        options = dict(
+            eos_coef=loss_cfg.eos_coef, focal_alpha=loss_cfg.focal_alpha, focal_gamma=loss_cfg.focal_gamma
+        )
+    return classification_strategy(model_cfg.classification, **options)
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Combinations the parts cannot build (the config validator checks the same at load).
+
+    Raises:
+        ValueError: the query source's needs are not met (the message names the keys).
+    """
+    name, spec = query_spec(cfg)
+    if (
+        spec.reference_attention
+        and not attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
+    ):
+        raise ValueError(
+            f"'model.query_source: {name}' needs a decoder cross-attention with reference points"
+        )
+    if cfg.box_refine and spec.box_dim == 0:
+        raise ValueError(
+            "'model.box_refine' needs a decoder cross-attention with reference points, or a "
+            "query source with reference boxes"
+        )
+    if spec.needs_refinement and not cfg.box_refine:
+        raise ValueError(f"'model.query_source: {name}' needs 'model.box_refine: true'")
+    if spec.position_from_boxes and cfg.classification != "sigmoid":
+        raise ValueError(f"'model.query_source: {name}' needs 'model.classification: sigmoid' (focal loss)")
+
+
+def build_model(cfg: ModelConfig) -> Detector:
     """The detector described by `cfg` (randomly initialised apart from optional ImageNet weights).
 
-    `anchor_boxes` gives an `AnchorDetector` (DAB/DINO: 4-D anchor queries with the DINO switches);
-    else a decoder cross-attention with reference points (its spec's `reference_points`, e.g.
-    deformable) gives a `DeformableDetector` (boxes relative to the reference points, optional box
-    refinement and two-stage); otherwise a DETR `Detector`.
+    The parts: `build_backbone`, `build_neck`, `build_position_encoding`, `build_transformer`, the
+    query source of its spec's builder, the class and box heads (`prediction_heads`: one pair shared
+    by every decoder layer, or one per layer with `box_refine` unless `share_heads`, plus the
+    proposal pair of a two-stage source), the query-position head of anchor-box sources and the
+    denoising source.
     """
     check_supported(cfg)
+    name, spec = query_spec(cfg)
     transformer = build_transformer(cfg)
     backbone = build_backbone(cfg)
-    common = dict(
+    neck = build_neck(cfg, backbone)
+    d = cfg.hidden_dim
+    classification = build_classification(cfg)
+    class_head = classification.class_head(d, cfg.num_classes)
+    box_head = MLP(d, d, 4, 3)
+    if spec.box_dim:
+        # Boxes relative to references start as the references themselves (zero deltas).
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+    source_builder = import_builder(spec.builder, f"query source {name!r}")
+    query_source = source_builder(
+        embed_dim=d,
+        num_queries=cfg.num_queries,
+        class_head=copy.deepcopy(class_head),
+        box_head=copy.deepcopy(box_head),
+    )
+    # Deformable DETR starts box sizes at sigmoid(-2) where the first layer turns points into boxes.
+    size_bias = -2.0 if spec.box_dim == 2 else None
+    class_embed, bbox_embed = prediction_heads(
+        class_head,
+        box_head,
+        num_layers=cfg.decoder.num_layers,
+        per_layer=cfg.box_refine and not cfg.share_heads,
+        proposal_heads=spec.proposal_heads,
+        initial_size_bias=size_bias,
+    )
+    return Detector(
         backbone=backbone,
+        neck=neck,
         position_encoding=build_position_encoding(cfg),
         transformer=transformer,
-        input_proj=build_input_proj(cfg, backbone),
+        query_source=query_source,
+        query_spec=spec,
+        class_embed=class_embed,
+        bbox_embed=bbox_embed,
         num_classes=cfg.num_classes,
         num_queries=cfg.num_queries,
+        classification=classification,
+        box_refine=cfg.box_refine,
         aux_loss=cfg.aux_loss,
-        classification=cfg.classification,
+        look_forward_twice=cfg.look_forward_twice,
+        query_pos_head=AnchorPositionHead(d) if spec.position_from_boxes else None,
+        denoising=build_denoising(cfg),
     )
-    if cfg.anchor_boxes:
-        common.pop("classification")
-        return AnchorDetector(
-            **common,
-            share_heads=cfg.share_heads,
-            mixed_query_selection=cfg.mixed_query_selection,
-            look_forward_twice=cfg.look_forward_twice,
-            denoising=build_denoising(cfg),
-        )
-    if reference_point_head(cfg):
-        return DeformableDetector(**common, box_refine=cfg.box_refine, two_stage=cfg.two_stage)
-    return Detector(**common)
 
 
 def build_matcher(model_cfg: ModelConfig, loss_cfg: LossConfig) -> HungarianMatcher:
+    """Hungarian matcher with the weighted costs of `loss_cfg` (`MATCHING_COSTS`)."""
     return HungarianMatcher(
         loss_cfg.cost_class,
         loss_cfg.cost_bbox,
         loss_cfg.cost_giou,
-        classification=model_cfg.classification,
-        focal_alpha=loss_cfg.focal_alpha,
-        focal_gamma=loss_cfg.focal_gamma,
+        classification=build_classification(model_cfg, loss_cfg),
+        extra_costs=dict(loss_cfg.extra_costs),
     )
 
 
 def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterion:
-    """Set loss with its matcher; weights and costs come from `loss_cfg` only.
+    """Set loss with its matcher over the prediction groups the model declares (the same groups
+    `build_model(model_cfg).groups` holds); weights and costs come from `loss_cfg` only.
 
-    Anchor-box models get the `DenoisingCriterion` (proposals scored with their real classes,
-    denoising terms when `model.denoising.enabled`).
+    Raises:
+        ValueError: an unknown or repeated `loss.terms` entry (the message names it).
     """
-    if model_cfg.anchor_boxes:
-        return DenoisingCriterion(
-            model_cfg.num_classes,
-            build_matcher(model_cfg, loss_cfg),
-            class_weight=loss_cfg.class_weight,
-            bbox_weight=loss_cfg.bbox_weight,
-            giou_weight=loss_cfg.giou_weight,
-            num_aux_layers=model_cfg.decoder.num_layers - 1 if model_cfg.aux_loss else 0,
-            proposals=model_cfg.mixed_query_selection,
-            denoising=model_cfg.denoising.enabled,
-            focal_alpha=loss_cfg.focal_alpha,
-            focal_gamma=loss_cfg.focal_gamma,
-            terms=loss_cfg.terms,
-        )
     return SetCriterion(
         model_cfg.num_classes,
         build_matcher(model_cfg, loss_cfg),
         class_weight=loss_cfg.class_weight,
         bbox_weight=loss_cfg.bbox_weight,
         giou_weight=loss_cfg.giou_weight,
-        eos_coef=loss_cfg.eos_coef,
-        num_aux_layers=model_cfg.decoder.num_layers - 1 if model_cfg.aux_loss else 0,
-        two_stage=model_cfg.two_stage,
-        classification=model_cfg.classification,
-        focal_alpha=loss_cfg.focal_alpha,
-        focal_gamma=loss_cfg.focal_gamma,
+        classification=build_classification(model_cfg, loss_cfg),
         terms=loss_cfg.terms,
+        groups=declared_groups(model_cfg),
+        weights=dict(loss_cfg.weights),
     )
 
 
+def declared_groups(cfg: ModelConfig) -> list[PredictionGroup]:
+    """The prediction groups of `build_model(cfg)` (see `Detector.groups`)."""
+    spec = query_spec(cfg)[1]
+    num_aux = cfg.decoder.num_layers - 1 if cfg.aux_loss else 0
+    groups = main_groups(num_aux, proposals=spec.proposals)
+    if cfg.denoising.enabled:
+        groups += denoising_groups(num_aux)
+    return groups
+
+
 def build_postprocess(cfg: ModelConfig) -> PostProcess:
-    return PostProcess(cfg.classification, num_top=cfg.num_detections)
+    """Detections from the outputs with the classification strategy of `model.classification`."""
+    return PostProcess(build_classification(cfg), num_top=cfg.num_detections)

@@ -1,25 +1,73 @@
-"""Hungarian matching of predicted queries to ground-truth objects (one-to-one, per image)."""
+"""Hungarian matching of predicted queries to ground-truth objects (one-to-one, per image), with its
+table of matching costs."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy, generalized_box_iou
+from detr_lab.models.classification import Classification, classification_strategy
+
+
+@dataclass
+class CostInputs:
+    """What every matching cost receives: the batch's predictions flattened over images, logits
+    `[N, C]` and boxes `[N, 4]` normalized cxcywh (float32), the batch's targets, labels int64 `[M]` and
+    boxes `[M, 4]` normalized cxcywh, and the classification strategy."""
+
+    logits: Tensor
+    boxes: Tensor
+    target_labels: Tensor
+    target_boxes: Tensor
+    classification: Classification
+
+
+
+def class_cost(ctx: CostInputs) -> Tensor:
+    """The classification strategy's cost of each target's class (`-p` for softmax, the focal
+    difference for sigmoid; see `detr_lab.models.classification`)."""
+    return ctx.classification.match_cost(ctx.logits, ctx.target_labels)
+
+
+def bbox_cost(ctx: CostInputs) -> Tensor:
+    """L1 distance of normalized cxcywh boxes."""
+    return torch.cdist(ctx.boxes, ctx.target_boxes, p=1)
+
+
+def giou_cost(ctx: CostInputs) -> Tensor:
+    """Negative generalized IoU."""
+    return -generalized_box_iou(cxcywh_to_xyxy(ctx.boxes), cxcywh_to_xyxy(ctx.target_boxes))
+
+
+# Matching-cost table: name -> cost function of `CostInputs` giving `[N, M]` (N predictions of the
+# batch, M targets of the batch). The config gives each cost's weight (`loss.cost_class`,
+# `loss.cost_bbox`, `loss.cost_giou`; further costs in `loss.extra_costs`). A new cost is one function
+# plus one line here.
+MATCHING_COSTS: dict[str, Callable[[CostInputs], Tensor]] = {
+    "class": class_cost,
+    "bbox": bbox_cost,
+    "giou": giou_cost,
+}
 
 
 class HungarianMatcher(nn.Module):
     """Minimum-cost bipartite matching between queries and targets.
 
-    cost = cost_bbox * L1(boxes) + cost_class * class_cost + cost_giou * (-GIoU). The class cost is
-    `-p(target class)` with softmax classification, or the focal-loss difference
-    `alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))` with sigmoid classification.
+    cost = sum over the weighted costs of `MATCHING_COSTS`: by default cost_bbox * L1(boxes) +
+    cost_class * class_cost + cost_giou * (-GIoU), as the official DETR / Deformable DETR matchers.
 
     Args:
-        cost_class, cost_bbox, cost_giou: weights of the three costs.
-        classification: "softmax" (last logit = "no object") or "sigmoid" (focal).
-        focal_alpha, focal_gamma: the focal class cost's parameters (sigmoid only).
+        cost_class, cost_bbox, cost_giou: weights of the "class", "bbox" and "giou" costs.
+        classification: a strategy of `detr_lab.models.classification` or its name ("softmax": last
+            logit = "no object"; "sigmoid": focal, with `focal_alpha` / `focal_gamma`).
+        extra_costs: further costs of `MATCHING_COSTS` by name -> weight.
+    Raises:
+        ValueError: an unknown classification or cost name, or every weight 0.
     """
 
     def __init__(
@@ -28,31 +76,25 @@ class HungarianMatcher(nn.Module):
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
         *,
-        classification: str = "softmax",
+        classification: str | Classification = "softmax",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        extra_costs: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if classification not in ("softmax", "sigmoid"):
-            raise ValueError(f"classification must be 'softmax' or 'sigmoid', got {classification!r}")
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+        if isinstance(classification, str):
+            classification = classification_strategy(
+                classification, focal_alpha=focal_alpha, focal_gamma=focal_gamma
+            )
+        weights = {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou, **(extra_costs or {})}
+        unknown = [name for name in weights if name not in MATCHING_COSTS]
+        if unknown:
+            known = list(MATCHING_COSTS)
+            raise ValueError(f"unknown matching cost(s) {unknown}; expected names from {known}")
+        if all(weight == 0 for weight in weights.values()):
             raise ValueError("all matching costs are 0; at least one must be positive")
-        self.cost_class = cost_class
-        self.cost_bbox = cost_bbox
-        self.cost_giou = cost_giou
+        self.costs = {name: weight for name, weight in weights.items() if weight != 0}
         self.classification = classification
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-
-    def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
-        """logits `[N, C]`, target_labels int64 `[M]` -> cost `[N, M]`."""
-        if self.classification == "softmax":
-            return -logits.softmax(-1)[:, target_labels]
-        prob = logits.sigmoid()
-        alpha, gamma = self.focal_alpha, self.focal_gamma
-        negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
-        positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-        return positive[:, target_labels] - negative[:, target_labels]
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
@@ -90,13 +132,13 @@ class HungarianMatcher(nn.Module):
         target_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (M, 4), float32 like boxes
 
-        cost_bbox = torch.cdist(flat_boxes, target_boxes, p=1)
-        cost_class = self.class_cost(flat_logits, target_labels)
-        pred_xyxy, target_xyxy = cxcywh_to_xyxy(flat_boxes), cxcywh_to_xyxy(target_boxes)
-        if not (torch.isfinite(pred_xyxy).all() and torch.isfinite(target_xyxy).all()):
+        if not (torch.isfinite(flat_boxes).all() and torch.isfinite(target_boxes).all()):
             raise ValueError(self._non_finite_message(targets, boxes))
-        cost_giou = -generalized_box_iou(pred_xyxy, target_xyxy)
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        inputs = CostInputs(flat_logits, flat_boxes, target_labels, target_boxes, self.classification)
+        # Summed in the official order (bbox, class, giou) so that float32 rounding matches it.
+        order = sorted(self.costs, key=lambda name: ("bbox", "class", "giou").index(name)
+                       if name in ("bbox", "class", "giou") else 3)
+        cost = sum(self.costs[name] * MATCHING_COSTS[name](inputs) for name in order)
         cost = cost.view(batch, num_queries, -1).cpu()  # (B, Q, M)
 
         indices = []

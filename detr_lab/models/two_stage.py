@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detr_lab.models.queries import QuerySet
+from detr_lab.models.queries.query_set import QuerySet
 from detr_lab.models.transformer import EncoderOutput
 
 # Proposals whose box leaves (0.01, 0.99) in any coordinate are dropped (their logits become +inf).
@@ -140,17 +140,24 @@ class TwoStageQueries(nn.Module):
         query_pos, queries = self.query_norm(self.query_proj(embedding)).split(self.embed_dim, dim=-1)
         return query_pos, queries
 
-    def query_set(self, encoded: EncoderOutput, class_head: nn.Module, box_head: nn.Module) -> QuerySet:
+    def forward(
+        self, encoded: EncoderOutput, proposal_heads: tuple[nn.Module, nn.Module] | None = None
+    ) -> QuerySet:
         """Two-stage queries from the encoder output, scored and refined by the proposal heads.
 
         Args:
-            encoded: the encoder output. class_head: `[B, S, d]` -> `[B, S, C]` logits (the first
-                class ranks the proposals); box_head: `[B, S, d]` -> `[B, S, 4]` deltas in logit space.
+            encoded: the encoder output.
+            proposal_heads: (class_head, box_head), the detector's heads after the decoder layers':
+                class_head `[B, S, d]` -> `[B, S, C]` logits (the first class ranks the proposals);
+                box_head `[B, S, d]` -> `[B, S, 4]` deltas in logit space.
         Returns:
             `QuerySet`: queries and query_pos `[B, K, d]`, reference boxes `[B, K, 4]` normalized cxcywh
             (detached), meta `enc_outputs`: every token's proposal, `pred_logits` `[B, S, C]` and
             `pred_boxes` `[B, S, 4]` (unusable ones at (1, 1, 1, 1)).
         """
+        if proposal_heads is None:
+            raise ValueError("two-stage queries need the detector's proposal heads (class_head, box_head)")
+        class_head, box_head = proposal_heads
         features, proposals = self.proposal_features(encoded)  # (B, S, d), (B, S, 4) logit space
         logits = class_head(features)  # (B, S, C)
         boxes = box_head(features) + proposals  # logit space, inf = unusable
@@ -158,3 +165,7 @@ class TwoStageQueries(nn.Module):
         query_pos, queries = self.queries(chosen)
         enc_outputs = {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
         return QuerySet(queries, chosen.sigmoid(), meta={"enc_outputs": enc_outputs}, query_pos=query_pos)
+
+
+def build(*, embed_dim: int, num_queries: int, **_) -> TwoStageQueries:
+    return TwoStageQueries(embed_dim, num_queries)

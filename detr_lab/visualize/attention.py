@@ -77,8 +77,7 @@ def _run(model: nn.Module, image: Tensor, module: nn.Module, query: int | None,
     with record_inputs([module]) as records, torch.no_grad():
         outputs = model(batch, padding_mask)
     logits = outputs["pred_logits"][0]  # (Q, C)
-    probs = logits.softmax(-1)[:, :-1] if getattr(model, "classification", "softmax") == "softmax" \
-        else logits.sigmoid()
+    probs = model.classification.probabilities(logits)  # (Q, num_classes)
     scores = probs.max(-1).values  # (Q,)
     num_queries = scores.shape[0]
     if query is None:

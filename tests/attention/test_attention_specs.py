@@ -16,8 +16,8 @@ from detr_lab.models import build as build_module
 from detr_lab.models.attention import ATTENTION_SPECS, AttentionSpec, attention_names, build_attention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 from detr_lab.models.attention.plain import PlainAttention
-from detr_lab.models.build import build_model
-from detr_lab.models.detector import DeformableDetector, Detector
+from detr_lab.models.build import attention_arguments, build_model
+from detr_lab.models.detector import Detector
 
 from factories import tiny_overrides
 
@@ -31,7 +31,7 @@ SHAPES = torch.tensor([[4, 4], [2, 2]])
 def test_every_variant_keeps_the_shared_call_contract(name, site):
     torch.manual_seed(0)
     cfg = load_config(overrides=TINY)
-    module = build_attention(name, cfg.model, site=site).eval()
+    module = build_attention(name, site=site, **attention_arguments(cfg.model, site)).eval()
     batch, num_queries, num_keys = 2, 5, 20
     query = torch.randn(batch, num_queries, 32, requires_grad=True)
     memory = torch.randn(batch, num_keys, 32)
@@ -67,7 +67,7 @@ def test_config_choices_come_from_the_table():
         load_config(overrides=["model.decoder.cross_attention=act"])
     cfg = load_config(overrides=TINY)
     with pytest.raises(ValueError, match=r"'model.decoder.cross_attention' is 'act'; expected one of"):
-        build_attention("act", cfg.model, site="decoder")
+        build_attention("act", site="decoder", **attention_arguments(cfg.model, "decoder"))
 
 
 def test_a_new_variant_is_one_table_line(monkeypatch):
@@ -89,17 +89,17 @@ def test_a_new_variant_is_one_table_line(monkeypatch):
     model = build_model(cfg.model)
     assert type(model) is Detector and isinstance(model.transformer.decoder.norm, nn.LayerNorm)
     assert isinstance(model.transformer.decoder.layers[0].cross_attn, PlainAttention)
-    assert isinstance(model.input_proj[0], nn.Conv2d)  # one level, no multi-scale input side
-    with pytest.raises(ConfigError, match="need a decoder cross-attention with reference points.*sampled"):
+    assert isinstance(model.neck.input_proj[0], nn.Conv2d)  # one level, no multi-scale input side
+    with pytest.raises(ConfigError, match="needs a decoder cross-attention with reference points.*sampled"):
         load_config(overrides=[*tiny, "model.decoder.cross_attention=dense", "model.box_refine=true"])
     with pytest.raises(ConfigError, match="'model.encoder.attention' is 'dense'"):
         load_config(overrides=[*tiny, "model.encoder.attention=dense"])
 
     cfg = load_config(overrides=[*tiny, "model.decoder.cross_attention=sampled", "model.box_refine=true"])
     model = build_model(cfg.model)
-    assert type(model) is DeformableDetector and model.transformer.decoder.norm is None
+    assert model.query_spec.box_dim == 2 and model.transformer.decoder.norm is None  # reference points
     assert isinstance(model.transformer.decoder.layers[0].cross_attn, MultiScaleDeformableAttention)
-    assert isinstance(model.input_proj[0], nn.Sequential)  # GroupNorm projection (multi-scale inputs)
+    assert isinstance(model.neck.input_proj[0], nn.Sequential)  # GroupNorm projection (multi-scale inputs)
     assert model.transformer.level_embed is not None
     with pytest.raises(ConfigError, match="must be divisible by 32"):
         load_config(overrides=[*tiny, "model.encoder.attention=sampled", "model.hidden_dim=48"])
@@ -110,7 +110,7 @@ def test_a_builder_that_cannot_be_imported_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(ATTENTION_SPECS, "ghost", ghost)
     cfg = load_config(overrides=TINY)
     with pytest.raises(ValueError, match="attention variant 'ghost': cannot import its builder"):
-        build_attention("ghost", cfg.model, site="encoder")
+        build_attention("ghost", site="encoder", **attention_arguments(cfg.model, "encoder"))
 
 
 def test_no_family_test_by_name_outside_the_table():

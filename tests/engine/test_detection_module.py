@@ -32,7 +32,7 @@ def test_optimizer_groups_on_the_detector():
     backbone = [n for n, p in named.items() if "backbone" in n and p.requires_grad]
     assert backbone, "the backbone has trainable parameters"
     assert all(group_lr(optimizer, named[n]) == pytest.approx(3e-5) for n in backbone)
-    assert group_lr(optimizer, named["query_embed.weight"]) == pytest.approx(1e-4)
+    assert group_lr(optimizer, named["query_source.query_embed.weight"]) == pytest.approx(1e-4)
     assert group_lr(optimizer, named["class_embed.weight"]) == pytest.approx(2e-4)
     # Frozen stem + layer1 (frozen_stages 1) are not optimized.
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}

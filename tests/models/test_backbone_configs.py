@@ -108,7 +108,7 @@ def test_coco_backbone_configs_build(config, backbone_class, widths):
     cfg = load_config(f"configs/{config}.yaml", [*widths, "model.backbone.pretrained=false"])
     assert cfg.model.backbone.timm_kwargs["drop_path_rate"] == 0.1
     model = build_model(cfg.model)
-    assert isinstance(model.backbone, backbone_class) and len(model.input_proj) == 4
+    assert isinstance(model.backbone, backbone_class) and len(model.neck.input_proj) == 4
     assert model.backbone.strides == ([8, 16, 32, 64] if backbone_class is ViTBackbone else [8, 16, 32])
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detr_lab.models.attention.plain import PlainAttention
-from detr_lab.models.queries import QuerySet, concat_query_sets
+from detr_lab.models.queries.query_set import QuerySet, concat_query_sets
 from detr_lab.models.transformer import Decoder, DecoderLayer, refine_boxes
 
 D, HEADS = 16, 2

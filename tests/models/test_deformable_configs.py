@@ -72,7 +72,7 @@ def test_optimisation_is_the_official_training_recipe():
             "deformable_refine_two_stage",
             {
                 "model.box_refine": True,
-                "model.two_stage": True,
+                "model.query_source": "proposals",
                 "optim.lr_multipliers": {"sampling_offsets": 0.1},  # no reference-point layer
             },
         ),
@@ -95,8 +95,8 @@ def test_lr_multipliers_match_the_parameters_they_name(name):
     )  # weight+bias, 3 layers
     if name == "deformable":
         assert groups["default*reference_points"]["param_names"] == [
-            "reference_points_head.weight",
-            "reference_points_head.bias",
+            "query_source.reference_points_head.weight",
+            "query_source.reference_points_head.bias",
         ]
     else:
         assert not any("reference_points" in group for group in groups)

@@ -176,9 +176,10 @@ def test_extra_levels_follow_the_deepest_backbone_level():
     cfg = load_config(overrides=TINY)
     model = build_model(cfg.model).eval()
     assert model.backbone.strides == [8, 16, 32] and model.num_levels == 4
-    assert [proj[0].in_channels for proj in model.input_proj] == [128, 256, 512, 512]
-    assert model.input_proj[3][0].stride == (2, 2) and model.input_proj[3][0].kernel_size == (3, 3)
-    assert all(isinstance(proj[1], nn.GroupNorm) and proj[1].num_groups == 32 for proj in model.input_proj)
+    assert [proj[0].in_channels for proj in model.neck.input_proj] == [128, 256, 512, 512]
+    assert model.neck.input_proj[3][0].stride == (2, 2) and model.neck.input_proj[3][0].kernel_size == (3, 3)
+    projections = model.neck.input_proj
+    assert all(isinstance(proj[1], nn.GroupNorm) and proj[1].num_groups == 32 for proj in projections)
     images = torch.randn(1, 3, 96, 128)
     mask = torch.zeros(1, 96, 128, dtype=torch.bool)
     mask[:, 40:, 64:] = True
@@ -188,7 +189,7 @@ def test_extra_levels_follow_the_deepest_backbone_level():
     assert masks[3].tolist() == [[[False, False], [False, True]]]
     assert masks[2][0, -1].tolist() == [False, False, True, True]
     c5 = model.backbone(images, mask)[-1].features
-    torch.testing.assert_close(features[3], model.input_proj[3](c5))
+    torch.testing.assert_close(features[3], model.neck.input_proj[3](c5))
     assert (
         isinstance(model.position_encoding, SinePositionEncoding) and model.position_encoding.offset == -0.5
     )
@@ -204,7 +205,8 @@ def test_initialisation_follows_the_official_model():
     )
     last = model.bbox_embed.layers[-1]
     assert last.weight.abs().sum() == 0 and last.bias.tolist() == [0, 0, -2, -2]
-    assert model.query_embed.weight.shape == (6, 64) and model.reference_points_head.bias.abs().sum() == 0
+    source = model.query_source
+    assert source.query_embed.weight.shape == (6, 64) and source.reference_points_head.bias.abs().sum() == 0
     assert model.transformer.decoder.norm is None and model.transformer.level_embed.shape == (4, D)
     attention = model.transformer.encoder.layers[0].self_attn
     assert (
@@ -212,7 +214,7 @@ def test_initialisation_follows_the_official_model():
         and attention.attention_weights.weight.abs().sum() == 0
     )
     assert (attention.num_levels, attention.num_points) == (4, 4)
-    for proj in model.input_proj:
+    for proj in model.neck.input_proj:
         assert proj[0].bias.abs().sum() == 0
 
     refine = build_model(load_config(overrides=[*TINY, "model.box_refine=true"]).model)
@@ -221,9 +223,9 @@ def test_initialisation_follows_the_official_model():
     assert refine.bbox_embed[1].layers[-1].bias.abs().sum() == 0
     assert refine.bbox_embed[0] is not refine.bbox_embed[1]
     two_stage = build_model(
-        load_config(overrides=[*TINY, "model.box_refine=true", "model.two_stage=true"]).model
+        load_config(overrides=[*TINY, "model.box_refine=true", "model.query_source=proposals"]).model
     )
-    assert len(two_stage.class_embed) == 3 and two_stage.proposal_queries is not None
+    assert len(two_stage.class_embed) == 3 and two_stage.query_source is not None
     assert all(head.layers[-1].bias.abs().sum() == 0 for head in two_stage.bbox_embed)
     assert not hasattr(two_stage, "query_embed") and not hasattr(two_stage, "reference_points_head")
 
@@ -231,18 +233,18 @@ def test_initialisation_follows_the_official_model():
 def test_builder_picks_the_head_and_inputs_from_the_attention():
     sigmoid = tiny_overrides(classification="sigmoid")  # one level, plain attention
     detr_act = build_model(load_config(overrides=[*sigmoid, "model.encoder.attention=act"]).model)
-    assert type(detr_act).__name__ == "Detector" and isinstance(detr_act.input_proj[0], nn.Conv2d)
+    assert detr_act.query_spec.box_dim == 0 and isinstance(detr_act.neck.input_proj[0], nn.Conv2d)
     assert detr_act.transformer.level_embed is None and detr_act.position_encoding.offset == 0
     assert isinstance(detr_act.transformer.decoder.norm, nn.LayerNorm)
     assert detr_act.class_embed.out_features == 3  # sigmoid head on DETR: no "no object" logit
     plain_levels = build_model(load_config(overrides=[*sigmoid, "model.num_feature_levels=2"]).model)
-    assert type(plain_levels).__name__ == "Detector" and plain_levels.backbone.strides == [16, 32]
+    assert plain_levels.query_spec.box_dim == 0 and plain_levels.backbone.strides == [16, 32]
     assert isinstance(
-        plain_levels.input_proj[1][1], nn.GroupNorm
+        plain_levels.neck.input_proj[1][1], nn.GroupNorm
     ) and plain_levels.transformer.level_embed.shape == (2, D)
     single = build_model(
         load_config(overrides=[*TINY, "model.num_feature_levels=1", "model.encoder.attention=plain"]).model
     )
-    assert type(single).__name__ == "DeformableDetector" and single.backbone.strides == [32]
+    assert single.query_spec.box_dim == 2 and single.backbone.strides == [32]
     assert single.transformer.decoder.layers[0].cross_attn.num_levels == 1
     assert isinstance(single.transformer.encoder.layers[0].self_attn, PlainAttention)

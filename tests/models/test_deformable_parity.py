@@ -14,7 +14,7 @@ import torch
 
 from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
-from detr_lab.models.detector import DeformableDetector
+from detr_lab.models.detector import Detector
 
 from factories import official_batch
 
@@ -48,7 +48,7 @@ def test_inferred_config_is_the_official_recipe(parity):
     name, _, cfg, model, _ = parity
     m = cfg.model
     refine = name.endswith("refine_twostage")
-    assert isinstance(model, DeformableDetector) and not model.training
+    assert isinstance(model, Detector) and not model.training
     assert (m.backbone.name, m.backbone.dilation, m.hidden_dim, m.ffn_dim, m.num_heads) == (
         "resnet50",
         False,
@@ -58,7 +58,7 @@ def test_inferred_config_is_the_official_recipe(parity):
     )
     assert (m.num_feature_levels, m.encoder.num_points, m.decoder.num_points) == (4, 4, 4)
     assert (m.encoder.num_layers, m.decoder.num_layers, m.num_queries, m.num_classes) == (6, 6, 300, 91)
-    assert (m.classification, m.box_refine, m.two_stage) == ("sigmoid", refine, refine)
+    assert (m.classification, m.box_refine, m.query_source == "proposals") == ("sigmoid", refine, refine)
     assert (m.encoder.attention, m.decoder.cross_attention) == ("deformable", "deformable")
     assert (cfg.loss.cost_class, cfg.loss.class_weight, cfg.loss.focal_alpha) == (2, 2, 0.25)
 

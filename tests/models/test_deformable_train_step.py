@@ -13,7 +13,7 @@ import torch
 
 from detr_lab.config import load_config
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
-from detr_lab.models.detector import DeformableDetector, Detector
+from detr_lab.models.detector import Detector
 
 from factories import tiny_batch, tiny_overrides
 
@@ -31,7 +31,7 @@ COMBINATIONS = [
     ("deformable", "plain", 4, "softmax", []),
     ("deformable", "deformable", 4, "sigmoid", []),
     ("deformable", "deformable", 2, "sigmoid", ["model.box_refine=true"]),
-    ("deformable", "deformable", 4, "sigmoid", ["model.box_refine=true", "model.two_stage=true"]),
+    ("deformable", "deformable", 4, "sigmoid", ["model.box_refine=true", "model.query_source=proposals"]),
     ("act", "plain", 1, "softmax", []),
     ("act", "deformable", 3, "sigmoid", []),
 ]
@@ -64,10 +64,10 @@ def test_train_step(encoder, decoder, levels, classification, extra):
             *extra,
         ]
     )
-    two_stage = cfg.model.two_stage
+    two_stage = cfg.model.query_source == "proposals"
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
-    assert isinstance(model, DeformableDetector if decoder == "deformable" else Detector)
+    assert isinstance(model, Detector)
     criterion = build_criterion(cfg.model, cfg.loss)
     images, padding_mask, targets = tiny_batch(height=HEIGHT, width=WIDTH, padded_from_col=72)
 
@@ -97,9 +97,9 @@ def test_train_step(encoder, decoder, levels, classification, extra):
     for name in (
         f"transformer.encoder.layers.0.self_attn.{encoder_out}.weight",
         f"transformer.decoder.layers.1.cross_attn.{decoder_value}.weight",
-        "input_proj.0.0.weight"
+        "neck.input_proj.0.0.weight"
         if levels > 1 or "deformable" in (encoder, decoder)
-        else "input_proj.0.weight",
+        else "neck.input_proj.0.weight",
         "backbone.body.layer2.0.conv1.weight",
     ):
         assert trainable[name].grad.abs().sum() > 0, name

@@ -48,10 +48,10 @@ def test_tiny_model_forward_backward():
     total.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name in (
-        "query_embed.weight",
+        "query_source.query_embed.weight",
         "class_embed.weight",
         "bbox_embed.layers.0.weight",
-        "input_proj.0.weight",
+        "neck.input_proj.0.weight",
         "transformer.encoder.layers.0.self_attn.q_proj.weight",
         "transformer.decoder.layers.1.cross_attn.v_proj.weight",
         "backbone.body.layer2.0.conv1.weight",
@@ -82,17 +82,8 @@ def test_eval_outputs_are_deterministic_and_aux_can_be_disabled():
     assert first["aux_outputs"] == []
 
 
-def test_detector_checks_projection_count():
-    from detr_lab.models.detector import Detector
+def test_projection_neck_checks_projection_count():
+    from detr_lab.models.necks.projection import InputProjections
 
-    cfg = load_config(overrides=TINY)
-    model = build_model(cfg.model)
     with pytest.raises(ValueError, match="one input projection per backbone level"):
-        Detector(
-            backbone=model.backbone,
-            position_encoding=model.position_encoding,
-            transformer=model.transformer,
-            input_proj=[],
-            num_classes=5,
-            num_queries=10,
-        )
+        InputProjections([], num_backbone_levels=1)

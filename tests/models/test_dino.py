@@ -9,7 +9,7 @@ import torch
 
 from detr_lab.config import ConfigError, load_config
 from detr_lab.models.build import build_criterion, build_model
-from detr_lab.models.dino import AnchorDetector
+from detr_lab.models.detector import Detector
 from detr_lab.models.queries.denoising import (
     ContrastiveDenoising,
     DenoisingLayout,
@@ -26,10 +26,9 @@ TINY = tiny_overrides(
     classification="sigmoid",
 )
 DINO = [
-    "model.anchor_boxes=true",
+    "model.query_source=mixed_selection",
     "model.box_refine=true",
     "model.share_heads=true",
-    "model.mixed_query_selection=true",
     "model.look_forward_twice=true",
     "model.denoising.enabled=true",
     "model.denoising.dn_number=4",
@@ -174,7 +173,7 @@ def test_perfect_denoising_predictions_have_zero_box_loss():
 # ----------------------------------------------------------------------------------------- switches
 def test_dino_preset_builds_the_parts():
     model = build_model(_cfg(*DEFORMABLE).model)
-    assert isinstance(model, AnchorDetector) and model.denoising is not None
+    assert isinstance(model, Detector) and model.denoising is not None
     assert model.denoising.label_embed.weight.shape == (6, 32)
     assert model.query_source.content.weight.shape == (6, 32)
     assert model.position_encoding.temperature == 20 and model.position_encoding.offset == 0
@@ -184,14 +183,15 @@ def test_dino_preset_builds_the_parts():
 @pytest.mark.parametrize(
     "bad",
     [
-        ["model.anchor_boxes=false", "model.box_refine=false"],
+        ["model.query_source=learned_points", "model.box_refine=false"],
         ["model.box_refine=false"],
         ["model.classification=softmax"],
-        ["model.two_stage=true"],
+        ["model.query_source=proposals"],
     ],
 )
 def test_switches_need_the_anchor_decoder(bad):
-    with pytest.raises(ConfigError, match="model.anchor_boxes|model.box_refine|model.classification"):
+    match = "model.query_source|model.box_refine|model.classification|model.share_heads|model.denoising"
+    with pytest.raises(ConfigError, match=match):
         _cfg(*DEFORMABLE, *bad)
 
 
@@ -261,10 +261,12 @@ COMBINATIONS = {
     "act_encoder": [
         "model.encoder.attention=act",
         "model.num_feature_levels=1",
-        "model.mixed_query_selection=false",
+        "model.query_source=learned_anchors",
     ],
-    "plain_detr_dn": ["model.mixed_query_selection=false", "model.look_forward_twice=false"],
-    "learned_anchors_unshared": [*DEFORMABLE, "model.mixed_query_selection=false", "model.share_heads=false"],
+    "plain_detr_dn": ["model.query_source=learned_anchors", "model.look_forward_twice=false"],
+    "learned_anchors_unshared": [
+        *DEFORMABLE, "model.query_source=learned_anchors", "model.share_heads=false"
+    ],
     "no_denoising": [*DEFORMABLE, "model.denoising.enabled=false", "model.num_feature_levels=2"],
 }
 

@@ -10,7 +10,7 @@ import torch
 from detr_lab.config import load_config
 from detr_lab.engine.optim import build_optimizer
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
-from detr_lab.models.dino import AnchorDetector
+from detr_lab.models.detector import Detector
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -25,7 +25,7 @@ def test_dino_4scale_is_the_official_recipe():
         0.0,
         300,
     )
-    assert (m.anchor_boxes, m.mixed_query_selection, m.look_forward_twice, m.share_heads) == (True,) * 4
+    assert (m.query_source, m.look_forward_twice, m.share_heads) == ("mixed_selection", True, True)
     assert (m.denoising.enabled, m.denoising.dn_number) == (True, 100)
     assert (m.denoising.label_noise_ratio, m.denoising.box_noise_scale, m.position_temperature) == (
         0.5,
@@ -53,9 +53,9 @@ def test_dino_4scale_is_the_official_recipe():
 def test_full_configs_build(name):
     cfg = load_config(CONFIGS / f"{name}.yaml", ["model.backbone.pretrained=false"])
     model = build_model(cfg.model)
-    assert isinstance(model, AnchorDetector) and model.query_source.content.weight.shape == (900, 256)
+    assert isinstance(model, Detector) and model.query_source.content.weight.shape == (900, 256)
     levels = cfg.model.num_feature_levels
-    assert len(model.input_proj) == levels and len(model.backbone.num_channels) == levels - 1
+    assert len(model.neck.input_proj) == levels and len(model.backbone.num_channels) == levels - 1
     build_optimizer(model, cfg.optim)  # every lr multiplier names a parameter
     assert build_postprocess(cfg.model).num_top == 300
 
@@ -75,6 +75,7 @@ def test_demo_configs_train_a_step(name):
     ]
     outputs = model(images, padding_mask, targets=targets)
     losses = criterion(outputs, targets)
-    assert "loss_bbox_dn" in losses and ("loss_ce_enc" in losses) == cfg.model.mixed_query_selection
+    mixed = cfg.model.query_source == "mixed_selection"
+    assert "loss_bbox_dn" in losses and ("loss_ce_enc" in losses) == mixed
     criterion.total_loss(losses).backward()
     optimizer.step()

@@ -20,8 +20,8 @@ from factories import tiny_overrides
 OVERRIDES = tiny_overrides(
     "model.num_feature_levels=2", "model.encoder.attention=deformable",
     "model.decoder.cross_attention=deformable",
-    "model.anchor_boxes=true", "model.box_refine=true", "model.share_heads=true",
-    "model.mixed_query_selection=true", "model.look_forward_twice=true", "model.denoising.enabled=true",
+    "model.query_source=mixed_selection", "model.box_refine=true", "model.share_heads=true",
+    "model.look_forward_twice=true", "model.denoising.enabled=true",
     dropout=0.0, encoder__num_points=2, decoder__num_points=2, backbone__frozen_stages=4, num_classes=5,
     classification="sigmoid",
 )  # fmt: skip

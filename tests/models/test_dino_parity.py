@@ -21,8 +21,8 @@ import torch
 
 from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
-from detr_lab.models.dino import AnchorDetector
-from detr_lab.models.queries import QuerySet
+from detr_lab.models.detector import Detector
+from detr_lab.models.queries.query_set import QuerySet
 
 from factories import load_synth_weights, official_batch
 
@@ -90,7 +90,7 @@ def _max_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def test_inferred_config_is_the_official_recipe(parity):
     _, cfg, model, _, swaps = parity
     m = cfg.model
-    assert isinstance(model, AnchorDetector) and not model.training
+    assert isinstance(model, Detector) and not model.training
     assert (m.backbone.name, m.hidden_dim, m.ffn_dim, m.num_heads, m.dropout) == (
         "resnet50",
         256,
@@ -100,7 +100,7 @@ def test_inferred_config_is_the_official_recipe(parity):
     )
     assert (m.num_feature_levels, m.encoder.num_points, m.decoder.num_points) == (4, 4, 4)
     assert (m.encoder.num_layers, m.decoder.num_layers, m.num_queries, m.num_classes) == (6, 6, 900, 91)
-    assert (m.anchor_boxes, m.mixed_query_selection, m.look_forward_twice, m.share_heads) == (True,) * 4
+    assert (m.query_source, m.look_forward_twice, m.share_heads) == ("mixed_selection", True, True)
     assert (m.position_temperature, m.num_detections) == (20.0, 300)
     assert (m.denoising.enabled, m.denoising.dn_number, m.denoising.label_noise_ratio) == (True, 100, 0.5)
     assert m.denoising.box_noise_scale == 0.4

@@ -38,8 +38,7 @@ model:
   num_feature_levels: 4
   classification: sigmoid
   box_refine: true
-  anchor_boxes: true
-  mixed_query_selection: true
+  query_source: mixed_selection
   look_forward_twice: true
   share_heads: true
   position_temperature: 20.0

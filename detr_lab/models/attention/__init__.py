@@ -1,7 +1,7 @@
 """Attention variants: the spec table that the config, its validation and `build.py` all read.
 
-Each variant is one file in this package (the module, and a `build_from_config(cfg, *, site)`
-function) plus one line in `ATTENTION_SPECS`: its builder and the properties the rest of the model
+Each variant is one file in this package (the module, and a `build(**arguments)` function)
+plus one line in `ATTENTION_SPECS`: its builder and the properties the rest of the model
 depends on. Nothing else tests a variant's name.
 
 Sites, named after their config section:
@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-    from detr_lab.config import ModelConfig
-
 SITES = ("encoder", "decoder")
 SITE_KEYS = {"encoder": "model.encoder.attention", "decoder": "model.decoder.cross_attention"}
 
@@ -38,7 +36,8 @@ class AttentionSpec:
     """What the rest of the model needs to know about one attention variant.
 
     Attributes:
-        builder: "module:function"; the function is `(cfg: ModelConfig, *, site: str) -> nn.Module`.
+        builder: "module:function"; the function takes keyword arguments (see `build_attention`)
+            and returns the module.
         sites: where the variant may be used ("encoder", "decoder").
         reference_points: the module samples around reference points, so it needs
             `reference_points` and `spatial_shapes`. As decoder cross-attention this selects the
@@ -59,15 +58,15 @@ class AttentionSpec:
 
 
 ATTENTION_SPECS: dict[str, AttentionSpec] = {
-    "plain": AttentionSpec("detr_lab.models.attention.plain:build_from_config", sites=("encoder", "decoder")),
+    "plain": AttentionSpec("detr_lab.models.attention.plain:build", sites=("encoder", "decoder")),
     "deformable": AttentionSpec(
-        "detr_lab.models.attention.deformable:build_from_config",
+        "detr_lab.models.attention.deformable:build",
         sites=("encoder", "decoder"),
         reference_points=True,
         multiscale_inputs=True,
         final_decoder_norm=False,
     ),
-    "act": AttentionSpec("detr_lab.models.attention.clustering:build_from_config", sites=("encoder",)),
+    "act": AttentionSpec("detr_lab.models.attention.clustering:build", sites=("encoder",)),
 }
 
 
@@ -80,13 +79,16 @@ def needs_multiscale_inputs(encoder_attention: str, cross_attention: str, num_fe
     return num_feature_levels > 1 or any(ATTENTION_SPECS[name].multiscale_inputs for name in chosen)
 
 
-def refinement_error() -> str:
-    """The message for box refinement / two-stage without a reference-point cross-attention."""
+def reference_attention_hint() -> str:
+    """Names the decoder cross-attention variants that take reference points, for messages."""
     names = [name for name in attention_names("decoder") if ATTENTION_SPECS[name].reference_points]
-    return (
-        "'model.box_refine' and 'model.two_stage' need a decoder cross-attention with reference points "
-        f"('model.decoder.cross_attention': {' or '.join(names)})"
-    )
+    return f"'model.decoder.cross_attention': {' or '.join(names)}"
+
+
+def refinement_error() -> str:
+    """The message for box refinement without reference points."""
+    hint = reference_attention_hint()
+    return f"'model.box_refine' needs a decoder cross-attention with reference points ({hint})"
 
 
 def attention_names(site: str) -> tuple[str, ...]:
@@ -110,8 +112,10 @@ def attention_spec(name: str, site: str) -> AttentionSpec:
     return ATTENTION_SPECS[name]
 
 
-def build_attention(name: str, cfg: ModelConfig, *, site: str) -> nn.Module:
-    """A new module of variant `name` for `site`, built by its spec's builder from the model config.
+def build_attention(name: str, *, site: str, **arguments) -> nn.Module:
+    """A new module of variant `name` for `site`, built by its spec's builder from plain arguments:
+    `embed_dim`, `num_heads`, `dropout`, `num_levels`, `num_points` and the variant's own options
+    (ACT: `q_hashes`, `bucket_width`, `seed`); a builder ignores those it does not use.
 
     Raises:
         ValueError: an unknown variant for `site`, or a builder that cannot be imported.
@@ -123,4 +127,4 @@ def build_attention(name: str, cfg: ModelConfig, *, site: str) -> nn.Module:
     except (ImportError, AttributeError) as err:
         message = f"attention variant {name!r}: cannot import its builder {spec.builder!r}: {err}"
         raise ValueError(message) from None
-    return builder(cfg, site=site)
+    return builder(**arguments)

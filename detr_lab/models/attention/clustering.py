@@ -33,7 +33,6 @@ r is a constructor argument.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +40,6 @@ from torch import Tensor
 
 from detr_lab.models.attention.masks import additive_mask, check_key_padding_mask, normalize_attn_mask
 from detr_lab.models.attention.plain import PlainAttention
-
-if TYPE_CHECKING:
-    from detr_lab.config import ModelConfig
 
 # Random 64-bit fingerprints of the hash rows make grouping a 1-D sort; equal fingerprints are then
 # checked row by row, and any collision falls back to an exact multi-column `unique`.
@@ -317,15 +313,11 @@ class AdaptiveClusteringAttention(PlainAttention):
             )
 
 
-def build_from_config(cfg: ModelConfig, *, site: str) -> AdaptiveClusteringAttention:
-    """The "act" variant (see `detr_lab.models.attention.ATTENTION_SPECS`), encoder only: the hash
-    settings come from `model.encoder.act`."""
-    act = cfg.encoder.act
+def build(
+    *, embed_dim: int, num_heads: int, dropout: float, q_hashes: int, bucket_width: float, seed: int, **_
+) -> AdaptiveClusteringAttention:
+    """The "act" variant (see `detr_lab.models.attention.ATTENTION_SPECS`), encoder only, with its
+    hash settings (`model.encoder.act`)."""
     return AdaptiveClusteringAttention(
-        cfg.hidden_dim,
-        cfg.num_heads,
-        dropout=cfg.dropout,
-        q_hashes=act.q_hashes,
-        bucket_width=act.bucket_width,
-        seed=act.seed,
+        embed_dim, num_heads, dropout=dropout, q_hashes=q_hashes, bucket_width=bucket_width, seed=seed
     )

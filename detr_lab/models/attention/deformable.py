@@ -27,16 +27,12 @@ The sampling core (`ms_deform_attn_core`) has several implementations, chosen pe
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import CORE_IMPLS, ms_deform_attn_core
 from .masks import check_key_padding_mask
-
-if TYPE_CHECKING:
-    from detr_lab.config import ModelConfig
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -245,10 +241,9 @@ def set_deformable_core(model: nn.Module, impl: str) -> int:
     return count
 
 
-def build_from_config(cfg: ModelConfig, *, site: str) -> MultiScaleDeformableAttention:
-    """The "deformable" variant (see `detr_lab.models.attention.ATTENTION_SPECS`) at `site`:
-    `model.num_feature_levels` levels, `model.<site>.num_points` points per head and level."""
-    num_points = cfg.encoder.num_points if site == "encoder" else cfg.decoder.num_points
-    return MultiScaleDeformableAttention(
-        cfg.hidden_dim, cfg.num_feature_levels, cfg.num_heads, num_points, dropout=cfg.dropout
-    )
+def build(
+    *, embed_dim: int, num_heads: int, dropout: float, num_levels: int, num_points: int, **_
+) -> MultiScaleDeformableAttention:
+    """The "deformable" variant (see `detr_lab.models.attention.ATTENTION_SPECS`): `num_levels`
+    levels, `num_points` sampling points per head and level."""
+    return MultiScaleDeformableAttention(embed_dim, num_levels, num_heads, num_points, dropout=dropout)

@@ -24,16 +24,12 @@ Attention modules only mix tokens: no residual connection and no normalization i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import additive_mask, blocked_keys
-
-if TYPE_CHECKING:
-    from detr_lab.config import ModelConfig
 
 PLAIN_IMPLS = ("sdpa", "math")
 
@@ -183,7 +179,7 @@ def set_plain_attention_impl(model: nn.Module, impl: str) -> int:
     return count
 
 
-def build_from_config(cfg: ModelConfig, *, site: str) -> PlainAttention:
+def build(*, embed_dim: int, num_heads: int, dropout: float, **_) -> PlainAttention:
     """The "plain" variant (see `detr_lab.models.attention.ATTENTION_SPECS`) at either site:
-    `model.hidden_dim` wide, `model.num_heads` heads, `model.dropout` on the attention weights."""
-    return PlainAttention(cfg.hidden_dim, cfg.num_heads, dropout=cfg.dropout)
+    `embed_dim` wide, `num_heads` heads, `dropout` on the attention weights."""
+    return PlainAttention(embed_dim, num_heads, dropout=dropout)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from detr_lab.models.queries import QuerySet
+from detr_lab.models.queries.query_set import QuerySet
+from detr_lab.models.transformer import EncoderOutput
 
 
 class LearnedAnchors(nn.Module):
@@ -20,8 +21,13 @@ class LearnedAnchors(nn.Module):
         self.anchors = nn.Embedding(num_queries, 4)
         nn.init.normal_(self.content.weight)
 
-    def forward(self, batch: int) -> QuerySet:
-        """-> `QuerySet` with queries `[batch, Q, d]`, reference boxes `[batch, Q, 4]` = sigmoid(anchors)."""
+    def forward(self, encoded: EncoderOutput, proposal_heads=None) -> QuerySet:
+        """-> `QuerySet` with queries `[B, Q, d]`, reference boxes `[B, Q, 4]` = sigmoid(anchors)."""
+        batch = encoded.memory.shape[0]
         queries = self.content.weight[None].expand(batch, -1, -1)
         boxes: Tensor = self.anchors.weight.sigmoid()[None].expand(batch, -1, -1)
         return QuerySet(queries, boxes)
+
+
+def build(*, embed_dim: int, num_queries: int, **_) -> LearnedAnchors:
+    return LearnedAnchors(embed_dim, num_queries)

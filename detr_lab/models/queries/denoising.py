@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from detr_lab.models.queries import QuerySet
+from detr_lab.models.queries.query_set import QuerySet
 from detr_lab.models.transformer import inverse_sigmoid
 
 DINO_LOGIT_EPS = 1e-3  # the official DINO inverse_sigmoid clamp

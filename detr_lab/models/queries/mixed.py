@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detr_lab.models.queries import QuerySet
+from detr_lab.models.queries.query_set import QuerySet
 from detr_lab.models.transformer import EncoderOutput
 from detr_lab.models.two_stage import encoder_proposals
 
@@ -43,7 +43,7 @@ class MixedQuerySelection(nn.Module):
         self.content = nn.Embedding(num_queries, embed_dim)
         nn.init.normal_(self.content.weight)
 
-    def forward(self, encoded: EncoderOutput) -> QuerySet:
+    def forward(self, encoded: EncoderOutput, proposal_heads=None) -> QuerySet:
         """-> `QuerySet`: queries `[B, K, d]`, reference boxes `[B, K, 4]` (detached), and in `meta`
         `enc_outputs`: the selected proposals' `pred_logits` `[B, K, C]` and `pred_boxes` `[B, K, 4]`
         (normalized cxcywh, with gradients; unusable proposals at (1, 1, 1, 1)).
@@ -67,3 +67,10 @@ class MixedQuerySelection(nn.Module):
         queries = self.content.weight[None].expand(batch, -1, -1)
         enc_outputs = {"pred_logits": self.class_head(chosen_features), "pred_boxes": chosen_boxes.sigmoid()}
         return QuerySet(queries, chosen_boxes.detach().sigmoid(), meta={"enc_outputs": enc_outputs})
+
+
+def build(
+    *, embed_dim: int, num_queries: int, class_head: nn.Module, box_head: nn.Module, **_
+) -> MixedQuerySelection:
+    """The source with its own proposal heads (fresh copies of the decoder's class and box heads)."""
+    return MixedQuerySelection(embed_dim, num_queries, class_head=class_head, box_head=box_head)

@@ -1,0 +1,24 @@
+"""Necks: the slot between the backbone and the encoder, and the registry everything else reads.
+
+A neck turns the backbone's levels into the encoder's input levels, all of width d:
+
+    neck(levels: list[FeatureLevel], padding_mask: bool [B, H, W]) -> (features, masks)
+
+features: one float `[B, d, H_l, W_l]` per encoder level, shallowest first; masks: one bool
+`[B, H_l, W_l]` per level (True = padding). Each neck is one module in this package plus one line
+in `NECKS` naming its builder as "module:function"; the builder takes keyword arguments
+`in_channels` (the backbone's channels per level), `strides` (their strides), `hidden_dim` (d),
+`num_levels` (encoder levels), `group_norm` (Deformable DETR's multi-scale input side) and the
+neck's own options (`model.neck.options`), and ignores those it does not use.
+
+- "projection" (`projection.InputProjections`): 1x1 convolutions (DETR), or Conv + GroupNorm and
+  stride-2 3x3 convolutions for the levels past the deepest backbone stage (Deformable DETR).
+
+This module is pure data (no torch import), read by `detr_lab.config`.
+"""
+
+from __future__ import annotations
+
+NECKS: dict[str, str] = {
+    "projection": "detr_lab.models.necks.projection:build",
+}
