@@ -83,13 +83,13 @@ from detr_lab.benchmark.measure import (
     release_free_heap,
 )
 from detr_lab.benchmark.report import format_table
-from detr_lab.benchmark.timer import ratio, summarize, synchronize, time_interleaved
 from detr_lab.config import Config, load_config
 from detr_lab.export.timing import onnxruntime_call
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
+from detr_lab.timer import ratio, summarize, synchronize, time_interleaved
 
 MODES = ("fast", "reference", "fast_bf16", "onnxruntime")
 DEFAULT_MODES = ("fast", "reference")
