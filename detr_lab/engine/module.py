@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from pycocotools.coco import COCO
 
+from detr_lab.checkpoints.formats import LIGHTNING_META_KEY
 from detr_lab.config import Config, ConfigError, config_to_dict
 from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
@@ -23,7 +24,6 @@ from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
 from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
-CHECKPOINT_KEY = "detr_lab"
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # The terms logged every training step besides the total `loss`: the final decoder layer's main terms.
 # Every other term (auxiliary layers `_0`, `_1`, ..., encoder proposals `_enc`, denoising `_dn`, `_dn_i`,
@@ -157,7 +157,7 @@ class DetectionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
+        checkpoint[LIGHTNING_META_KEY] = {
             "config": config_to_dict(self.cfg),
             "category_ids": list(self.category_ids),
             "class_names": list(self.class_names),
