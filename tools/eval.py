@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, check_backend_arguments, run_tool
+from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, parse_backend_arguments, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,9 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    check_backend_arguments(parser, args)
-    return args
+    return parse_backend_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

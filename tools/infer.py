@@ -17,7 +17,7 @@ from detr_lab.engine.cli import (
     ToolError,
     add_backend_arguments,
     add_common_arguments,
-    check_backend_arguments,
+    parse_backend_arguments,
     run_tool,
 )
 
@@ -34,9 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    check_backend_arguments(parser, args)
-    return args
+    return parse_backend_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

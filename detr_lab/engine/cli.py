@@ -45,20 +45,22 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
 
 def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
     """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file); check the
-    parsed values with `check_backend_arguments`."""
+    command line with `parse_backend_arguments`."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                         help="pytorch (default) or onnxruntime (an exported --model)")
     parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
 
 
-def check_backend_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit through `parser.error` (status 2) unless the pytorch backend has a --checkpoint and no
-    --model, and onnxruntime a --model and no --checkpoint."""
+def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
+    has a --checkpoint and no --model, and onnxruntime a --model and no --checkpoint."""
+    args = parser.parse_args(argv)
     if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
         parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    return args
 
 
 def one_line(err: BaseException) -> str:
