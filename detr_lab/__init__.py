@@ -3,8 +3,8 @@
 Packages, in the one direction data flows (a package imports only those before it):
 
 - leaves every package may import: `files` (atomic writes, standard library only), `io` (safe
-  reading, torch saving), `boxes` (box formats and IoU), `config` (typed schema, YAML loading; it
-  reads the attention spec table, which is pure data);
+  reading, torch saving), `boxes` (box formats and IoU), `timer` (calls taking turns, wall and CPU
+  seconds), `config` (typed schema, YAML loading; it reads the attention spec table, which is pure data);
 - `data`: datasets, transforms, collate -> batches `(images, padding_mask, targets)`;
 - `models`: backbones, attention variants, transformer, detector heads, matcher, criterion,
   post-processing; never imports `data`, `checkpoints` or `engine`;

@@ -75,18 +75,32 @@ def tiny_model_yaml(**changes: object) -> str:
     return OmegaConf.to_yaml(OmegaConf.from_dotlist(tiny_overrides(**changes)))
 
 
+# `data.augment` of the tiny runs: 64 px, no crop (template text: braces doubled).
+TINY_AUGMENT = "{{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}"
+
+
+def synthetic_data_yaml(
+    num_train: int, num_val: int, *, image_size: int = 64, augment: str = TINY_AUGMENT
+) -> str:
+    """The `data:` section of a YAML config on a generated synthetic set under `{root}/data`, batch 2,
+    no loader workers: a `str.format` template (`{root}`), as is `augment`, the flow-style mapping
+    of `data.augment` with its braces doubled."""
+    return f"""
+data:
+  dataset: synthetic
+  root: {{root}}/data
+  batch_size: 2
+  num_workers: 0
+  synthetic: {{{{num_train: {num_train}, num_val: {num_val}, image_size: {image_size}, seed: 0}}}}
+  augment: {augment}
+"""
+
+
 # A whole training run on the tiny model and a 4 + 2 image synthetic set (64 px): 3 steps over 2
 # epochs, a checkpoint every step. A `str.format` template: `{root}` is the run's folder.
 TINY_RUN_YAML = tiny_model_yaml(
     num_classes=6, num_heads=2, dropout=0.0, num_queries=5, backbone__frozen_stages=0
-) + """
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+) + synthetic_data_yaml(4, 2) + """
 optim: {{lr: 1.0e-4, lr_backbone: 0.0, lr_drop_epochs: [1], lr_drop_factor: 0.1}}
 trainer:
   output_dir: {root}/run

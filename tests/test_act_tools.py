@@ -15,21 +15,13 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-from factories import load_tool, tiny_overrides
+from factories import load_tool, synthetic_data_yaml, tiny_overrides
 
 TINY = tiny_overrides(
     "data.augment.eval_size=96", "data.augment.eval_max_size=128",  # infer.py's transform
     num_classes=6, num_heads=2, num_queries=5, dropout=0.0, decoder__num_layers=1,
 )
-DATA_YAML = """
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 1, num_val: 2, image_size: 96, seed: 0}}
-  augment: {{eval_size: 96, eval_max_size: 128}}
-"""
+DATA_YAML = synthetic_data_yaml(1, 2, image_size=96, augment="{{eval_size: 96, eval_max_size: 128}}")
 ACT = "model.encoder.attention=act"
 
 

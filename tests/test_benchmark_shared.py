@@ -11,7 +11,7 @@ import torch
 
 from detr_lab.benchmark.machine import describe_machine, machine_line, package_version
 from detr_lab.benchmark.report import format_table, write_report
-from detr_lab.benchmark.timer import ratio, time_interleaved
+from detr_lab.timer import ratio, time_interleaved
 
 from factories import load_tool
 

@@ -53,34 +53,21 @@ def write_csv(runs: dict[str, list], path: Path) -> None:
 
 def write_plot(runs: dict[str, list], path: Path, title: str) -> None:
     """AP (solid) and AP50 (dashed) against training minutes, one colour per config."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from detr_lab.engine.summary import plot_ap
+    from detr_lab.visualize.draw import save_figure
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    minutes = [r.train_minutes for records in runs.values() for r in records]
-    for index, (config, records) in enumerate(runs.items()):
-        colour = f"C{index}"
-        times = [r.train_minutes for r in records]
-        axes.plot(times, [r.stats["AP"] for r in records], "o-", color=colour, label=f"{config} AP")
-        ap50 = [r.stats["AP50"] for r in records]
-        axes.plot(times, ap50, "s--", color=colour, alpha=0.5, label=f"{config} AP50")
-        shift = (index - (len(runs) - 1) / 2) * 18  # labels of configs that meet side by side, not stacked
-        for r in records:
-            point = (r.train_minutes, r.stats["AP"])
-            axes.annotate(f"{r.stats['AP']:.3f}", point, textcoords="offset points", xytext=(shift, 6),
-                          ha="center", fontsize=7, color=colour)
-    axes.set_xlabel("training time (minutes, evaluation excluded)")
+    rows = {name: [{"minutes": r.train_minutes, **r.stats} for r in runs[name]] for name in runs}
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.subplots()
+    plot_ap(axes, rows, x="minutes", x_label="training time (minutes, evaluation excluded)", annotate=True)
     axes.set_ylabel("COCO box AP (synthetic val)")
-    axes.set_ylim(0, 1)
+    minutes = [row["minutes"] for config_rows in rows.values() for row in config_rows]
     axes.set_xlim(0, max(minutes) * 1.05 if minutes else 1)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:

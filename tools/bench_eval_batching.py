@@ -2,17 +2,17 @@
 
     python tools/bench_eval_batching.py --config X.yaml --checkpoint CKPT [--batch-size 4] [--repeats 2]
 
-Runs `evaluate_checkpoint` over the config's validation split once per batching mode (after one
-warm-up pass) and prints, per mode: forward passes, images per second and AP. Same-size batching
-never pads, so its AP is the one every batch size gives; its cost is the extra forward passes of
-small size groups (an image whose resized size is unique goes alone).
+Runs `evaluate_checkpoint` over the config's validation split in both batching modes, taking turns
+(`detr_lab.timer`), after one warm-up pass of each, and prints, per mode: forward passes, images per
+second (best pass) and AP. Same-size batching never pads, so its AP is the one every batch size
+gives; its cost is the extra forward passes of small size groups (an image whose resized size is
+unique goes alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from detr_lab.engine.cli import add_common_arguments, run_tool
 
@@ -36,22 +36,27 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from detr_lab.engine.evaluate import evaluate_checkpoint
+        from detr_lab.timer import time_interleaved
 
+        results = {}
         with tempfile.TemporaryDirectory() as scratch:
-            for mode in ("padded", "same_size", "padded", "same_size"):  # first two: warm-up
-                best, result = float("inf"), None
-                for _ in range(args.repeats):
-                    began = time.perf_counter()
+
+            def evaluate(mode: str):
+                def call() -> None:
                     overrides = [*args.overrides, f"data.eval_batching={mode}"]
-                    output = Path(scratch) / "results.json"
-                    result = evaluate_checkpoint(
-                        args.config, args.checkpoint, overrides=overrides, output=output,
-                        device=args.device, batch_size=args.batch_size, progress=False,
+                    results[mode] = evaluate_checkpoint(
+                        args.config, args.checkpoint, overrides=overrides, device=args.device,
+                        output=Path(scratch) / "results.json", batch_size=args.batch_size, progress=False,
                     )
-                    best = min(best, time.perf_counter() - began)
-                print(f"{mode:9s} batch {args.batch_size}: {result.num_images} images, "
-                      f"{result.forward_passes} forward passes, {result.num_images / best:.2f} images/s "
-                      f"(best of {args.repeats}), AP {result.stats['AP']:.4f}")
+                return call
+
+            modes = ("padded", "same_size")
+            times = time_interleaved({mode: evaluate(mode) for mode in modes}, runs=args.repeats, warmup=1)
+        for mode in modes:
+            result, best = results[mode], min(times[mode]["wall"])
+            print(f"{mode:9s} batch {args.batch_size}: {result.num_images} images, "
+                  f"{result.forward_passes} forward passes, {result.num_images / best:.2f} images/s "
+                  f"(best of {args.repeats}), AP {result.stats['AP']:.4f}")
 
     return run_tool("bench_eval_batching.py", body, debug=args.debug)
 

@@ -12,28 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_common_arguments, run_tool
+from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, parse_backend_arguments, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config giving the dataset")
-    parser.add_argument("--checkpoint", help="checkpoint to evaluate (pytorch backend)")
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
-                        help="pytorch (default) or onnxruntime (an exported --model)")
-    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
+    add_backend_arguments(parser, checkpoint_help="checkpoint to evaluate (pytorch backend)")
     parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/"
                         "coco_results-<model file name>-<path hash>.json)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
-        parser.error("the pytorch backend needs --checkpoint (and no --model)")
-    if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
-        parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
-    return args
+    return parse_backend_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

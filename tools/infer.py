@@ -13,28 +13,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import ToolError, add_common_arguments, run_tool
+from detr_lab.engine.cli import (
+    ToolError,
+    add_backend_arguments,
+    add_common_arguments,
+    parse_backend_arguments,
+    run_tool,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
-    parser.add_argument("--checkpoint", help="detr_lab, Lightning or official DETR file (pytorch backend)")
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
-                        help="pytorch (default) or onnxruntime (an exported --model)")
-    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
+    add_backend_arguments(
+        parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)"
+    )
     parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
-        parser.error("the pytorch backend needs --checkpoint (and no --model)")
-    if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
-        parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
-    return args
+    return parse_backend_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Benchmarks: one machine description, one timer, one report format for every measurement.
+"""Benchmarks: one machine description, one report format for every measurement, timed by `detr_lab.timer`.
 
     report = run_benchmark(["configs/detr_r50.yaml"], BenchmarkSettings(device="cpu", runs=5))
     print(format_report(report))
@@ -6,7 +6,6 @@
 
 Modules:
     machine.py           `describe_machine`: CPU, cores, threads, versions, load, environment, GPU
-    timer.py             `time_interleaved` (calls taking turns; wall and CPU seconds), `summarize`
     measure.py           peak memory and FLOPs of one call, parameter counts
     report.py            `format_table`, `write_report` (atomic JSON)
     detectors.py         whole detectors from configs, fast vs reference paths (tools/benchmark.py)
@@ -33,7 +32,7 @@ from detr_lab.benchmark.detectors import (
 from detr_lab.benchmark.machine import describe_machine
 from detr_lab.benchmark.measure import count_flops, count_inference_flops, measure_peak_memory
 from detr_lab.benchmark.report import format_table, write_report
-from detr_lab.benchmark.timer import summarize, time_interleaved
+from detr_lab.timer import summarize, time_interleaved
 
 __all__ = [
     "BREAKDOWN_PARTS",

@@ -66,7 +66,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from detr_lab.benchmark.machine import describe_machine, load_average
 from detr_lab.benchmark.measure import count_flops
-from detr_lab.benchmark.timer import time_interleaved
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.config import ConfigError, load_config, save_config
 from detr_lab.data.datamodule import DetectionDataModule
@@ -74,6 +73,7 @@ from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.io import safe_load
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.plain import PlainAttention
+from detr_lab.timer import time_interleaved
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -10,7 +10,7 @@ Sampling offsets are the official initial pattern (head direction x point index,
 unit Gaussian noise, so that points scatter around the reference like a trained model's, some of
 them off the map; attention weights are a softmax of Gaussian logits.
 
-Timings use the package's timer (`detr_lab.benchmark.timer`): the implementations take turns inside
+Timings use the one timer (`detr_lab.timer`): the implementations take turns inside
 each repetition, so that load from other processes affects all of them alike; statistics are over
 `runs` repetitions after `warmup` untimed ones. Wall
 time is the measure; the process CPU time (all threads) is recorded beside it, which shows how much of
@@ -28,8 +28,8 @@ from torch import Tensor
 
 from detr_lab.benchmark.machine import describe_machine, load_average
 from detr_lab.benchmark.report import format_table
-from detr_lab.benchmark.timer import summarize, time_interleaved
 from detr_lab.models.attention.kernels import ms_deform_attn_core, triton_available
+from detr_lab.timer import summarize, time_interleaved
 
 R50_SPATIAL_SHAPES = ((100, 134), (50, 67), (25, 34), (13, 17))
 DECODER_QUERIES = 300

@@ -39,15 +39,8 @@ Times are wall-clock seconds (after a CUDA synchronize on GPU) and, on CPU, the 
 process used (all its threads): the CPU time is far less sensitive to other processes taking turns
 on the cores.
 
-Memory (one extra call per mode, after the timed ones):
-
-- CUDA: `torch.cuda.max_memory_allocated` during the call (peak) and that peak minus what was
-  allocated before the call (increase).
-- CPU (Linux): the process's resident-set high-water mark (`VmHWM`), reset before the call through
-  `/proc/self/clear_refs`, minus the resident set before the call, after returning freed heap memory
-  to the system (`malloc_trim`). It counts the pages the call touched beyond what was resident,
-  including allocator slack; where the mark cannot be reset only the process's lifetime peak
-  (`ru_maxrss`) is reported. Python's `tracemalloc` does not see tensor memory and is not used.
+Memory: one extra call per mode, after the timed ones, measured as `detr_lab.benchmark.measure`
+describes (peak and increase over the call: CUDA allocations, or the CPU process's resident set).
 
 Breakdown (`breakdown=True`, inference only): one more call per mode with forward hooks timing the
 parts of the detector (`BREAKDOWN_PARTS`); the parts do not overlap and "other" is the rest of the
@@ -83,13 +76,13 @@ from detr_lab.benchmark.measure import (
     release_free_heap,
 )
 from detr_lab.benchmark.report import format_table
-from detr_lab.benchmark.timer import ratio, summarize, synchronize, time_interleaved
 from detr_lab.config import Config, load_config
 from detr_lab.export.timing import onnxruntime_call
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
+from detr_lab.timer import ratio, summarize, synchronize, time_interleaved
 
 MODES = ("fast", "reference", "fast_bf16", "onnxruntime")
 DEFAULT_MODES = ("fast", "reference")

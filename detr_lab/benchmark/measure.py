@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from detr_lab.benchmark.timer import synchronize
+from detr_lab.timer import synchronize
 
 MIB = 2**20
 

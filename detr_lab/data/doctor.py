@@ -53,6 +53,7 @@ from detr_lab.files import atomic_write_text
 SEVERITIES = ("error", "warning", "info")
 BRIEF_FILE_SAMPLE = 32  # images per split whose files are opened at the start of training
 SMALL_DATASET = 2000  # training images below which the doctor suggests small-data settings
+RESNET_FROZEN_STAGES = 1  # a ResNet's `model.backbone.frozen_stages: null` (as in detr_lab.models.build)
 IMBALANCE_RATIO = 10.0  # most / least frequent class (with objects) above which it warns
 PADDING_WARNING = 0.5  # padding share of the batch tensors above which it warns
 PADDING_BATCH_DRAWS = 20  # shuffled epochs simulated for the training split's padding
@@ -419,6 +420,28 @@ def denoising_option(cfg: Config) -> str | None:
     return None
 
 
+def _backbone_hint(cfg: Config) -> str | None:
+    """How to start from pretrained weights and keep them, for the configured backbone type; None when
+    that is done already. The ResNet-only options (`frozen_stages`, `norm`) may be None (their default),
+    and other types have neither: freezing them is `optim.lr_backbone=0`."""
+    backbone = cfg.model.backbone
+    pretrained = backbone.pretrained or bool(backbone.weights_path)
+    if backbone.type == "resnet":
+        frozen = RESNET_FROZEN_STAGES if backbone.frozen_stages is None else backbone.frozen_stages
+        if not pretrained:
+            return ("a pretrained backbone, frozen (model.backbone.pretrained=true or weights_path, "
+                    "model.backbone.frozen_stages=4, model.backbone.norm=frozen_bn)")
+        if frozen < 4 and cfg.optim.lr_backbone > 0:
+            return "freezing more of the pretrained backbone (model.backbone.frozen_stages=4)"
+        return None
+    if not pretrained:
+        return ("a pretrained backbone, frozen (model.backbone.pretrained=true or weights_path, "
+                "optim.lr_backbone=0)")
+    if cfg.optim.lr_backbone > 0:
+        return "freezing the pretrained backbone (optim.lr_backbone=0)"
+    return None
+
+
 def _suggest_small_data(report: DoctorReport, cfg: Config, num_train: int, max_objects: int) -> None:
     if num_train >= SMALL_DATASET:
         return
@@ -427,12 +450,9 @@ def _suggest_small_data(report: DoctorReport, cfg: Config, num_train: int, max_o
     if max_objects and queries > 3 * max_objects:
         target = max(10, 2 * max_objects)
         hints.append(f"fewer queries (model.num_queries={target}; at most {max_objects} objects per image)")
-    backbone = cfg.model.backbone
-    if not (backbone.pretrained or backbone.weights_path):
-        hints.append("a pretrained backbone, frozen (model.backbone.pretrained=true or weights_path, "
-                     "model.backbone.frozen_stages=4, model.backbone.norm=frozen_bn)")
-    elif backbone.frozen_stages < 4:
-        hints.append("freezing more of the pretrained backbone (model.backbone.frozen_stages=4)")
+    backbone_hint = _backbone_hint(cfg)
+    if backbone_hint:
+        hints.append(backbone_hint)
     option = denoising_option(cfg)
     hints.append(f"denoising training ({option})" if option else
                  "query denoising training (noised ground-truth boxes as extra decoder queries, as in "

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from detr_lab.config import DataConfig
 from detr_lab.data.errors import DatasetError
+from detr_lab.files import atomic_write, atomic_write_text
 
 GENERATOR_VERSION = 1
 META_FILE = "synthetic.json"
@@ -199,7 +200,8 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, seed:
         image, objects = draw_synthetic_image(image_size, rng)
         image_id = offset + index + 1
         file_name = f"{image_id:012d}.jpg"
-        image.save(images_dir / file_name, quality=92, subsampling=0)  # 4:4:4 keeps thin colour tips
+        with atomic_write(images_dir / file_name) as file:
+            image.save(file, format="JPEG", quality=92, subsampling=0)  # 4:4:4 keeps thin colour tips
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
@@ -210,7 +212,7 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, seed:
         "annotations": annotations,
         "categories": [{"id": c.id, "name": c.name, "supercategory": "shape"} for c in SHAPE_CATEGORIES],
     }
-    annotation_file.write_text(json.dumps(data))
+    atomic_write_text(annotation_file, json.dumps(data))
 
 
 def _parameters(num_train: int, num_val: int, image_size: int, seed: int) -> dict:
@@ -261,7 +263,7 @@ def generate_synthetic_dataset(
         os.chmod(partial, 0o755)
         _write_split(partial, "train", num_train, image_size, seed)
         _write_split(partial, "val", num_val, image_size, seed)
-        (partial / META_FILE).write_text(json.dumps(wanted, indent=2))  # last: marks it complete
+        atomic_write_text(partial / META_FILE, json.dumps(wanted, indent=2))  # last: marks it complete
         try:
             os.rename(partial, root)  # replaces `root` only if it is an empty folder
         except OSError:

@@ -1,4 +1,5 @@
-"""What the command-line tools share: `--set` overrides, `--debug`, one-line errors and exit codes.
+"""What the command-line tools share: `--set` overrides, `--debug`, the model backend arguments
+(`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
 
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
@@ -40,6 +41,26 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
             help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)",
         )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
+    """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file); check the
+    command line with `parse_backend_arguments`."""
+    parser.add_argument("--checkpoint", help=checkpoint_help)
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch (default) or onnxruntime (an exported --model)")
+    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
+
+
+def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
+    has a --checkpoint and no --model, and onnxruntime a --model and no --checkpoint."""
+    args = parser.parse_args(argv)
+    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
+        parser.error("the pytorch backend needs --checkpoint (and no --model)")
+    if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
+        parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    return args
 
 
 def one_line(err: BaseException) -> str:

@@ -101,7 +101,7 @@ def find_stalled_ap_causes(
         )
     if cfg is not None:
         backbone = cfg.model.backbone
-        from_scratch = not backbone.pretrained and backbone.weights_path is None
+        from_scratch = not (backbone.pretrained or backbone.weights_path)
         if from_scratch and num_train_images is not None and num_train_images < FEW_IMAGES_FROM_SCRATCH:
             causes.append(
                 "the backbone starts from random weights (model.backbone.pretrained: false, no "

@@ -7,13 +7,16 @@ evaluation of the validation set, and the run metadata stored in every checkpoin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from pycocotools.coco import COCO
 
+from detr_lab.checkpoints.formats import LIGHTNING_META_KEY
 from detr_lab.config import Config, ConfigError, config_to_dict
 from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
@@ -21,8 +24,17 @@ from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
 from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
-CHECKPOINT_KEY = "detr_lab"
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+# The terms logged every training step besides the total `loss`: the final decoder layer's main terms.
+# Every other term (auxiliary layers `_0`, `_1`, ..., encoder proposals `_enc`, denoising `_dn`, `_dn_i`,
+# cardinality, distillation) is logged once per epoch.
+STEP_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "class_error")
+
+# The training values are averaged over processes before `self.log` (one reduction per step or epoch), so
+# Lightning's advice to log epoch values with sync_dist=True does not apply to them.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('train/", category=PossibleUserWarning
+)
 
 
 class DetectionModule(L.LightningModule):
@@ -36,8 +48,10 @@ class DetectionModule(L.LightningModule):
         cfg: the run's full config.
         category_ids: class index -> original dataset category id (length `cfg.model.num_classes`).
         class_names: class index -> name (same length).
-    Logged: `train/<term>` per step and epoch and `val/<term>` per epoch for every loss term, their
-    weighted sum `train/loss` / `val/loss`, and after each validation epoch `val/AP`, `val/AP50`,
+    Logged: the weighted sum `train/loss` and the final layer's main terms (`STEP_TERMS`) per step and
+    per epoch (`train/<term>_step`, `train/<term>_epoch`), averaged over processes in one reduction per
+    step; every other training term per epoch only (`train/<term>_epoch`, one reduction per epoch);
+    `val/<term>` and `val/loss` per epoch; and after each validation epoch `val/AP`, `val/AP50`,
     `val/AP75`, `val/APs`, `val/APm`, `val/APl`, `val/AR100` (COCOeval, bbox).
 
     With `cfg.distill.enabled`, training adds the distillation terms of a frozen teacher
@@ -68,6 +82,7 @@ class DetectionModule(L.LightningModule):
         # Ground truth of the validation set; taken from `trainer.datamodule.val_dataset.coco` unless set.
         self.coco_gt: COCO | None = None
         self.evaluator: CocoEvaluator | None = None
+        self._epoch_terms = EpochMeans()  # the training terms logged per epoch only
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         """images `[B, 3, H, W]`, padding_mask bool `[B, H, W]` (True = padding) -> the model outputs."""
@@ -89,7 +104,7 @@ class DetectionModule(L.LightningModule):
             distillation = self.distiller(outputs, images, padding_mask)
             total = total + self.distiller.total_loss(distillation)
             losses.update(distillation)
-        self._log_losses("train", losses, total, batch_size=len(targets))
+        self._log_training_losses(losses, total, batch_size=len(targets))
         return total
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -97,12 +112,22 @@ class DetectionModule(L.LightningModule):
         outputs = self(images, padding_mask)
         losses = self.criterion(outputs, targets)
         total = self.criterion.total_loss(losses)
-        self._log_losses("val", losses, total, batch_size=len(targets))
+        self._log_validation_losses(losses, total, batch_size=len(targets))
         orig_sizes = torch.stack([target["orig_size"] for target in targets])  # [B, 2] (h, w)
         detections = self.postprocess(outputs, orig_sizes)
         if self.evaluator is not None:
             by_image = zip(targets, detections, strict=True)
             self.evaluator.update({int(target["image_id"]): detection for target, detection in by_image})
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_terms = EpochMeans()
+
+    def on_train_epoch_end(self) -> None:
+        # One reduction of every per-epoch term (all processes reach this point with the same names).
+        means = self._epoch_terms.compute(lambda sums: self.trainer.strategy.reduce(sums, reduce_op="sum"))
+        for name, value in means.items():
+            self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=False)
+        self._epoch_terms = EpochMeans()
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator = CocoEvaluator(self._validation_coco(), self.category_ids)
@@ -127,7 +152,7 @@ class DetectionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
+        checkpoint[LIGHTNING_META_KEY] = {
             "config": config_to_dict(self.cfg),
             "category_ids": list(self.category_ids),
             "class_names": list(self.class_names),
@@ -146,12 +171,24 @@ class DetectionModule(L.LightningModule):
             return False
         raise NonFiniteTrainingError(f"{where}; set trainer.monitors.non_finite=skip to skip such steps")
 
-    def _log_losses(self, stage: str, losses: dict, total: torch.Tensor, batch_size: int) -> None:
-        # Training per step and epoch, validation per epoch; averaged over ranks (scalars: cheap to reduce).
-        options = {"on_step": stage == "train", "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+    def _log_training_losses(self, losses: dict, total: torch.Tensor, batch_size: int) -> None:
+        # The total and STEP_TERMS: stacked, averaged over processes in one reduction, logged per step
+        # and epoch without a further sync. The rest: accumulated here, logged in on_train_epoch_end.
+        names = ["loss", *(name for name in STEP_TERMS if name in losses)]
+        values = torch.stack([total.detach().float(), *(losses[name].detach().float() for name in names[1:])])
+        reduced = self.trainer.strategy.reduce(values, reduce_op="mean")  # [len(names)]
+        for name, value in zip(names, reduced, strict=True):
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss",
+                     batch_size=batch_size, sync_dist=False)
+        per_epoch = {name: value for name, value in losses.items() if name not in STEP_TERMS}
+        self._epoch_terms.add(per_epoch, batch_size)
+
+    def _log_validation_losses(self, losses: dict, total: torch.Tensor, batch_size: int) -> None:
+        # Per epoch, averaged over processes by Lightning at the end of the validation epoch.
+        options = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
         for name, value in losses.items():
-            self.log(f"{stage}/{name}", value, **options)
-        self.log(f"{stage}/loss", total, prog_bar=True, **options)
+            self.log(f"val/{name}", value, **options)
+        self.log("val/loss", total, prog_bar=True, **options)
 
     def _validation_coco(self) -> COCO:
         if self.coco_gt is not None:
@@ -165,3 +202,41 @@ class DetectionModule(L.LightningModule):
                 "'val_dataset.coco' is a pycocotools COCO, or set module.coco_gt"
             )
         return coco
+
+
+class EpochMeans:
+    """Sample-weighted means of named scalar tensors over one epoch, reduced over processes in one call.
+
+    `add` takes a dict of 0-d tensors (any device; detached and cast to float32 here) and the number of
+    samples they average; `compute` returns each name's mean over every `add` of every process.
+    """
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self.sums: torch.Tensor | None = None  # [2, len(names)]: weighted sums, then sample counts
+
+    def add(self, values: dict[str, torch.Tensor], weight: int) -> None:
+        if not values:
+            return
+        names = tuple(sorted(values))
+        update = torch.stack([torch.stack([values[name].detach().float() for name in names]) * weight,
+                              torch.full((len(names),), float(weight), device=values[names[0]].device)])
+        if self.sums is None:
+            self.names, self.sums = names, update
+        elif names == self.names:
+            self.sums = self.sums + update
+        else:  # a step with other terms: merge by name
+            merged = dict(zip(self.names, self.sums.unbind(1), strict=True))
+            for name, column in zip(names, update.unbind(1), strict=True):
+                merged[name] = merged[name] + column if name in merged else column
+            self.names = tuple(sorted(merged))
+            self.sums = torch.stack([merged[name] for name in self.names], dim=1)
+
+    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """name -> mean over every process, `reduce_sum` summing the `[2, K]` tensor over processes
+        (identity on one process); {} when nothing was added. Every process must have added the same
+        names, since the reduction is elementwise."""
+        if self.sums is None:
+            return {}
+        sums, counts = reduce_sum(self.sums)
+        return dict(zip(self.names, (sums / counts).unbind(), strict=True))

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from detr_lab.checkpoints import load_checkpoint
+from detr_lab.checkpoints import LIGHTNING_META_KEY, load_checkpoint
 from detr_lab.config import Config, ConfigError, save_config
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.doctor import check_at_training_start
@@ -47,7 +47,7 @@ from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_tempo
 from detr_lab.engine.cli import ToolError
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
-from detr_lab.engine.module import CHECKPOINT_KEY, DetectionModule
+from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.summary import RunSummary
 from detr_lab.io import diff_state_dicts, safe_load
 from detr_lab.models.build import query_spec
@@ -215,7 +215,7 @@ def check_resume_classes(path: Path, category_ids: Sequence[int]) -> None:
     Checkpoints without detr_lab metadata are left to Lightning. Raises:
         ToolError: the class lists differ; CheckpointError: the file cannot be read (see `safe_load`).
     """
-    meta = safe_load(path).get(CHECKPOINT_KEY) or {}
+    meta = safe_load(path).get(LIGHTNING_META_KEY) or {}
     saved = meta.get("category_ids")
     if saved is None or [int(c) for c in saved] == [int(c) for c in category_ids]:
         return

@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from detr_lab.engine.summary import plot_ap
 from detr_lab.visualize.draw import save_figure
 
 AP_COLUMNS = ("val/AP", "val/AP50", "val/AP75")
@@ -95,22 +96,16 @@ def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
     loss_axes.grid(alpha=0.3)
     if loss_axes.lines:
         loss_axes.legend(fontsize=8)
-    last_epoch = 0
-    for column, style in zip(AP_COLUMNS, ("o-", "s--", "^:"), strict=True):
-        points = series.get(column)
-        if points:
-            ap_axes.plot([p[0] for p in points], [p[2] for p in points], style, label=column, markersize=5)
-            last_epoch = max(last_epoch, max(p[0] for p in points))
-    ap_axes.set_xlim(-0.5, last_epoch + 0.5)
-    ap_axes.set_ylim(bottom=0)
-    ap_axes.set_xlabel("epoch")
+    by_epoch: dict[int, dict[str, float]] = {}  # epoch -> {"epoch", "AP", "AP50", "AP75"}
+    for column in AP_COLUMNS:
+        for epoch, _, value in series.get(column, []):
+            by_epoch.setdefault(epoch, {"epoch": epoch})[column.removeprefix("val/")] = value
+    rows = [by_epoch[epoch] for epoch in sorted(by_epoch)]
+    plot_ap(ap_axes, {"": rows}, x="epoch", x_label="epoch", metrics=("AP", "AP50", "AP75"))
+    ap_axes.set_xlim(-0.5, max(by_epoch, default=0) + 0.5)
     ap_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ap_axes.set_ylabel("COCO AP")
     ap_axes.set_title("validation AP")
-    ap_axes.grid(alpha=0.3)
-    if ap_axes.lines:
-        ap_axes.legend(fontsize=8)
-    else:
+    if not ap_axes.lines:
         ap_axes.text(0.5, 0.5, "no val/AP logged yet", ha="center", va="center", transform=ap_axes.transAxes)
     figure.suptitle(str(csv_path), fontsize=8)
     figure.tight_layout()

@@ -223,3 +223,71 @@ def test_training_stops_before_fitting_on_a_blocking_problem(tmp_path, monkeypat
     cfg.data.batch_size = 1  # one image per batch: no padding; the empty categories 1, 2: warnings
     with pytest.raises(AssertionError, match="must not be built"):
         trainer.train(cfg)
+
+
+# The ConvNeXt-T recipe at test size on a small generated set read as a COCO dataset (so the doctor runs),
+# with a pretrained backbone from a local file: no download.
+WIDTHS = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}
+
+
+def _convnext_run(tmp_path: Path) -> Config:
+    import timm
+    import torch
+
+    from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(tmp_path / "data", num_train=2, num_val=2, image_size=64)
+    torch.manual_seed(0)
+    weights = tmp_path / "convnext_tiny.pth"
+    torch.save(timm.create_model("convnext_tiny", **WIDTHS).state_dict(), weights)
+    widths = [f"model.backbone.timm_kwargs.{key}={value}".replace(" ", "") for key, value in WIDTHS.items()]
+    return load_config("configs/deformable_convnext_t.yaml", [
+        *widths, "model.backbone.pretrained=false", f"model.backbone.weights_path={weights}",
+        "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64", "model.encoder.num_layers=1",
+        "model.decoder.num_layers=1", "model.num_queries=10",
+        f"model.num_classes={len(SYNTHETIC_CATEGORY_IDS)}",
+        f"data.root={root}", "data.batch_size=2", "data.num_workers=0", "data.augment.train_scales=[64]",
+        "data.augment.max_size=80", "data.augment.crop_prob=0.0", "trainer.max_steps=1",
+        "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2", "trainer.accelerator=cpu",
+        "trainer.devices=1", f"trainer.output_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+
+
+@pytest.mark.slow  # Lightning: one training step
+def test_pretrained_timm_backbone_on_a_small_set_trains(tmp_path):
+    from detr_lab.engine.trainer import train
+
+    cfg = _convnext_run(tmp_path)
+    assert cfg.model.backbone.frozen_stages is None and cfg.model.backbone.dilation is None
+    assert cfg.model.backbone.norm is None and cfg.model.backbone.pyramid_channels is None
+    small = _one(_messages(diagnose(cfg), "info", None), "small dataset (2 training images)")
+    assert "freezing the pretrained backbone (optim.lr_backbone=0)" in small and "frozen_stages" not in small
+    assert train(cfg, progress_bar=False).global_step == 1  # the doctor ran at the start (dataset: coco)
+
+
+VIT = ["model.backbone.type=vit", "model.backbone.name=vit_tiny_patch16_224"]
+CONVNEXT = ["model.backbone.type=timm", "model.backbone.name=convnext_tiny"]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "expected"),
+    [
+        ([*VIT], "optim.lr_backbone=0)"),
+        ([*CONVNEXT, "model.backbone.frozen_stages=null", "model.backbone.dilation=null",
+          "model.backbone.norm=null"], "optim.lr_backbone=0)"),
+        (["model.backbone.frozen_stages=null", "model.backbone.norm=null"], "frozen_stages=4"),
+        (["model.backbone.frozen_stages=4", "model.backbone.weights_path=r18.pth"], None),
+        (["model.backbone.frozen_stages=null", "model.backbone.weights_path=r18.pth"], "frozen_stages=4"),
+        ([*VIT, "model.backbone.pretrained=true", "optim.lr_backbone=0"], None),
+    ],
+)  # fmt: skip
+def test_small_data_backbone_hint_for_each_backbone_type(tmp_path, backbone, expected):
+    _problem_set(tmp_path)
+    cfg = _cfg(tmp_path)
+    options = load_config(overrides=backbone)
+    cfg.model.backbone, cfg.optim = options.model.backbone, options.optim
+    small = _one(_messages(diagnose(cfg), "info", None), "small dataset")
+    if expected is None:
+        assert "backbone" not in small, small
+    else:
+        assert expected in small, small

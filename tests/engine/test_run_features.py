@@ -26,19 +26,11 @@ from detr_lab.engine.inference import class_color
 from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
 from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
 
-from factories import tiny_model_yaml
+from factories import TINY_AUGMENT, synthetic_data_yaml, tiny_model_yaml
 
 TINY_YAML = tiny_model_yaml(
     num_classes=6, num_heads=2, dropout=0.0, num_queries=8, backbone__frozen_stages=0, decoder__num_layers=1
-) + """
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
-  augment:
-    {{train_scales: [64], max_size: 96, crop_prob: 0.0, hflip_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+) + synthetic_data_yaml(4, 2, augment=TINY_AUGMENT.replace("0.0,", "0.0, hflip_prob: 0.0,")) + """
 optim: {{lr: 1.0e-4, lr_backbone: 1.0e-4}}
 trainer:
   output_dir: {root}/run

@@ -8,19 +8,14 @@ from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.models.build import build_model
 
-from factories import tiny_overrides
+from factories import synthetic_data_yaml, tiny_overrides
 
 CLASS_NAMES = ["circle", "square", "triangle", "cross", "ring", "star"]
 CATEGORY_IDS = [1, 2, 3, 5, 8, 13]
 
-DATA_YAML = """
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 2, num_val: 4, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, eval_size: 64, eval_max_size: 96}}
+DATA_YAML = synthetic_data_yaml(
+    2, 4, augment="{{train_scales: [64], max_size: 96, eval_size: 64, eval_max_size: 96}}"
+) + """
 trainer: {{output_dir: {root}/run, accelerator: cpu}}
 """
 

@@ -2,7 +2,6 @@
 infer, and an official DINO checkpoint converted by the tool, then fine-tuned (--init-from) and
 run by infer."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,19 +12,15 @@ from detr_lab.config import load_config
 from detr_lab.engine.evaluate import evaluate_checkpoint
 from detr_lab.engine.trainer import train
 
+from factories import load_module, load_tool, synthetic_data_yaml
+
 pytestmark = pytest.mark.slow  # Lightning end to end: train, eval, infer, fine-tune
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quick_state = _load("dino_tools_checkpoint_specs", REPO / "tests" / "test_checkpoints_dino.py").quick_state
+quick_state = load_module(REPO / "tests" / "test_checkpoints_dino.py", "dino_tools_checkpoint_specs")
+quick_state = quick_state.quick_state
 
 TINY_DINO_YAML = """
 model:
@@ -46,13 +41,7 @@ model:
   backbone: {{name: resnet18, pretrained: false, frozen_stages: 0}}
   encoder: {{num_layers: 1, attention: deformable}}
   decoder: {{num_layers: 2, cross_attention: deformable}}
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 4, num_val: 2, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+""" + synthetic_data_yaml(4, 2) + """
 optim: {{lr: 1.0e-4, lr_backbone: 1.0e-5, lr_drop_epochs: [1], lr_multipliers: {{sampling_offsets: 0.1}}}}
 trainer:
   output_dir: {root}/run
@@ -64,10 +53,6 @@ trainer:
   save_every_n_steps: 1
   seed: 0
 """
-
-
-def load_tool(name: str):
-    return _load(f"dino_tool_{name}", REPO / "tools" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,11 @@ import os
 import pytest
 import torch
 
-from factories import load_tool, tiny_model_yaml
+from factories import load_tool, synthetic_data_yaml, tiny_model_yaml
 
 TINY_YAML = tiny_model_yaml(
     num_classes=6, num_heads=2, num_queries=4, backbone__frozen_stages=0, decoder__num_layers=1
-) + """
-data:
-  dataset: synthetic
-  root: {root}/data
-  batch_size: 2
-  num_workers: 0
-  synthetic: {{num_train: 2, num_val: 2, image_size: 64, seed: 0}}
-  augment: {{train_scales: [64], max_size: 96, crop_prob: 0.0, eval_size: 64, eval_max_size: 96}}
+) + synthetic_data_yaml(2, 2) + """
 trainer:
   output_dir: {root}/run
   accelerator: cpu

@@ -205,6 +205,16 @@ def _batch_head(layout: _PaddedLayout, start: int, stop: int, num_queries: int, 
     return ((bags // (num_queries * heads)) * heads + bags % heads)[:, None].to(layout.index_dtype)
 
 
+def _chunk_geometry(
+    layout: _PaddedLayout, locations: Tensor, start: int, stop: int, num_queries: int, *, with_inside: bool
+) -> _ChunkGeometry:
+    """`_ChunkGeometry` of bags `start:stop` of `locations` `[num_bags, L*P, 2]` (normalized x, y; bags
+    flattened as `(b * Lq + q) * heads + h`)."""
+    chunk = locations[start:stop]
+    batch_head = _batch_head(layout, start, stop, num_queries, locations.device)
+    return _ChunkGeometry(layout, chunk[:, :, 0], chunk[:, :, 1], batch_head, with_inside=with_inside)
+
+
 def _corner_dots(grad_bags: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     """`dot(grad_bags[n], table[rows[n, k]])` for every bag n and corner k -> `[n, K]`."""
     num_bags, num_corners = rows.shape
@@ -266,13 +276,7 @@ class _CpuFastCore(torch.autograd.Function):
         attention = attention_weights.reshape(num_bags, points)
         output = value.new_empty(num_bags, head_dim)
         for start, stop in _chunks(num_bags, points):
-            geometry = _ChunkGeometry(
-                layout,
-                locations[start:stop, :, 0],
-                locations[start:stop, :, 1],
-                _batch_head(layout, start, stop, num_queries, value.device),
-                with_inside=False,
-            )
+            geometry = _chunk_geometry(layout, locations, start, stop, num_queries, with_inside=False)
             rows = geometry.corner_rows(layout).view(stop - start, 4 * points)
             weights = geometry.corner_weights(layout, attention[start:stop]).view(stop - start, 4 * points)
             output[start:stop] = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
@@ -295,12 +299,8 @@ class _CpuFastCore(torch.autograd.Function):
         grad_locations = torch.empty_like(locations) if need_locations else None
         grad_attention = torch.empty_like(attention) if need_attention else None
         for start, stop in _chunks(num_bags, points):
-            geometry = _ChunkGeometry(
-                layout,
-                locations[start:stop, :, 0],
-                locations[start:stop, :, 1],
-                _batch_head(layout, start, stop, num_queries, table.device),
-                with_inside=need_locations,
+            geometry = _chunk_geometry(
+                layout, locations, start, stop, num_queries, with_inside=need_locations
             )
             chunk_attention = attention[start:stop]
             if need_value:

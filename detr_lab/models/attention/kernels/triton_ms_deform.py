@@ -49,6 +49,28 @@ def _corner_offsets(xi, yi, width, height, start, q_mask, ROW: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(num_queries, length, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """This program's block of queries of one (batch, head) pair, grid (query blocks, B * heads).
+
+    Returns: dims `(BLOCK_D,)` channel indices; q_mask `(BLOCK_Q,)` and d_mask `(BLOCK_D,)`, True for
+    real queries and channels; bags int64 `(BLOCK_Q,)`, `(b * Lq + q) * heads + h`; batch_head int64
+    `(1, BLOCK_D)`, the element offset of (b, position 0, h, dims) in a `[B, Lv, heads, dh]` tensor.
+    """
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HEADS
+    head = pid_bh % HEADS
+    queries = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dims = tl.arange(0, BLOCK_D)
+    q_mask = queries < num_queries
+    d_mask = dims < HEAD_DIM
+    bags = ((batch * num_queries + queries) * HEADS + head).to(tl.int64)
+    batch_head = batch.to(tl.int64) * length * (HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
+    return dims, q_mask, d_mask, bags, batch_head
+
+
+@triton.jit
 def _forward_kernel(
     value_ptr,  # [B, Lv, heads, dh]
     shapes_ptr,  # int64 [L, 2] (H, W)
@@ -65,16 +87,9 @@ def _forward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // HEADS
-    head = pid_bh % HEADS
-    queries = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dims = tl.arange(0, BLOCK_D)
-    q_mask = queries < num_queries
-    d_mask = dims < HEAD_DIM
-    bags = ((batch * num_queries + queries) * HEADS + head).to(tl.int64)  # (BLOCK_Q,)
-    batch_head = batch.to(tl.int64) * length * (HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
+    dims, q_mask, d_mask, bags, batch_head = _program_tile(
+        num_queries, length, HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D
+    )
     value_base = value_ptr + batch_head
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for level in range(LEVELS):
@@ -122,16 +137,9 @@ def _backward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // HEADS
-    head = pid_bh % HEADS
-    queries = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dims = tl.arange(0, BLOCK_D)
-    q_mask = queries < num_queries
-    d_mask = dims < HEAD_DIM
-    bags = ((batch * num_queries + queries) * HEADS + head).to(tl.int64)
-    batch_head = batch.to(tl.int64) * length * (HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
+    dims, q_mask, d_mask, bags, batch_head = _program_tile(
+        num_queries, length, HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D
+    )
     value_base = value_ptr + batch_head
     grad_value_base = grad_value_ptr + batch_head
     out_mask = q_mask[:, None] & d_mask[None, :]

@@ -1,5 +1,8 @@
 """The one timer: calls taking turns, wall and process CPU seconds, and their summary.
 
+A leaf (torch and the standard library only), so that every package that measures something
+(`benchmark`, `export`'s core benchmark, the tools) times it the same way.
+
 Every benchmark times the things it compares in the same loop: within run r the calls go in their
 given order for even r and in reverse order for odd r, so that load from other processes (and
 warm-up drift) affects all of them alike. Wall time is `time.perf_counter` around the call (after
