@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from detr_lab.checkpoints.migrate import WEIGHTS_VERSION, migrate_state_dict
 from detr_lab.checkpoints.official import (
     convert_official,
     load_official,
@@ -29,9 +30,10 @@ from detr_lab.config import Config, config_to_dict
 from detr_lab.io import CheckpointError, atomic_torch_save
 
 FORMAT_NAME = "detr_lab"
-FORMAT_VERSION = 1
+FORMAT_VERSION = WEIGHTS_VERSION  # 1: the layout before the assembled detector (`migrate.py`)
 LIGHTNING_META_KEY = "detr_lab"  # the entry the training engine adds to Lightning checkpoints
 LIGHTNING_MODEL_PREFIX = "model."
+WEIGHTS_VERSION_KEY = "weights_version"  # in the metadata entry of Lightning checkpoints
 
 
 # --------------------------------------------------------------------------- detr_lab checkpoints
@@ -109,17 +111,21 @@ def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str
         raise CheckpointError(f"{name}: expected a checkpoint dict, got {type(data).__name__}")
 
     if data.get("format") == FORMAT_NAME:
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in (1, FORMAT_VERSION):
             raise CheckpointError(
                 f"{name}: detr_lab checkpoint version {data.get('version')!r}; "
-                f"this code reads version {FORMAT_VERSION}"
+                f"this code reads versions 1 to {FORMAT_VERSION}"
             )
-        meta, state = data, data.get("state_dict")
+        meta = data
+        state = data.get("state_dict")
+        if isinstance(state, Mapping):
+            state = migrate_state_dict(state, data["version"])
     elif isinstance(data.get("state_dict"), Mapping) and LIGHTNING_META_KEY in data:
         meta = data[LIGHTNING_META_KEY]
+        version = meta.get(WEIGHTS_VERSION_KEY, 1) if isinstance(meta, Mapping) else 1
         state = {
             k[len(LIGHTNING_MODEL_PREFIX) :]: v
-            for k, v in data["state_dict"].items()
+            for k, v in migrate_state_dict(data["state_dict"], version, LIGHTNING_MODEL_PREFIX).items()
             if k.startswith(LIGHTNING_MODEL_PREFIX)
         }
         if not state:

@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from pycocotools.coco import COCO
 
-from detr_lab.checkpoints.formats import LIGHTNING_META_KEY
+from detr_lab.checkpoints.formats import LIGHTNING_META_KEY, WEIGHTS_VERSION_KEY
+from detr_lab.checkpoints.migrate import WEIGHTS_VERSION, migrate_lightning_checkpoint
 from detr_lab.config import Config, ConfigError, config_to_dict
 from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
@@ -156,7 +157,17 @@ class DetectionModule(L.LightningModule):
             "config": config_to_dict(self.cfg),
             "category_ids": list(self.category_ids),
             "class_names": list(self.class_names),
+            WEIGHTS_VERSION_KEY: WEIGHTS_VERSION,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming a run saved by an earlier release: rename its weights (and the raw weights kept
+        beside an EMA average) to today's layout before Lightning loads them (`checkpoints.migrate`)."""
+        meta = checkpoint.get(LIGHTNING_META_KEY)
+        version = meta.get(WEIGHTS_VERSION_KEY, 1) if isinstance(meta, dict) else WEIGHTS_VERSION
+        migrate_lightning_checkpoint(checkpoint, version)
+        if isinstance(meta, dict):
+            meta[WEIGHTS_VERSION_KEY] = WEIGHTS_VERSION
 
     # ---------------------------------------------------------------------------------------- helpers
     def _finite_predictions(self, outputs: dict, targets: list[dict], batch_idx: int) -> bool:
