@@ -77,7 +77,8 @@ def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def test_state_dict_renames_and_versions():
     state = {"input_proj.0.weight": 1, "query_embed.weight": 2, "proposal_queries.memory_proj.bias": 3,
-             "reference_points_head.bias": 4, "class_embed.weight": 5, "teacher.query_embed.weight": 6}  # fmt: skip
+             "reference_points_head.bias": 4, "class_embed.weight": 5,
+             "teacher.query_embed.weight": 6}  # fmt: skip
     assert migrate_state_dict(state, 1) == {
         "neck.input_proj.0.weight": 1, "query_source.query_embed.weight": 2,
         "query_source.memory_proj.bias": 3, "query_source.reference_points_head.bias": 4,
@@ -91,7 +92,8 @@ def test_state_dict_renames_and_versions():
 
 
 def test_version_1_config_keys_are_migrated():
-    legacy = OmegaConf.create({"model": {"anchor_boxes": True, "mixed_query_selection": True, "two_stage": False}})
+    flags = {"anchor_boxes": True, "mixed_query_selection": True, "two_stage": False}
+    legacy = OmegaConf.create({"model": flags})
     migrated = OmegaConf.to_container(migrate_config_data(legacy))
     assert migrated == {"model": {"query_source": "mixed_selection"},
                         "loss": {"terms": ["labels", "cardinality", "boxes", "box_parts"]}}  # fmt: skip
