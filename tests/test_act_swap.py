@@ -97,8 +97,10 @@ def official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         parts = name.split(".")
         if parts[0] == "backbone":
             official["backbone.0.body." + ".".join(parts[2:])] = tensor
-        elif parts[0] == "input_proj":
+        elif parts[:2] == ["neck", "input_proj"]:
             official["input_proj." + parts[-1]] = tensor
+        elif parts[0] == "query_source":
+            official[".".join(parts[1:])] = tensor
         elif parts[:2] == ["transformer", "decoder"] and parts[2] == "norm":
             official[name] = tensor
         elif parts[0] == "transformer":

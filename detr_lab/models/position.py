@@ -13,6 +13,27 @@ import torch
 from torch import Tensor, nn
 
 
+def sine_embedding(values: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """The sine embedding every encoding of positions and boxes shares (DETR, Deformable DETR, DINO).
+
+    Each value is divided by `temperature ** (2 * (i // 2) / num_feats)` for i < num_feats; even
+    channels take the sine, odd channels the cosine, interleaved.
+
+    Args:
+        values: `[..., K]` already scaled (e.g. normalized positions times 2 pi), float32.
+        num_feats: F, features per value (even).
+        temperature: base of the geometric frequency progression.
+    Returns:
+        `[..., K, F]`.
+    """
+    exponent = 2 * torch.div(
+        torch.arange(num_feats, dtype=torch.float32, device=values.device), 2, rounding_mode="floor"
+    )
+    frequencies = temperature ** (exponent / num_feats)  # (F,) pairs share a frequency
+    angles = values[..., None] / frequencies
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
 class SinePositionEncoding(nn.Module):
     """Fixed sine/cosine encoding of the (optionally normalized) pixel position inside the image.
 
@@ -55,20 +76,8 @@ class SinePositionEncoding(nn.Module):
         if self.normalize:
             y = (y + self.offset) / (y[:, -1:, :] + self.eps) * self.scale
             x = (x + self.offset) / (x[:, :, -1:] + self.eps) * self.scale
-        exponent = 2 * torch.div(
-            torch.arange(self.num_pos_feats, dtype=torch.float32, device=padding_mask.device),
-            2,
-            rounding_mode="floor",
-        )
-        frequencies = self.temperature ** (exponent / self.num_pos_feats)  # (F,) pairs share a frequency
-        pos_y = self._interleave_sin_cos(y[..., None] / frequencies)  # (B, H, W, F)
-        pos_x = self._interleave_sin_cos(x[..., None] / frequencies)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
-
-    @staticmethod
-    def _interleave_sin_cos(angles: Tensor) -> Tensor:
-        """`[..., F]` -> `[..., F]`: sin of the even channels and cos of the odd ones, interleaved."""
-        return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+        embedded = sine_embedding(torch.stack((y, x), dim=-1), self.num_pos_feats, self.temperature)
+        return embedded.flatten(-2).permute(0, 3, 1, 2)  # (B, H, W, 2, F) -> (B, 2F, H, W): y, then x
 
 
 class LearnedPositionEncoding(nn.Module):

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from detr_lab.models.position import sine_embedding
 from detr_lab.models.queries.query_set import QuerySet
 from detr_lab.models.transformer import EncoderOutput
 
@@ -73,13 +74,7 @@ def proposal_sine_embedding(proposals: Tensor, num_feats: int, temperature: floa
         `[B, K, 4 * num_feats]`: per coordinate (in cx, cy, w, h order) sin/cos pairs of
         `2 pi * sigmoid(coordinate)` over a geometric range of frequencies, interleaved.
     """
-    exponent = 2 * torch.div(
-        torch.arange(num_feats, dtype=torch.float32, device=proposals.device), 2, rounding_mode="floor"
-    )
-    frequencies = temperature ** (exponent / num_feats)  # (F,) pairs share a frequency
-    angles = proposals.sigmoid()[..., None] * (2 * math.pi) / frequencies  # (B, K, 4, F)
-    embedding = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1)  # (B, K, 4, F/2, 2)
-    return embedding.flatten(2)
+    return sine_embedding(proposals.sigmoid() * (2 * math.pi), num_feats, temperature).flatten(2)
 
 
 class TwoStageQueries(nn.Module):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from detr_lab.models.position import sine_embedding
 
 
 def box_sine_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
@@ -28,12 +29,7 @@ def box_sine_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000
         raise ValueError(
             f"box_sine_embedding needs [..., 2] points or [..., 4] boxes, got {tuple(boxes.shape)}"
         )
-    exponent = 2 * torch.div(
-        torch.arange(num_feats, dtype=torch.float32, device=boxes.device), 2, rounding_mode="floor"
-    )
-    frequencies = temperature ** (exponent / num_feats)  # (F,)
-    angles = boxes[..., None] * (2 * math.pi) / frequencies  # (..., 4, F)
-    embedded = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    embedded = sine_embedding(boxes * (2 * math.pi), num_feats, temperature)  # (..., 4, F)
     order = [1, 0] + ([2, 3] if boxes.shape[-1] == 4 else [])  # (y, x, w, h)
     return embedded[..., order, :].flatten(-2)
 
