@@ -89,7 +89,7 @@ def test_save_and_load_round_trip(tmp_path, tiny):
     path = save_checkpoint(tmp_path / "run" / "model.pt", model, cfg, CATEGORY_IDS, CLASS_NAMES)
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
     raw = safe_load(path)
-    assert (raw["format"], raw["version"]) == ("detr_lab", 1)
+    assert (raw["format"], raw["version"]) == ("detr_lab", 2)
     assert set(raw) == {"format", "version", "config", "state_dict", "category_ids", "class_names"}
 
     loaded = load_checkpoint(path)
@@ -160,8 +160,8 @@ def test_bad_checkpoint_dicts(tiny):
         "category_ids": CATEGORY_IDS,
         "class_names": CLASS_NAMES,
     }
-    with pytest.raises(CheckpointError, match="version 2; this code reads version 1"):
-        load_checkpoint({**good, "version": 2})
+    with pytest.raises(CheckpointError, match="version 3; this code reads versions 1 to 2"):
+        load_checkpoint({**good, "version": 3})
     with pytest.raises(CheckpointError, match="lacks 'class_names'"):
         load_checkpoint({k: v for k, v in good.items() if k != "class_names"})
     with pytest.raises(CheckpointError, match="unknown checkpoint layout.*top-level keys: \\['weights'\\]"):

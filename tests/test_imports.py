@@ -39,10 +39,10 @@ FUNCTION_LEVEL_ALLOWED = {
         "timm imports torch; config.py stays torch-free and checks a timm model name only when a "
         "config selects a timm backbone"
     ),
-    ("detr_lab/models/attention/__init__.py", "module_name"): (
-        "the attention spec table names each variant's builder as 'module:function' and imports it "
-        "with importlib when the first module of that variant is built (the table is pure data read "
-        "by config.py); not a cycle workaround: the variant modules import the config only for typing"
+    ("detr_lab/models/builders.py", "module_name"): (
+        "the part tables (attention variants, necks, query sources) name each builder as "
+        "'module:function', imported with importlib when the first part of that kind is built (the "
+        "tables are pure data read by config.py); not a cycle workaround"
     ),
 }
 
@@ -254,6 +254,10 @@ LAYERS = [
 UPWARD_ALLOWED = {
     ("detr_lab.config", "detr_lab.models.attention"): (
         "the config's attention choices come from the spec table, which is pure data (no torch, no variant)"
+    ),
+    ("detr_lab.config", "detr_lab.models.necks"): "the config's neck choices: the registry (pure data)",
+    ("detr_lab.config", "detr_lab.models.queries"): (
+        "the config's query-source choices and checks come from the spec table (pure data)"
     ),
     ("detr_lab.config", "detr_lab.models"): "the package above the spec table (its __init__ is a docstring)",
 }

@@ -18,7 +18,6 @@ shaped like `detr_lab.config.ModelConfig` / `LossConfig`).
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -26,6 +25,7 @@ from torch import nn
 from detr_lab.models.attention import attention_spec, build_attention, needs_multiscale_inputs
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
+from detr_lab.models.builders import import_builder
 from detr_lab.models.classification import Classification, classification_strategy
 from detr_lab.models.criterion import SetCriterion
 from detr_lab.models.detector import MLP, Detector, prediction_heads
@@ -41,19 +41,6 @@ from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderL
 
 if TYPE_CHECKING:
     from detr_lab.config import BackboneConfig, LossConfig, ModelConfig
-
-
-def import_builder(reference: str, what: str) -> Any:
-    """The function a table names as "module:function".
-
-    Raises:
-        ValueError: it cannot be imported (the message names `what` and the reference).
-    """
-    module_name, _, function_name = reference.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{what}: cannot import its builder {reference!r}: {err}") from None
 
 
 def multiscale_inputs(cfg: ModelConfig) -> bool:

@@ -20,9 +20,10 @@ and this package only; `detr_lab.config` reads the table, `detr_lab.models` buil
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from detr_lab.models.builders import import_builder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,10 +122,5 @@ def build_attention(name: str, *, site: str, **arguments) -> nn.Module:
         ValueError: an unknown variant for `site`, or a builder that cannot be imported.
     """
     spec = attention_spec(name, site)
-    module_name, _, function_name = spec.builder.partition(":")
-    try:
-        builder = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        message = f"attention variant {name!r}: cannot import its builder {spec.builder!r}: {err}"
-        raise ValueError(message) from None
+    builder = import_builder(spec.builder, f"attention variant {name!r}")
     return builder(**arguments)
