@@ -20,7 +20,9 @@ Safe reading, the atomic writer and the state-dict comparison live in the leaf m
 `register_family` plus its import in `official.py`.
 
 May import `detr_lab.config`, `detr_lab.io`, `detr_lab.models` and `detr_lab.data.categories` (the
-COCO class names); `engine`, `benchmark` and the tools import it, `models` and `data` never do.
+COCO class names); `engine`, `export`, `predict`, `benchmark` and the tools import it, `models`
+and `data` never do. No module of the package imports the package itself (its `__init__` imports
+them): `official.py` names each family module.
 """
 
 from __future__ import annotations
