@@ -55,7 +55,7 @@ def write_plot(runs: dict[str, list], path: Path, title: str) -> None:
     """AP (solid) and AP50 (dashed) against training minutes, one colour per config."""
     from matplotlib.figure import Figure
 
-    from detr_lab.engine.summary import plot_ap
+    from detr_lab.visualize.curves import plot_ap
     from detr_lab.visualize.draw import save_figure
 
     rows = {name: [{"minutes": r.train_minutes, **r.stats} for r in runs[name]] for name in runs}

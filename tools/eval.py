@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        from detr_lab.engine.evaluate import evaluate_checkpoint, evaluate_onnx
+        from detr_lab.engine.evaluate import evaluate_checkpoint
+        from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
         common = dict(
             overrides=args.overrides,

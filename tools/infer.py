@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        from detr_lab.engine.inference import run_inference
+        from detr_lab.predict.infer import run_inference
 
         result = run_inference(
             args.inputs,

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             _need(args, "run")
             print(plot_run_curves(args.run, args.out))
             return
+        from detr_lab.predict import Predictor
+        from detr_lab.predict.pictures import validation_predictions
         from detr_lab.visualize import attention
-        from detr_lab.visualize.from_checkpoint import load_predictor, model_input, validation_predictions
 
         _need(args, "checkpoint")
         if args.picture == "predictions":
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return
         _need(args, "image")
-        predictor = load_predictor(args.checkpoint, overrides=args.overrides, device=args.device)
-        image = model_input(predictor, args.image)
+        # Not optimized: the hooks of detr_lab.visualize.capture must see the attention modules as built.
+        predictor = Predictor.from_checkpoint(args.checkpoint, overrides=args.overrides, device=args.device,
+                                              optimize=False)
+        image = predictor.preprocess(args.image)
         augment = predictor.config.data.augment
         common = {"mean": augment.mean, "std": augment.std}
         decoder_layer = -1 if args.layer is None else args.layer

@@ -12,8 +12,9 @@ Modules:
     deformable_core.py   the deformable attention core implementations (tools/bench_deformable_core.py)
     act.py               ACT encoder self-attention against plain attention (tools/bench_act.py)
 
-The last stop before the tools: may import every other part of detr_lab (`act.py` evaluates
-checkpoints through `engine`); only the tools import it.
+The last stop before the tools, beside `predict`: may import every other part of detr_lab but
+`predict` (`act.py` evaluates checkpoints through `engine`, `detectors.py` times onnxruntime through
+`export`); only the tools import it.
 """
 
 from __future__ import annotations

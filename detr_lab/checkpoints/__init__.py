@@ -13,13 +13,16 @@ Modules:
     deformable_detr.py   the official Deformable DETR family (fundamentalvision/Deformable-DETR)
     dino.py              the official DINO family (IDEA-Research/DINO)
     weights.py           exact state-dict loads, building a model from a config, config overrides
+                         (`split_model_overrides`: the `model.*` ones apart from the rest)
 
 Safe reading, the atomic writer and the state-dict comparison live in the leaf module
 `detr_lab.io` and are re-exported here. Adding an official family is one module that calls
 `register_family` plus its import in `official.py`.
 
 May import `detr_lab.config`, `detr_lab.io`, `detr_lab.models` and `detr_lab.data.categories` (the
-COCO class names); `engine`, `benchmark` and the tools import it, `models` and `data` never do.
+COCO class names); `engine`, `export`, `predict`, `benchmark` and the tools import it, `models`
+and `data` never do. No module of the package imports the package itself (its `__init__` imports
+them): `official.py` names each family module.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ from detr_lab.checkpoints.formats import (
     save_checkpoint,
 )
 from detr_lab.checkpoints.official import convert_official, load_official, official_class_names
-from detr_lab.checkpoints.weights import apply_overrides, build_loaded, load_state_exactly
+from detr_lab.checkpoints.weights import (
+    apply_overrides,
+    build_loaded,
+    load_state_exactly,
+    split_model_overrides,
+)
 from detr_lab.io import CheckpointError, FileWriteError, safe_load
 
 __all__ = [
@@ -72,4 +80,5 @@ __all__ = [
     "register_family",
     "safe_load",
     "save_checkpoint",
+    "split_model_overrides",
 ]

@@ -18,13 +18,20 @@ from typing import Any
 
 from torch import Tensor, nn
 
-# Importing a family module registers it.
-from detr_lab.checkpoints import deformable_detr, detr, dino  # noqa: F401
-from detr_lab.checkpoints.family import map_keys, official_family
+# Importing a family module registers it; the modules are named one by one, never through the
+# package (`from detr_lab.checkpoints import ...`), whose __init__ imports this module.
+from detr_lab.checkpoints.deformable_detr import DEFORMABLE_FAMILY
+from detr_lab.checkpoints.detr import DETR_FAMILY
+from detr_lab.checkpoints.dino import DINO_FAMILY
+from detr_lab.checkpoints.family import OfficialFamily, map_keys, official_family
 from detr_lab.checkpoints.weights import build_loaded, read_source
 from detr_lab.config import Config
 from detr_lab.data.categories import COCO_CATEGORY_NAMES
 from detr_lab.io import CheckpointError
+
+# The families importing this module registers (`family.OFFICIAL_FAMILIES` holds them in the order
+# their modules were first imported; their key layouts do not overlap, so the order does not matter).
+FAMILIES: tuple[OfficialFamily, ...] = (DEFORMABLE_FAMILY, DETR_FAMILY, DINO_FAMILY)
 
 
 def _official_state(checkpoint: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], str]:

@@ -1,4 +1,5 @@
-"""Weights into models: reading a checkpoint source, exact state-dict loads, config overrides.
+"""Weights into models: reading a checkpoint source, exact state-dict loads, config overrides
+(`apply_overrides`, and `split_model_overrides`, which evaluation, inference and export share).
 
 Shared by the detr_lab/Lightning formats and the official families' conversion.
 """
@@ -58,3 +59,11 @@ def apply_overrides(stored: Mapping | Config, overrides: Sequence[str], where: s
             raise ConfigError(f"override '{item}' must look like key.path=value")
     merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
     return config_from_dict(merged, where)
+
+
+def split_model_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split dotted `key=value` overrides into those under `model.` (they change a checkpoint's stored
+    model config) and the rest (data, trainer, ... settings of a YAML); order kept within each."""
+    model = [item for item in overrides if item.strip().startswith("model.")]
+    other = [item for item in overrides if not item.strip().startswith("model.")]
+    return model, other

@@ -2,8 +2,9 @@
 set; the dataset doctor is `detr_lab.data.doctor`.
 
 Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
-May import `detr_lab.config`, `detr_lab.boxes` and `detr_lab.io` only; the later packages
-(checkpoints, engine, benchmark, visualize) and the tools import it, models never do.
+May import `detr_lab.config` and the leaves (`files`, `errors`, `io`, `boxes`) only; the later
+packages (checkpoints, visualize, engine, export, predict, benchmark) and the tools import it, models
+never do.
 `DetectionDataModule` (Lightning) lives in `detr_lab.data.datamodule` and is not re-exported, so
 the rest loads without Lightning.
 """

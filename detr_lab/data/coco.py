@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
-from detr_lab.data.images import load_rgb_image, read_upright_size
+from detr_lab.data.images import load_rgb_image, upright_size
 from detr_lab.data.transforms import DetectionTransform
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of the upright image from its file header; None when the header cannot be read
+    (decoding the file later raises the real error, naming the image id)."""
+    try:
+        width, height = upright_size(path)
+    except DatasetError:
+        return None
+    return height, width
 
 
 def read_coco_json(path: str | os.PathLike) -> dict:
@@ -301,7 +311,7 @@ class CocoDetectionDataset(Dataset):
         clip_sizes = self._json_sizes.copy()
         for row, (height, width) in enumerate(clip_sizes):
             if not (height and width):
-                header = read_upright_size(self.images_dir / self.file_names[row])
+                header = _header_size(self.images_dir / self.file_names[row])
                 if header is not None:
                     clip_sizes[row] = header
 
@@ -398,7 +408,7 @@ class CocoDetectionDataset(Dataset):
         """Per index the (h, w) of the decoded upright image, read from the file headers (cached);
         None for a file whose header cannot be read."""
         if getattr(self, "_upright_sizes", None) is None:
-            self._upright_sizes = [read_upright_size(self.image_path(i)) for i in range(len(self))]
+            self._upright_sizes = [_header_size(self.image_path(i)) for i in range(len(self))]
         return list(self._upright_sizes)
 
     def load_sample(self, index: int) -> RawSample:

@@ -11,6 +11,9 @@ displayed image. Pixel formats are converted as follows:
   (PNG 16-bit grayscale may decode as `I`), else (for `F`: when all values are <= 1, from [0, 1])
   taken as 8-bit values;
 - multi-frame files (GIF, TIFF) give their first frame.
+
+`upright_size` reads the displayed size from the header alone; `to_rgb_array` takes a path, a PIL
+image or an array; `IMAGE_SUFFIXES` are the file names taken for images in a folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from detr_lab.data.errors import CorruptImageError, MissingImageError
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -87,9 +91,17 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 
 _EXIF_ORIENTATION = 0x0112
 
 
-def read_upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(height, width) of the image as `load_rgb_image` returns it, from the file header only (no
-    decoding); None when the header cannot be read (decoding the file later raises the real error)."""
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image as `load_rgb_image` returns it (EXIF orientation applied), from the
+    file header only (no decoding). PIL's order, and that of COCO image records.
+
+    Raises:
+        MissingImageError: the file does not exist.
+        CorruptImageError: the header cannot be read (not an image PIL can identify, too large...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingImageError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -97,6 +109,31 @@ def read_upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
                 orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception:  # malformed EXIF: load_rgb_image keeps the stored orientation too
                 orientation = 1
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def to_rgb_array(image: ImageInput) -> np.ndarray:
+    """An image file path, a PIL image or an array -> uint8 `[H, W, 3]` RGB.
+
+    Files are read by `load_rgb_image`, PIL images converted by `pil_to_rgb_array`; arrays may be uint8
+    `[H, W, 3]` RGB (returned as they are) or `[H, W]` grayscale (replicated to three channels).
+    Raises:
+        MissingImageError / CorruptImageError: a missing or unreadable file.
+        ValueError: an array of another dtype or shape, or another type of input.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb_array(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ValueError(
+                f"image arrays must be uint8 [H, W, 3] RGB or [H, W] gray, got {image.dtype} {image.shape}"
+            )
+        return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    raise ValueError(f"images must be paths, PIL images or numpy arrays, got {type(image).__name__}")

@@ -38,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from detr_lab.data.coco import CocoDetectionDataset, validate_coco_detection
-from detr_lab.data.errors import AnnotationWarning, CorruptImageError, DatasetError, MissingImageError
+from detr_lab.data.errors import AnnotationWarning, DatasetError, MissingImageError
+from detr_lab.data.images import IMAGE_SUFFIXES, upright_size
 from detr_lab.files import atomic_write_text
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SPLITS = ("train", "val")
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -166,21 +163,6 @@ def _split_images(description: YoloDataDescription, split: str) -> list[Path]:
     if not images:
         raise DatasetError(f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the '{split}' split")
     return sorted(set(images))
-
-
-def upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as displayed, i.e. after its EXIF orientation; reads the header only.
-
-    Raises:
-        CorruptImageError: the file is not an image PIL can identify.
-    """
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 # ----------------------------------------------------------------------------------- label files

@@ -3,7 +3,7 @@
 `PreserveTrainingState` keeps trained work from being lost: it writes `last.ckpt` at the end of each
 training epoch, before validation runs (so an unreadable validation image or any validation failure
 costs no training), and turns SIGINT / SIGTERM into a stop at the next batch boundary with the state
-saved, raising `detr_lab.engine.cli.Interrupted`.
+saved, raising `detr_lab.errors.Interrupted`.
 
 `TimedEvaluation` measures accuracy against training time: at given marks of training wall time
 (evaluation time excluded) it evaluates the validation set with COCOeval, records a row, optionally
@@ -26,10 +26,10 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
 from detr_lab.config import ConfigError
-from detr_lab.engine.cli import Interrupted
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.optim import build_param_groups
+from detr_lab.errors import Interrupted
 
 
 class PreserveTrainingState(Callback):

@@ -1,6 +1,10 @@
 """What the command-line tools share: `--set` overrides, `--debug`, the model backend arguments
 (`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
 
+Only the tools (`tools/*.py`) import this module; the library raises its own errors
+(`detr_lab.errors`, `ConfigError`, `CheckpointError`, `DatasetError`, ...) and the tools translate
+them here. `ToolError` is for the tools' own checks of their arguments.
+
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
 130 interrupted (SIGINT or SIGTERM; training saves its state first, see
@@ -15,6 +19,18 @@ import sys
 from collections.abc import Callable
 
 from detr_lab.config import ConfigError
+from detr_lab.errors import DetrLabError, Interrupted
+
+__all__ = [
+    "EXIT_CONFIG_ERROR",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "Interrupted",
+    "ToolError",
+    "add_common_arguments",
+    "one_line",
+    "run_tool",
+]
 
 EXIT_FAILURE = 1
 EXIT_CONFIG_ERROR = 2
@@ -22,16 +38,11 @@ EXIT_INTERRUPTED = 130
 
 
 class ToolError(RuntimeError):
-    """A failure a tool reports in one line: the message names the file or value at fault."""
+    """A tool's own check of its arguments failed (raised in `tools/` only); the message names the
+    option or value at fault."""
 
-
-class Interrupted(BaseException):
-    """A run stopped by SIGINT or SIGTERM at a safe point (tools exit with `EXIT_INTERRUPTED`).
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it; not a
-    KeyboardInterrupt, because Lightning turns that into `sys.exit(1)`. The message says what was
-    saved and how to continue.
-    """
+# Printed as their message alone, without the --debug hint: the message says what to fix.
+_SELF_EXPLAINING = (ConfigError, DetrLabError, ToolError)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
@@ -71,7 +82,7 @@ def one_line(err: BaseException) -> str:
         return type(err).__name__
     if len(lines) > 1:
         text += " [...]"
-    if isinstance(err, (ConfigError, ToolError, Interrupted, FileNotFoundError, ValueError)):
+    if isinstance(err, (*_SELF_EXPLAINING, Interrupted, FileNotFoundError, ValueError)):
         return text
     return f"{type(err).__name__}: {text}"
 
@@ -90,14 +101,8 @@ def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
         if debug:
             raise
         code = EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_FAILURE
-        hint = "" if isinstance(err, (ConfigError, ToolError)) else " (run with --debug for the traceback)"
+        hint = "" if isinstance(err, _SELF_EXPLAINING) else " (run with --debug for the traceback)"
         print(f"{prog}: error: {one_line(err)}{hint}", file=sys.stderr)
         return code
     return 0
 
-
-def split_model_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Split `key=value` overrides into those under `model.` and the rest (order kept)."""
-    model = [item for item in overrides if item.strip().startswith("model.")]
-    other = [item for item in overrides if not item.strip().startswith("model.")]
-    return model, other

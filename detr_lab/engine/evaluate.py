@@ -2,10 +2,11 @@
 
     result = evaluate_checkpoint("configs/detr_r50.yaml", "detr-r50.pth", output="results.json")
     print(result.summary)
-    result = evaluate_onnx("configs/detr_r50.yaml", "detr-r50.onnx")   # onnxruntime (export extra)
 
 The model (architecture, classes) comes from the checkpoint; the YAML gives the data settings. Model
 overrides (`model.*=...`) are applied to the checkpoint's stored config, the others to the YAML.
+`evaluate_model` scores any ready detector; `detr_lab.predict.onnx_evaluation.evaluate_onnx` runs
+it on an exported model (onnxruntime).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detr_lab.checkpoints import load_checkpoint
+from detr_lab.checkpoints import load_checkpoint, split_model_overrides
 from detr_lab.config import Config, load_config
 from detr_lab.data.datamodule import DetectionDataModule
-from detr_lab.engine.cli import ToolError, split_model_overrides
+from detr_lab.engine.detect import detect
 from detr_lab.engine.devices import resolve_device
 from detr_lab.engine.evaluator import CocoEvaluator
-from detr_lab.export.runtime import OnnxDetector
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 
@@ -86,12 +86,11 @@ def predict_dataset(
     progress: bool = False,
 ) -> CocoEvaluator:
     """Feed every batch `(images, padding_mask, targets)` of `loader` through `model` (an `nn.Module` as
-    it is: call `.eval()` first; or an onnxruntime `OnnxDetector`) and `postprocess`, adding the
-    detections to `evaluator`; return it."""
+    it is: call `.eval()` first; or an onnxruntime `OnnxDetector`) and `postprocess` (see `detect`),
+    adding the detections to `evaluator`; return it."""
     for images, padding_mask, targets in tqdm(loader, desc="evaluating", disable=not progress):
-        outputs = model(images.to(device), padding_mask.to(device))
-        orig_sizes = torch.stack([target["orig_size"] for target in targets]).to(device)  # [B, 2] (h, w)
-        detections = postprocess(outputs, orig_sizes)
+        orig_sizes = torch.stack([target["orig_size"] for target in targets])  # [B, 2] (h, w)
+        detections = detect(model, postprocess, images, padding_mask, orig_sizes, device)
         by_image = zip(targets, detections, strict=True)
         evaluator.update({int(target["image_id"]): detection for target, detection in by_image})
     return evaluator
@@ -128,49 +127,13 @@ def evaluate_checkpoint(
 
     target_device = resolve_device(device)
     model = optimize_for_inference(loaded.model.to(target_device).eval())
-    return _evaluate(cfg, model, loaded.category_ids, target_device, output=output, progress=progress,
-                     source=checkpoint)
+    return evaluate_model(cfg, model, loaded.category_ids, target_device, output=output, progress=progress,
+                          source=checkpoint)
 
 
-def evaluate_onnx(
-    config_path: str | os.PathLike,
-    model_path: str | os.PathLike,
-    *,
-    overrides: Sequence[str] = (),
-    output: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    progress: bool = True,
-    threads: int | None = None,
-) -> EvaluationResult:
-    """`evaluate_checkpoint` for an exported ONNX model, run by onnxruntime on the CPU.
-
-    The model config, classes and category ids come from the ONNX file's metadata (see
-    `detr_lab.export`); the YAML gives the dataset. Validation batches are the PyTorch path's
-    (same transform, padding and batch size), so the two APs are directly comparable.
-    Args:
-        overrides: dotted `key=value` for the YAML's data settings (`model.*` ones are refused: the
-            exported graph is fixed).
-    Raises:
-        ToolError: a `model.*` override; MissingExtraError: onnxruntime missing; MetadataError: an ONNX
-        file not written by detr_lab's export.
-    """
-    model_overrides, data_overrides = split_model_overrides(list(overrides))
-    if model_overrides:
-        raise ToolError(f"model overrides {model_overrides} cannot change an exported ONNX model")
-    if batch_size is not None:
-        data_overrides.append(f"data.batch_size={batch_size}")
-    cfg = load_config(config_path, data_overrides)
-    detector = OnnxDetector(model_path, threads=threads)
-    cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
-    return _evaluate(
-        cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress,
-        source=model_path,
-    )
-
-
-def _evaluate(
+def evaluate_model(
     cfg: Config,
-    model,
+    model: Callable[[torch.Tensor, torch.Tensor], dict],
     category_ids: Sequence[int],
     device: torch.device,
     *,
@@ -178,8 +141,18 @@ def _evaluate(
     progress: bool,
     source: str | os.PathLike,
 ) -> EvaluationResult:
-    """Predict the val split of `cfg.data` with `model` (a ready detector), score it, write the json
-    (to `output`, default `default_results_path(cfg, source)`, source = the model's file)."""
+    """Predict the val split of `cfg.data` with `model`, score it with COCOeval, write the results json.
+
+    Args:
+        cfg: the data settings to evaluate on and the model config (its post-processing).
+        model: a ready detector on `device` in eval mode (see `detect`), e.g. an optimized `nn.Module`
+            or an onnxruntime `OnnxDetector`.
+        category_ids: the dataset category id of each class index.
+        output: the results json (default `default_results_path(cfg, source)`).
+        source: the model's file, naming the default results json.
+    Raises:
+        DatasetError: an unreadable validation set (see `DetectionDataModule`).
+    """
     datamodule = DetectionDataModule(cfg, category_ids=list(category_ids))
     datamodule.prepare_data()
     datamodule.setup("validate")

@@ -44,11 +44,11 @@ from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.doctor import check_at_training_start
 from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from detr_lab.engine.cli import ToolError
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.summary import RunSummary
+from detr_lab.errors import InputError
 from detr_lab.io import diff_state_dicts, safe_load
 from detr_lab.models.build import query_spec
 
@@ -213,13 +213,13 @@ def check_resume_classes(path: Path, category_ids: Sequence[int]) -> None:
     """Refuse to resume a checkpoint trained on other classes, naming both class lists.
 
     Checkpoints without detr_lab metadata are left to Lightning. Raises:
-        ToolError: the class lists differ; CheckpointError: the file cannot be read (see `safe_load`).
+        InputError: the class lists differ; CheckpointError: the file cannot be read (see `safe_load`).
     """
     meta = safe_load(path).get(LIGHTNING_META_KEY) or {}
     saved = meta.get("category_ids")
     if saved is None or [int(c) for c in saved] == [int(c) for c in category_ids]:
         return
-    raise ToolError(
+    raise InputError(
         f"--resume {path}: checkpoint has {len(saved)} classes ({list(saved)}), this run {len(category_ids)} "
         f"({list(category_ids)}); use --init-from to fine-tune on other classes"
     )

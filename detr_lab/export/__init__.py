@@ -8,7 +8,7 @@
 onnx and onnxruntime are imported only when a function needs them; without them the functions raise
 `MissingExtraError` saying `pip install -e ".[export]"`.
 
-Beside `engine` in the data flow: may import `config`, `files`, `data`, `models`, `checkpoints` and
-`engine.cli` (tool errors); `engine` (evaluation and inference on onnxruntime), `benchmark` and the
-tools import it.
+Beside `engine` in the data flow: may import the leaves (`files`, `errors`, `io`, `boxes`),
+`config`, `data`, `models` and `checkpoints`; never `engine`. `predict` (evaluation and inference on
+onnxruntime), `benchmark` and the tools import it.
 """

@@ -5,17 +5,19 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from detr_lab.engine.cli import ToolError
+from detr_lab.errors import MissingExtraError
+
+__all__ = ["INSTALL_HINT", "MissingExtraError", "require"]
 
 INSTALL_HINT = 'pip install -e ".[export]"'
 
 
-class MissingExtraError(ToolError):
-    """onnx or onnxruntime is not installed; the message says what to install (tools print it as is)."""
-
-
 def require(name: str) -> ModuleType:
-    """Import `name` ("onnx" or "onnxruntime"), or raise `MissingExtraError` naming the extra."""
+    """Import `name` ("onnx" or "onnxruntime") and return the module.
+
+    Raises:
+        MissingExtraError (`detr_lab.errors`): the module is not installed; the message names the extra.
+    """
     try:
         return importlib.import_module(name)
     except ImportError:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from detr_lab.checkpoints import load_checkpoint
+from detr_lab.checkpoints import load_checkpoint, split_model_overrides
 from detr_lab.config import load_config
-from detr_lab.engine.cli import ToolError, split_model_overrides
+from detr_lab.errors import InputNotFoundError
 from detr_lab.export.metadata import ExportMetadata
 from detr_lab.export.onnx_export import DEFAULT_OPSET, export_onnx
 from detr_lab.export.verify import DEFAULT_TOLERANCE, VerifyReport, verify_onnx
@@ -52,14 +52,14 @@ def export_checkpoint(
         verify: run `verify_onnx`: random batches (a dynamic export: image sides from half the smaller
             traced side to the larger one) and, with `config_path`, validation batches.
     Raises:
-        ToolError: a missing checkpoint or config. ExportError: a model that cannot be exported.
+        InputNotFoundError: a missing checkpoint or config. ExportError: a model that cannot be exported.
         CheckpointError / ConfigError: an unreadable checkpoint or a bad override.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise ToolError(f"checkpoint not found: {checkpoint}")
+        raise InputNotFoundError(f"checkpoint not found: {checkpoint}")
     if config_path is not None and not Path(config_path).is_file():
-        raise ToolError(f"config not found: {config_path}")
+        raise InputNotFoundError(f"config not found: {config_path}")
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     loaded = load_checkpoint(checkpoint, overrides=model_overrides)
     path = export_onnx(

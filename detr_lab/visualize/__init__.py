@@ -1,13 +1,14 @@
-"""Pictures: predictions against ground truth, attention of DETR / Deformable DETR / ACT, run curves.
+"""Pictures: detections and ground truth, attention of DETR / Deformable DETR / ACT, run curves.
 
-- `draw`: matplotlib drawings of arrays in image pixels, written as PNG (`draw_detections`, ...);
+- `draw`: drawings of arrays in image pixels: `draw_detections` (the one drawing of labelled boxes,
+  PIL), `draw_ground_truth_and_predictions`, and matplotlib attention maps, points and clusters;
 - `capture`: forward hooks on attention modules and the recomputation of their weights, sampling
   points and clusters (no change to the models);
 - `attention`: one image through a model -> `cross_attention_picture`, `sampling_points_picture`,
   `clusters_picture`;
-- `curves`: `plot_run_curves` from a run's Lightning `metrics.csv`;
-- `from_checkpoint`: checkpoints and validation images for `tools/visualize.py`.
+- `curves`: `plot_run_curves` from a run's Lightning `metrics.csv`.
 
-Beside `benchmark` at the end of the data flow: may import every other part of detr_lab (models,
-checkpoints, data, engine); only the tools import it.
+Beside `checkpoints` in the data flow: may import the leaves (`files`, `errors`, `io`, `boxes`),
+`config`, `data` and `models`; `engine` (the run summary's example image), `predict` (annotated
+inference outputs, validation pictures) and the tools import it.
 """

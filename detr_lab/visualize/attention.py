@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy
+from detr_lab.data.collate import pad_images
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 from detr_lab.models.attention.plain import PlainAttention
@@ -72,8 +73,7 @@ def _run(model: nn.Module, image: Tensor, module: nn.Module, query: int | None,
         raise ValueError(f"image must be a normalized float [3, H, W] tensor, got shape {tuple(image.shape)}")
     model.eval()
     device = next(model.parameters()).device
-    batch = image[None].to(device)
-    padding_mask = torch.zeros(1, *image.shape[1:], dtype=torch.bool, device=device)  # no padding
+    batch, padding_mask = pad_images([image.to(device)])  # [1, 3, H, W], [1, H, W] (no padding)
     with record_inputs([module]) as records, torch.no_grad():
         outputs = model(batch, padding_mask)
     logits = outputs["pred_logits"][0]  # (Q, C)

@@ -13,15 +13,67 @@ import csv
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from detr_lab.engine.summary import plot_ap
 from detr_lab.visualize.draw import save_figure
 
 AP_COLUMNS = ("val/AP", "val/AP50", "val/AP75")
+
+
+AP_STYLES = {"AP": "o-", "AP50": "s--", "AP75": "^:"}  # line style of each metric
+
+
+def plot_ap(
+    axes: Any,
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    *,
+    x: str,
+    x_label: str,
+    metrics: Sequence[str] = ("AP", "AP50"),
+    annotate: bool = False,
+) -> None:
+    """Draw COCO AP curves into a matplotlib `axes`: the one AP plot of the run summary, the run
+    curves (`detr_lab.visualize.curves`) and `tools/bench_demo_ap.py`.
+
+    Args:
+        axes: a matplotlib Axes.
+        runs: run label ("" for a single unnamed run) -> rows, each a dict holding the `x` value and
+            some of `metrics` (a row without a metric is no point of that metric's line).
+        x: the key of the horizontal value in each row (e.g. "step", "epoch", "minutes").
+        x_label: the horizontal axis' label.
+        metrics: the keys drawn, each with its style from `AP_STYLES`: one colour per metric for a
+            single run, one colour per run otherwise.
+        annotate: write the first metric's value above each of its points (several runs' labels side
+            by side).
+    Raises:
+        KeyError: a row without `x`.
+    """
+    for index, (run, rows) in enumerate(runs.items()):
+        for number, metric in enumerate(metrics):
+            points = [(row[x], row[metric]) for row in rows if metric in row]
+            if not points:
+                continue
+            colour = f"C{index if len(runs) > 1 else number}"
+            label = f"{run} {metric}" if run else metric
+            alpha = 1.0 if number == 0 or len(runs) == 1 else 0.5
+            axes.plot([p[0] for p in points], [p[1] for p in points], AP_STYLES.get(metric, "-"),
+                      color=colour, alpha=alpha, label=label, markersize=4)
+            if annotate and number == 0:
+                shift = (index - (len(runs) - 1) / 2) * 18  # labels of runs that meet side by side
+                for point in points:
+                    axes.annotate(f"{point[1]:.3f}", point, textcoords="offset points", xytext=(shift, 6),
+                                  ha="center", fontsize=7, color=colour)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel("COCO AP (validation)")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
 
 
 def find_metrics_csv(run: str | os.PathLike) -> Path:

@@ -1,12 +1,16 @@
-"""Matplotlib drawings written as PNG files: detections against ground truth, attention maps,
-deformable sampling points, query clusters. Inputs are plain arrays in image pixels.
+"""Drawings on images, from plain arrays in image pixels.
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot state, no display needed) and written
-atomically (a temporary file, then a rename).
+- detections (PIL, fast enough for every inference output): `draw_detections` draws labelled boxes,
+  `draw_ground_truth_and_predictions` puts two of its panels side by side, `save_picture` writes one;
+- attention maps, deformable sampling points, query clusters (matplotlib): built with
+  `matplotlib.figure.Figure` (no pyplot state, no display needed), written by `save_figure`.
+
+Every file is written atomically (a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
+import colorsys
 import os
 import textwrap
 from collections.abc import Sequence
@@ -16,10 +20,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw, ImageFont
 
 from detr_lab.files import atomic_write
 
 DPI = 100
+TITLE_HEIGHT = 14  # px of the title strip above a `draw_detections` picture
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
@@ -51,64 +57,115 @@ def _image_figure(image: np.ndarray, title: str, *, min_inches: float = 5.0) -> 
     return figure, axes
 
 
-def _box(axes, box: Sequence[float], color, *, dashed: bool = False, width: float = 2.0) -> None:
+def _box(axes, box: Sequence[float], color, *, width: float = 2.0) -> None:
+    """Outline absolute (x1, y1, x2, y2) pixels `box` on a matplotlib image axes."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=width,
-                             linestyle="--" if dashed else "-"))
+    axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=width))
 
 
-def _label(axes, x: float, y: float, text: str, color) -> None:
-    axes.text(x, y, text, fontsize=7, color="white", va="bottom", ha="left",
-              bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
-
-
-def class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
-    """One distinct colour per class index (tab10 / tab20 cycles)."""
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(num_classes)]
+def class_color(index: int) -> tuple[int, int, int]:
+    """A distinct, saturated RGB colour per class index (golden-ratio hue steps, any number of classes)."""
+    red, green, blue = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.85, 1.0)
+    return int(red * 255), int(green * 255), int(blue * 255)
 
 
 def draw_detections(
     image: np.ndarray,
-    path: str | os.PathLike,
-    *,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
+    boxes: np.ndarray | Sequence[Sequence[float]],
+    labels: Sequence[int],
     class_names: Sequence[str],
-    score_threshold: float = 0.5,
-    title: str = "",
-) -> Path:
-    """Predictions (solid, with class and score) over ground truth (dashed white) on one image.
+    *,
+    scores: Sequence[float] | None = None,
+    title: str | None = None,
+    min_side: int = 0,
+) -> Image.Image:
+    """Boxes with their class (and score) labels drawn on an RGB copy of `image`: the one drawing of
+    detections, for annotated inference outputs, the run summary and the validation pictures.
 
     Args:
         image: uint8 `[H, W, 3]` RGB.
-        gt_boxes: `[N, 4]` absolute xyxy pixels; gt_labels: `[N]` class indices.
-        boxes: `[K, 4]` absolute xyxy pixels; labels `[K]` class indices; scores `[K]` in [0, 1];
-            only those with score >= `score_threshold` are drawn.
+        boxes: `[K, 4]` absolute (x1, y1, x2, y2) pixels of `image`.
+        labels: `[K]` class indices into `class_names`; a box is outlined in `class_color(label)`.
+        scores: `[K]`, shown after the class name ("name 0.87"); None: the name alone (ground truth).
+        title: a line written in a white strip (`TITLE_HEIGHT` px) above the image; None: no strip.
+        min_side: the picture is upscaled (never shrunk) so that its shorter side is at least this.
     Returns:
-        The PNG path.
+        A PIL RGB image of `image`'s size times the scale, plus the title strip.
+    Raises:
+        IndexError: a label outside `class_names`.
     """
-    colors = class_colors(len(class_names))
-    keep = np.asarray(scores) >= score_threshold
-    heading = f"{title}  ".lstrip() + (f"{int(keep.sum())} predictions with score >= {score_threshold:g} "
-                                       f"(solid), {len(gt_boxes)} ground-truth objects (dashed)")
-    figure, axes = _image_figure(image, heading)
-    gt_boxes, gt_labels = np.asarray(gt_boxes).reshape(-1, 4), np.asarray(gt_labels).reshape(-1)
-    for box, label in zip(gt_boxes, gt_labels, strict=True):
-        _box(axes, box, "white", dashed=True, width=2.5)
-        _box(axes, box, colors[int(label)], dashed=True, width=1.2)
-    order = np.argsort(-np.asarray(scores))
-    for i in order:
-        if not keep[i]:
-            continue
-        label = int(labels[i])
-        _box(axes, boxes[i], colors[label])
-        _label(axes, float(boxes[i][0]), float(boxes[i][1]), f"{class_names[label]} {float(scores[i]):.2f}",
-               colors[label])
-    return save_figure(figure, path)
+    height, width = image.shape[:2]
+    scale = max(1.0, min_side / min(height, width)) if min_side else 1.0
+    size = (round(width * scale), round(height * scale))
+    top = TITLE_HEIGHT if title is not None else 0
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (size[0], size[1] + top), (255, 255, 255))
+    picture = Image.fromarray(image).convert("RGB")
+    canvas.paste(picture if scale == 1.0 else picture.resize(size, Image.BILINEAR), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    if title is not None:
+        draw.text((2, 1), title, fill=(0, 0, 0), font=font)
+    line_width = max(2, round(min(size) / 200))
+    texts = [class_names[int(label)] for label in labels]
+    if scores is not None:
+        texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores, strict=True)]
+    for box, label, text in zip(np.asarray(boxes).reshape(-1, 4), labels, texts, strict=True):
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        y1, y2 = y1 + top, y2 + top
+        color = class_color(int(label))
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
+        left, text_top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        text_width, text_height = right - left, bottom - text_top
+        label_top = max(top, y1 - text_height - 2)  # above the box, inside the picture
+        draw.rectangle((x1, label_top, x1 + text_width + 4, label_top + text_height + 2), fill=color)
+        draw.text((x1 + 2, label_top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def draw_ground_truth_and_predictions(
+    image: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_labels: Sequence[int],
+    pred_boxes: np.ndarray,
+    pred_labels: Sequence[int],
+    pred_scores: Sequence[float],
+    class_names: Sequence[str],
+    *,
+    score_threshold: float,
+    min_side: int = 320,
+) -> Image.Image:
+    """Two `draw_detections` panels of `image` side by side (8 px apart): ground truth left, the
+    predictions scoring at least `score_threshold` right, each titled with its count.
+
+    Args:
+        image: uint8 `[H, W, 3]` RGB.
+        gt_boxes: `[N, 4]` and pred_boxes `[K, 4]` absolute (x1, y1, x2, y2) pixels of `image`;
+            gt_labels `[N]` and pred_labels `[K]` class indices; pred_scores `[K]` in [0, 1].
+        min_side: both panels are upscaled so that their shorter image side is at least this.
+    """
+    keep = [i for i, score in enumerate(pred_scores) if float(score) >= score_threshold]
+    pred_boxes = np.asarray(pred_boxes).reshape(-1, 4)[keep]
+    gt = draw_detections(image, gt_boxes, gt_labels, class_names, min_side=min_side,
+                         title=f"ground truth ({len(gt_labels)})")
+    pred = draw_detections(image, pred_boxes, [pred_labels[i] for i in keep], class_names,
+                           scores=[pred_scores[i] for i in keep], min_side=min_side,
+                           title=f"predictions, score >= {score_threshold:.2f} ({len(keep)})")
+    both = Image.new("RGB", (gt.width * 2 + 8, gt.height), (255, 255, 255))
+    both.paste(gt, (0, 0))
+    both.paste(pred, (gt.width + 8, 0))
+    return both
+
+
+def save_picture(picture: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PIL picture at `path` (format from the suffix; parent folders created, atomic).
+
+    Raises:
+        FileWriteError: the file cannot be written (the message names it).
+    """
+    path = Path(path)
+    with atomic_write(path, "wb") as file:
+        picture.save(file, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+    return path
 
 
 def draw_heatmap(

@@ -22,9 +22,9 @@ from detr_lab.engine.health import (
     StalledAPMonitor,
     TrainingHealthWarning,
 )
-from detr_lab.engine.inference import class_color
-from detr_lab.engine.summary import RunSummary, draw_ground_truth_and_predictions
+from detr_lab.engine.summary import RunSummary
 from detr_lab.engine.trainer import build_run_callbacks, build_trainer, train
+from detr_lab.visualize.draw import class_color, draw_ground_truth_and_predictions
 
 from factories import TINY_AUGMENT, synthetic_data_yaml, tiny_model_yaml
 

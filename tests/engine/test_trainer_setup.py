@@ -4,9 +4,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from detr_lab.checkpoints import split_model_overrides
 from detr_lab.config import ConfigError, load_config
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO
-from detr_lab.engine.cli import one_line, run_tool, split_model_overrides
+from detr_lab.engine.cli import one_line, run_tool
 from detr_lab.engine.trainer import build_trainer, parse_devices, resolve_resume
 from detr_lab.io import CheckpointError
 

@@ -63,7 +63,8 @@ def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_confi
     path, argv = exported
     if not path.is_file():
         assert load_tool("export").main(argv) == 0
-    from detr_lab.engine.evaluate import evaluate_checkpoint, evaluate_onnx
+    from detr_lab.engine.evaluate import evaluate_checkpoint
+    from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
     torch_result = evaluate_checkpoint(data_config, checkpoints["refine"], output=tmp_path / "pt.json",
                                        device="cpu", progress=False)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_lab.engine.inference import Predictor
+from detr_lab.data.errors import MissingImageError
+from detr_lab.predict import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_predict_rejects_bad_inputs(checkpoints, tmp_path):
         predictor.predict([np.zeros((4, 4, 3), np.float32)])
     with pytest.raises(ValueError, match="paths, PIL images or numpy arrays, got int"):
         predictor.predict([3])
-    with pytest.raises(Exception, match="image not found"):
+    with pytest.raises(MissingImageError, match="image file not found"):
         predictor.predict([tmp_path / "missing.jpg"])
 
 
@@ -99,7 +100,7 @@ def test_prediction_needs_no_lightning(checkpoints, image_files):
     import sys
 
     code = (
-        "import sys; from detr_lab.engine.inference import Predictor; "
+        "import sys; from detr_lab.predict import Predictor; "
         f"Predictor.from_checkpoint({str(checkpoints['detr'])!r}).predict([{str(image_files[0])!r}]); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )

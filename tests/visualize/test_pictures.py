@@ -28,7 +28,7 @@ from detr_lab.visualize.capture import (
     record_inputs,
 )
 from detr_lab.visualize.curves import find_metrics_csv, plot_run_curves, read_metrics
-from detr_lab.visualize.draw import draw_detections
+from detr_lab.visualize.draw import class_color, draw_detections, save_picture
 
 from factories import load_tool, tiny_overrides
 
@@ -175,11 +175,16 @@ def test_each_attention_picture_is_written(tmp_path, scene):
 
 def test_detections_picture_marks_boxes(tmp_path, scene):
     rgb, _ = scene
-    gt = np.array([[10.0, 12.0, 50.0, 60.0]])
-    path = draw_detections(rgb, tmp_path / "pred.png", gt_boxes=gt, gt_labels=np.array([1]),
-                           boxes=np.array([[12.0, 10.0, 55.0, 58.0], [0, 0, 5, 5]]), labels=np.array([1, 0]),
-                           scores=np.array([0.9, 0.1]), class_names=["a", "b", "c"])
-    _check_png(path, rgb.shape[0])
+    boxes = np.array([[12.0, 10.0, 55.0, 58.0], [70.0, 20.0, 100.0, 40.0]])
+    picture = draw_detections(rgb, boxes, [1, 0], ["a", "b", "c"], scores=[0.9, 0.1], title="two boxes")
+    assert picture.size == (rgb.shape[1], rgb.shape[0] + 14)  # the image and its title strip
+    pixels = _check_png(save_picture(picture, tmp_path / "pred.png"), rgb.shape[0])
+    assert tuple(pixels[14 + 40, 55]) == class_color(1)  # the right edge of the first box
+    assert tuple(pixels[14 + 30, 100]) == class_color(0)  # the right edge of the second box
+    upscaled = draw_detections(rgb, boxes, [1, 0], ["a", "b", "c"], min_side=2 * min(rgb.shape[:2]))
+    assert upscaled.size == (2 * rgb.shape[1], 2 * rgb.shape[0])  # no title: no strip
+    with pytest.raises(IndexError):
+        draw_detections(rgb, boxes, [1, 3], ["a", "b", "c"])
 
 
 # ------------------------------------------------------------------------------------- curves

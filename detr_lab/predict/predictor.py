@@ -1,0 +1,190 @@
+"""`Predictor`: a detector with its evaluation transform and post-processing, on two backends.
+
+    predictor = Predictor.from_checkpoint("runs/demo/checkpoints/last.ckpt")   # PyTorch, no Lightning
+    predictor = Predictor.from_onnx("model.onnx")                               # or onnxruntime (CPU)
+    for detections in predictor.predict(["a.jpg", pil_image, rgb_array], score_threshold=0.5):
+        detections["boxes"], detections["scores"], detections["category_ids"], detections["class_names"]
+
+Images go through the model config's evaluation transform (shorter side `eval_size`, longer side
+<= `eval_max_size`, normalization) and are batched with zero padding and a padding mask, exactly as
+validation batches are, then through `detr_lab.engine.detect.detect`. Boxes come back as absolute
+(x1, y1, x2, y2) pixels of each original image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detr_lab.checkpoints import apply_overrides, load_checkpoint, load_state_exactly, split_model_overrides
+from detr_lab.config import Config, load_config
+from detr_lab.data.collate import pad_images
+from detr_lab.data.images import ImageInput, to_rgb_array
+from detr_lab.data.transforms import build_eval_transform
+from detr_lab.engine.detect import best_first, detect
+from detr_lab.engine.devices import resolve_device
+from detr_lab.errors import InputError, InputNotFoundError
+from detr_lab.export.runtime import OnnxDetector
+from detr_lab.models.build import build_model, build_postprocess
+from detr_lab.models.optimize import optimize_for_inference
+
+_NO_BOXES, _NO_LABELS = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+
+
+@dataclass
+class Predictor:
+    """A model, its post-processing and its evaluation transform, ready for `predict`.
+
+    `model` is an `nn.Module` detector (PyTorch backend) or an `OnnxDetector` (onnxruntime backend,
+    CPU); build one with `from_checkpoint` or `from_onnx`. With `optimize` (default) a PyTorch model
+    is rewritten in place by `optimize_for_inference` (same outputs, faster; not to be trained or
+    saved afterwards, and forward hooks see the rewritten modules).
+    Raises:
+        ValueError: an onnxruntime model with a device other than the CPU.
+    """
+
+    model: torch.nn.Module | Callable[[torch.Tensor, torch.Tensor], dict]
+    config: Config
+    category_ids: list[int]
+    class_names: list[str]
+    device: torch.device
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, torch.nn.Module):
+            self.model = self.model.to(self.device).eval()
+            if self.optimize:
+                self.model = optimize_for_inference(self.model)
+        elif self.device.type != "cpu":
+            raise ValueError(f"the onnxruntime backend runs on the CPU, not on '{self.device}'")
+        self.postprocess = build_postprocess(self.config.model)
+        self.transform = build_eval_transform(self.config.data.augment)
+
+    @property
+    def backend(self) -> str:
+        """"pytorch" or "onnxruntime"."""
+        return "pytorch" if isinstance(self.model, torch.nn.Module) else "onnxruntime"
+
+    @classmethod
+    def from_onnx(
+        cls,
+        model_path: str | os.PathLike,
+        *,
+        overrides: Sequence[str] = (),
+        threads: int | None = None,
+    ) -> Predictor:
+        """An exported model (`tools/export.py`) run by onnxruntime on the CPU (needs the export extra).
+
+        The config (transform, post-processing), classes and category ids come from the file's metadata.
+        Args:
+            overrides: dotted `key=value` for the data settings, e.g. `data.augment.eval_size=640`
+                (`model.*` ones are refused: the exported graph is fixed).
+            threads: onnxruntime intra-op threads (default: one per core).
+        Raises:
+            InputNotFoundError: a missing file. InputError: a `model.*` override.
+            MetadataError: not a detr_lab export. MissingExtraError: onnxruntime is not installed.
+        """
+        path = Path(model_path)
+        if not path.is_file():
+            raise InputNotFoundError(f"ONNX model not found: {path}")
+        model_overrides, other_overrides = split_model_overrides(overrides)
+        if model_overrides:
+            raise InputError(f"model overrides {model_overrides} cannot change an exported ONNX model")
+        detector = OnnxDetector(path, threads=threads)
+        meta = detector.metadata
+        config = _apply_overrides(meta.config, other_overrides) if other_overrides else meta.config
+        return cls(detector, config, meta.category_ids, meta.class_names, torch.device("cpu"), optimize=False)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike,
+        *,
+        config_path: str | os.PathLike | None = None,
+        overrides: Sequence[str] = (),
+        device: str = "cpu",
+        optimize: bool = True,
+    ) -> Predictor:
+        """Load any checkpoint `load_checkpoint` reads.
+
+        Args:
+            config_path: optional YAML whose model must fit the checkpoint's weights (a mismatch is a
+                `CheckpointError` naming the differing tensors); its `data.augment` sets the transform.
+            overrides: dotted `key=value`; `model.*` ones go to the checkpoint's stored config (e.g.
+                `model.encoder.attention=act`), the others to the data settings.
+            device: "cpu", "cuda", "cuda:1", "auto".
+            optimize: apply `optimize_for_inference` (False keeps the modules as built, for hooks).
+        Raises:
+            InputNotFoundError: a missing checkpoint. CheckpointError / ConfigError: a checkpoint that
+            cannot be read or does not fit the config, a bad override.
+        """
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise InputNotFoundError(f"checkpoint not found: {path}")
+        model_overrides, other_overrides = split_model_overrides(overrides)
+        loaded = load_checkpoint(path, overrides=model_overrides)
+        model, config = loaded.model, loaded.config
+        if config_path is not None:
+            config = load_config(config_path, [*model_overrides, *other_overrides])
+            backbone = dataclasses.replace(config.model.backbone, pretrained=False, weights_path=None)
+            model = build_model(dataclasses.replace(config.model, backbone=backbone))
+            where = f"{path} with the model of {config_path}"
+            load_state_exactly(model, loaded.model.state_dict(), where)
+        elif other_overrides:
+            config = _apply_overrides(loaded.config, other_overrides)
+        return cls(model, config, loaded.category_ids, loaded.class_names, resolve_device(device),
+                   optimize=optimize)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One image (path, PIL image or uint8 array, see `to_rgb_array`) through the evaluation
+        transform: normalized float `[3, H, W]` on the predictor's device.
+
+        Raises:
+            ValueError: an unsupported image type or array; MissingImageError / CorruptImageError: a
+            missing or unreadable file.
+        """
+        return self.transform(to_rgb_array(image), _NO_BOXES, _NO_LABELS)[0].to(self.device)
+
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = 0.0
+    ) -> list[dict]:
+        """Detections for one image or a batch of images (any sizes), run as one padded batch.
+
+        Args:
+            images: image file paths, PIL images, or uint8 `[H, W, 3]` RGB arrays (one, or a sequence).
+            score_threshold: keep detections scoring at least this (0: every query's best class, or the
+                top `num_top` (query, class) pairs with sigmoid classification).
+        Returns:
+            per image, best first: `boxes` float `[K, 4]` absolute (x1, y1, x2, y2) pixels of that image,
+            `scores` `[K]`, `labels` int64 `[K]` (class indices), `category_ids` int64 `[K]` (the
+            dataset's ids), all CPU tensors, and `class_names` (K strings).
+        Raises:
+            ValueError: an unsupported image type or array; MissingImageError / CorruptImageError: a
+            missing or unreadable file.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]
+        arrays = [to_rgb_array(image) for image in images]
+        batch, padding_mask = pad_images([self.preprocess(image) for image in arrays])
+        # [B, 3, H, W] zero-padded, [B, H, W] True = padding; [B, 2] (h, w) of the originals
+        orig_sizes = torch.tensor([image.shape[:2] for image in arrays])
+        detections = detect(self.model, self.postprocess, batch, padding_mask, orig_sizes, self.device)
+        ids = torch.tensor(self.category_ids, dtype=torch.int64)
+        results = []
+        for detection in detections:
+            result = {key: value.cpu() for key, value in best_first(detection, score_threshold).items()}
+            result["category_ids"] = ids[result["labels"]]
+            result["class_names"] = [self.class_names[label] for label in result["labels"].tolist()]
+            results.append(result)
+        return results
+
+
+def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    return apply_overrides(cfg, overrides, "command-line override")
