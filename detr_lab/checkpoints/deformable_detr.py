@@ -13,10 +13,14 @@ from typing import Any
 from torch import Tensor
 
 from detr_lab.checkpoints.family import (
+    BACKBONE_KEY_RULES,
     KeyRule,
     OfficialFamily,
+    backbone_config,
+    check_query_override,
     count_indices,
-    infer_resnet,
+    deformable_stacks,
+    focal_recipe,
     register_family,
     require_key,
     resolve_head_aliases,
@@ -29,18 +33,13 @@ _DEFORMABLE_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+
 _DEFORMABLE_ATTENTION = (
     r"(?P<attn>self_attn|cross_attn)\.(?P<part>sampling_offsets|attention_weights|value_proj|output_proj)"
 )
-DEFORMABLE_KEY_RULES: list[KeyRule] = [
-    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
-    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
-    (r"backbone\.1\.(?P<table>row_embed|col_embed)\.weight", ("position_encoding.{table}.weight",)),
+# The input projections, level embeddings, encoder-proposal projection, heads and transformer
+# layers, shared with DINO (`checkpoints/dino.py`), which builds on them.
+DEFORMABLE_LAYER_RULES: list[KeyRule] = [
     (r"input_proj\.(?P<l>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)", ("neck.input_proj.{l}.{k}.{p}",)),
-    (r"query_embed\.weight", ("query_source.query_embed.weight",)),
     (r"transformer\.level_embed", ("transformer.level_embed",)),
-    (r"transformer\.reference_points\.(?P<p>weight|bias)", ("query_source.reference_points_head.{p}",)),
     (r"transformer\.enc_output\.(?P<p>weight|bias)", ("query_source.memory_proj.{p}",)),
     (r"transformer\.enc_output_norm\.(?P<p>weight|bias)", ("query_source.memory_norm.{p}",)),
-    (r"transformer\.pos_trans\.(?P<p>weight|bias)", ("query_source.query_proj.{p}",)),
-    (r"transformer\.pos_trans_norm\.(?P<p>weight|bias)", ("query_source.query_norm.{p}",)),
     # Heads: per layer with box refinement (`class_embed.3.weight`), one shared module otherwise
     # (`prepare` has reduced the official per-layer aliases to `class_embed.weight`).
     (r"class_embed\.(?:(?P<j>\d+)\.)?(?P<p>weight|bias)", ("class_embed.{j}{p}",)),
@@ -73,6 +72,14 @@ DEFORMABLE_KEY_RULES: list[KeyRule] = [
         ("transformer.{stack}.layers.{i}.{norm}.{p}",),
     ),
 ]
+DEFORMABLE_KEY_RULES: list[KeyRule] = [
+    *BACKBONE_KEY_RULES,
+    (r"query_embed\.weight", ("query_source.query_embed.weight",)),
+    (r"transformer\.reference_points\.(?P<p>weight|bias)", ("query_source.reference_points_head.{p}",)),
+    (r"transformer\.pos_trans\.(?P<p>weight|bias)", ("query_source.query_proj.{p}",)),
+    (r"transformer\.pos_trans_norm\.(?P<p>weight|bias)", ("query_source.query_norm.{p}",)),
+    *DEFORMABLE_LAYER_RULES,
+]
 # Official Deformable DETR decoder layers run self-attention -> norm2, cross-attention -> norm1,
 # feed-forward -> norm3 (the numbering follows construction order, not the order of use).
 _DEFORMABLE_NORMS = {
@@ -83,7 +90,9 @@ DEFORMABLE_DEFAULT_PROPOSALS = 300  # the official two-stage proposal count (= i
 # The official head aliases: the decoder holds the detector's heads for box refinement and two-stage.
 
 
-def _deformable_fields(groups: dict[str, str]) -> dict[str, str] | None:
+def deformable_fields(groups: dict[str, str]) -> dict[str, str] | None:
+    """The names a matched rule fills in (head index, norm branch), or None for a key that has no
+    detr_lab counterpart on that stack; shared with DINO."""
     fields = dict(groups)
     if "j" in fields:
         fields["j"] = f"{fields['j']}." if fields["j"] is not None else ""
@@ -97,6 +106,32 @@ def _deformable_fields(groups: dict[str, str]) -> dict[str, str] | None:
     if fields.get("attn") == "cross_attn" and fields.get("stack") == "encoder":
         return None
     return fields
+
+
+def deformable_layers(
+    state: Mapping[str, Tensor], overrides: Mapping, family: str, *, hidden_dim: int, num_levels: int
+) -> tuple[int, int, int, int]:
+    """(ffn_dim, num_heads, encoder points, decoder points) of a deformable-attention checkpoint (Deformable
+    DETR, DINO): the feed-forward width, the head count (8 unless overridden: the weights do not tell)
+    and the sampling points per head and level of each stack (4 for an empty encoder).
+
+    Raises:
+        CheckpointError: a head count that does not divide the width, or missing keys.
+    """
+    encoder_layers = count_indices(state, "transformer.encoder.layers.")
+    stack = "encoder" if encoder_layers else "decoder"
+    ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", family, ndim=2).shape[0]
+    num_heads = int(overrides.get("num_heads", 8))
+    if hidden_dim % num_heads:
+        raise CheckpointError(f"num_heads={num_heads} does not divide the checkpoint's width {hidden_dim}")
+    encoder_points = (
+        _deformable_points(state, "transformer.encoder.layers.0.self_attn", num_heads, num_levels)
+        if encoder_layers
+        else 4
+    )
+    decoder = "transformer.decoder.layers.0.cross_attn"
+    decoder_points = _deformable_points(state, decoder, num_heads, num_levels)
+    return ffn_dim, num_heads, encoder_points, decoder_points
 
 
 def _is_deformable_detr(state: Mapping[str, Tensor]) -> bool:
@@ -142,18 +177,8 @@ def _infer_deformable_config(state: Mapping[str, Tensor], overrides: dict[str, A
             f"layers{' and the two-stage proposals' if two_stage else ''}; expected {expected_heads}"
         )
     num_classes = require_key(state, "class_embed.0.weight", family, ndim=2).shape[0]
-    stack = "encoder" if encoder_layers else "decoder"
-    ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", family, ndim=2).shape[0]
-    num_heads = int(overrides.get("num_heads", 8))
-    if hidden_dim % num_heads:
-        raise CheckpointError(f"num_heads={num_heads} does not divide the checkpoint's width {hidden_dim}")
-    encoder_points = (
-        _deformable_points(state, "transformer.encoder.layers.0.self_attn", num_heads, num_levels)
-        if encoder_layers
-        else 4
-    )
-    decoder_points = _deformable_points(
-        state, "transformer.decoder.layers.0.cross_attn", num_heads, num_levels
+    ffn_dim, num_heads, encoder_points, decoder_points = deformable_layers(
+        state, overrides, family, hidden_dim=hidden_dim, num_levels=num_levels
     )
     if two_stage:
         num_queries = int(overrides.get("num_queries", DEFORMABLE_DEFAULT_PROPOSALS))
@@ -163,11 +188,7 @@ def _infer_deformable_config(state: Mapping[str, Tensor], overrides: dict[str, A
             raise CheckpointError(
                 f"official {family} checkpoint: query_embed is {query_width} wide; expected 2 x {hidden_dim}"
             )
-        if "num_queries" in overrides and overrides["num_queries"] != num_queries:
-            raise CheckpointError(
-                f"num_queries={overrides['num_queries']} given, but the checkpoint's query_embed holds "
-                f"{num_queries} queries"
-            )
+        check_query_override(overrides, num_queries, "query_embed")
     model = {
         "num_classes": num_classes,
         "hidden_dim": hidden_dim,
@@ -179,22 +200,10 @@ def _infer_deformable_config(state: Mapping[str, Tensor], overrides: dict[str, A
         "classification": "sigmoid",
         "box_refine": box_refine,
         "query_source": "proposals" if two_stage else "learned_points",
-        "backbone": {
-            "name": infer_resnet(state, "backbone.0.body."),
-            "dilation": bool(overrides.get("dilation", False)),
-            "pretrained": False,
-            "weights_path": None,
-        },
-        "encoder": {"num_layers": encoder_layers, "attention": "deformable", "num_points": encoder_points},
-        "decoder": {
-            "num_layers": decoder_layers,
-            "cross_attention": "deformable",
-            "num_points": decoder_points,
-        },
+        "backbone": backbone_config(state, overrides),
+        **deformable_stacks((encoder_layers, encoder_points), (decoder_layers, decoder_points)),
     }
-    # The official recipe's matching costs and loss weights (class 2, L1 5, GIoU 2; focal 0.25 / 2).
-    loss = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "class_weight": 2.0, "bbox_weight": 5.0}
-    loss.update({"giou_weight": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0})
+    loss = focal_recipe(class_weight=2.0)  # the official recipe: class weight 2
     return config_from_dict({"model": model, "loss": loss}, "official Deformable DETR checkpoint")
 
 
@@ -218,7 +227,7 @@ DEFORMABLE_FAMILY = register_family(
         matches=_is_deformable_detr,
         infer_config=_infer_deformable_config,
         rules=DEFORMABLE_KEY_RULES,
-        fields=_deformable_fields,
+        fields=deformable_fields,
         prepare=_resolve_deformable_aliases,
     )
 )

@@ -12,22 +12,21 @@ from typing import Any
 from torch import Tensor
 
 from detr_lab.checkpoints.family import (
+    BACKBONE_KEY_RULES,
     KeyRule,
     OfficialFamily,
+    backbone_config,
+    check_query_override,
     count_indices,
-    infer_resnet,
     register_family,
     require_key,
 )
 from detr_lab.config import Config, config_from_dict
-from detr_lab.io import CheckpointError
 
 # Official DETR key -> detr_lab keys (the rule format is described in `family.py`).
 _DETR_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
 DETR_KEY_RULES: list[KeyRule] = [
-    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
-    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
-    (r"backbone\.1\.(?P<table>row_embed|col_embed)\.weight", ("position_encoding.{table}.weight",)),
+    *BACKBONE_KEY_RULES,
     (r"input_proj\.(?P<p>weight|bias)", ("neck.input_proj.0.{p}",)),
     (r"query_embed\.weight", ("query_source.query_embed.weight",)),
     (r"class_embed\.(?P<p>weight|bias)", ("class_embed.{p}",)),
@@ -91,11 +90,7 @@ def _infer_detr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -
     decoder_layers = count_indices(state, "transformer.decoder.layers.")
     stack = "encoder" if encoder_layers else "decoder"
     ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", family).shape[0]
-    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
-        raise CheckpointError(
-            f"num_queries={overrides['num_queries']} given, but the checkpoint's query_embed holds "
-            f"{num_queries} queries"
-        )
+    check_query_override(overrides, num_queries, "query_embed")
     model = {
         "num_classes": num_classes,
         "hidden_dim": hidden_dim,
@@ -105,12 +100,7 @@ def _infer_detr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -
         "num_feature_levels": 1,
         "position_encoding": "learned" if "backbone.1.row_embed.weight" in state else "sine",
         "classification": "softmax",
-        "backbone": {
-            "name": infer_resnet(state, "backbone.0.body."),
-            "dilation": bool(overrides.get("dilation", False)),
-            "pretrained": False,
-            "weights_path": None,
-        },
+        "backbone": backbone_config(state, overrides),
         "encoder": {"num_layers": encoder_layers, "attention": "plain"},
         "decoder": {"num_layers": decoder_layers, "cross_attention": "plain"},
     }

@@ -17,12 +17,17 @@ from typing import Any
 
 from torch import Tensor
 
-from detr_lab.checkpoints.deformable_detr import _deformable_points
+from detr_lab.checkpoints.deformable_detr import DEFORMABLE_LAYER_RULES, deformable_fields, deformable_layers
 from detr_lab.checkpoints.family import (
+    BACKBONE_KEY_RULES,
     OFFICIAL_FAMILIES,
     KeyRule,
     OfficialFamily,
+    backbone_config,
+    check_query_override,
     count_indices,
+    deformable_stacks,
+    focal_recipe,
     infer_resnet,
     register_family,
     require_key,
@@ -34,70 +39,19 @@ from detr_lab.models.build import backbone_stages
 
 FAMILY = "DINO"
 RESNET_STAGE_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}  # bottleneck ResNets (R50/R101)
-_LAYER = r"transformer\.(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
-_ATTENTION = (
-    r"(?P<attn>self_attn|cross_attn)\.(?P<part>sampling_offsets|attention_weights|value_proj|output_proj)"
-)
 _MLP = r"layers\.(?P<k>\d+)\.(?P<p>weight|bias)"
 
 DINO_KEY_RULES: list[KeyRule] = [
-    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
-    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
-    (r"input_proj\.(?P<l>\d+)\.(?P<k>[01])\.(?P<p>weight|bias)", ("neck.input_proj.{l}.{k}.{p}",)),
-    (r"transformer\.level_embed", ("transformer.level_embed",)),
+    *BACKBONE_KEY_RULES[:2],  # no learned position tables in DINO
     (r"transformer\.tgt_embed\.weight", ("query_source.content.weight",)),
     (r"transformer\.refpoint_embed\.weight", ("query_source.anchors.weight",)),
-    (r"transformer\.enc_output\.(?P<p>weight|bias)", ("query_source.memory_proj.{p}",)),
-    (r"transformer\.enc_output_norm\.(?P<p>weight|bias)", ("query_source.memory_norm.{p}",)),
     (r"transformer\.enc_out_class_embed\.(?P<p>weight|bias)", ("query_source.class_head.{p}",)),
     (r"transformer\.enc_out_bbox_embed\." + _MLP, ("query_source.box_head.layers.{k}.{p}",)),
     (r"transformer\.decoder\.ref_point_head\." + _MLP, ("query_pos_head.layers.{k}.{p}",)),
     (r"transformer\.decoder\.norm\.(?P<p>weight|bias)", ("transformer.decoder.norm.{p}",)),
     (r"label_enc\.weight", ("denoising.label_embed.weight",)),
-    # Heads: one per layer, or one shared module (`prepare` reduced the copies to `class_embed.weight`).
-    (r"class_embed\.(?:(?P<j>\d+)\.)?(?P<p>weight|bias)", ("class_embed.{j}{p}",)),
-    (r"bbox_embed\.(?:(?P<j>\d+)\.)?" + _MLP, ("bbox_embed.{j}layers.{k}.{p}",)),
-    (_LAYER + _ATTENTION + r"\.(?P<p>weight|bias)", ("transformer.{stack}.layers.{i}.{attn}.{part}.{p}",)),
-    (
-        r"transformer\.decoder\.layers\.(?P<i>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
-        (
-            "transformer.decoder.layers.{i}.self_attn.q_proj.{p}",
-            "transformer.decoder.layers.{i}.self_attn.k_proj.{p}",
-            "transformer.decoder.layers.{i}.self_attn.v_proj.{p}",
-        ),
-    ),
-    (
-        r"transformer\.decoder\.layers\.(?P<i>\d+)\.self_attn\.out_proj\.(?P<p>weight|bias)",
-        ("transformer.decoder.layers.{i}.self_attn.out_proj.{p}",),
-    ),
-    (
-        _LAYER + r"linear(?P<n>[12])\.(?P<p>weight|bias)",
-        ("transformer.{stack}.layers.{i}.ffn.linear{n}.{p}",),
-    ),
-    (_LAYER + r"norm(?P<norm>[123])\.(?P<p>weight|bias)", ("transformer.{stack}.layers.{i}.{norm}.{p}",)),
+    *DEFORMABLE_LAYER_RULES,
 ]
-# As Deformable DETR: decoder self-attention -> norm2, cross-attention -> norm1, feed-forward -> norm3.
-_NORMS = {
-    "encoder": {"1": "self_attn_norm", "2": "ffn_norm"},
-    "decoder": {"1": "cross_attn_norm", "2": "self_attn_norm", "3": "ffn_norm"},
-}
-
-
-def _fields(groups: dict[str, str]) -> dict[str, str] | None:
-    fields = dict(groups)
-    if "j" in fields:
-        fields["j"] = f"{fields['j']}." if fields["j"] is not None else ""
-    if "norm" in fields:
-        norm = _NORMS[fields["stack"]].get(fields["norm"])
-        if norm is None:
-            return None
-        fields["norm"] = norm
-    if fields.get("attn") == "self_attn" and fields.get("stack") == "decoder":
-        return None  # plain multi-head self-attention: the in_proj/out_proj rules
-    if fields.get("attn") == "cross_attn" and fields.get("stack") == "encoder":
-        return None
-    return fields
-
 
 def is_dino(state: Mapping[str, Tensor]) -> bool:
     return (
@@ -128,11 +82,7 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
     encoder_layers = count_indices(state, "transformer.encoder.layers.")
     decoder_layers = count_indices(state, "transformer.decoder.layers.")
     num_queries = require_key(state, "transformer.tgt_embed.weight", FAMILY, ndim=2).shape[0]
-    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
-        raise CheckpointError(
-            f"num_queries={overrides['num_queries']} given, but the checkpoint's transformer.tgt_embed holds "
-            f"{num_queries} queries"
-        )
+    check_query_override(overrides, num_queries, "transformer.tgt_embed")
     num_classes = require_key(state, "class_embed.0.weight", FAMILY, ndim=2).shape[0]
     if count_indices(state, "class_embed.") != decoder_layers:
         raise CheckpointError(
@@ -151,18 +101,8 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
             f"official {FAMILY} checkpoint: label_enc has {state['label_enc.weight'].shape[0]} rows; "
             f"detr_lab's denoising label embedding has num_classes + 1 = {num_classes + 1}"
         )
-    stack = "encoder" if encoder_layers else "decoder"
-    ffn_dim = require_key(state, f"transformer.{stack}.layers.0.linear1.weight", FAMILY, ndim=2).shape[0]
-    num_heads = int(overrides.get("num_heads", 8))
-    if hidden_dim % num_heads:
-        raise CheckpointError(f"num_heads={num_heads} does not divide the checkpoint's width {hidden_dim}")
-    encoder_points = (
-        _deformable_points(state, "transformer.encoder.layers.0.self_attn", num_heads, num_levels)
-        if encoder_layers
-        else 4
-    )
-    decoder_points = _deformable_points(
-        state, "transformer.decoder.layers.0.cross_attn", num_heads, num_levels
+    ffn_dim, num_heads, encoder_points, decoder_points = deformable_layers(
+        state, overrides, FAMILY, hidden_dim=hidden_dim, num_levels=num_levels
     )
     model = {
         "num_classes": num_classes,
@@ -186,21 +126,10 @@ def infer_dino_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) ->
             "label_noise_ratio": 0.5,
             "box_noise_scale": 0.4,
         },
-        "backbone": {
-            "name": backbone,
-            "dilation": bool(overrides.get("dilation", False)),
-            "pretrained": False,
-            "weights_path": None,
-        },
-        "encoder": {"num_layers": encoder_layers, "attention": "deformable", "num_points": encoder_points},
-        "decoder": {
-            "num_layers": decoder_layers,
-            "cross_attention": "deformable",
-            "num_points": decoder_points,
-        },
+        "backbone": {**backbone_config(state, overrides), "name": backbone},
+        **deformable_stacks((encoder_layers, encoder_points), (decoder_layers, decoder_points)),
     }
-    loss = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "class_weight": 1.0, "bbox_weight": 5.0}
-    loss.update({"giou_weight": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0})
+    loss = focal_recipe(class_weight=1.0)  # the official recipe: class weight 1
     loss["terms"] = ["labels", "cardinality", "boxes", "box_parts"]  # DINO also logs loss_xy / loss_hw
     return config_from_dict({"model": model, "loss": loss}, f"official {FAMILY} checkpoint")
 
@@ -224,7 +153,7 @@ DINO_FAMILY = register_family(
         matches=is_dino,
         infer_config=infer_dino_config,
         rules=DINO_KEY_RULES,
-        fields=_fields,
+        fields=deformable_fields,
         prepare=resolve_dino_heads,
     )
 )

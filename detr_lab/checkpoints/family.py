@@ -124,6 +124,57 @@ def require_key(state: Mapping[str, Tensor], key: str, family: str, *, ndim: int
     return state[key]
 
 
+# The official backbone keys of every family (torchvision ResNet under `backbone.0.body.`, DETR's
+# learned position tables under `backbone.1.`): rules of `map_keys`.
+BACKBONE_KEY_RULES: list[tuple[str, tuple[str, ...]]] = [
+    (r"backbone\.0\.body\.(?P<rest>.+)\.num_batches_tracked", ()),
+    (r"backbone\.0\.body\.(?P<rest>.+)", ("backbone.body.{rest}",)),
+    (r"backbone\.1\.(?P<table>row_embed|col_embed)\.weight", ("position_encoding.{table}.weight",)),
+]
+
+
+def check_query_override(overrides: Mapping[str, Any], num_queries: int, key: str) -> None:
+    """An override of `num_queries` must agree with the query table `key` of the checkpoint.
+
+    Raises:
+        CheckpointError: it does not (the message names both counts and the key).
+    """
+    if "num_queries" in overrides and overrides["num_queries"] != num_queries:
+        raise CheckpointError(
+            f"num_queries={overrides['num_queries']} given, but the checkpoint's {key} holds "
+            f"{num_queries} queries"
+        )
+
+
+def backbone_config(state: Mapping[str, Tensor], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`model.backbone` of an official checkpoint: its ResNet depth, DC5 only when asked (the weights do
+    not tell), no ImageNet weights to fetch (the checkpoint holds the backbone)."""
+    return {
+        "name": infer_resnet(state, "backbone.0.body."),
+        "dilation": bool(overrides.get("dilation", False)),
+        "pretrained": False,
+        "weights_path": None,
+    }
+
+
+def deformable_stacks(encoder: tuple[int, int], decoder: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """`model.encoder` / `model.decoder` of a deformable-attention checkpoint from (layers, points) each."""
+    return {
+        "encoder": {"num_layers": encoder[0], "attention": "deformable", "num_points": encoder[1]},
+        "decoder": {"num_layers": decoder[0], "cross_attention": "deformable", "num_points": decoder[1]},
+    }
+
+
+def focal_recipe(class_weight: float) -> dict[str, Any]:
+    """`loss` of the official focal-loss recipes: matching costs class 2, L1 5, GIoU 2; weights
+    `class_weight`, L1 5, GIoU 2; focal alpha 0.25, gamma 2 (Deformable DETR: class weight 2; DINO: 1)."""
+    return {
+        "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0,
+        "class_weight": class_weight, "bbox_weight": 5.0, "giou_weight": 2.0,
+        "focal_alpha": 0.25, "focal_gamma": 2.0,
+    }  # fmt: skip
+
+
 RESNET_DEPTHS = {
     (False, (2, 2, 2, 2)): "resnet18",
     (False, (3, 4, 6, 3)): "resnet34",

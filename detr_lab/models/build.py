@@ -343,16 +343,14 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
     Raises:
         ValueError: an unknown or repeated `loss.terms` entry (the message names it).
     """
+    weights = {key: getattr(loss_cfg, key) for key in ("class_weight", "bbox_weight", "giou_weight")}
     return SetCriterion(
         model_cfg.num_classes,
         build_matcher(model_cfg, loss_cfg),
-        class_weight=loss_cfg.class_weight,
-        bbox_weight=loss_cfg.bbox_weight,
-        giou_weight=loss_cfg.giou_weight,
         classification=build_classification(model_cfg, loss_cfg),
         terms=loss_cfg.terms,
+        weights={**weights, **loss_cfg.weights},
         groups=declared_groups(model_cfg),
-        weights=dict(loss_cfg.weights),
     )
 
 

@@ -64,16 +64,16 @@ class SetCriterion(nn.Module):
     Args:
         num_classes: real classes; with softmax, "no object" is logit `num_classes`.
         matcher: the `HungarianMatcher`.
-        class_weight, bbox_weight, giou_weight: weights of `loss_ce`, `loss_bbox`, `loss_giou`.
-        eos_coef: softmax: cross-entropy weight of the "no object" class.
-        num_aux_layers: auxiliary decoder layers (groups `_0`, `_1`, ...) when `groups` is not given.
-        two_stage: also a class-agnostic proposal group (`_enc`), when `groups` is not given.
-        classification: a strategy or its name ("softmax", or "sigmoid" focal with `focal_alpha`,
-            `focal_gamma`).
+        classification: a strategy of `detr_lab.models.classification` (it holds `eos_coef` or the
+            focal `alpha` / `gamma`) or its name (default options).
         terms: names of `LOSS_TERMS` to compute.
+        weights: weights overriding the table's defaults, by weighted value (`loss_ce`, a new term's
+            `loss_area`) or by the `LossConfig` key a table entry names (`class_weight`, `bbox_weight`,
+            `giou_weight`; defaults 1, 5, 2).
         groups: the prediction groups the model declares (`detr_lab.models.groups`); None: the main,
             auxiliary and (with `two_stage`) proposal groups.
-        weights: weighted value -> weight, overriding the table's defaults (e.g. a new term's weight).
+        num_aux_layers: auxiliary decoder layers (groups `_0`, `_1`, ...) when `groups` is not given.
+        two_stage: also a class-agnostic proposal group (`_enc`), when `groups` is not given.
 
     Values (unweighted): the terms' values per group with the group's suffix: `loss_ce`, `loss_bbox`
     (L1 of normalized cxcywh), `loss_giou` (1 - GIoU), both box terms summed over matched pairs and
@@ -89,24 +89,16 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher,
         *,
-        class_weight: float = 1.0,
-        bbox_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        eos_coef: float = 0.1,
+        classification: str | Classification = "softmax",
+        terms: Sequence[str] = DEFAULT_TERMS,
+        weights: Mapping[str, float] | None = None,
+        groups: Sequence[PredictionGroup] | None = None,
         num_aux_layers: int = 5,
         two_stage: bool = False,
-        classification: str | Classification = "softmax",
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        terms: Sequence[str] = DEFAULT_TERMS,
-        groups: Sequence[PredictionGroup] | None = None,
-        weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(classification, str):
-            classification = classification_strategy(
-                classification, eos_coef=eos_coef, focal_alpha=focal_alpha, focal_gamma=focal_gamma
-            )
+            classification = classification_strategy(classification)
         self.loss_terms = select_terms(list(terms))
         self.num_classes = num_classes
         self.matcher = matcher
@@ -114,24 +106,18 @@ class SetCriterion(nn.Module):
         if groups is None:
             groups = main_groups(num_aux_layers, proposals="agnostic" if two_stage else None)
         self.groups = tuple(groups)
-        config_weights = {
-            "class_weight": class_weight,
-            "bbox_weight": bbox_weight,
-            "giou_weight": giou_weight,
-        }
-        overrides = dict(weights or {})
+        given = dict(weights or {})
         base: dict[str, float] = {}
         for term in self.loss_terms.values():
-            for value, weight in term.weights.items():
-                default = config_weights[weight] if isinstance(weight, str) else weight
-                base[value] = float(overrides.get(value, default))
+            for value, default in term.weights.items():
+                if isinstance(default, str):  # a LossConfig key: its value, else its schema default
+                    default = given.get(default, DEFAULT_WEIGHTS[default])
+                base[value] = float(given.get(value, default))
         self.weight_dict: dict[str, float] = {}
         for group in self.groups:
             for term in self.loss_terms.values():
                 if group.kind in term.groups:
-                    self.weight_dict.update(
-                        {value + group.suffix: base[value] for value in term.weights if value in base}
-                    )
+                    self.weight_dict.update({value + group.suffix: base[value] for value in term.weights})
 
     # ----------------------------------------------------------------------------------- forward
     def layer_losses(

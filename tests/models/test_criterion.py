@@ -75,7 +75,8 @@ def test_batch_without_objects_trains():
 
 
 def test_weight_dict_and_total():
-    criterion = _criterion(num_aux_layers=2, class_weight=1.5, bbox_weight=4.0, giou_weight=3.0)
+    weights = {"class_weight": 1.5, "loss_bbox": 4.0, "giou_weight": 3.0}  # config keys or value names
+    criterion = _criterion(num_aux_layers=2, weights=weights)
     assert criterion.weight_dict == {
         "loss_ce": 1.5, "loss_bbox": 4.0, "loss_giou": 3.0,
         "loss_ce_0": 1.5, "loss_bbox_0": 4.0, "loss_giou_0": 3.0,
@@ -118,7 +119,7 @@ def test_focal_terms_match_official_deformable_losses(name, two_stage):
     fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
     matcher = HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, classification="sigmoid")
     criterion = SetCriterion(
-        91, matcher, class_weight=2, num_aux_layers=5, two_stage=two_stage, classification="sigmoid"
+        91, matcher, weights={"loss_ce": 2}, num_aux_layers=5, two_stage=two_stage, classification="sigmoid"
     )
     losses = criterion(fixture["outputs"], fixture["targets"])
     assert set(losses) == set(fixture["losses"])
