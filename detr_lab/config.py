@@ -63,14 +63,14 @@ RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Options of one backbone type only: type -> keys. A key set for another type is an error.
 BACKBONE_TYPE_KEYS = {
     "resnet": ("dilation", "frozen_stages", "norm"),
-    "vit": ("pyramid_channels",),
 }
 
 
 @dataclass
 class BackboneConfig:
     # resnet: torchvision ResNet (name resnet18..resnet101); timm: a hierarchical timm model through
-    # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT with ViTDet's simple feature pyramid.
+    # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT, its one map at the patch stride (ViTDet's
+    # simple feature pyramid is the neck `simple_pyramid`).
     type: str = _choice("resnet", "timm", "vit", default="resnet")
     name: str = "resnet50"  # resnet: one of RESNET_NAMES; timm / vit: a timm model name
     # ImageNet weights through the library's own mechanism: `pretrained: true` downloads (torchvision
@@ -84,8 +84,6 @@ class BackboneConfig:
     frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
     # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
     norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
-    # vit only: channels of every pyramid level [256].
-    pyramid_channels: int | None = field(default=None, metadata={"min": 0, "exclusive": True})
 
 
 @dataclass

@@ -24,14 +24,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "weights_v1"
 EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)
 
 
-@pytest.mark.parametrize(("name", "source", "box_dim"), [("detr", None, 0), ("deformable", None, 2),
-                                                         ("two_stage", "proposals", 4)])  # fmt: skip
+CASES = [("detr", None, 0), ("deformable", None, 2), ("two_stage", "proposals", 4), ("vit", None, 2)]
+
+
+@pytest.mark.parametrize(("name", "source", "box_dim"), CASES)
 def test_version_1_checkpoints_load_and_give_their_outputs(name, source, box_dim):
     stored = safe_load(FIXTURES / f"{name}.pt")
     assert stored["version"] == 1 and any(k.startswith("input_proj.") for k in stored["state_dict"])
     loaded = load_checkpoint(FIXTURES / f"{name}.pt")
     assert loaded.config.model.query_source == source and loaded.model.query_spec.box_dim == box_dim
     assert loaded.class_names == ["a", "b", "c", "d", "e", "f"]
+    neck = "simple_pyramid" if name == "vit" else "projection"  # the pyramid left the ViT backbone
+    assert loaded.config.model.neck.type == neck
     with torch.no_grad():
         outputs = loaded.model(EXPECTED["images"], EXPECTED["padding_mask"])
     for key in ("pred_logits", "pred_boxes"):
@@ -78,11 +82,11 @@ def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 def test_state_dict_renames_and_versions():
     state = {"input_proj.0.weight": 1, "query_embed.weight": 2, "proposal_queries.memory_proj.bias": 3,
              "reference_points_head.bias": 4, "class_embed.weight": 5,
-             "teacher.query_embed.weight": 6}  # fmt: skip
+             "teacher.query_embed.weight": 6, "backbone.pyramid.branches.0.1.weight": 7}  # fmt: skip
     assert migrate_state_dict(state, 1) == {
         "neck.input_proj.0.weight": 1, "query_source.query_embed.weight": 2,
         "query_source.memory_proj.bias": 3, "query_source.reference_points_head.bias": 4,
-        "class_embed.weight": 5, "teacher.query_embed.weight": 6,
+        "class_embed.weight": 5, "teacher.query_embed.weight": 6, "neck.pyramid.branches.0.1.weight": 7,
     }  # fmt: skip
     prefixed = migrate_state_dict({"model.input_proj.0.weight": 1, "criterion.x": 2}, 1, prefix="model.")
     assert prefixed == {"model.neck.input_proj.0.weight": 1, "criterion.x": 2}
@@ -99,6 +103,14 @@ def test_version_1_config_keys_are_migrated():
                         "loss": {"terms": ["labels", "cardinality", "boxes", "box_parts"]}}  # fmt: skip
     anchors = migrate_config_data(OmegaConf.create({"model": {"anchor_boxes": True}}))
     assert anchors.model.query_source == "learned_anchors"
+    vit_backbone = {"type": "vit", "pyramid_channels": 64}
+    vit = migrate_config_data(OmegaConf.create({"model": {"backbone": vit_backbone}}))
+    assert OmegaConf.to_container(vit.model) == {
+        "backbone": {"type": "vit"}, "neck": {"type": "simple_pyramid", "options": {"channels": 64}}
+    }
+    resnet_backbone = {"type": "resnet", "pyramid_channels": None}
+    resnet = migrate_config_data(OmegaConf.create({"model": {"backbone": resnet_backbone}}))
+    assert OmegaConf.to_container(resnet.model) == {"backbone": {"type": "resnet"}}  # a stored null: dropped
     cfg = load_config(overrides=["model.decoder.cross_attention=deformable", "model.box_refine=true",
                                  "model.two_stage=true"])  # fmt: skip
     assert cfg.model.query_source == "proposals"

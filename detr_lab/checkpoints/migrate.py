@@ -9,6 +9,7 @@ queries on the detector itself; version 2 holds them in the neck and the query s
 | `query_embed.*` (DETR, Deformable DETR) | `query_source.query_embed.*` |
 | `reference_points_head.*` | `query_source.reference_points_head.*` |
 | `proposal_queries.*` (two-stage) | `query_source.*` |
+| `backbone.pyramid.*` (ViT) | `neck.pyramid.*` (the simple feature pyramid is a neck) |
 
 Every other key kept its name. detr_lab checkpoints carry their version (`version`); Lightning
 checkpoints carry it in their metadata entry (`weights_version`; absent: 1). The stored config is
@@ -28,6 +29,7 @@ V1_RENAMES = (
     ("query_embed.", "query_source.query_embed."),
     ("reference_points_head.", "query_source.reference_points_head."),
     ("proposal_queries.", "query_source."),
+    ("backbone.pyramid.", "neck.pyramid."),
 )
 
 Value = TypeVar("Value")

@@ -99,11 +99,11 @@ def _timm(b: BackboneConfig, num_levels: int) -> Backbone:
 
 
 def _vit(b: BackboneConfig, num_levels: int) -> Backbone:
-    """Plain ViT + simple feature pyramid: every level of `LEVEL_STRIDES` (8/16/32/64 for patch 16)."""
+    """Plain ViT: its one map at the patch stride; images padded to the deepest level stride of
+    `LEVEL_STRIDES` (the simple-pyramid neck builds those levels from the map)."""
     return ViTBackbone(
         b.name,
-        strides=LEVEL_STRIDES[num_levels],
-        pyramid_channels=b.pyramid_channels or 256,
+        size_multiple=max(LEVEL_STRIDES[min(num_levels, 4)]),
         pretrained=b.pretrained,
         weights_path=b.weights_path,
         model_kwargs=b.timm_kwargs,
@@ -141,6 +141,7 @@ def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
         strides=list(backbone.strides),
         hidden_dim=cfg.hidden_dim,
         num_levels=cfg.num_feature_levels,
+        level_strides=list(LEVEL_STRIDES[min(cfg.num_feature_levels, 4)]),
         group_norm=multiscale_inputs(cfg),
         **dict(neck.options),
     )

@@ -259,7 +259,7 @@ def test_pretrained_timm_backbone_on_a_small_set_trains(tmp_path):
 
     cfg = _convnext_run(tmp_path)
     assert cfg.model.backbone.frozen_stages is None and cfg.model.backbone.dilation is None
-    assert cfg.model.backbone.norm is None and cfg.model.backbone.pyramid_channels is None
+    assert cfg.model.backbone.norm is None and cfg.model.neck.type == "projection"
     small = _one(_messages(diagnose(cfg), "info", None), "small dataset (2 training images)")
     assert "freezing the pretrained backbone (optim.lr_backbone=0)" in small and "frozen_stages" not in small
     assert train(cfg, progress_bar=False).global_step == 1  # the doctor ran at the start (dataset: coco)

@@ -111,7 +111,7 @@ def test_vit_backbone_is_refused_before_tracing(tmp_path):
 
     cfg = load_config("configs/demo_vit.yaml", [
         "model.backbone.timm_kwargs.embed_dim=32", "model.backbone.timm_kwargs.depth=1",
-        "model.backbone.timm_kwargs.num_heads=2", "model.backbone.pyramid_channels=16",
+        "model.backbone.timm_kwargs.num_heads=2", "model.neck.options.channels=16",
         "model.hidden_dim=32", "model.num_heads=2", "model.num_queries=5",
         "model.encoder.num_layers=1", "model.decoder.num_layers=1",
     ])

@@ -42,7 +42,7 @@ DEMOS = {
             "model.backbone.timm_kwargs.embed_dim=32",
             "model.backbone.timm_kwargs.depth=1",
             "model.backbone.timm_kwargs.num_heads=2",
-            "model.backbone.pyramid_channels=16",
+            "model.neck.type=simple_pyramid", "model.neck.options.channels=16",
         ],
     ),
     "demo_convnext": (
@@ -109,7 +109,10 @@ def test_coco_backbone_configs_build(config, backbone_class, widths):
     assert cfg.model.backbone.timm_kwargs["drop_path_rate"] == 0.1
     model = build_model(cfg.model)
     assert isinstance(model.backbone, backbone_class) and len(model.neck.input_proj) == 4
-    assert model.backbone.strides == ([8, 16, 32, 64] if backbone_class is ViTBackbone else [8, 16, 32])
+    # The ViT gives one stride-16 map; its simple-pyramid neck makes the four levels.
+    assert model.backbone.strides == ([16] if backbone_class is ViTBackbone else [8, 16, 32])
+    pyramid = cfg.model.neck.type == "simple_pyramid"
+    assert model.neck.num_levels == 4 and pyramid == (backbone_class is ViTBackbone)
 
 
 @pytest.mark.parametrize("key", ["dilation=true", "frozen_stages=0", "norm=batch_norm"])
@@ -123,7 +126,7 @@ def test_resnet_only_keys_are_refused_for_other_types(backbone_type, key):
 
 
 def test_backbone_type_rules():
-    with pytest.raises(ConfigError, match=r"'model\.backbone\.pyramid_channels' applies to .*type: vit"):
+    with pytest.raises(ConfigError, match=r"'model\.backbone\.pyramid_channels' applies to .*vit.*neck"):
         load_config(overrides=["model.backbone.type=timm", "model.backbone.pyramid_channels=64"])
     with pytest.raises(ConfigError, match=r"'model\.backbone\.name' is 'convnext_atto'; a resnet backbone"):
         load_config(overrides=["model.backbone.name=convnext_atto"])

@@ -13,13 +13,15 @@ import torch
 from detr_lab.config import load_config
 from detr_lab.models.backbones import (
     Backbone,
+    FeatureLevel,
     ResNetBackbone,
-    SimpleFeaturePyramid,
     TimmBackbone,
     ViTBackbone,
     pad_to_multiple,
 )
-from detr_lab.models.build import BACKBONES, build_backbone
+from detr_lab.models.build import BACKBONES, build_backbone, build_neck
+from detr_lab.models.necks.simple_pyramid import SimpleFeaturePyramid
+from detr_lab.models.necks.simple_pyramid import build as build_simple_pyramid
 
 TINY_CONVNEXT = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
@@ -36,7 +38,7 @@ BACKBONE_CASES = {
 NATIVE_STRIDES = {
     "resnet": {1: [32], 2: [16, 32], 3: [8, 16, 32], 4: [8, 16, 32]},
     "timm": {1: [32], 2: [16, 32], 3: [8, 16, 32], 4: [8, 16, 32]},
-    "vit": {1: [32], 2: [16, 32], 3: [8, 16, 32], 4: [8, 16, 32, 64]},
+    "vit": {1: [32], 2: [16, 32], 3: [8, 16, 32], 4: [8, 16, 32, 64]},  # of its simple-pyramid neck
 }
 
 
@@ -51,7 +53,7 @@ def overrides(case: str, levels: int) -> list[str]:
     ]
     items += [f"model.backbone.timm_kwargs.{key}={value}" for key, value in kwargs.items()]
     if backbone_type == "vit":
-        items.append("model.backbone.pyramid_channels=16")
+        items += ["model.neck.type=simple_pyramid", "model.neck.options.channels=16"]
     return items
 
 
@@ -67,12 +69,19 @@ def test_registry_matches_the_config_choices():
 @pytest.mark.parametrize("levels", [1, 3, 4])
 @pytest.mark.parametrize("case", list(BACKBONE_CASES))
 def test_levels_strides_channels_and_masks(case, levels):
+    """Each backbone's levels; for the ViT, the levels its simple-pyramid neck builds from its one map."""
     torch.manual_seed(0)
-    backbone = build_backbone(load_config(overrides=overrides(case, levels)).model)
+    cfg = load_config(overrides=overrides(case, levels)).model
+    backbone = build_backbone(cfg)
     assert isinstance(backbone, Backbone)
     backbone_type = BACKBONE_CASES[case][0]
-    assert backbone.strides == NATIVE_STRIDES[backbone_type][levels]
-    assert len(backbone.num_channels) == len(backbone.strides)
+    strides, num_channels = backbone.strides, backbone.num_channels
+    if backbone_type == "vit":
+        assert (backbone.strides, backbone.num_channels) == ([16], [32])  # one map at the patch stride
+        neck = build_neck(cfg, backbone)
+        strides, num_channels = NATIVE_STRIDES["vit"][levels], [cfg.hidden_dim] * neck.num_levels
+    assert strides == NATIVE_STRIDES[backbone_type][levels]
+    assert len(num_channels) == len(strides)
 
     height, width = 72, 100  # divisible by none of the patch, window or deepest stride
     images = torch.randn(2, 3, height, width)
@@ -80,10 +89,12 @@ def test_levels_strides_channels_and_masks(case, levels):
     padding_mask[1, :, 50:] = True  # right half of image 1 is padding
     images[1, :, :, 50:] = 0
     out = backbone(images, padding_mask)
-    assert len(out) == len(backbone.strides)
+    if backbone_type == "vit":
+        out = [FeatureLevel(*pair) for pair in zip(*neck(out, padding_mask), strict=True)]
+    assert len(out) == len(strides)
     multiple = backbone.size_multiple
     padded_h, padded_w = math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
-    for level, stride, channels in zip(out, backbone.strides, backbone.num_channels, strict=True):
+    for level, stride, channels in zip(out, strides, num_channels, strict=True):
         # Every level covers the (padded) input: about ceil(H / stride) rows, ceil(W / stride) columns.
         assert level.features.shape[:2] == (2, channels)
         h, w = level.features.shape[-2:]
@@ -139,9 +150,7 @@ def test_vit_padding_content_does_not_reach_real_tokens():
     """Patches that are all padding are masked out as attention keys: whatever those pixels hold, the
     ViT's tokens of the other patches are unchanged (same grid, so the same position embeddings)."""
     torch.manual_seed(0)
-    backbone = ViTBackbone(
-        "vit_tiny_patch16_224", strides=(16,), pyramid_channels=8, model_kwargs=TINY_VIT
-    ).eval()
+    backbone = ViTBackbone("vit_tiny_patch16_224", model_kwargs=TINY_VIT).eval()
     images = torch.randn(2, 3, 64, 96)
     padding_mask = torch.zeros(2, 64, 96, dtype=torch.bool)
     padding_mask[1, 32:, :] = True  # image 1: bottom two patch rows are padding
@@ -171,9 +180,7 @@ def test_vit_map_matches_timm_and_does_not_depend_on_the_batch():
     batch with a larger image, an image's real tokens stay as alone: its position embeddings follow its
     own patch grid and padding patches are no keys."""
     torch.manual_seed(0)
-    backbone = ViTBackbone(
-        "vit_tiny_patch16_224", strides=(16,), pyramid_channels=8, model_kwargs=TINY_VIT
-    ).eval()
+    backbone = ViTBackbone("vit_tiny_patch16_224", model_kwargs=TINY_VIT).eval()
     alone = torch.randn(1, 3, 48, 80)  # a 3 x 5 patch grid
     with torch.no_grad():
         reference = backbone.vit.forward_intermediates(
@@ -253,8 +260,10 @@ def test_bad_backbone_arguments():
         TimmBackbone("vit_tiny_patch16_224", model_kwargs=TINY_VIT)
     with pytest.raises(ValueError, match="not a plain timm VisionTransformer"):
         ViTBackbone("convnext_atto", model_kwargs=TINY_CONVNEXT)
-    with pytest.raises(ValueError, match=r"ViT backbone strides .* got \(8, 128\)"):
-        ViTBackbone("vit_tiny_patch16_224", strides=(8, 128), model_kwargs=TINY_VIT)
+    with pytest.raises(ValueError, match=r"simple-pyramid strides .* got \(8, 128\)"):
+        build_simple_pyramid(
+            in_channels=[32], strides=[16], level_strides=(8, 128), hidden_dim=32, group_norm=True
+        )
     with pytest.raises(ValueError, match="patch dropout"):
         ViTBackbone("vit_tiny_patch16_224", model_kwargs={**TINY_VIT, "patch_drop_rate": 0.5})
     assert isinstance(build_backbone(load_config(overrides=overrides("resnet", 1)).model), ResNetBackbone)

@@ -26,7 +26,7 @@ TINY_BACKBONES = {
              "model.backbone.name=convnext_atto"],  # fmt: skip
     "vit": ["model.backbone.name=vit_tiny_patch16_224", "model.backbone.timm_kwargs.embed_dim=32",
             "model.backbone.timm_kwargs.depth=1", "model.backbone.timm_kwargs.num_heads=2",
-            "model.backbone.pyramid_channels=32"],  # fmt: skip
+            "model.neck.options.channels=32"],  # fmt: skip
 }
 
 

@@ -10,14 +10,13 @@ plain arguments); the rest of `detr_lab.models` imports it.
 from detr_lab.models.backbones.base import Backbone, FeatureLevel, downsample_mask, pad_to_multiple
 from detr_lab.models.backbones.resnet import FrozenBatchNorm2d, ResNetBackbone
 from detr_lab.models.backbones.timm_features import TimmBackbone
-from detr_lab.models.backbones.vit import SimpleFeaturePyramid, ViTBackbone
+from detr_lab.models.backbones.vit import ViTBackbone
 
 __all__ = [
     "Backbone",
     "FeatureLevel",
     "FrozenBatchNorm2d",
     "ResNetBackbone",
-    "SimpleFeaturePyramid",
     "TimmBackbone",
     "ViTBackbone",
     "downsample_mask",
