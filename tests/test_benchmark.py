@@ -100,7 +100,7 @@ def test_breakdown_of_inference_parts(report):
             parts = figures["breakdown_s"]
             assert set(parts) == {*BREAKDOWN_PARTS, "total"}
             assert parts["backbone"] > 0 and parts["enc_attn_linear"] > 0 and parts["enc_ffn"] > 0
-            assert parts["input_proj"] > 0
+            assert parts["neck"] > 0
             assert parts["decoder"] > 0 and parts["enc_attn_core"] > 0
             measured = sum(parts[name] for name in BREAKDOWN_PARTS if name != "other")
             assert measured <= parts["total"] * 1.01

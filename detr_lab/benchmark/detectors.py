@@ -141,7 +141,7 @@ def parse_size(text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------- breakdown
 BREAKDOWN_PARTS = (
     "backbone",  # ResNet
-    "input_proj",  # per-level projections to the model width (and the extra strided level)
+    "neck",  # the neck: per-level projections to the model width (and extra levels or a pyramid)
     "enc_attn_linear",  # the nn.Linear layers inside the encoder's attention modules
     "enc_attn_core",  # the rest of encoder attention: SDPA / softmax(qk)v, or sampling + core
     "enc_ffn",  # the encoder's feed-forward blocks
@@ -157,7 +157,7 @@ def _breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     parts = {
         "backbone": [getattr(model, "backbone", None)],
         # A ModuleList is never called itself: time its members.
-        "input_proj": list(getattr(model, "input_proj", [])),
+        "neck": [getattr(model, "neck", None)],
         "enc_attn": attention,
         "enc_attn_linear": [
             child for module in attention for child in module.children() if isinstance(child, nn.Linear)
@@ -203,7 +203,7 @@ def time_breakdown(model: nn.Module, call: Callable[[], object], device: torch.d
             handle.remove()
     result = {
         "backbone": totals["backbone"],
-        "input_proj": totals["input_proj"],
+        "neck": totals["neck"],
         "enc_attn_linear": totals["enc_attn_linear"],
         "enc_attn_core": totals["enc_attn"] - totals["enc_attn_linear"],
         "enc_ffn": totals["enc_ffn"],
