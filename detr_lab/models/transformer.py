@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.backbones.base import valid_extent
+
 
 class FeedForward(nn.Module):
     """Position-wise MLP `linear2(dropout(relu(linear1(x))))`: `[..., d]` -> `[..., d]`."""
@@ -309,7 +311,8 @@ class EncoderOutput:
 
     memory `[B, S, d]`; memory_pos `[B, S, d]` (position + level embeddings); memory_padding_mask
     bool `[B, S]` (True = padding); spatial_shapes int64 `[levels, 2]` (H, W); level_start_index
-    int64 `[levels]`; valid_ratios float `[B, levels, 2]` (x, y): the unpadded fraction of each level.
+    int64 `[levels]`; valid_ratios float `[B, levels, 2]` (x, y): the unpadded fraction of each level;
+    valid_sizes int64 `[B, levels, 2]` (width, height): the unpadded extent of each level in its pixels.
     """
 
     memory: Tensor
@@ -318,6 +321,7 @@ class EncoderOutput:
     spatial_shapes: Tensor
     level_start_index: Tensor
     valid_ratios: Tensor
+    valid_sizes: Tensor
 
 
 def flatten_levels(
@@ -349,14 +353,19 @@ def flatten_levels(
     return tokens, flat_pos, padding_mask, spatial_shapes, level_start_index
 
 
+def valid_sizes(masks: Sequence[Tensor]) -> Tensor:
+    """Per level bool `[B, H_l, W_l]` (True = padding) -> int64 `[B, levels, 2]`: each level's unpadded
+    (width, height) in its own pixels (`valid_extent`)."""
+    return torch.stack([valid_extent(mask) for mask in masks], dim=1)
+
+
 def valid_ratios(masks: Sequence[Tensor]) -> Tensor:
     """Per level bool `[B, H_l, W_l]` (True = padding) -> `[B, levels, 2]` (x, y) unpadded fraction."""
     ratios = []
     for mask in masks:
-        height, width = mask.shape[-2:]
-        valid_h = (~mask[:, :, 0]).sum(1).float() / height
-        valid_w = (~mask[:, 0, :]).sum(1).float() / width
-        ratios.append(torch.stack((valid_w, valid_h), dim=-1))
+        height, width = mask.shape[-2:]  # divided as sizes, so a traced graph reads them from its input
+        valid_w, valid_h = valid_extent(mask).float().unbind(-1)
+        ratios.append(torch.stack((valid_w / width, valid_h / height), dim=-1))
     return torch.stack(ratios, dim=1)
 
 
@@ -450,6 +459,7 @@ class Transformer(nn.Module):
             features, masks, pos
         )
         ratios = valid_ratios(masks).to(tokens.dtype)
+        sizes = valid_sizes(masks)
         memory = self.encoder(
             tokens,
             memory_pos,
@@ -458,7 +468,9 @@ class Transformer(nn.Module):
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
         )
-        return EncoderOutput(memory, memory_pos, padding_mask, spatial_shapes, level_start_index, ratios)
+        return EncoderOutput(
+            memory, memory_pos, padding_mask, spatial_shapes, level_start_index, ratios, sizes
+        )
 
     def decode(
         self,

@@ -22,12 +22,15 @@ PROPOSAL_MARGIN = 0.01
 PROPOSAL_BASE_SIZE = 0.05  # width and height of a level-0 proposal, as a fraction of the image
 
 
-def encoder_proposals(memory_padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+def encoder_proposals(
+    memory_padding_mask: Tensor, spatial_shapes: Tensor, valid_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
     """One box per encoder token, centred on its pixel, in logit space.
 
     Args:
         memory_padding_mask: bool `[B, S]` (True = padding), levels flattened row-major.
         spatial_shapes: int64 `[levels, 2]` (H, W).
+        valid_sizes: int64 `[B, levels, 2]`, each level's unpadded (width, height) (`EncoderOutput`).
     Returns:
         proposals `[B, S, 4]`: inverse-sigmoid of normalized (cx, cy, w, h) relative to each image's
         unpadded extent, +inf at padding and for boxes too close to the border; valid bool `[B, S, 1]`
@@ -35,10 +38,9 @@ def encoder_proposals(memory_padding_mask: Tensor, spatial_shapes: Tensor) -> tu
     """
     # Vectorized over all tokens (no loop over level sizes read on the host), so a traced graph (ONNX
     # export) stays valid for every input size: each token's level, pixel (x, y), and its level's
-    # unpadded width / height (the valid tokens in the level's first row / column).
+    # unpadded width / height (from `valid_sizes`).
     batch, length = memory_padding_mask.shape
     device = memory_padding_mask.device
-    num_levels = spatial_shapes.shape[0]
     heights, widths = spatial_shapes[:, 0], spatial_shapes[:, 1]  # (L,)
     areas = heights * widths
     starts = areas.cumsum(0) - areas  # (L,)
@@ -47,11 +49,7 @@ def encoder_proposals(memory_padding_mask: Tensor, spatial_shapes: Tensor) -> tu
     local = token - starts[level]
     xs = local % widths[level]
     ys = torch.div(local, widths[level], rounding_mode="floor")
-    one_hot = (level[:, None] == torch.arange(num_levels, device=device)).float()  # (S, L)
-    valid = (~memory_padding_mask).float()  # (B, S)
-    valid_w = (valid * (ys == 0)) @ one_hot  # (B, L) valid pixels in each level's first row
-    valid_h = (valid * (xs == 0)) @ one_hot
-    extent = torch.stack((valid_w[:, level], valid_h[:, level]), dim=-1)  # (B, S, 2)
+    extent = valid_sizes.float()[:, level]  # (B, S, 2): each token's level's unpadded (width, height)
     centres = (torch.stack((xs, ys), dim=-1).float()[None] + 0.5) / extent  # (B, S, 2)
     # 0.05 * 2^level is exact in float32, as the per-level constant it replaces
     sizes = (2.0 ** level.float() * PROPOSAL_BASE_SIZE)[None, :, None].expand(batch, -1, 2)
@@ -107,7 +105,9 @@ class TwoStageQueries(nn.Module):
 
         Padding tokens and unusable proposals get zero input features and +inf proposals.
         """
-        proposals, valid = encoder_proposals(encoded.memory_padding_mask, encoded.spatial_shapes)
+        proposals, valid = encoder_proposals(
+            encoded.memory_padding_mask, encoded.spatial_shapes, encoded.valid_sizes
+        )
         memory = encoded.memory.masked_fill(~valid, 0.0)
         return self.memory_norm(self.memory_proj(memory)), proposals
 

@@ -129,7 +129,8 @@ def test_encoder_proposals_centre_a_box_on_every_valid_token():
     shapes = torch.tensor([[2, 4], [1, 2]])
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[1, [3, 7, 9]] = True  # image 1: last column of each level is padding
-    proposals, valid = encoder_proposals(mask, shapes)
+    sizes = torch.tensor([[[4, 2], [2, 1]], [[3, 2], [1, 1]]])  # (image, level) -> valid (width, height)
+    proposals, valid = encoder_proposals(mask, shapes, sizes)
     boxes = proposals.sigmoid()
     # image 0, level 0, token (y=1, x=2): centre (2.5 / 4, 1.5 / 2), size 0.05
     torch.testing.assert_close(boxes[0, 6], torch.tensor([2.5 / 4, 1.5 / 2, 0.05, 0.05]))
@@ -140,7 +141,8 @@ def test_encoder_proposals_centre_a_box_on_every_valid_token():
     assert torch.isinf(proposals[1, 9]).all() and torch.isinf(proposals[1, 3]).all()
     # a centre within 0.01 of the border is not a usable proposal
     wide = torch.tensor([[1, 100]])
-    proposals, valid = encoder_proposals(torch.zeros(1, 100, dtype=torch.bool), wide)
+    unpadded = torch.zeros(1, 100, dtype=torch.bool)
+    proposals, valid = encoder_proposals(unpadded, wide, torch.tensor([[[100, 1]]]))
     assert valid[0, :, 0].tolist() == [False] + [True] * 98 + [False]
     assert torch.isinf(proposals[0, 0]).all()
 

@@ -28,6 +28,15 @@ def downsample_mask(padding_mask: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
+def valid_extent(padding_mask: Tensor) -> Tensor:
+    """bool `[B, H, W]` (True = padding, bottom/right) -> int64 `[B, 2]`: each image's unpadded (width,
+    height) in pixels of this map, the valid pixels of its first row and first column. The one
+    valid-extent reader: the ViT's patch grids, the encoder's valid ratios and the two-stage proposals
+    all use it."""
+    valid = ~padding_mask
+    return torch.stack((valid[:, 0, :].sum(1), valid[:, :, 0].sum(1)), dim=-1)
+
+
 def pad_to_multiple(images: Tensor, padding_mask: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
     """Zero-pad images `[B, C, H, W]` bottom/right to sides divisible by `multiple`; the added pixels
     are padding (True) in the returned mask `[B, H', W']`. Unchanged inputs when already divisible."""

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from detr_lab.models.backbones.base import Backbone
+from detr_lab.models.backbones.base import Backbone, valid_extent
 from detr_lab.models.backbones.timm_models import create_timm_model
 
 
@@ -129,9 +129,7 @@ class ViTBackbone(Backbone):
         if padding_mask is None:
             image_grids = [(h, w)] * batch
         else:
-            real = ~padding_mask
-            real_h = real.any(dim=2).sum(dim=1)  # (B,) rows holding a real pixel (padding is bottom/right)
-            real_w = real.any(dim=1).sum(dim=1)
+            real_w, real_h = valid_extent(padding_mask).unbind(-1)  # (B,) each; padding is bottom/right
             to_patches = lambda n: (-(-n // self.patch_size)).clamp(min=1).tolist()  # ceil
             image_grids = list(zip(to_patches(real_h), to_patches(real_w), strict=True))
         tokens = patches.view(batch, h * w, channels) + self.patch_position_embeddings((h, w), image_grids)

@@ -51,7 +51,9 @@ class MixedQuerySelection(nn.Module):
         Raises:
             ValueError: fewer encoder tokens than K.
         """
-        proposals, valid = encoder_proposals(encoded.memory_padding_mask, encoded.spatial_shapes)
+        proposals, valid = encoder_proposals(
+            encoded.memory_padding_mask, encoded.spatial_shapes, encoded.valid_sizes
+        )
         if proposals.shape[1] < self.num_queries:
             raise ValueError(
                 f"mixed query selection needs at least num_queries={self.num_queries} encoder tokens, "
