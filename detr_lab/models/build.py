@@ -184,27 +184,23 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
     says so (DETR) or its query source's (the DAB / DINO decoder), none otherwise (Deformable DETR).
     Multi-scale inputs add a learned level embedding.
     """
-    d, ffn, dropout = cfg.hidden_dim, cfg.ffn_dim, cfg.dropout
+    d = cfg.hidden_dim
+    widths = dict(embed_dim=d, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout)
+    encoder_arguments, decoder_arguments = (
+        attention_arguments(cfg, "encoder"),
+        attention_arguments(cfg, "decoder"),
+    )
     encoder_layers = [
         EncoderLayer(
-            self_attn=build_attention(
-                cfg.encoder.attention, site="encoder", **attention_arguments(cfg, "encoder")
-            ),
-            embed_dim=d,
-            ffn_dim=ffn,
-            dropout=dropout,
+            self_attn=build_attention(cfg.encoder.attention, site="encoder", **encoder_arguments), **widths
         )
         for _ in range(cfg.encoder.num_layers)
     ]
     decoder_layers = [
         DecoderLayer(
-            self_attn=PlainAttention(d, cfg.num_heads, dropout=dropout),
-            cross_attn=build_attention(
-                cfg.decoder.cross_attention, site="decoder", **attention_arguments(cfg, "decoder")
-            ),
-            embed_dim=d,
-            ffn_dim=ffn,
-            dropout=dropout,
+            self_attn=PlainAttention(d, cfg.num_heads, dropout=cfg.dropout),
+            cross_attn=build_attention(cfg.decoder.cross_attention, site="decoder", **decoder_arguments),
+            **widths,
         )
         for _ in range(cfg.decoder.num_layers)
     ]

@@ -19,7 +19,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from detr_lab.models.backbones.base import FeatureLevel, downsample_mask
-from detr_lab.models.necks.projection import group_norm_projection
+from detr_lab.models.necks.projection import InputProjections, group_norm_projection
 
 # Input stride / pyramid level stride -> how the branch resamples the ViT map before its convolutions.
 BRANCH_SCALES = (4, 2, 1, 0.5)
@@ -80,7 +80,7 @@ class SimpleFeaturePyramid(nn.Module):
         return levels
 
 
-class SimplePyramidNeck(nn.Module):
+class SimplePyramidNeck(InputProjections):
     """The pyramid over the backbone's deepest map, then one projection per level.
 
     Args:
@@ -94,14 +94,9 @@ class SimplePyramidNeck(nn.Module):
     def __init__(
         self, pyramid: SimpleFeaturePyramid, projections: Sequence[nn.Module], *, input_stride: int
     ) -> None:
-        super().__init__()
+        super().__init__(projections, num_backbone_levels=len(projections))
         self.pyramid = pyramid
-        self.input_proj = nn.ModuleList(projections)
         self.input_stride = input_stride
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.input_proj)
 
     def forward(
         self, levels: Sequence[FeatureLevel], padding_mask: Tensor
