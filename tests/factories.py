@@ -1,9 +1,10 @@
-"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, synthetic official weights.
+"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, official key specs and synthetic
+official weights, and the measurements the parity tests compare against their fixtures.
 
-Plain functions, imported by tests as `from factories import tiny_overrides` (tests/ is on the path
-through tests/conftest.py, which also hands some of them out as fixtures). A module of its own, not
-conftest.py: other folders' conftest.py files would shadow `import conftest`. Setup only: no
-assertions live here.
+Plain functions and the `OfficialSpec` builder, imported by tests as `from factories import ...`
+(tests/ is on the path through tests/conftest.py, which also hands some of them out as fixtures). A
+module of its own, not conftest.py: other folders' conftest.py files would shadow `import conftest`.
+Setup and measurement only: no assertions live here (the tests assert on what these return).
 """
 
 from __future__ import annotations
@@ -148,6 +149,46 @@ def official_batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for i, image in enumerate(fixture["images_uint8"]):
         images[i, :, : image.shape[1], : image.shape[2]] = (image.float() / 255 - mean) / std
     return images, padding_mask
+
+
+def max_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors, infinities of one sign on both sides counting as 0."""
+    both_inf = torch.isinf(ours) & torch.isinf(theirs) & (ours.sign() == theirs.sign())
+    return (ours - theirs).abs().masked_fill(both_inf, 0).max().item()
+
+
+def layer_errors(outputs: dict, expected: dict) -> dict[str, float]:
+    """`max_error` of `pred_logits` / `pred_boxes` against a parity fixture's outputs: keyed by the name
+    for the last decoder layer, `<name>_<layer>` for `aux_outputs` (zipped strictly)."""
+    keys = ("pred_logits", "pred_boxes")
+    errors = {key: max_error(outputs[key], expected[key]) for key in keys}
+    for layer, (ours, theirs) in enumerate(zip(outputs["aux_outputs"], expected["aux_outputs"], strict=True)):
+        errors.update({f"{key}_{layer}": max_error(ours[key], theirs[key]) for key in keys})
+    return errors
+
+
+def matching_against_official(cfg: Config, outputs: dict, fixture: dict) -> tuple[list, list]:
+    """The matcher's indices for a parity fixture's targets next to the official ones, each a list of
+    `(query indices, target indices)` lists, one pair per image."""
+    from detr_lab.models.build import build_criterion
+
+    indices = build_criterion(cfg.model, cfg.loss).matcher(outputs, fixture["targets"])
+    as_lists = [(queries.tolist(), targets.tolist()) for queries, targets in indices]
+    return as_lists, [(queries.tolist(), targets.tolist()) for queries, targets in fixture["matcher_indices"]]
+
+
+def tie_tolerant_box_distances(ours: dict, theirs: dict, tie: float = 1e-6) -> list[torch.Tensor]:
+    """For each rank of our detections, the max-coordinate distance of our box to the nearest official
+    box of the same rank or of a tie: same label, official score within `tie` of the rank's (equal
+    float32 scores of one class may come out of top-k in either order)."""
+    distances = []
+    for rank in range(len(ours["scores"])):
+        tied = (theirs["labels"] == ours["labels"][rank]) & (
+            (theirs["scores"] - theirs["scores"][rank]).abs() <= tie
+        )
+        tied[rank] = True  # the same rank always qualifies
+        distances.append((theirs["boxes"][tied] - ours["boxes"][rank]).abs().max(dim=1).values.min())
+    return distances
 
 
 def load_module(path: Path, name: str | None = None) -> ModuleType:
