@@ -1,9 +1,10 @@
-"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, synthetic official weights.
+"""Shared test setup: tiny configs, a tiny batch, tools loaded by path, official key specs and synthetic
+official weights, and the measurements the parity tests compare against their fixtures.
 
-Plain functions, imported by tests as `from factories import tiny_overrides` (tests/ is on the path
-through tests/conftest.py, which also hands some of them out as fixtures). A module of its own, not
-conftest.py: other folders' conftest.py files would shadow `import conftest`. Setup only: no
-assertions live here.
+Plain functions and the `OfficialSpec` builder, imported by tests as `from factories import ...`
+(tests/ is on the path through tests/conftest.py, which also hands some of them out as fixtures). A
+module of its own, not conftest.py: other folders' conftest.py files would shadow `import conftest`.
+Setup and measurement only: no assertions live here (the tests assert on what these return).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torchvision
 from omegaconf import OmegaConf
 
 from detr_lab.config import Config, load_config
@@ -149,6 +151,46 @@ def official_batch(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return images, padding_mask
 
 
+def max_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors, infinities of one sign on both sides counting as 0."""
+    both_inf = torch.isinf(ours) & torch.isinf(theirs) & (ours.sign() == theirs.sign())
+    return (ours - theirs).abs().masked_fill(both_inf, 0).max().item()
+
+
+def layer_errors(outputs: dict, expected: dict) -> dict[str, float]:
+    """`max_error` of `pred_logits` / `pred_boxes` against a parity fixture's outputs: keyed by the name
+    for the last decoder layer, `<name>_<layer>` for `aux_outputs` (zipped strictly)."""
+    keys = ("pred_logits", "pred_boxes")
+    errors = {key: max_error(outputs[key], expected[key]) for key in keys}
+    for layer, (ours, theirs) in enumerate(zip(outputs["aux_outputs"], expected["aux_outputs"], strict=True)):
+        errors.update({f"{key}_{layer}": max_error(ours[key], theirs[key]) for key in keys})
+    return errors
+
+
+def matching_against_official(cfg: Config, outputs: dict, fixture: dict) -> tuple[list, list]:
+    """The matcher's indices for a parity fixture's targets next to the official ones, each a list of
+    `(query indices, target indices)` lists, one pair per image."""
+    from detr_lab.models.build import build_criterion
+
+    indices = build_criterion(cfg.model, cfg.loss).matcher(outputs, fixture["targets"])
+    as_lists = [(queries.tolist(), targets.tolist()) for queries, targets in indices]
+    return as_lists, [(queries.tolist(), targets.tolist()) for queries, targets in fixture["matcher_indices"]]
+
+
+def tie_tolerant_box_distances(ours: dict, theirs: dict, tie: float = 1e-6) -> list[torch.Tensor]:
+    """For each rank of our detections, the max-coordinate distance of our box to the nearest official
+    box of the same rank or of a tie: same label, official score within `tie` of the rank's (equal
+    float32 scores of one class may come out of top-k in either order)."""
+    distances = []
+    for rank in range(len(ours["scores"])):
+        tied = (theirs["labels"] == ours["labels"][rank]) & (
+            (theirs["scores"] - theirs["scores"][rank]).abs() <= tie
+        )
+        tied[rank] = True  # the same rank always qualifies
+        distances.append((theirs["boxes"][tied] - ours["boxes"][rank]).abs().max(dim=1).values.min())
+    return distances
+
+
 def load_module(path: Path, name: str | None = None) -> ModuleType:
     """Import a Python file by path (tools/ and tests/fixtures/ are not packages)."""
     name = name or f"detr_lab_test_{path.parent.name}_{path.stem}"
@@ -167,6 +209,154 @@ def load_synth_weights() -> ModuleType:
     """`tests/fixtures/synth_weights.py`: `synth_state_dict(spec, seed)` rebuilds the deterministic
     synthetic official weights the parity fixtures were made with."""
     return load_module(FIXTURES / "synth_weights.py", "detr_lab_test_synth_weights")
+
+
+# The sizes of the small official checkpoints the key-layout tests write (`OfficialSpec`): model width,
+# FFN width, layer counts, queries and classes; feature levels, heads and sampling points per head and
+# level only shape deformable attention.
+OFFICIAL_SIZES = {
+    "hidden": 32, "ffn": 64, "encoder_layers": 1, "decoder_layers": 2, "queries": 7, "classes": 5,
+    "levels": 4, "heads": 8, "encoder_points": 4, "decoder_points": 4,
+}  # fmt: skip
+
+
+class OfficialSpec:
+    """Builds the key -> shape spec of an official checkpoint, one module at a time, in the order the
+    calls are made (the official `state_dict()` order when written in the official module order).
+
+    `sizes` change `OFFICIAL_SIZES`; they become attributes (`spec.classes`...), `hidden` also as `d`,
+    the default width of norms and of linear inputs. `shapes` holds the spec built so far.
+    """
+
+    def __init__(self, **sizes: int) -> None:
+        unknown = sizes.keys() - OFFICIAL_SIZES.keys()
+        if unknown:
+            raise TypeError(f"unknown official sizes: {sorted(unknown)}")
+        for name, value in {**OFFICIAL_SIZES, **sizes}.items():
+            setattr(self, name, value)
+        self.d = self.hidden
+        self.shapes: dict[str, list[int]] = {}
+
+    def tensor(self, key: str, *shape: int) -> None:
+        self.shapes[key] = list(shape)
+
+    def linear(self, prefix: str, out_features: int, in_features: int | None = None) -> None:
+        self.tensor(f"{prefix}.weight", out_features, self.d if in_features is None else in_features)
+        self.tensor(f"{prefix}.bias", out_features)
+
+    def norm(self, prefix: str, width: int | None = None) -> None:
+        width = self.d if width is None else width
+        self.tensor(f"{prefix}.weight", width)
+        self.tensor(f"{prefix}.bias", width)
+
+    def conv(self, prefix: str, in_channels: int, kernel: int) -> None:
+        """A `d`-channel `kernel x kernel` convolution with bias."""
+        self.tensor(f"{prefix}.weight", self.d, in_channels, kernel, kernel)
+        self.tensor(f"{prefix}.bias", self.d)
+
+    def input_proj(self, level: int, in_channels: int, kernel: int = 1) -> None:
+        """`input_proj.<level>`: a convolution to `d` channels, then a GroupNorm."""
+        self.conv(f"input_proj.{level}.0", in_channels, kernel)
+        self.norm(f"input_proj.{level}.1")
+
+    def mlp(self, prefix: str, *widths: int) -> None:
+        """`<prefix>.layers.<k>`: linears from `widths[k]` to `widths[k + 1]` features."""
+        for k in range(len(widths) - 1):
+            self.linear(f"{prefix}.layers.{k}", widths[k + 1], widths[k])
+
+    def box_mlp(self, prefix: str) -> None:
+        """The three-layer box head: `d -> d -> d -> 4`."""
+        self.mlp(prefix, self.d, self.d, self.d, 4)
+
+    def packed_attention(self, prefix: str) -> None:
+        """`nn.MultiheadAttention`: packed q / k / v projection, then the output projection."""
+        self.tensor(f"{prefix}.in_proj_weight", 3 * self.d, self.d)
+        self.tensor(f"{prefix}.in_proj_bias", 3 * self.d)
+        self.linear(f"{prefix}.out_proj", self.d)
+
+    def deformable_attention(self, prefix: str, points: int) -> None:
+        """`MSDeformAttn`: sampling offsets, attention weights, value and output projections."""
+        heads, levels = self.heads, self.levels
+        self.linear(f"{prefix}.sampling_offsets", heads * levels * points * 2)
+        self.linear(f"{prefix}.attention_weights", heads * levels * points)
+        self.linear(f"{prefix}.value_proj", self.d)
+        self.linear(f"{prefix}.output_proj", self.d)
+
+    def deformable_transformer(self) -> None:
+        """`transformer.level_embed`, then the official deformable encoder layers (deformable
+        self-attention, norm1, FFN, norm2) and decoder layers (deformable cross-attention, norm1,
+        packed self-attention, norm2, FFN, norm3)."""
+        self.tensor("transformer.level_embed", self.levels, self.d)
+        for i in range(self.encoder_layers):
+            layer = f"transformer.encoder.layers.{i}"
+            self.deformable_attention(f"{layer}.self_attn", self.encoder_points)
+            self.norm(f"{layer}.norm1")
+            self.feed_forward(layer)
+            self.norm(f"{layer}.norm2")
+        for i in range(self.decoder_layers):
+            layer = f"transformer.decoder.layers.{i}"
+            self.deformable_attention(f"{layer}.cross_attn", self.decoder_points)
+            self.norm(f"{layer}.norm1")
+            self.packed_attention(f"{layer}.self_attn")
+            self.norm(f"{layer}.norm2")
+            self.feed_forward(layer)
+            self.norm(f"{layer}.norm3")
+
+    def feed_forward(self, prefix: str) -> None:
+        """`linear1` (`d -> ffn`), `linear2` (`ffn -> d`)."""
+        self.linear(f"{prefix}.linear1", self.ffn)
+        self.linear(f"{prefix}.linear2", self.d, self.ffn)
+
+    def resnet_backbone(self, name: str) -> None:
+        """torchvision's ResNet `name` under `backbone.0.body.`, without `fc` and BN batch counters."""
+        with torch.device("meta"):
+            resnet = getattr(torchvision.models, name)()
+        for key, tensor in resnet.state_dict().items():
+            if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
+                self.tensor(f"backbone.0.body.{key}", *tensor.shape)
+
+
+def quick_official_state(spec: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Weights of the shapes in `spec`, filled fast (seed 0): ones for the BN variances and scales,
+    float32 noise scaled by the fan-in elsewhere (0.2 for matrices, 0.05 for vectors)."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in spec.items():
+        if name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
+            state[name] = torch.ones(shape)
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            scale = 0.2 if len(shape) > 1 else 0.05
+            state[name] = torch.randn(shape, generator=generator) / fan_in**0.5 * scale
+    return state
+
+
+def share_official_heads(
+    state: dict[str, torch.Tensor], decoder_layers: int, *, shared: bool, decoder_aliases_last: bool
+) -> dict[str, torch.Tensor]:
+    """Make the official aliases of the detection heads hold one tensor, as a trained model's
+    `state_dict()` gives them, going through the keys in order: each `transformer.decoder.<head>.<j>`
+    key takes the tensor of the detector's `<head>.<j>` (`<head>.<last layer>` with
+    `decoder_aliases_last`); with `shared` heads, every `<head>.<j>` then takes the last layer's.
+    `state` is changed in place and returned."""
+    last = str(decoder_layers - 1)
+    for key in list(state):
+        if key.startswith(("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")):
+            _, _, head, layer, rest = key.split(".", 4)
+            state[key] = state[".".join((head, last if decoder_aliases_last else layer, rest))]
+        elif shared and key.startswith(("class_embed.", "bbox_embed.")):
+            head, _, rest = key.split(".", 2)
+            state[key] = state[".".join((head, last, rest))]
+    return state
+
+
+def forward_padded(model: torch.nn.Module, size: int = 128) -> dict:
+    """`model`'s outputs (no grad, `return_memory=True`) for one random `size x size` image (global RNG)
+    whose right quarter is padding."""
+    mask = torch.zeros(1, size, size, dtype=torch.bool)
+    mask[:, :, size * 3 // 4 :] = True
+    with torch.no_grad():
+        return model(torch.randn(1, 3, size, size), mask, return_memory=True)
 
 
 # Model keys an official checkpoint's weights cannot tell: detr_lab counts real classes (80 for COCO;

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from detr_lab.checkpoints import (
     CheckpointError,
@@ -23,7 +22,14 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention
 
-from factories import load_synth_weights, load_tool
+from factories import (
+    OfficialSpec,
+    forward_padded,
+    load_synth_weights,
+    load_tool,
+    quick_official_state,
+    share_official_heads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -33,132 +39,53 @@ synth = load_synth_weights()
 
 
 def official_deformable_spec(
-    backbone: str = "resnet50",
-    *,
-    hidden: int = 32,
-    ffn: int = 64,
-    encoder_layers: int = 1,
-    decoder_layers: int = 2,
-    queries: int = 7,
-    classes: int = 5,
-    levels: int = 4,
-    heads: int = 8,
-    encoder_points: int = 4,
-    decoder_points: int = 4,
-    box_refine: bool = False,
-    two_stage: bool = False,
+    backbone: str = "resnet50", *, box_refine: bool = False, two_stage: bool = False, **sizes: int
 ) -> dict[str, list[int]]:
-    """Key -> shape of a fundamentalvision/Deformable-DETR checkpoint, in the official order."""
-    d = hidden
-    spec: dict[str, list[int]] = {"transformer.level_embed": [levels, d]}
-
-    def linear(prefix, out_features, in_features):
-        spec[f"{prefix}.weight"] = [out_features, in_features]
-        spec[f"{prefix}.bias"] = [out_features]
-
-    def norm(prefix, width=d):
-        spec[f"{prefix}.weight"] = [width]
-        spec[f"{prefix}.bias"] = [width]
-
-    def deformable_attention(prefix, points):
-        linear(f"{prefix}.sampling_offsets", heads * levels * points * 2, d)
-        linear(f"{prefix}.attention_weights", heads * levels * points, d)
-        linear(f"{prefix}.value_proj", d, d)
-        linear(f"{prefix}.output_proj", d, d)
-
-    def box_mlp(prefix):
-        for k in range(3):
-            linear(f"{prefix}.layers.{k}", 4 if k == 2 else d, d)
-
-    for i in range(encoder_layers):
-        layer = f"transformer.encoder.layers.{i}"
-        deformable_attention(f"{layer}.self_attn", encoder_points)
-        norm(f"{layer}.norm1")
-        linear(f"{layer}.linear1", ffn, d)
-        linear(f"{layer}.linear2", d, ffn)
-        norm(f"{layer}.norm2")
-    for i in range(decoder_layers):
-        layer = f"transformer.decoder.layers.{i}"
-        deformable_attention(f"{layer}.cross_attn", decoder_points)
-        norm(f"{layer}.norm1")
-        spec[f"{layer}.self_attn.in_proj_weight"] = [3 * d, d]
-        spec[f"{layer}.self_attn.in_proj_bias"] = [3 * d]
-        linear(f"{layer}.self_attn.out_proj", d, d)
-        norm(f"{layer}.norm2")
-        linear(f"{layer}.linear1", ffn, d)
-        linear(f"{layer}.linear2", d, ffn)
-        norm(f"{layer}.norm3")
-    num_heads = decoder_layers + (1 if two_stage else 0)
+    """Key -> shape of a fundamentalvision/Deformable-DETR checkpoint, in the official order
+    (`sizes`: see `OFFICIAL_SIZES`)."""
+    spec = OfficialSpec(**sizes)
+    d, classes, levels = spec.d, spec.classes, spec.levels
+    spec.deformable_transformer()
+    num_heads = spec.decoder_layers + (1 if two_stage else 0)
     if box_refine:
         for j in range(num_heads):
-            box_mlp(f"transformer.decoder.bbox_embed.{j}")
+            spec.box_mlp(f"transformer.decoder.bbox_embed.{j}")
     if two_stage:
         for j in range(num_heads):
-            linear(f"transformer.decoder.class_embed.{j}", classes, d)
-        linear("transformer.enc_output", d, d)
-        norm("transformer.enc_output_norm")
-        linear("transformer.pos_trans", 2 * d, 2 * d)
-        norm("transformer.pos_trans_norm", 2 * d)
+            spec.linear(f"transformer.decoder.class_embed.{j}", classes)
+        spec.linear("transformer.enc_output", d)
+        spec.norm("transformer.enc_output_norm")
+        spec.linear("transformer.pos_trans", 2 * d, 2 * d)
+        spec.norm("transformer.pos_trans_norm", 2 * d)
     else:
-        linear("transformer.reference_points", 2, d)
+        spec.linear("transformer.reference_points", 2)
     for j in range(num_heads):
-        linear(f"class_embed.{j}", classes, d)
+        spec.linear(f"class_embed.{j}", classes)
     for j in range(num_heads):
-        box_mlp(f"bbox_embed.{j}")
+        spec.box_mlp(f"bbox_embed.{j}")
     if not two_stage:
-        spec["query_embed.weight"] = [queries, 2 * d]
+        spec.tensor("query_embed.weight", spec.queries, 2 * d)
     width = 64 if backbone in ("resnet18", "resnet34") else 256
     # C3-C5 (Deformable DETR), C5 alone (single-scale); two levels take C4-C5 as detr_lab builds them
     channels = [width * 2, width * 4, width * 8][-min(levels, 3) :]
     for level, in_channels in enumerate(channels):
-        spec[f"input_proj.{level}.0.weight"] = [d, in_channels, 1, 1]
-        spec[f"input_proj.{level}.0.bias"] = [d]
-        norm(f"input_proj.{level}.1")
+        spec.input_proj(level, in_channels)
     in_channels = channels[-1]
     for level in range(len(channels), levels):
-        spec[f"input_proj.{level}.0.weight"] = [d, in_channels, 3, 3]
-        spec[f"input_proj.{level}.0.bias"] = [d]
-        norm(f"input_proj.{level}.1")
+        spec.input_proj(level, in_channels, kernel=3)
         in_channels = d
-    with torch.device("meta"):
-        resnet = getattr(torchvision.models, backbone)()
-    for name, tensor in resnet.state_dict().items():
-        if not name.startswith("fc.") and not name.endswith("num_batches_tracked"):
-            spec[f"backbone.0.body.{name}"] = list(tensor.shape)
-    return spec
+    spec.resnet_backbone(backbone)
+    return spec.shapes
 
 
 def quick_state(**kwargs) -> dict[str, torch.Tensor]:
-    """Official-layout weights filled fast (float32 noise, unit BN scales), aliases kept identical as
-    in a trained checkpoint (the official model stores one tensor under each alias)."""
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape in official_deformable_spec(**kwargs).items():
-        if name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
-            state[name] = torch.ones(shape)
-        else:
-            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
-            scale = 0.2 if len(shape) > 1 else 0.05
-            state[name] = torch.randn(shape, generator=generator) / fan_in**0.5 * scale
-    return share_aliases(state, kwargs.get("box_refine", False), kwargs.get("decoder_layers", 2))
-
-
-def share_aliases(state: dict, box_refine: bool, decoder_layers: int) -> dict:
-    """Make the official aliases of a head hold one tensor, as `model.state_dict()` gives them."""
-    for key in list(state):
-        if key.startswith(("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")):
-            state[key] = state[key[len("transformer.decoder.") :]]
-        elif not box_refine and key.startswith(("class_embed.", "bbox_embed.")):
-            head, layer, rest = key.split(".", 2)
-            state[key] = state[f"{head}.{decoder_layers - 1}.{rest}"]
-    return state
-
-
-def _forward(model, size=128):
-    mask = torch.zeros(1, size, size, dtype=torch.bool)
-    mask[:, :, size * 3 // 4 :] = True
-    with torch.no_grad():
-        return model(torch.randn(1, 3, size, size), mask, return_memory=True)
+    """Official-layout weights filled fast (`quick_official_state`), aliases kept identical as in a
+    trained checkpoint (the official model stores one tensor under each alias)."""
+    state = quick_official_state(official_deformable_spec(**kwargs))
+    shared = not kwargs.get("box_refine", False)
+    return share_official_heads(
+        state, kwargs.get("decoder_layers", 2), shared=shared, decoder_aliases_last=False
+    )
 
 
 @pytest.mark.parametrize("name", ["deformable_detr_r50", "deformable_detr_r50_refine_twostage"])
@@ -218,7 +145,7 @@ def test_variants_are_inferred_and_run(label, options, overrides, strides):
         2,
     )
     assert len(strides) == levels and model.backbone.strides == strides[: len(model.backbone.strides)]
-    outputs = _forward(model)
+    outputs = forward_padded(model)
     size = 128
     expected_tokens = sum((-(-size // s)) ** 2 for s in strides)
     assert outputs["memory"].shape[1] == expected_tokens, label
@@ -241,7 +168,7 @@ def test_two_stage_query_count_defaults_to_300_and_takes_an_override():
     assert (cfg.model.num_queries, cfg.model.query_source, cfg.model.box_refine) == (300, "proposals", True)
     model, cfg = load_official(state, num_queries=20)
     assert cfg.model.num_queries == 20 and model.query_source.num_queries == 20
-    outputs = _forward(model)
+    outputs = forward_padded(model)
     assert tuple(outputs["pred_boxes"].shape) == (1, 20, 4) and outputs["aux_outputs"] == []
     tokens = outputs["memory"].shape[1]
     assert tuple(outputs["enc_outputs"]["pred_logits"].shape) == (1, tokens, 5)

@@ -13,141 +13,61 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from detr_lab.checkpoints import CheckpointError, load_checkpoint, load_official
 from detr_lab.models.detector import Detector
 from detr_lab.models.queries.anchors import LearnedAnchors
 
-from factories import load_tool
+from factories import OfficialSpec, forward_padded, load_tool, quick_official_state, share_official_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def official_dino_spec(
-    backbone: str = "resnet50",
-    *,
-    hidden: int = 32,
-    ffn: int = 64,
-    encoder_layers: int = 1,
-    decoder_layers: int = 2,
-    queries: int = 7,
-    classes: int = 5,
-    levels: int = 4,
-    heads: int = 8,
-    points: int = 4,
-    two_stage: bool = True,
-    denoising: bool = True,
+    backbone: str = "resnet50", *, points: int = 4, two_stage: bool = True, denoising: bool = True, **sizes
 ) -> dict[str, list[int]]:
-    """Key -> shape of an IDEA-Research/DINO checkpoint, in the official order."""
-    d = hidden
-    spec: dict[str, list[int]] = {"transformer.level_embed": [levels, d]}
-
-    def linear(prefix, out_features, in_features):
-        spec[f"{prefix}.weight"] = [out_features, in_features]
-        spec[f"{prefix}.bias"] = [out_features]
-
-    def norm(prefix, width=d):
-        spec[f"{prefix}.weight"] = [width]
-        spec[f"{prefix}.bias"] = [width]
-
-    def deformable_attention(prefix):
-        linear(f"{prefix}.sampling_offsets", heads * levels * points * 2, d)
-        linear(f"{prefix}.attention_weights", heads * levels * points, d)
-        linear(f"{prefix}.value_proj", d, d)
-        linear(f"{prefix}.output_proj", d, d)
-
-    def box_mlp(prefix):
-        for k in range(3):
-            linear(f"{prefix}.layers.{k}", 4 if k == 2 else d, d)
-
-    for i in range(encoder_layers):
-        layer = f"transformer.encoder.layers.{i}"
-        deformable_attention(f"{layer}.self_attn")
-        norm(f"{layer}.norm1")
-        linear(f"{layer}.linear1", ffn, d)
-        linear(f"{layer}.linear2", d, ffn)
-        norm(f"{layer}.norm2")
-    for i in range(decoder_layers):
-        layer = f"transformer.decoder.layers.{i}"
-        deformable_attention(f"{layer}.cross_attn")
-        norm(f"{layer}.norm1")
-        spec[f"{layer}.self_attn.in_proj_weight"] = [3 * d, d]
-        spec[f"{layer}.self_attn.in_proj_bias"] = [3 * d]
-        linear(f"{layer}.self_attn.out_proj", d, d)
-        norm(f"{layer}.norm2")
-        linear(f"{layer}.linear1", ffn, d)
-        linear(f"{layer}.linear2", d, ffn)
-        norm(f"{layer}.norm3")
-    norm("transformer.decoder.norm")
-    linear("transformer.decoder.ref_point_head.layers.0", d, 2 * d)
-    linear("transformer.decoder.ref_point_head.layers.1", d, d)
+    """Key -> shape of an IDEA-Research/DINO checkpoint, in the official order
+    (`points` for every deformable attention; `sizes`: see `OFFICIAL_SIZES`)."""
+    spec = OfficialSpec(encoder_points=points, decoder_points=points, **sizes)
+    spec.deformable_transformer()
+    d, classes, queries, decoder_layers = spec.d, spec.classes, spec.queries, spec.decoder_layers
+    spec.norm("transformer.decoder.norm")
+    spec.mlp("transformer.decoder.ref_point_head", 2 * d, d, d)
     for j in range(decoder_layers):
-        box_mlp(f"transformer.decoder.bbox_embed.{j}")
+        spec.box_mlp(f"transformer.decoder.bbox_embed.{j}")
     for j in range(decoder_layers):
-        linear(f"transformer.decoder.class_embed.{j}", classes, d)
-    spec["transformer.tgt_embed.weight"] = [queries, d]
+        spec.linear(f"transformer.decoder.class_embed.{j}", classes)
+    spec.tensor("transformer.tgt_embed.weight", queries, d)
     if two_stage:
-        linear("transformer.enc_output", d, d)
-        norm("transformer.enc_output_norm")
-        box_mlp("transformer.enc_out_bbox_embed")
-        linear("transformer.enc_out_class_embed", classes, d)
+        spec.linear("transformer.enc_output", d)
+        spec.norm("transformer.enc_output_norm")
+        spec.box_mlp("transformer.enc_out_bbox_embed")
+        spec.linear("transformer.enc_out_class_embed", classes)
     else:
-        spec["transformer.refpoint_embed.weight"] = [queries, 4]
+        spec.tensor("transformer.refpoint_embed.weight", queries, 4)
     if denoising:
-        spec["label_enc.weight"] = [classes + 1, d]
+        spec.tensor("label_enc.weight", classes + 1, d)
     width = 64 if backbone in ("resnet18", "resnet34") else 256
     # 4 levels: C3-C5 + one strided level; 5 levels: C2-C5 + one (the official return_interm_indices)
-    channels = [width, width * 2, width * 4, width * 8][-min(levels - 1, 4) :]
+    channels = [width, width * 2, width * 4, width * 8][-min(spec.levels - 1, 4) :]
     for level, in_channels in enumerate(channels):
-        spec[f"input_proj.{level}.0.weight"] = [d, in_channels, 1, 1]
-        spec[f"input_proj.{level}.0.bias"] = [d]
-        norm(f"input_proj.{level}.1")
-    spec[f"input_proj.{len(channels)}.0.weight"] = [d, channels[-1], 3, 3]
-    spec[f"input_proj.{len(channels)}.0.bias"] = [d]
-    norm(f"input_proj.{len(channels)}.1")
-    with torch.device("meta"):
-        resnet = getattr(torchvision.models, backbone)()
-    for name, tensor in resnet.state_dict().items():
-        if not name.startswith("fc.") and not name.endswith("num_batches_tracked"):
-            spec[f"backbone.0.body.{name}"] = list(tensor.shape)
+        spec.input_proj(level, in_channels)
+    spec.input_proj(len(channels), channels[-1], kernel=3)
+    spec.resnet_backbone(backbone)
     for j in range(decoder_layers):
-        box_mlp(f"bbox_embed.{j}")
+        spec.box_mlp(f"bbox_embed.{j}")
     for j in range(decoder_layers):
-        linear(f"class_embed.{j}", classes, d)
-    return spec
+        spec.linear(f"class_embed.{j}", classes)
+    return spec.shapes
 
 
 def quick_state(**kwargs) -> dict[str, torch.Tensor]:
-    """Official-layout weights (small noise, unit BN scales), aliases holding one tensor as in a
-    trained checkpoint with shared heads."""
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape in official_dino_spec(**kwargs).items():
-        if name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
-            state[name] = torch.ones(shape)
-        else:
-            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
-            state[name] = (
-                torch.randn(shape, generator=generator) / fan_in**0.5 * (0.2 if len(shape) > 1 else 0.05)
-            )
-    last = kwargs.get("decoder_layers", 2) - 1
-    for key in list(state):
-        head, _, rest = key.partition(".")
-        if key.startswith(("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")):
-            _, _, head, _, rest = key.split(".", 4)
-            state[key] = state[f"{head}.{last}.{rest}"]
-        elif head in ("class_embed", "bbox_embed"):
-            state[key] = state[f"{head}.{last}.{rest.split('.', 1)[1]}"]
-    return state
-
-
-def _forward(model, size=128):
-    mask = torch.zeros(1, size, size, dtype=torch.bool)
-    mask[:, :, size * 3 // 4 :] = True
-    with torch.no_grad():
-        return model(torch.randn(1, 3, size, size), mask, return_memory=True)
+    """Official-layout weights filled fast (`quick_official_state`), aliases holding one tensor as in
+    a trained checkpoint with shared heads."""
+    state = quick_official_state(official_dino_spec(**kwargs))
+    layers = kwargs.get("decoder_layers", 2)
+    return share_official_heads(state, layers, shared=True, decoder_aliases_last=True)
 
 
 def test_spec_writer_matches_the_fixture_spec():
@@ -197,7 +117,7 @@ def test_variants_are_inferred_and_run(label, options, strides):
     )
     if strides is not None:
         assert model.backbone.strides == strides[: len(model.backbone.strides)]
-    outputs = _forward(model)
+    outputs = forward_padded(model)
     assert tuple(outputs["pred_logits"].shape) == (1, m.num_queries, 5)
     assert len(outputs["aux_outputs"]) == m.decoder.num_layers - 1
     assert torch.isfinite(outputs["pred_boxes"]).all()
@@ -269,5 +189,5 @@ def test_checkpoint_files_and_the_convert_tool(tmp_path, capsys):
     torch.testing.assert_close(
         converted.model.query_source.content.weight, state["transformer.tgt_embed.weight"]
     )
-    outputs = _forward(converted.model)
+    outputs = forward_padded(converted.model)
     assert outputs["pred_logits"].shape == (1, 7, 91)

@@ -22,7 +22,7 @@ from detr_lab.checkpoints import (
 )
 from detr_lab.config import ConfigError
 
-from factories import load_synth_weights, load_tool
+from factories import OfficialSpec, load_synth_weights, load_tool, quick_official_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,56 +31,34 @@ synth = load_synth_weights()
 
 
 def official_detr_spec(
-    backbone: str = "resnet18",
-    *,
-    hidden: int = 32,
-    ffn: int = 64,
-    encoder_layers: int = 1,
-    decoder_layers: int = 2,
-    queries: int = 7,
-    classes: int = 5,
-    learned_position: bool = False,
+    backbone: str = "resnet18", *, learned_position: bool = False, **sizes: int
 ) -> dict[str, list[int]]:
-    """Key -> shape of an official facebookresearch/detr checkpoint with these settings."""
-    with torch.device("meta"):
-        resnet = getattr(torchvision.models, backbone)()
-    spec = {
-        f"backbone.0.body.{name}": list(tensor.shape)
-        for name, tensor in resnet.state_dict().items()
-        if not name.startswith("fc.") and not name.endswith("num_batches_tracked")
-    }
+    """Key -> shape of an official facebookresearch/detr checkpoint with these settings
+    (`sizes`: see `OFFICIAL_SIZES`; the deformable attention sizes change nothing here)."""
+    spec = OfficialSpec(**sizes)
+    spec.resnet_backbone(backbone)
     if learned_position:
-        spec["backbone.1.row_embed.weight"] = [50, hidden // 2]
-        spec["backbone.1.col_embed.weight"] = [50, hidden // 2]
-    d = hidden
-
-    def attention(prefix):
-        spec[f"{prefix}.in_proj_weight"] = [3 * d, d]
-        spec[f"{prefix}.in_proj_bias"] = [3 * d]
-        spec[f"{prefix}.out_proj.weight"] = [d, d]
-        spec[f"{prefix}.out_proj.bias"] = [d]
+        spec.tensor("backbone.1.row_embed.weight", 50, spec.d // 2)
+        spec.tensor("backbone.1.col_embed.weight", 50, spec.d // 2)
 
     def feed_forward_and_norms(prefix, norms):
-        spec.update({f"{prefix}.linear1.weight": [ffn, d], f"{prefix}.linear1.bias": [ffn]})
-        spec.update({f"{prefix}.linear2.weight": [d, ffn], f"{prefix}.linear2.bias": [d]})
+        spec.feed_forward(prefix)
         for n in range(1, norms + 1):
-            spec.update({f"{prefix}.norm{n}.weight": [d], f"{prefix}.norm{n}.bias": [d]})
+            spec.norm(f"{prefix}.norm{n}")
 
-    for i in range(encoder_layers):
-        attention(f"transformer.encoder.layers.{i}.self_attn")
+    for i in range(spec.encoder_layers):
+        spec.packed_attention(f"transformer.encoder.layers.{i}.self_attn")
         feed_forward_and_norms(f"transformer.encoder.layers.{i}", 2)
-    for i in range(decoder_layers):
-        attention(f"transformer.decoder.layers.{i}.self_attn")
-        attention(f"transformer.decoder.layers.{i}.multihead_attn")
+    for i in range(spec.decoder_layers):
+        spec.packed_attention(f"transformer.decoder.layers.{i}.self_attn")
+        spec.packed_attention(f"transformer.decoder.layers.{i}.multihead_attn")
         feed_forward_and_norms(f"transformer.decoder.layers.{i}", 3)
-    spec.update({"transformer.decoder.norm.weight": [d], "transformer.decoder.norm.bias": [d]})
-    spec.update({"class_embed.weight": [classes + 1, d], "class_embed.bias": [classes + 1]})
-    for j, out in enumerate((d, d, 4)):
-        spec.update({f"bbox_embed.layers.{j}.weight": [out, d], f"bbox_embed.layers.{j}.bias": [out]})
-    spec["query_embed.weight"] = [queries, d]
-    channels = 512 if backbone in ("resnet18", "resnet34") else 2048
-    spec.update({"input_proj.weight": [d, channels, 1, 1], "input_proj.bias": [d]})
-    return spec
+    spec.norm("transformer.decoder.norm")
+    spec.linear("class_embed", spec.classes + 1)
+    spec.box_mlp("bbox_embed")
+    spec.tensor("query_embed.weight", spec.queries, spec.d)
+    spec.conv("input_proj", 512 if backbone in ("resnet18", "resnet34") else 2048, 1)
+    return spec.shapes
 
 
 def official_state(**kwargs) -> dict[str, torch.Tensor]:
@@ -88,16 +66,8 @@ def official_state(**kwargs) -> dict[str, torch.Tensor]:
 
 
 def quick_state(**kwargs) -> dict[str, torch.Tensor]:
-    """Like `official_state` but filled faster (float32 noise, unit BN statistics) for deep ResNets."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape in official_detr_spec(**kwargs).items():
-        if name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
-            state[name] = torch.ones(shape)
-        else:
-            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
-            state[name] = torch.randn(shape, generator=g) / fan_in**0.5 * (0.2 if len(shape) > 1 else 0.05)
-    return state
+    """Like `official_state` but filled faster (`quick_official_state`) for deep ResNets."""
+    return quick_official_state(official_detr_spec(**kwargs))
 
 
 def _forward(model, size=64):

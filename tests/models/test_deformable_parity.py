@@ -16,7 +16,13 @@ from detr_lab.checkpoints import CheckpointWarning, load_official
 from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import Detector
 
-from factories import official_batch
+from factories import (
+    layer_errors,
+    matching_against_official,
+    max_error,
+    official_batch,
+    tie_tolerant_box_distances,
+)
 
 pytestmark = pytest.mark.slow  # full-size R50 Deformable DETR built and run
 
@@ -37,11 +43,6 @@ def parity(request, synth_weights):
     with torch.no_grad():
         outputs = model(images, padding_mask)
     return request.param, fixture, cfg, model, outputs
-
-
-def _max_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    both_inf = torch.isinf(ours) & torch.isinf(theirs) & (ours.sign() == theirs.sign())
-    return (ours - theirs).abs().masked_fill(both_inf, 0).max().item()
 
 
 def test_inferred_config_is_the_official_recipe(parity):
@@ -66,30 +67,21 @@ def test_inferred_config_is_the_official_recipe(parity):
 def test_outputs_match_every_layer_and_the_proposals(parity):
     name, fixture, _, _, outputs = parity
     expected = fixture["outputs"]
-    errors = {}
-    for key in ("pred_logits", "pred_boxes"):
-        errors[key] = _max_error(outputs[key], expected[key])
     assert len(outputs["aux_outputs"]) == len(expected["aux_outputs"]) == 5
-    for layer, (ours, theirs) in enumerate(zip(outputs["aux_outputs"], expected["aux_outputs"], strict=True)):
-        for key in ("pred_logits", "pred_boxes"):
-            errors[f"{key}_{layer}"] = _max_error(ours[key], theirs[key])
+    errors = layer_errors(outputs, expected)
     assert ("enc_outputs" in outputs) == ("enc_outputs" in expected) == name.endswith("twostage")
     if "enc_outputs" in expected:
         for key in ("pred_logits", "pred_boxes"):
             assert outputs["enc_outputs"][key].shape == expected["enc_outputs"][key].shape
-            errors[f"{key}_enc"] = _max_error(outputs["enc_outputs"][key], expected["enc_outputs"][key])
+            errors[f"{key}_enc"] = max_error(outputs["enc_outputs"][key], expected["enc_outputs"][key])
     assert max(errors.values()) < ATOL, errors
 
 
 def test_matcher_indices_identical(parity):
     _, fixture, cfg, _, outputs = parity
-    indices = build_criterion(cfg.model, cfg.loss).matcher(outputs, fixture["targets"])
-    assert len(indices) == len(fixture["matcher_indices"]) == 2
-    for (queries, targets), (ref_queries, ref_targets) in zip(
-        indices, fixture["matcher_indices"], strict=True
-    ):
-        assert queries.tolist() == ref_queries.tolist()
-        assert targets.tolist() == ref_targets.tolist()
+    ours, official = matching_against_official(cfg, outputs, fixture)
+    assert len(ours) == len(official) == 2
+    assert ours == official
 
 
 def test_every_loss_term_and_total(parity):
@@ -114,10 +106,5 @@ def test_postprocessed_detections(parity):
         torch.testing.assert_close(ours["scores"], theirs["scores"], atol=ATOL, rtol=0)
         # Equal scores of one class (float32 ties) may come out of top-k in either order: each box
         # must be the official box of the same rank or of a tied one.
-        for rank in range(len(ours["scores"])):
-            tied = (theirs["labels"] == ours["labels"][rank]) & (
-                (theirs["scores"] - theirs["scores"][rank]).abs() <= 1e-6
-            )
-            tied[rank] = True  # the same rank always qualifies (labels were compared above)
-            distance = (theirs["boxes"][tied] - ours["boxes"][rank]).abs().max(dim=1).values.min()
+        for rank, distance in enumerate(tie_tolerant_box_distances(ours, theirs, tie=1e-6)):
             assert distance < 1e-3, (rank, ours["boxes"][rank], distance)

@@ -24,7 +24,14 @@ from detr_lab.models.build import build_criterion, build_postprocess
 from detr_lab.models.detector import Detector
 from detr_lab.models.queries.query_set import QuerySet
 
-from factories import load_synth_weights, official_batch
+from factories import (
+    layer_errors,
+    load_synth_weights,
+    matching_against_official,
+    max_error,
+    official_batch,
+    tie_tolerant_box_distances,
+)
 
 pytestmark = pytest.mark.slow  # full-size R50 DINO built and run
 
@@ -82,11 +89,6 @@ def parity():
     return fixture, cfg, model, outputs, swaps[0]
 
 
-def _max_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    both_inf = torch.isinf(ours) & torch.isinf(theirs) & (ours.sign() == theirs.sign())
-    return (ours - theirs).abs().masked_fill(both_inf, 0).max().item()
-
-
 def test_inferred_config_is_the_official_recipe(parity):
     _, cfg, model, _, swaps = parity
     m = cfg.model
@@ -116,27 +118,13 @@ def test_inferred_config_is_the_official_recipe(parity):
 def test_outputs_match_every_layer_and_the_proposals(parity):
     fixture, _, _, outputs, _ = parity
     expected = fixture["outputs"]
-    errors = {key: _max_error(outputs[key], expected[key]) for key in ("pred_logits", "pred_boxes")}
     assert len(outputs["aux_outputs"]) == len(expected["aux_outputs"]) == 5
-    for layer, (ours, theirs) in enumerate(zip(outputs["aux_outputs"], expected["aux_outputs"], strict=True)):
-        for key in ("pred_logits", "pred_boxes"):
-            errors[f"{key}_{layer}"] = _max_error(ours[key], theirs[key])
+    errors = layer_errors(outputs, expected)
     for key in ("pred_logits", "pred_boxes"):
         assert outputs["enc_outputs"][key].shape == expected["interm_outputs"][key].shape
-        errors[f"{key}_enc"] = _max_error(outputs["enc_outputs"][key], expected["interm_outputs"][key])
+        errors[f"{key}_enc"] = max_error(outputs["enc_outputs"][key], expected["interm_outputs"][key])
     assert "dn_outputs" not in outputs  # eval mode: no denoising part
     assert max(errors.values()) < ATOL, errors
-
-
-def test_matcher_indices_identical(parity):
-    fixture, cfg, _, outputs, _ = parity
-    indices = build_criterion(cfg.model, cfg.loss).matcher(outputs, fixture["targets"])
-    assert len(indices) == len(fixture["matcher_indices"]) == 2
-    for (queries, targets), (ref_queries, ref_targets) in zip(
-        indices, fixture["matcher_indices"], strict=True
-    ):
-        assert queries.tolist() == ref_queries.tolist()
-        assert targets.tolist() == ref_targets.tolist()
 
 
 def test_every_loss_term_and_total(parity):
@@ -160,10 +148,12 @@ def test_postprocessed_detections(parity):
         assert len(ours["scores"]) == len(theirs["scores"]) == 300
         assert ours["labels"].tolist() == theirs["labels"].tolist()
         torch.testing.assert_close(ours["scores"], theirs["scores"], atol=ATOL, rtol=0)
-        for rank in range(len(ours["scores"])):
-            tied = (theirs["labels"] == ours["labels"][rank]) & (
-                (theirs["scores"] - theirs["scores"][rank]).abs() <= 1e-6
-            )
-            tied[rank] = True
-            distance = (theirs["boxes"][tied] - ours["boxes"][rank]).abs().max(dim=1).values.min()
+        for rank, distance in enumerate(tie_tolerant_box_distances(ours, theirs, tie=1e-6)):
             assert distance < 1e-3, (rank, ours["boxes"][rank], distance)
+
+
+def test_matcher_indices_identical(parity):
+    fixture, cfg, _, outputs, _ = parity
+    ours, official = matching_against_official(cfg, outputs, fixture)
+    assert len(ours) == len(official) == 2
+    assert ours == official
