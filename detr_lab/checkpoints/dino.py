@@ -1,4 +1,4 @@
-"""Official IDEA-Research/DINO checkpoints -> detr_lab `AnchorDetector` (the DINO family).
+"""Official IDEA-Research/DINO checkpoints -> the detr_lab `Detector` with anchor-box queries (DINO).
 
 Registers the DINO family (first: its keys include Deformable DETR's), so `load_official` and
 `tools/convert_checkpoint.py` accept DINO R50 checkpoints (4-scale and 5-scale, two-stage "standard"

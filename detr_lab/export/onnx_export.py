@@ -120,7 +120,7 @@ def export_onnx(
     """Trace `model` at `[batch, 3, height, width]` and write the ONNX file atomically.
 
     Args:
-        model: a detector (`Detector`, `DeformableDetector`, or any module with the same forward).
+        model: a detector (`detr_lab.models.detector.Detector`, or any module with the same forward).
         output: the `.onnx` path (its folder is created).
         metadata: classes, category ids and the model config, stored as ONNX metadata properties.
         height, width, batch: the traced input size; the graph accepts only this size unless `dynamic`.
