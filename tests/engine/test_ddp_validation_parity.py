@@ -77,7 +77,11 @@ def _validate_on_two_processes(config_path: Path, checkpoint: Path, record_dir: 
 
 @pytest.mark.slow  # two spawned processes, twice: ~40 s on 2 loaded cores
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_two_process_validation_matches_eval_checkpoint(tmp_path):
+def test_two_process_validation_matches_eval_checkpoint(tmp_path, monkeypatch):
+    # An earlier in-process Lightning run leaves MASTER_ADDR / MASTER_PORT / *_RANK in os.environ;
+    # the spawned processes must rendezvous on a port of their own.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(TINY_RUN_YAML.format(root=tmp_path))
     cfg = load_config(config_path, [f"data.synthetic.num_val={NUM_VAL}"])
