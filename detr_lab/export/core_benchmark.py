@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from detr_lab.export.dependencies import require
 from detr_lab.models.attention.kernels import ms_deform_attn_core_gather, ms_deform_attn_core_reference
+from detr_lab.timer import time_interleaved
 
 # Deformable DETR-R50 encoder at 800 x 1066: strides 8, 16, 32, 64
 R50_ENCODER_SHAPES = ((100, 134), (50, 67), (25, 34), (13, 17))
@@ -88,20 +88,14 @@ def benchmark_export_cores(
     feed = {"value": value.numpy(), "locations": locations.numpy(), "weights": weights.numpy()}
     result: dict = {"shape": {"levels": [list(s) for s in shapes], "queries": num_queries, "heads": heads,
                               "head_dim": head_dim, "points": points, "threads": threads}}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    cpu_times: dict[str, list[float]] = {name: [] for name in sessions}
     outputs = {name: session.run(None, feed)[0] for name, session in sessions.items()}  # warm-up
-    for run in range(runs):
-        for name in list(sessions) if run % 2 == 0 else list(sessions)[::-1]:
-            cpu_start, start = time.process_time(), time.perf_counter()
-            sessions[name].run(None, feed)
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu_start)
+    calls = {name: (lambda session=session: session.run(None, feed)) for name, session in sessions.items()}
+    times = time_interleaved(calls, runs=runs, warmup=0)
     for name in sessions:
         result[name] = {
-            "median_s": round(statistics.median(times[name]), 6),
-            "values_s": [round(t, 6) for t in times[name]],
-            "cpu_median_s": round(statistics.median(cpu_times[name]), 6),  # all threads of the process
+            "median_s": round(statistics.median(times[name]["wall"]), 6),
+            "values_s": [round(t, 6) for t in times[name]["wall"]],
+            "cpu_median_s": round(statistics.median(times[name]["cpu"]), 6),  # all threads of the process
             "max_abs_difference": float((torch.from_numpy(outputs[name]) - reference).abs().max()),
         }
     return result
