@@ -29,7 +29,7 @@ from detr_lab.predict.detections_file import (
 )
 from detr_lab.predict.inputs import collect_images
 from detr_lab.predict.predictor import Predictor
-from detr_lab.visualize.draw import draw_detections
+from detr_lab.visualize.draw import draw_detections, save_picture
 
 BACKENDS = ("pytorch", "onnxruntime")
 
@@ -137,7 +137,7 @@ def run_inference(
                     boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
                     annotated = draw_detections(image, boxes, labels, predictor.class_names,
                                                 scores=detection["scores"].tolist())
-                    annotated.save(output_dir / name, quality=92)
+                    save_picture(annotated, output_dir / name, quality=92)
                     height, width = image.shape[:2]
                     writer.images.append({
                         "file": str(path), "width": width, "height": height, "annotated": name,

@@ -156,15 +156,16 @@ def draw_ground_truth_and_predictions(
     return both
 
 
-def save_picture(picture: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PIL picture at `path` (format from the suffix; parent folders created, atomic).
+def save_picture(picture: Image.Image, path: str | os.PathLike, **options: object) -> Path:
+    """Write a PIL picture at `path` (format from the suffix; parent folders created, atomic);
+    `options` go to PIL's `save` (e.g. `quality=92` for a JPEG).
 
     Raises:
         FileWriteError: the file cannot be written (the message names it).
     """
     path = Path(path)
     with atomic_write(path, "wb") as file:
-        picture.save(file, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        picture.save(file, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **options)
     return path
 
 
