@@ -18,6 +18,7 @@ shaped like `detr_lab.config.ModelConfig` / `LossConfig`).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -130,21 +131,32 @@ def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
     """The neck of `cfg.neck.type` (`NECKS`) for `backbone`'s levels and `cfg.num_feature_levels`.
 
     Raises:
-        ValueError: an unknown neck type, or the neck's own argument errors.
+        ValueError: an unknown neck type, an option its builder does not take (named with the
+            options it does take), or the neck's own argument errors.
     """
     neck = cfg.neck
     if neck.type not in NECKS:
         raise ValueError(f"unknown 'model.neck.type: {neck.type}'; expected one of: {', '.join(NECKS)}")
     builder = import_builder(NECKS[neck.type], f"neck {neck.type!r}")
-    return builder(
+    common = dict(
         in_channels=list(backbone.num_channels),
         strides=list(backbone.strides),
         hidden_dim=cfg.hidden_dim,
         num_levels=cfg.num_feature_levels,
         level_strides=list(LEVEL_STRIDES[min(cfg.num_feature_levels, 4)]),
         group_norm=multiscale_inputs(cfg),
-        **dict(neck.options),
     )
+    # Builders ignore the common arguments they do not use (`**_`), so a misspelt option would be
+    # ignored too: only the builder's own named parameters are options.
+    parameters = inspect.signature(builder).parameters
+    own = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name not in common]
+    for key in neck.options:
+        if key not in own:
+            raise ValueError(
+                f"'model.neck.options.{key}' is not an option of the {neck.type!r} neck; "
+                f"its options: {', '.join(own) or 'none'}"
+            )
+    return builder(**common, **dict(neck.options))
 
 
 def build_position_encoding(cfg: ModelConfig) -> nn.Module:

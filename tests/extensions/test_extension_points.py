@@ -36,6 +36,10 @@ def test_a_toy_neck_and_a_toy_loss_term_train_a_step(monkeypatch):
     monkeypatch.setitem(LOSS_TERMS, "area", LossTerm(area_term, ("loss_area",), {"loss_area": 3.0}))
     with pytest.raises(ConfigError, match="'model.neck.type' is 'deepst'.*did you mean 'deepest'"):
         load_config(overrides=tiny_overrides(neck__type="deepst"))
+    misspelt = tiny_overrides("model.neck.options.chanels=8", neck__type="simple_pyramid")
+    misspelt = load_config(overrides=misspelt)  # a neck option is checked against its builder's
+    with pytest.raises(ValueError, match="'model.neck.options.chanels' is not an option.*options: channels"):
+        build_model(misspelt.model)  # not silently ignored
     cfg = load_config(
         overrides=tiny_overrides(
             "loss.terms=[labels,boxes,area]", "loss.weights.loss_area=4.0", neck__type="deepest"
