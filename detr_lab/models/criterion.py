@@ -81,7 +81,8 @@ class SetCriterion(nn.Module):
     `class_error` (final layer only), `cardinality_error`, `loss_xy`, `loss_hw` are logged, never weighted.
 
     Raises:
-        ValueError: an unknown classification or term name (the message names it), or no terms.
+        ValueError: an unknown classification or term name (the message names it), no terms, or a
+            weight for a value no selected term gives.
     """
 
     def __init__(
@@ -107,6 +108,13 @@ class SetCriterion(nn.Module):
             groups = main_groups(num_aux_layers, proposals="agnostic" if two_stage else None)
         self.groups = tuple(groups)
         given = dict(weights or {})
+        weighted = {value for term in self.loss_terms.values() for value in term.weights}
+        unknown = sorted(set(given) - weighted - set(DEFAULT_WEIGHTS))
+        if unknown:
+            raise ValueError(
+                f"'loss.weights' names {unknown}, no weighted value of the selected terms "
+                f"{list(self.loss_terms)} (their values: {sorted(weighted)})"
+            )
         base: dict[str, float] = {}
         for term in self.loss_terms.values():
             for value, default in term.weights.items():

@@ -52,6 +52,10 @@ def test_a_toy_neck_and_a_toy_loss_term_train_a_step(monkeypatch):
     # The new term runs on every group with its suffix and takes the configured weight (4, not 3).
     assert {"loss_area", "loss_area_0"} <= set(losses) and losses["loss_area"] > 0
     assert criterion.weight_dict["loss_area"] == criterion.weight_dict["loss_area_0"] == 4.0
+    misspelt = tiny_overrides("loss.terms=[labels,boxes,area]", "loss.weights.loss_aera=4")
+    misspelt = load_config(overrides=misspelt)
+    with pytest.raises(ValueError, match=r"'loss.weights' names \['loss_aera'\]"):
+        build_criterion(misspelt.model, misspelt.loss)  # not silently ignored
     expected = sum(losses[name] * weight for name, weight in criterion.weight_dict.items())
     torch.testing.assert_close(criterion.total_loss(losses), expected)
 
