@@ -58,20 +58,25 @@ def _non_negative(default: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- model
-# ResNet depths of the "resnet" backbone type (torchvision).
+# ResNet depths of the "resnet" (torchvision) and "resnet_vd" (RT-DETR's ResNet-vd) backbone types.
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
-# Options of one backbone type only: type -> keys. A key set for another type is an error.
-BACKBONE_TYPE_KEYS = {
-    "resnet": ("dilation", "frozen_stages", "norm"),
+RESNET_TYPES = ("resnet", "resnet_vd")
+# Options of some backbone types only: key -> types. A key set for another type is an error.
+BACKBONE_KEY_TYPES = {
+    "dilation": ("resnet",),
+    "frozen_stages": RESNET_TYPES,
+    "norm": RESNET_TYPES,
 }
 
 
 @dataclass
 class BackboneConfig:
-    # resnet: torchvision ResNet (name resnet18..resnet101); timm: a hierarchical timm model through
+    # resnet: torchvision ResNet (name resnet18..resnet101); resnet_vd: ResNet-vd as RT-DETR's PResNet
+    # (same names; deep stem, average-pool shortcuts; weights_path: the official key layout); timm: a
+    # hierarchical timm model through
     # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT, its one map at the patch stride (ViTDet's
     # simple feature pyramid is the neck `simple_pyramid`).
-    type: str = _choice("resnet", "timm", "vit", default="resnet")
+    type: str = _choice("resnet", "resnet_vd", "timm", "vit", default="resnet")
     name: str = "resnet50"  # resnet: one of RESNET_NAMES; timm / vit: a timm model name
     # ImageNet weights through the library's own mechanism: `pretrained: true` downloads (torchvision
     # or timm cache); `weights_path` loads a local torchvision / timm state dict and never downloads.
@@ -79,8 +84,8 @@ class BackboneConfig:
     weights_path: str | None = None
     # timm / vit only: further timm.create_model arguments (e.g. drop_path_rate, or small widths).
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    # ResNet only (null = the default in brackets):
-    dilation: bool | None = None  # [false] dilate the last stage ("DC5"): stride 16 instead of 32
+    # ResNet types only (null = the default in brackets; resnet_vd: [0] and [batch_norm]):
+    dilation: bool | None = None  # resnet: [false] dilate the last stage ("DC5"): stride 16 instead of 32
     frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
     # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
     norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
@@ -481,14 +486,19 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
 
 def _validate_backbone(b: BackboneConfig, where: str) -> None:
     """Options valid only for one backbone type, ResNet depths, and the two weight sources."""
-    for backbone_type, keys in BACKBONE_TYPE_KEYS.items():
-        for key in keys:
-            if b.type != backbone_type and getattr(b, key) is not None:
-                raise ConfigError(
-                    f"{where}: 'model.backbone.{key}' applies to 'model.backbone.type: {backbone_type}' "
-                    f"only, not '{b.type}' (remove it or set it to null)"
-                )
-    if b.type == "resnet":
+    for key, types in BACKBONE_KEY_TYPES.items():
+        if b.type not in types and getattr(b, key) is not None:
+            kinds = f"'model.backbone.type: {types[0]}'" + "".join(f" or '{t}'" for t in types[1:])
+            raise ConfigError(
+                f"{where}: 'model.backbone.{key}' applies to {kinds} "
+                f"only, not '{b.type}' (remove it or set it to null)"
+            )
+    if b.type == "resnet_vd" and b.pretrained:
+        raise ConfigError(
+            f"{where}: 'model.backbone.pretrained' is not available for resnet_vd; set "
+            "'model.backbone.weights_path' to a local ResNet-vd state dict in the official key layout"
+        )
+    if b.type in RESNET_TYPES:
         if b.name not in RESNET_NAMES:
             close = difflib.get_close_matches(b.name, RESNET_NAMES, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -499,7 +509,7 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
         if b.timm_kwargs:
             raise ConfigError(
                 f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, "
-                "not resnet"
+                f"not {b.type}"
             )
         if b.dilation and b.name in RESNET_NAMES[:2]:
             raise ConfigError(

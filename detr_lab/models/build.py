@@ -26,6 +26,7 @@ from torch import nn
 from detr_lab.models.attention import attention_spec, build_attention, needs_multiscale_inputs
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
+from detr_lab.models.backbones.resnet_vd import ResNetVdBackbone
 from detr_lab.models.builders import import_builder
 from detr_lab.models.classification import Classification, classification_strategy
 from detr_lab.models.criterion import SetCriterion
@@ -111,8 +112,20 @@ def _vit(b: BackboneConfig, num_levels: int) -> Backbone:
     )
 
 
+def _resnet_vd(b: BackboneConfig, num_levels: int) -> Backbone:
+    """ResNet-vd (RT-DETR's PResNet): stages `backbone_stages(num_levels)`; trained batch norm and
+    nothing frozen unless set."""
+    return ResNetVdBackbone(
+        int(b.name.removeprefix("resnet")),
+        stages=backbone_stages(num_levels),
+        frozen_stages=b.frozen_stages or 0,
+        norm=b.norm or "batch_norm",
+        weights_path=b.weights_path,
+    )
+
+
 # model.backbone.type -> builder(backbone config, number of detector levels).
-BACKBONES = {"resnet": _resnet, "timm": _timm, "vit": _vit}
+BACKBONES = {"resnet": _resnet, "resnet_vd": _resnet_vd, "timm": _timm, "vit": _vit}
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
