@@ -16,6 +16,8 @@ in `NECKS` naming its builder as "module:function"; the builder takes keyword ar
   stride-2 3x3 convolutions for the levels past the deepest backbone stage (Deformable DETR).
 - "simple_pyramid" (`simple_pyramid.SimplePyramidNeck`): ViTDet's simple feature pyramid over a plain
   ViT's single map, then the projections (option `channels`, 256).
+- "hybrid_encoder" (`hybrid_encoder.HybridEncoder`): RT-DETR's AIFI + CCFM over the backbone levels
+  (options: `expansion`, `depth_mult`, `num_encoder_layers`, `ffn_dim`, `num_heads`, ...).
 
 This module is pure data (no torch import), read by `detr_lab.config`.
 """
@@ -25,4 +27,5 @@ from __future__ import annotations
 NECKS: dict[str, str] = {
     "projection": "detr_lab.models.necks.projection:build",
     "simple_pyramid": "detr_lab.models.necks.simple_pyramid:build",
+    "hybrid_encoder": "detr_lab.models.necks.hybrid_encoder:build",
 }
