@@ -187,12 +187,15 @@ class LossConfig:
     focal_gamma: float = _non_negative(2.0)
     # Which terms run (names of `detr_lab.models.loss_terms.LOSS_TERMS`, checked when the criterion is
     # built): labels = loss_ce (+ class_error), boxes = loss_bbox and loss_giou, cardinality =
-    # cardinality_error and box_parts = loss_xy / loss_hw (both logged only).
+    # cardinality_error and box_parts = loss_xy / loss_hw (both logged only); vfl = loss_vfl (the
+    # varifocal loss of RT-DETR, sigmoid classification, in place of labels).
     terms: list[str] = field(default_factory=lambda: ["labels", "cardinality", "boxes"])
     # Weighted value -> weight, for values whose weight has no key above (e.g. a new term's).
     weights: dict[str, float] = field(default_factory=dict)
     # Further matching costs of `detr_lab.models.matcher.MATCHING_COSTS`: name -> weight.
     extra_costs: dict[str, float] = field(default_factory=dict)
+    # A term's own options: term name -> options, e.g. {vfl: {alpha: 0.75, gamma: 2.0}} (RT-DETR's VFL).
+    term_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

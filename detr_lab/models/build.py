@@ -373,6 +373,7 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         terms=loss_cfg.terms,
         weights={**weights, **loss_cfg.weights},
         groups=declared_groups(model_cfg),
+        term_options={name: dict(options) for name, options in loss_cfg.term_options.items()},
     )
 
 

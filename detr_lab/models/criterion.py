@@ -74,6 +74,7 @@ class SetCriterion(nn.Module):
             auxiliary and (with `two_stage`) proposal groups.
         num_aux_layers: auxiliary decoder layers (groups `_0`, `_1`, ...) when `groups` is not given.
         two_stage: also a class-agnostic proposal group (`_enc`), when `groups` is not given.
+        term_options: term name -> its own options (e.g. `{"vfl": {"alpha": 0.75, "gamma": 2.0}}`).
 
     Values (unweighted): the terms' values per group with the group's suffix: `loss_ce`, `loss_bbox`
     (L1 of normalized cxcywh), `loss_giou` (1 - GIoU), both box terms summed over matched pairs and
@@ -96,11 +97,19 @@ class SetCriterion(nn.Module):
         groups: Sequence[PredictionGroup] | None = None,
         num_aux_layers: int = 5,
         two_stage: bool = False,
+        term_options: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(classification, str):
             classification = classification_strategy(classification)
         self.loss_terms = select_terms(list(terms))
+        for name, term in self.loss_terms.items():
+            if term.sigmoid_only and classification.name != "sigmoid":
+                raise ValueError(f"loss term {name!r} needs 'model.classification: sigmoid'")
+        self.term_options = {name: dict(options) for name, options in (term_options or {}).items()}
+        unknown_options = sorted(set(self.term_options) - set(self.loss_terms))
+        if unknown_options:
+            raise ValueError(f"'loss.term_options' names {unknown_options}, not selected in 'loss.terms'")
         self.num_classes = num_classes
         self.matcher = matcher
         self.classification = classification
@@ -159,8 +168,9 @@ class SetCriterion(nn.Module):
             )
         inputs = TermInputs(outputs, targets, indices, num_boxes, self.classification, self.num_classes, log)
         losses: dict[str, Tensor] = {}
-        for term in self.loss_terms.values():
+        for name, term in self.loss_terms.items():
             if kind in term.groups:
+                inputs.options = self.term_options.get(name, {})
                 losses.update(term.fn(inputs))
         return losses
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detr_lab.boxes import cxcywh_to_xyxy, generalized_box_iou
+from detr_lab.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from detr_lab.models.classification import Classification
 
 Indices = list[tuple[Tensor, Tensor]]
@@ -47,6 +47,7 @@ class TermInputs:
     classification: Classification
     num_classes: int
     log: bool = False
+    options: dict = field(default_factory=dict)  # the term's own options (`loss.term_options.<term>`)
 
     def matched_queries(self) -> tuple[Tensor, Tensor]:
         """(batch index, query index) of every matched prediction, each int64 `[K]`."""
@@ -90,6 +91,30 @@ def boxes_term(inputs: TermInputs) -> dict[str, Tensor]:
     return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / inputs.num_boxes}
 
 
+def varifocal_term(inputs: TermInputs) -> dict[str, Tensor]:
+    """`loss_vfl`, the varifocal loss (Zhang et al. 2021) as RT-DETR computes it (`loss_labels_vfl`):
+    binary cross-entropy of every (query, class) logit against a soft target, the IoU of a matched
+    query's box with its target (detached) for its target class, 0 elsewhere; weighted by
+    `alpha * sigmoid(logit)^gamma` where the target is 0 and by the target where it is not; mean over
+    queries, summed, times Q / num_boxes. Sigmoid classification only (logits `[B, Q, C]`).
+    Options: `alpha` (0.75), `gamma` (2.0)."""
+    logits = inputs.predictions["pred_logits"]  # (B, Q, C)
+    matched = inputs.matched_queries()
+    pred_boxes = inputs.predictions["pred_boxes"][matched]
+    target_boxes = inputs.matched_targets("boxes").to(pred_boxes)
+    ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0]).detach()
+    target_classes = torch.full(logits.shape[:2], inputs.num_classes, dtype=torch.int64, device=logits.device)
+    target_classes[matched] = inputs.matched_targets("labels").to(logits.device)
+    one_hot = F.one_hot(target_classes, inputs.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, C)
+    score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+    score[matched] = ious.to(logits.dtype)
+    target = score[..., None] * one_hot
+    alpha, gamma = inputs.options.get("alpha", 0.75), inputs.options.get("gamma", 2.0)
+    weight = alpha * logits.sigmoid().detach().pow(gamma) * (1 - one_hot) + target
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    return {"loss_vfl": loss.mean(1).sum() * logits.shape[1] / inputs.num_boxes}
+
+
 @torch.no_grad()
 def box_parts_term(inputs: TermInputs) -> dict[str, Tensor]:
     """Logged only: the L1 of the matched boxes split into centre (`loss_xy`) and size (`loss_hw`),
@@ -117,13 +142,15 @@ class LossTerm:
     fn: the term's function. weights: weighted value -> its weight, a number (the default; `loss.weights`
     overrides it) or the name of the `LossConfig` key that holds it. values: what the term returns on
     every group it applies to (`log` may add logging-only values on the final layer). groups: the
-    group kinds it applies to (of `GROUP_KINDS`).
+    group kinds it applies to (of `GROUP_KINDS`). sigmoid_only: the term reads per-class sigmoid
+    logits. Its own options come from `loss.term_options.<name>` (`TermInputs.options`).
     """
 
     fn: Callable[[TermInputs], dict[str, Tensor]]
     values: tuple[str, ...]
     weights: dict[str, float | str] = field(default_factory=dict)
     groups: tuple[str, ...] = GROUP_KINDS
+    sigmoid_only: bool = False  # needs independent per-class logits (`model.classification: sigmoid`)
 
 
 LOSS_TERMS: dict[str, LossTerm] = {
@@ -132,6 +159,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
         boxes_term, ("loss_bbox", "loss_giou"), {"loss_bbox": "bbox_weight", "loss_giou": "giou_weight"}
     ),
     "box_parts": LossTerm(box_parts_term, ("loss_xy", "loss_hw")),
+    "vfl": LossTerm(varifocal_term, ("loss_vfl",), {"loss_vfl": 1.0}, sigmoid_only=True),
     "cardinality": LossTerm(cardinality_term, ("cardinality_error",)),
 }
 DEFAULT_TERMS = ("labels", "cardinality", "boxes")
