@@ -15,9 +15,11 @@ Config version 1 (before the assembled detector) chose the query source with fam
 (The simple feature pyramid was part of the ViT backbone; it is the `simple_pyramid` neck now. A
 null `pyramid_channels`, as every stored config of another backbone holds, is dropped.)
 
-`migrate_config_data` is applied to every YAML file, override list and checkpoint config before
-it meets the schema, so files written by the earlier release keep loading. Standard library and
-OmegaConf only.
+`migrate_config_data` rewrites a stored config of version 1: a complete one, as every run saved it
+(`config.yaml` beside its checkpoints, and in every checkpoint), which holds all three family flags.
+A YAML file or override that sets one of those keys alone is not guessed at (a `false` flag could
+mean the default source or "keep the inherited one"): it stops with `LegacyConfigError` naming the
+key that replaces it. Standard library and OmegaConf only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_VERSION = 2
 LEGACY_MODEL_KEYS = ("two_stage", "anchor_boxes", "mixed_query_selection")
-DEFAULT_TERMS = ["labels", "cardinality", "boxes"]
 
 
 class LegacyConfigError(ValueError):
@@ -36,16 +36,16 @@ class LegacyConfigError(ValueError):
 
 
 def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    raise LegacyConfigError(f"a version-1 family flag must be true or false, got {value!r}")
 
 
 def legacy_query_source(model: dict) -> str | None:
     """The version-2 `model.query_source` of a version-1 model section (None: the default).
 
     Raises:
-        LegacyConfigError: flags that name no source (two-stage with anchor boxes).
+        LegacyConfigError: flags that name no source (two-stage with anchor boxes), or not booleans.
     """
     two_stage = _truthy(model.get("two_stage", False))
     anchors = _truthy(model.get("anchor_boxes", False))
@@ -62,51 +62,50 @@ def legacy_query_source(model: dict) -> str | None:
     return None
 
 
-def _legacy_vit(model: DictConfig) -> bool:
-    """A version-1 ViT model: the pyramid was part of the backbone (its channels a backbone key)."""
-    backbone = model.get("backbone")
-    if not isinstance(backbone, DictConfig):
-        return False
-    return "pyramid_channels" in backbone or (backbone.get("type") == "vit" and "neck" not in model)
+REPLACEMENTS = {
+    "two_stage": "'model.query_source: proposals'",
+    "anchor_boxes": "'model.query_source: learned_anchors' (or mixed_selection)",
+    "mixed_query_selection": "'model.query_source: mixed_selection'",
+}
 
 
 def migrate_config_data(data: DictConfig) -> DictConfig:
-    """`data` (a full or partial config tree) with version-1 keys rewritten; unchanged when it has none.
+    """`data` with a complete version-1 model section rewritten; unchanged when it has no version-1 key.
 
     Raises:
-        LegacyConfigError: flags that cannot be mapped (the message names them).
+        LegacyConfigError: a version-1 key in a partial config (a YAML file or override: the message
+            names the key that replaces it), or flags that cannot be mapped.
     """
     model = data.get("model") if isinstance(data, DictConfig) else None
     if not isinstance(model, DictConfig):
         return data
-    legacy_vit = _legacy_vit(model)
-    if not legacy_vit and not any(key in model for key in LEGACY_MODEL_KEYS):
+    present = [key for key in LEGACY_MODEL_KEYS if key in model]
+    backbone = model.get("backbone")
+    pyramid = isinstance(backbone, DictConfig) and "pyramid_channels" in backbone
+    if not present and not pyramid:
         return data
+    if len(present) != len(LEGACY_MODEL_KEYS) or (pyramid and "type" not in backbone):
+        if present:
+            key = present[0]
+            raise LegacyConfigError(f"'model.{key}' was replaced by {REPLACEMENTS[key]}")
+        raise LegacyConfigError(
+            "'model.backbone.pyramid_channels' was replaced by 'model.neck: {type: simple_pyramid, "
+            "options: {channels: N}}'"
+        )
     plain = OmegaConf.to_container(data, resolve=False)
     model_dict = plain["model"]
-    if legacy_vit:
-        backbone = model_dict["backbone"]
-        channels = backbone.pop("pyramid_channels", None)
-        kind = backbone.get("type")
-        if channels is not None and kind not in (None, "vit"):
-            raise LegacyConfigError(
-                f"'model.backbone.pyramid_channels' applies to 'model.backbone.type: vit' only, not "
-                f"'{kind}' (it is now 'model.neck.options.channels' of the simple_pyramid neck)"
-            )
-        if (kind == "vit" and "neck" not in model_dict) or channels is not None:
-            neck = model_dict.setdefault("neck", {})
-            neck.setdefault("type", "simple_pyramid")
-            neck.setdefault("options", {}).setdefault("channels", 256 if channels is None else channels)
     source = legacy_query_source(model_dict)
     anchors = _truthy(model_dict.get("anchor_boxes", False))
     for key in LEGACY_MODEL_KEYS:
-        model_dict.pop(key, None)
-    if source is not None and model_dict.get("query_source") is None:
-        model_dict["query_source"] = source
+        model_dict.pop(key)
+    model_dict["query_source"] = source
     if anchors:
-        loss = plain.setdefault("loss", {})
-        terms = list(loss.get("terms") or DEFAULT_TERMS)
+        terms = plain.setdefault("loss", {}).setdefault("terms", ["labels", "cardinality", "boxes"])
         if "boxes" in terms and "box_parts" not in terms:
             terms.append("box_parts")
-        loss["terms"] = terms
+    backbone_dict = model_dict.get("backbone", {})
+    channels = backbone_dict.pop("pyramid_channels", None)
+    if backbone_dict.get("type") == "vit":
+        options = {"channels": 256 if channels is None else channels}
+        model_dict["neck"] = {"type": "simple_pyramid", "options": options}
     return OmegaConf.create(plain)

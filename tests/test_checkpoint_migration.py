@@ -8,6 +8,7 @@ how): detr_lab-format checkpoints of DETR, one-stage and two-stage Deformable DE
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,24 +96,46 @@ def test_state_dict_renames_and_versions():
         migrate_state_dict(state, 7)
 
 
-def test_version_1_config_keys_are_migrated():
-    flags = {"anchor_boxes": True, "mixed_query_selection": True, "two_stage": False}
-    legacy = OmegaConf.create({"model": flags})
-    migrated = OmegaConf.to_container(migrate_config_data(legacy))
-    assert migrated == {"model": {"query_source": "mixed_selection"},
-                        "loss": {"terms": ["labels", "cardinality", "boxes", "box_parts"]}}  # fmt: skip
-    anchors = migrate_config_data(OmegaConf.create({"model": {"anchor_boxes": True}}))
-    assert anchors.model.query_source == "learned_anchors"
-    vit_backbone = {"type": "vit", "pyramid_channels": 64}
-    vit = migrate_config_data(OmegaConf.create({"model": {"backbone": vit_backbone}}))
-    assert OmegaConf.to_container(vit.model) == {
-        "backbone": {"type": "vit"}, "neck": {"type": "simple_pyramid", "options": {"channels": 64}}
-    }
-    resnet_backbone = {"type": "resnet", "pyramid_channels": None}
-    resnet = migrate_config_data(OmegaConf.create({"model": {"backbone": resnet_backbone}}))
-    assert OmegaConf.to_container(resnet.model) == {"backbone": {"type": "resnet"}}  # a stored null: dropped
-    cfg = load_config(overrides=["model.decoder.cross_attention=deformable", "model.box_refine=true",
-                                 "model.two_stage=true"])  # fmt: skip
-    assert cfg.model.query_source == "proposals"
-    with pytest.raises(ConfigError, match="'model.two_stage' and 'model.anchor_boxes' together"):
-        load_config(overrides=["model.two_stage=true", "model.anchor_boxes=true"])
+def _stored_v1(**model: object) -> dict:
+    """The parts of a complete version-1 config that the migration reads: all three family flags and
+    the backbone's `pyramid_channels`, as every run saved them."""
+    flags = {"two_stage": False, "anchor_boxes": False, "mixed_query_selection": False}
+    backbone = {"type": "resnet", "pyramid_channels": None, **model.pop("backbone", {})}
+    terms = ["labels", "cardinality", "boxes"]
+    return {"model": {**flags, **model, "backbone": backbone}, "loss": {"terms": terms}}
+
+
+def test_stored_version_1_configs_are_migrated():
+    dino = OmegaConf.to_container(migrate_config_data(OmegaConf.create(
+        _stored_v1(anchor_boxes=True, mixed_query_selection=True))))  # fmt: skip
+    assert dino["model"]["query_source"] == "mixed_selection"
+    assert dino["loss"]["terms"] == ["labels", "cardinality", "boxes", "box_parts"]
+    assert not {"two_stage", "anchor_boxes", "mixed_query_selection"} & set(dino["model"])
+    dab = migrate_config_data(OmegaConf.create(_stored_v1(anchor_boxes=True)))
+    assert dab.model.query_source == "learned_anchors"
+    two_stage = migrate_config_data(OmegaConf.create(_stored_v1(two_stage=True)))
+    assert two_stage.model.query_source == "proposals" and two_stage.loss.terms[-1] == "boxes"
+    vit = migrate_config_data(OmegaConf.create(_stored_v1(backbone={"type": "vit", "pyramid_channels": 64})))
+    assert OmegaConf.to_container(vit.model.neck) == {"type": "simple_pyramid", "options": {"channels": 64}}
+    resnet = OmegaConf.to_container(migrate_config_data(OmegaConf.create(_stored_v1())).model)
+    assert resnet["backbone"] == {"type": "resnet"}  # a stored null pyramid_channels: dropped
+    assert resnet["query_source"] is None
+    with pytest.raises(ValueError, match="'model.two_stage' and 'model.anchor_boxes' together"):
+        migrate_config_data(OmegaConf.create(_stored_v1(two_stage=True, anchor_boxes=True)))
+
+
+def test_version_1_keys_in_files_and_overrides_name_their_replacement():
+    """A YAML file or override setting one family flag is not guessed at: `false` could mean the
+    default source or "keep the inherited one"."""
+    for override, replacement in [
+        ("model.two_stage=true", "'model.query_source: proposals'"),
+        ("model.two_stage=false", "'model.query_source: proposals'"),
+        ("model.anchor_boxes=true", "'model.query_source: learned_anchors'"),
+        ("model.mixed_query_selection=false", "'model.query_source: mixed_selection'"),
+        ("model.backbone.pyramid_channels=64", "'model.neck: {type: simple_pyramid"),
+    ]:
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=f"'{key}' was replaced by {re.escape(replacement)}"):
+            load_config("configs/demo_dino.yaml", [override])
+    with pytest.raises(ValueError, match="must be true or false, got .maybe."):
+        migrate_config_data(OmegaConf.create(_stored_v1(two_stage="maybe")))

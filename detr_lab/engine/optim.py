@@ -1,6 +1,7 @@
 """Optimizer and LR schedule of the DETR recipe: AdamW with per-name learning rates, step decay.
 
-Every trainable parameter gets `optim.lr`, or `optim.lr_backbone` when its name contains "backbone";
+Every trainable parameter gets `optim.lr`, or `optim.lr_backbone` when its name contains "backbone"
+(or its module is marked `backbone_rate`, the ViTDet pyramid neck);
 each `optim.lr_multipliers` substring found in the name multiplies that rate (several matches
 multiply together). `lr_backbone: 0` freezes the backbone instead of training it at rate zero.
 """
@@ -15,11 +16,24 @@ from detr_lab.config import ConfigError, OptimConfig
 BACKBONE_KEY = "backbone"
 
 
+def backbone_rate_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters trained at `optim.lr_backbone`: those whose name contains "backbone" and
+    those of modules marked `backbone_rate = True` (the ViTDet pyramid, part of the backbone before
+    it became a neck: its runs keep their recipe and parameter groups)."""
+    ids = {id(p) for name, p in model.named_parameters() if BACKBONE_KEY in name}
+    for module in model.modules():
+        if getattr(module, "backbone_rate", False):
+            ids |= {id(p) for p in module.parameters()}
+    return ids
+
+
 def freeze_backbone(model: nn.Module) -> int:
-    """Set requires_grad False on every parameter whose name contains "backbone"; return how many."""
+    """Set requires_grad False on every backbone-rate parameter (`backbone_rate_parameters`); return
+    how many."""
+    ids = backbone_rate_parameters(model)
     count = 0
-    for name, parameter in model.named_parameters():
-        if BACKBONE_KEY in name:
+    for parameter in model.parameters():
+        if id(parameter) in ids:
             parameter.requires_grad_(False)
             count += 1
     return count
@@ -38,10 +52,11 @@ def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
         if not any(key in name for name in all_names):
             raise ConfigError(f"'optim.lr_multipliers' key '{key}' matches no parameter name of the model")
     groups: dict[str, dict] = {}
+    backbone_ids = backbone_rate_parameters(model)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        is_backbone = BACKBONE_KEY in name
+        is_backbone = id(parameter) in backbone_ids
         lr = optim.lr_backbone if is_backbone else optim.lr
         matched = [key for key in optim.lr_multipliers if key in name]
         for key in matched:

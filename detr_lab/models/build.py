@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from detr_lab.errors import InputError
 from detr_lab.models.attention import attention_spec, build_attention, needs_multiscale_inputs
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
@@ -160,12 +161,15 @@ def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
         group_norm=multiscale_inputs(cfg),
     )
     # Builders ignore the common arguments they do not use (`**_`), so a misspelt option would be
-    # ignored too: only the builder's own named parameters are options.
+    # ignored too: the options are the builder's own named parameters (or anything, when it collects
+    # them in a `**options` of another name than `_`).
     parameters = inspect.signature(builder).parameters
-    own = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name not in common]
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    own = [name for name, p in parameters.items() if p.kind in named and name not in common]
+    takes_any = any(p.kind is p.VAR_KEYWORD and name != "_" for name, p in parameters.items())
     for key in neck.options:
-        if key not in own:
-            raise ValueError(
+        if key not in own and not takes_any:
+            raise InputError(
                 f"'model.neck.options.{key}' is not an option of the {neck.type!r} neck; "
                 f"its options: {', '.join(own) or 'none'}"
             )
@@ -274,18 +278,22 @@ def check_supported(cfg: ModelConfig) -> None:
         spec.reference_attention
         and not attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
     ):
-        raise ValueError(
+        raise InputError(
             f"'model.query_source: {name}' needs a decoder cross-attention with reference points"
         )
     if cfg.box_refine and spec.box_dim == 0:
-        raise ValueError(
+        raise InputError(
             "'model.box_refine' needs a decoder cross-attention with reference points, or a "
             "query source with reference boxes"
         )
     if spec.needs_refinement and not cfg.box_refine:
-        raise ValueError(f"'model.query_source: {name}' needs 'model.box_refine: true'")
+        raise InputError(f"'model.query_source: {name}' needs 'model.box_refine: true'")
     if spec.position_from_boxes and cfg.classification != "sigmoid":
-        raise ValueError(f"'model.query_source: {name}' needs 'model.classification: sigmoid' (focal loss)")
+        raise InputError(f"'model.query_source: {name}' needs 'model.classification: sigmoid' (focal loss)")
+    if spec.proposal_heads and cfg.share_heads:
+        raise InputError(f"'model.query_source: {name}' needs one head per layer: 'model.share_heads: false'")
+    if cfg.look_forward_twice and not cfg.box_refine:
+        raise InputError("'model.look_forward_twice' needs 'model.box_refine: true'")
 
 
 def build_model(cfg: ModelConfig) -> Detector:
@@ -366,6 +374,11 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         ValueError: an unknown or repeated `loss.terms` entry (the message names it).
     """
     weights = {key: getattr(loss_cfg, key) for key in ("class_weight", "bbox_weight", "giou_weight")}
+    dedicated = {"loss_ce": "class_weight", "loss_bbox": "bbox_weight", "loss_giou": "giou_weight"}
+    for name in loss_cfg.weights:
+        if name in dedicated or name in weights:
+            key = dedicated.get(name, name)
+            raise InputError(f"'loss.weights.{name}': set 'loss.{key}' instead (the weight has its own key)")
     return SetCriterion(
         model_cfg.num_classes,
         build_matcher(model_cfg, loss_cfg),

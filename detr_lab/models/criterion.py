@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from detr_lab.errors import InputError
 from detr_lab.models.classification import Classification, classification_strategy
 from detr_lab.models.groups import PredictionGroup, group_predictions, main_groups
 from detr_lab.models.loss_terms import DEFAULT_TERMS, LOSS_TERMS, Indices, LossTerm, TermInputs
@@ -47,14 +48,14 @@ def select_terms(terms: Sequence[str]) -> dict[str, LossTerm]:
             `loss.terms` entry and the closest known name).
     """
     if not terms:
-        raise ValueError(f"'loss.terms' must name at least one of: {', '.join(LOSS_TERMS)}")
+        raise InputError(f"'loss.terms' must name at least one of: {', '.join(LOSS_TERMS)}")
     for i, name in enumerate(terms):
         if name not in LOSS_TERMS:
             close = difflib.get_close_matches(str(name), list(LOSS_TERMS), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"'loss.terms[{i}]' is {name!r}; expected one of: {', '.join(LOSS_TERMS)}{hint}")
+            raise InputError(f"'loss.terms[{i}]' is {name!r}; expected one of: {', '.join(LOSS_TERMS)}{hint}")
         if name in terms[:i]:
-            raise ValueError(f"'loss.terms[{i}]' repeats {name!r}")
+            raise InputError(f"'loss.terms[{i}]' repeats {name!r}")
     return {name: LOSS_TERMS[name] for name in terms}
 
 
@@ -105,11 +106,11 @@ class SetCriterion(nn.Module):
         self.loss_terms = select_terms(list(terms))
         for name, term in self.loss_terms.items():
             if term.sigmoid_only and classification.name != "sigmoid":
-                raise ValueError(f"loss term {name!r} needs 'model.classification: sigmoid'")
+                raise InputError(f"loss term {name!r} needs 'model.classification: sigmoid'")
         self.term_options = {name: dict(options) for name, options in (term_options or {}).items()}
         unknown_options = sorted(set(self.term_options) - set(self.loss_terms))
         if unknown_options:
-            raise ValueError(f"'loss.term_options' names {unknown_options}, not selected in 'loss.terms'")
+            raise InputError(f"'loss.term_options' names {unknown_options}, not selected in 'loss.terms'")
         self.num_classes = num_classes
         self.matcher = matcher
         self.classification = classification
@@ -120,10 +121,13 @@ class SetCriterion(nn.Module):
         weighted = {value for term in self.loss_terms.values() for value in term.weights}
         unknown = sorted(set(given) - weighted - set(DEFAULT_WEIGHTS))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"'loss.weights' names {unknown}, no weighted value of the selected terms "
                 f"{list(self.loss_terms)} (their values: {sorted(weighted)})"
             )
+        negative = sorted(name for name, weight in given.items() if not weight >= 0)
+        if negative:
+            raise InputError(f"loss weights must be >= 0 (and finite); {negative} are not")
         base: dict[str, float] = {}
         for term in self.loss_terms.values():
             for value, default in term.weights.items():

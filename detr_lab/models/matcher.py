@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from detr_lab.boxes import cxcywh_to_xyxy, generalized_box_iou
+from detr_lab.errors import InputError
 from detr_lab.models.classification import Classification, classification_strategy
 
 
@@ -86,11 +87,18 @@ class HungarianMatcher(nn.Module):
             classification = classification_strategy(
                 classification, focal_alpha=focal_alpha, focal_gamma=focal_gamma
             )
-        weights = {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou, **(extra_costs or {})}
-        unknown = [name for name in weights if name not in MATCHING_COSTS]
+        extra = dict(extra_costs or {})
+        unknown = [name for name in extra if name not in MATCHING_COSTS or name in ("class", "bbox", "giou")]
         if unknown:
-            known = list(MATCHING_COSTS)
-            raise ValueError(f"unknown matching cost(s) {unknown}; expected names from {known}")
+            known = [name for name in MATCHING_COSTS if name not in ("class", "bbox", "giou")]
+            raise InputError(
+                f"'loss.extra_costs' names {unknown}: not an extra cost of the table (class, bbox and giou "
+                f"have 'loss.cost_*'); extra costs: {known or 'none yet'}"
+            )
+        negative = [name for name, weight in extra.items() if not weight >= 0]
+        if negative:
+            raise InputError(f"'loss.extra_costs' weights must be >= 0 (and finite); {negative} are not")
+        weights = {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou, **extra}
         if all(weight == 0 for weight in weights.values()):
             raise ValueError("all matching costs are 0; at least one must be positive")
         self.costs = {name: weight for name, weight in weights.items() if weight != 0}

@@ -13,8 +13,8 @@ from detr_lab.engine.module import STEP_TERMS, DetectionModule, EpochMeans
 from factories import tiny_batch, tiny_config
 
 DINO = dict(
-    num_classes=5, dropout=0.0, classification="sigmoid", anchor_boxes=True, box_refine=True,
-    share_heads=True, mixed_query_selection=True, look_forward_twice=True, denoising__enabled=True,
+    num_classes=5, dropout=0.0, classification="sigmoid", query_source="mixed_selection",
+    box_refine=True, share_heads=True, look_forward_twice=True, denoising__enabled=True,
     denoising__dn_number=4, encoder__attention="deformable", decoder__cross_attention="deformable",
     encoder__num_points=2, decoder__num_points=2, backbone__frozen_stages=4,
 )

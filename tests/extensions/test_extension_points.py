@@ -75,7 +75,7 @@ def test_a_toy_matching_cost_changes_the_matching(monkeypatch):
     targets = [{"labels": torch.tensor([0, 1]), "boxes": target_boxes}]
     ((queries, matched),) = matcher(outputs, targets)
     assert dict(zip(queries.tolist(), matched.tolist(), strict=True)) == {0: 1, 1: 0}  # by centre x alone
-    with pytest.raises(ValueError, match="unknown matching cost"):
+    with pytest.raises(ValueError, match=r"'loss.extra_costs' names \['nope'\]"):
         matcher_module.HungarianMatcher(extra_costs={"nope": 1.0})
 
 
@@ -92,3 +92,32 @@ def test_a_new_query_source_is_one_table_line(monkeypatch):
     model, _, losses = _train_step(cfg)
     assert model.query_pos_head is not None and model.transformer.decoder.norm is not None
     assert "loss_ce_enc" not in losses and "loss_giou_0" in losses
+
+
+def test_loss_weights_and_costs_that_would_be_ignored_or_overridden_are_refused():
+    for overrides, message in [
+        (["loss.weights.loss_ce=9"], r"'loss.weights.loss_ce': set 'loss.class_weight' instead"),
+        (["loss.weights.class_weight=9"], r"'loss.weights.class_weight': set 'loss.class_weight' instead"),
+        (["loss.terms=[vfl,boxes]", "loss.weights.loss_vfl=-1", "model.classification=sigmoid"],
+         "must be >= 0"),
+        (["loss.extra_costs.class=100"], r"'loss.extra_costs' names \['class'\]"),
+    ]:
+        cfg = load_config(overrides=tiny_overrides(*overrides))
+        with pytest.raises(ValueError, match=message):
+            build_criterion(cfg.model, cfg.loss)
+
+
+def test_a_neck_builder_collecting_options_in_named_kwargs_gets_them(monkeypatch):
+    import toy_neck
+
+    seen = {}
+
+    def build(*, in_channels, hidden_dim, **options):
+        seen.update(options)
+        return toy_neck.DeepestLevelNeck(in_channels[-1], hidden_dim)
+
+    monkeypatch.setattr(toy_neck, "build_collecting", build, raising=False)
+    monkeypatch.setitem(NECKS, "collecting", "toy_neck:build_collecting")
+    cfg = load_config(overrides=tiny_overrides("model.neck.options.scale=2.0", neck__type="collecting"))
+    build_model(cfg.model)
+    assert seen["scale"] == 2.0

@@ -126,7 +126,7 @@ def test_resnet_only_keys_are_refused_for_other_types(backbone_type, key):
 
 
 def test_backbone_type_rules():
-    with pytest.raises(ConfigError, match=r"'model\.backbone\.pyramid_channels' applies to .*vit.*neck"):
+    with pytest.raises(ConfigError, match=r"'model\.backbone\.pyramid_channels' was replaced by .*pyramid"):
         load_config(overrides=["model.backbone.type=timm", "model.backbone.pyramid_channels=64"])
     with pytest.raises(ConfigError, match=r"'model\.backbone\.name' is 'convnext_atto'; a resnet backbone"):
         load_config(overrides=["model.backbone.name=convnext_atto"])
@@ -153,3 +153,16 @@ def test_backbone_type_rules():
     assert (cfg.model.backbone.dilation, cfg.model.backbone.frozen_stages, cfg.model.backbone.norm) == (
         None,
     ) * 3
+
+
+def test_the_vit_pyramid_neck_trains_at_the_backbone_rate():
+    """As when the pyramid was part of the ViT backbone: runs saved then keep their parameter groups."""
+    from detr_lab.config import load_config as load
+    from detr_lab.engine.optim import build_param_groups
+
+    cfg = load("configs/demo_vit.yaml", [*DEMOS["demo_vit"][1], "optim.lr_backbone=1e-5"])
+    model = build_model(cfg.model)
+    groups = {group["name"]: group["param_names"] for group in build_param_groups(model, cfg.optim)}
+    backbone = [name for group, names in groups.items() if group.startswith("backbone") for name in names]
+    assert any(name.startswith("neck.pyramid.") for name in backbone)
+    assert not any(name.startswith("neck.input_proj.") for name in backbone)

@@ -96,6 +96,8 @@ class SimplePyramidNeck(InputProjections):
     ) -> None:
         super().__init__(projections, num_backbone_levels=len(projections))
         self.pyramid = pyramid
+        # Trained at the backbone's rate, as when the pyramid was part of the ViT backbone.
+        self.pyramid.backbone_rate = True
         self.input_stride = input_stride
 
     def forward(
