@@ -66,7 +66,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a detr_lab checkpoint atomically (temporary file, fsync, rename) and return its path.
 
-    The file holds `{"format": "detr_lab", "version": 1, "config", "state_dict", "category_ids",
+    The file holds `{"format": "detr_lab", "version": 2, "config", "state_dict", "category_ids",
     "class_names"}`; `load_checkpoint` reads it back. On failure the previous file at `path` is
     left as it was.
     Raises:

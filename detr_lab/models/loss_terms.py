@@ -163,14 +163,3 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "cardinality": LossTerm(cardinality_term, ("cardinality_error",)),
 }
 DEFAULT_TERMS = ("labels", "cardinality", "boxes")
-
-
-def loss_term(name: str) -> LossTerm:
-    """The table entry `name`.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in LOSS_TERMS:
-        raise ValueError(f"unknown loss term {name!r}; expected one of: {', '.join(LOSS_TERMS)}")
-    return LOSS_TERMS[name]
