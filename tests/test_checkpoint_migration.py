@@ -25,7 +25,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "weights_v1"
 EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)
 
 
-CASES = [("detr", None, 0), ("deformable", None, 2), ("two_stage", "proposals", 4), ("vit", None, 2)]
+CASES = [("detr", None, 0), ("deformable", None, 2), ("two_stage", "proposals", 4), ("vit", None, 2),
+         ("dino", "mixed_selection", 4), ("dab", "learned_anchors", 4)]
 
 
 @pytest.mark.parametrize(("name", "source", "box_dim"), CASES)
@@ -37,6 +38,8 @@ def test_version_1_checkpoints_load_and_give_their_outputs(name, source, box_dim
     assert loaded.class_names == ["a", "b", "c", "d", "e", "f"]
     neck = "simple_pyramid" if name == "vit" else "projection"  # the pyramid left the ViT backbone
     assert loaded.config.model.neck.type == neck
+    # Version-1 anchor-box models logged loss_xy / loss_hw: the migrated config selects box_parts.
+    assert ("box_parts" in loaded.config.loss.terms) == (name in ("dino", "dab"))
     with torch.no_grad():
         outputs = loaded.model(EXPECTED["images"], EXPECTED["padding_mask"])
     for key in ("pred_logits", "pred_boxes"):
