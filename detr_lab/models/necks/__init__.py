@@ -27,5 +27,5 @@ from __future__ import annotations
 NECKS: dict[str, str] = {
     "projection": "detr_lab.models.necks.projection:build",
     "simple_pyramid": "detr_lab.models.necks.simple_pyramid:build",
-    "hybrid_encoder": "detr_lab.models.necks.hybrid_encoder:build",
+    "hybrid_encoder": "detr_lab.models.necks.hybrid_encoder:HybridEncoder",
 }

@@ -159,6 +159,8 @@ class HybridEncoder(nn.Module):
             encoded level. encoder_levels: which levels AIFI encodes (the deepest: [2]).
         expansion, depth_mult: the CSP blocks' width and depth multipliers. act: the CCFM activation.
         temperature: of the sin-cos position embedding.
+        The neck contract's other builder arguments (`strides`, `num_levels`, ...) are ignored: the
+        class is its own builder in `NECKS`, and its keyword options are `model.neck.options`.
 
     Attributes: `input_proj`, `encoder`, `lateral_convs`, `fpn_blocks`, `downsample_convs`,
     `pan_blocks` (the official names).
@@ -179,6 +181,7 @@ class HybridEncoder(nn.Module):
         depth_mult: float = 1.0,
         act: str = "silu",
         temperature: float = 10000.0,
+        **_: object,
     ) -> None:
         super().__init__()
         levels = len(in_channels)
@@ -248,35 +251,3 @@ class HybridEncoder(nn.Module):
         masks = [level.mask for level in levels]
         return self.fuse([level.features for level in levels], masks), masks
 
-
-def build(
-    *,
-    in_channels: Sequence[int],
-    hidden_dim: int,
-    num_heads: int = 8,
-    ffn_dim: int = 1024,
-    dropout: float = 0.0,
-    enc_act: str = "gelu",
-    num_encoder_layers: int = 1,
-    encoder_levels: Sequence[int] = (2,),
-    expansion: float = 1.0,
-    depth_mult: float = 1.0,
-    act: str = "silu",
-    temperature: float = 10000.0,
-    **_,
-) -> HybridEncoder:
-    """The hybrid encoder over the backbone's levels; its options are `model.neck.options`."""
-    return HybridEncoder(
-        in_channels,
-        hidden_dim,
-        num_heads=num_heads,
-        ffn_dim=ffn_dim,
-        dropout=dropout,
-        enc_act=enc_act,
-        num_encoder_layers=num_encoder_layers,
-        encoder_levels=encoder_levels,
-        expansion=expansion,
-        depth_mult=depth_mult,
-        act=act,
-        temperature=temperature,
-    )
