@@ -113,6 +113,10 @@ class DecoderConfig:
     num_layers: int = _positive(6)
     cross_attention: str = _attention_choice("decoder", default="plain")
     num_points: int = _positive(4)
+    # deformable_v2 only: sampling points per level (e.g. [4, 4, 2]; null: num_points on every level)
+    # and the sampling method (default: bilinear; discrete: nearest value, RT-DETRv2's deployment option).
+    level_points: list[int] | None = None
+    sampling: str = _choice("default", "discrete", default="default")
 
 
 @dataclass
@@ -561,6 +565,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
             f"({m.num_feature_levels}) use GroupNorm(32) input projections"
         )
     _validate_backbone(m.backbone, where)
+    _validate_decoder_options(m, where)
     _validate_query_source(m, where)
     _validate_loss_terms(cfg.loss.terms, where)
     for i, scale in enumerate(cfg.data.augment.train_scales):
@@ -576,6 +581,26 @@ def validate(cfg: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
                           "such as '8' or a list such as '0,1'")
     return cfg
+
+
+def _validate_decoder_options(m: ModelConfig, where: str) -> None:
+    """`model.decoder` keys that only some cross-attention variants read (their spec's `decoder_options`)."""
+    decoder = m.decoder
+    options = ATTENTION_SPECS[decoder.cross_attention].decoder_options
+    readers = [name for name, spec in ATTENTION_SPECS.items() if "level_points" in spec.decoder_options]
+    for key, unset in (("level_points", None), ("sampling", "default")):
+        if getattr(decoder, key) != unset and key not in options:
+            raise ConfigError(
+                f"{where}: 'model.decoder.{key}' is read by the cross-attention {' / '.join(readers)} only, "
+                f"not by {decoder.cross_attention!r}; remove it"
+            )
+    if decoder.level_points is not None:
+        points = list(decoder.level_points)
+        if len(points) != m.num_feature_levels or any(p < 1 for p in points):
+            raise ConfigError(
+                f"{where}: 'model.decoder.level_points' is {points}; expected one positive count per "
+                f"feature level ({m.num_feature_levels})"
+            )
 
 
 def _validate_query_source(m: ModelConfig, where: str) -> None:

@@ -46,7 +46,12 @@ from detr_lab.checkpoints.formats import (
     load_checkpoint,
     save_checkpoint,
 )
-from detr_lab.checkpoints.official import convert_official, load_official, official_class_names
+from detr_lab.checkpoints.official import (
+    convert_official,
+    load_official,
+    official_categories,
+    official_class_names,
+)
 from detr_lab.checkpoints.weights import (
     apply_overrides,
     build_loaded,
@@ -75,6 +80,7 @@ __all__ = [
     "load_official",
     "load_state_exactly",
     "map_keys",
+    "official_categories",
     "official_class_names",
     "official_family",
     "register_family",

@@ -38,6 +38,8 @@ class OfficialFamily:
     `Config` the weights describe; `prepare(state, cfg, source)` resolves keys that name the same
     tensor of the official model (shared modules) before `rules`/`fields` map the keys to detr_lab's
     (see `map_keys`). `override_keys` are the keyword overrides `load_official` accepts for it.
+    `categories(num_classes)` gives the (category ids, class names) of its class indices; None: the
+    index is the COCO category id (DETR, Deformable DETR, DINO; `official.official_class_names`).
     """
 
     name: str
@@ -47,6 +49,7 @@ class OfficialFamily:
     rules: Sequence[KeyRule]
     fields: Callable[[dict[str, str]], dict[str, str] | None]
     prepare: Callable[[dict[str, Tensor], Config, str], dict[str, Tensor]] = lambda state, cfg, source: state
+    categories: Callable[[int], tuple[list[int], list[str]]] | None = None
 
 
 OFFICIAL_FAMILIES: list[OfficialFamily] = []

@@ -23,7 +23,7 @@ from detr_lab.checkpoints.official import (
     convert_official,
     load_official,
     looks_official,
-    official_class_names,
+    official_categories,
 )
 from detr_lab.checkpoints.weights import apply_overrides, build_loaded, read_source
 from detr_lab.config import Config, config_to_dict
@@ -132,10 +132,10 @@ def load_checkpoint(source: str | os.PathLike | Mapping, overrides: Sequence[str
             raise CheckpointError(f"{name}: Lightning checkpoint without '{LIGHTNING_MODEL_PREFIX}*' weights")
     elif looks_official(data):
         cfg, state = convert_official(data)
-        num_classes = cfg.model.num_classes
+        category_ids, class_names = official_categories(data, cfg.model.num_classes)
         cfg = apply_overrides(cfg, overrides, f"{name} (official config with overrides)")
         model = build_loaded(cfg, state, name)
-        return LoadedCheckpoint(model, cfg, list(range(num_classes)), official_class_names(num_classes))
+        return LoadedCheckpoint(model, cfg, category_ids, class_names)
     else:
         raise CheckpointError(
             f"{name}: unknown checkpoint layout (not detr_lab format, not a Lightning checkpoint with a "
@@ -161,12 +161,12 @@ def convert_official_checkpoint(
 ) -> Path:
     """Convert an official checkpoint (see `load_official`) and save it in detr_lab format.
 
-    Class index = COCO category id in official checkpoints, so the category ids are 0..C-1 and the
-    names come from `official_class_names`.
+    The category ids and names of the classes come from `official_categories` (index = COCO category
+    id for the DETR family, RT-DETR's 80 COCO categories in id order).
     Raises:
         CheckpointError: as `load_official`.
         FileWriteError: `destination` cannot be written (the message gives the path and the reason).
     """
     model, cfg = load_official(source, **overrides)
-    num_classes = cfg.model.num_classes
-    return save_checkpoint(destination, model, cfg, range(num_classes), official_class_names(num_classes))
+    category_ids, class_names = official_categories(source, cfg.model.num_classes)
+    return save_checkpoint(destination, model, cfg, category_ids, class_names)

@@ -39,7 +39,7 @@ from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncodi
 from detr_lab.models.postprocess import PostProcess
 from detr_lab.models.queries import QuerySourceSpec, query_source_spec, resolved_query_source
 from detr_lab.models.queries.denoising import ContrastiveDenoising
-from detr_lab.models.queries.embedding import AnchorPositionHead
+from detr_lab.models.queries.embedding import POSITION_HEADS
 from detr_lab.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, Transformer
 
 if TYPE_CHECKING:
@@ -176,9 +176,20 @@ def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
     return builder(**common, **dict(neck.options))
 
 
-def build_position_encoding(cfg: ModelConfig) -> nn.Module:
+def memory_positions(cfg: ModelConfig) -> bool:
+    """Whether the memory needs position embeddings: encoder layers read them, and so does a decoder
+    cross-attention without reference points (its keys); RT-DETR's (no encoder layers after its
+    hybrid-encoder neck, deformable cross-attention) has none, nor a level embedding."""
+    reference = attention_spec(cfg.decoder.cross_attention, "decoder").reference_points
+    return cfg.encoder.num_layers > 0 or not reference
+
+
+def build_position_encoding(cfg: ModelConfig) -> nn.Module | None:
     """Sine (Deformable DETR's half-pixel offset for multi-scale inputs unless the query source's spec
-    sets another, as DINO's; temperature `cfg.position_temperature`) or learned."""
+    sets another, as DINO's; temperature `cfg.position_temperature`) or learned; None when the memory
+    needs no positions (`memory_positions`)."""
+    if not memory_positions(cfg):
+        return None
     if cfg.hidden_dim % 2:
         raise ValueError(f"model.hidden_dim ({cfg.hidden_dim}) must be even for a 2-D position encoding")
     if cfg.position_encoding == "learned":
@@ -200,6 +211,8 @@ def attention_arguments(cfg: ModelConfig, site: str) -> dict[str, Any]:
         dropout=cfg.dropout,
         num_levels=cfg.num_feature_levels,
         num_points=section.num_points,
+        level_points=getattr(section, "level_points", None),
+        sampling=getattr(section, "sampling", "default"),
         q_hashes=act.q_hashes,
         bucket_width=act.bucket_width,
         seed=act.seed,
@@ -211,7 +224,7 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
 
     The decoder applies a final LayerNorm to every layer's output when its cross-attention's spec
     says so (DETR) or its query source's (the DAB / DINO decoder), none otherwise (Deformable DETR).
-    Multi-scale inputs add a learned level embedding.
+    Multi-scale inputs add a learned level embedding (when the memory has positions at all).
     """
     d = cfg.hidden_dim
     widths = dict(embed_dim=d, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout)
@@ -235,7 +248,7 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
     ]
     cross_spec = attention_spec(cfg.decoder.cross_attention, "decoder")
     final_norm = cross_spec.final_decoder_norm or query_spec(cfg)[1].final_decoder_norm
-    num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) else None
+    num_levels = cfg.num_feature_levels if multiscale_inputs(cfg) and memory_positions(cfg) else None
     return Transformer(
         Encoder(encoder_layers),
         Decoder(decoder_layers, nn.LayerNorm(d) if final_norm else None),
@@ -350,7 +363,7 @@ def build_model(cfg: ModelConfig) -> Detector:
         box_refine=cfg.box_refine,
         aux_loss=cfg.aux_loss,
         look_forward_twice=cfg.look_forward_twice,
-        query_pos_head=AnchorPositionHead(d) if spec.position_from_boxes else None,
+        query_pos_head=POSITION_HEADS[spec.position_head](d) if spec.position_from_boxes else None,
         denoising=build_denoising(cfg),
     )
 

@@ -28,7 +28,6 @@ from detr_lab.models.classification import Classification
 from detr_lab.models.groups import PredictionGroup, denoising_groups, main_groups
 from detr_lab.models.queries import QuerySourceSpec
 from detr_lab.models.queries.denoising import ContrastiveDenoising, DenoisingLayout
-from detr_lab.models.queries.embedding import AnchorPositionHead
 from detr_lab.models.queries.query_set import QuerySet, concat_query_sets
 from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
 
@@ -66,7 +65,8 @@ class Detector(nn.Module):
     Args:
         backbone: images + padding mask -> feature levels (`Backbone.forward`).
         neck: backbone levels -> encoder levels of width d and their masks (`detr_lab.models.necks`).
-        position_encoding: padding mask `[B, H, W]` -> position embeddings `[B, d, H, W]`.
+        position_encoding: padding mask `[B, H, W]` -> position embeddings `[B, d, H, W]`; None for a
+            model whose memory needs no positions (no encoder layers, a decoder reading no keys).
         transformer: a `Transformer` of width d (encoder and decoder with their attention modules).
         query_source: encoder output -> the matching queries' `QuerySet` (`detr_lab.models.queries`).
         query_spec: the source's `QuerySourceSpec`.
@@ -78,7 +78,9 @@ class Detector(nn.Module):
         box_refine: each decoder layer refines the previous layer's boxes (its box head's deltas).
         aux_loss: also return every earlier decoder layer's predictions.
         look_forward_twice: see `Decoder.forward` (DINO).
-        query_pos_head: `AnchorPositionHead` for sources whose spec has `position_from_boxes`.
+        query_pos_head: for sources whose spec has `position_from_boxes`, the head of its
+            `position_head` (`detr_lab.models.queries.embedding.POSITION_HEADS`): boxes `[B, Q, 4]`
+            -> query positions `[B, Q, d]`.
         denoising: a `ContrastiveDenoising` extra source (training only), or None.
 
     Attributes besides the parts: `groups`, the declared prediction groups.
@@ -89,7 +91,7 @@ class Detector(nn.Module):
         *,
         backbone: Backbone,
         neck: nn.Module,
-        position_encoding: nn.Module,
+        position_encoding: nn.Module | None,
         transformer: Transformer,
         query_source: nn.Module,
         query_spec: QuerySourceSpec,
@@ -101,7 +103,7 @@ class Detector(nn.Module):
         box_refine: bool = False,
         aux_loss: bool = True,
         look_forward_twice: bool = False,
-        query_pos_head: AnchorPositionHead | None = None,
+        query_pos_head: nn.Module | None = None,
         denoising: ContrastiveDenoising | None = None,
     ) -> None:
         super().__init__()
@@ -155,9 +157,11 @@ class Detector(nn.Module):
             padding_mask: bool `[B, H, W]`, True = padding.
         Returns:
             features `[B, d, H_l, W_l]`, masks bool `[B, H_l, W_l]` (True = padding) and position
-            embeddings `[B, d, H_l, W_l]`, one of each per level.
+            embeddings `[B, d, H_l, W_l]`, one of each per level (None without a position encoding).
         """
         features, masks = self.neck(self.backbone(images, padding_mask), padding_mask)
+        if self.position_encoding is None:
+            return features, masks, None
         pos = [
             self.position_encoding(mask).to(feature.dtype)
             for feature, mask in zip(features, masks, strict=True)

@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
         queries: Tensor,
         query_pos: Tensor,
         memory: Tensor,
-        memory_pos: Tensor,
+        memory_pos: Tensor | None,
         *,
         memory_padding_mask: Tensor | None = None,
         reference_points: Tensor | None = None,
@@ -129,6 +129,9 @@ class DecoderLayer(nn.Module):
         self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """`queries`, `query_pos` `[B, Q, d]`; `memory`, `memory_pos` `[B, S, d]` -> queries `[B, Q, d]`.
+
+        `memory_pos` None: the keys are the memory itself (a model without memory positions, whose
+        cross-attention reads no keys: RT-DETR).
 
         `memory_padding_mask` bool `[B, S]` (True = padding). `reference_points` `[B, Q, levels, 2 or 4]`
         (normalized), `spatial_shapes`, `level_start_index` are passed to the cross-attention.
@@ -141,7 +144,7 @@ class DecoderLayer(nn.Module):
         queries = self.self_attn_norm(queries + self.self_attn_dropout(attended))
         attended = self.cross_attn(
             query=queries + query_pos,
-            key=memory + memory_pos,
+            key=memory if memory_pos is None else memory + memory_pos,
             value=memory,
             key_padding_mask=memory_padding_mask,
             reference_points=reference_points,
@@ -309,14 +312,15 @@ class Decoder(nn.Module):
 class EncoderOutput:
     """What the decoder (and distillation) needs from the encoder.
 
-    memory `[B, S, d]`; memory_pos `[B, S, d]` (position + level embeddings); memory_padding_mask
+    memory `[B, S, d]`; memory_pos `[B, S, d]` (position + level embeddings; None for a model without
+    memory positions); memory_padding_mask
     bool `[B, S]` (True = padding); spatial_shapes int64 `[levels, 2]` (H, W); level_start_index
     int64 `[levels]`; valid_ratios float `[B, levels, 2]` (x, y): the unpadded fraction of each level;
     valid_sizes int64 `[B, levels, 2]` (width, height): the unpadded extent of each level in its pixels.
     """
 
     memory: Tensor
-    memory_pos: Tensor
+    memory_pos: Tensor | None
     memory_padding_mask: Tensor
     spatial_shapes: Tensor
     level_start_index: Tensor
@@ -325,23 +329,25 @@ class EncoderOutput:
 
 
 def flatten_levels(
-    features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor]
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor] | None
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """Flatten and concatenate feature levels into one token sequence.
 
     Args:
-        features, pos: per level float `[B, d, H_l, W_l]`; masks: per level bool `[B, H_l, W_l]`.
+        features, pos: per level float `[B, d, H_l, W_l]` (pos may be None: no positions);
+        masks: per level bool `[B, H_l, W_l]`.
     Returns:
-        tokens `[B, S, d]`, pos `[B, S, d]`, padding_mask `[B, S]` (True = padding),
+        tokens `[B, S, d]`, pos `[B, S, d]` (or None), padding_mask `[B, S]` (True = padding),
         spatial_shapes int64 `[levels, 2]` (H, W), level_start_index int64 `[levels]`.
     """
-    if not (len(features) == len(masks) == len(pos)) or not features:
+    num_pos = len(features) if pos is None else len(pos)
+    if not (len(features) == len(masks) == num_pos) or not features:
         raise ValueError(
             f"need the same non-zero number of feature maps, masks and position maps; got "
-            f"{len(features)}, {len(masks)}, {len(pos)}"
+            f"{len(features)}, {len(masks)}, {num_pos}"
         )
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # (B, S, d)
-    flat_pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], dim=1)
+    flat_pos = None if pos is None else torch.cat([p.flatten(2).transpose(1, 2) for p in pos], dim=1)
     padding_mask = torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, S)
     # One 0-dim tensor per size rather than a list of ints: a traced graph (ONNX export) then reads
     # the level sizes from its input instead of freezing those of the example input.
@@ -441,14 +447,20 @@ class Transformer(nn.Module):
             nn.init.normal_(self.level_embed)
 
     def encode(
-        self, features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor]
+        self, features: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor] | None
     ) -> EncoderOutput:
         """Run the encoder on feature levels already projected to width d.
 
         Args:
             features: per level `[B, d, H_l, W_l]`; masks: per level bool `[B, H_l, W_l]` (True =
-                padding); pos: per level position embeddings `[B, d, H_l, W_l]`.
+                padding); pos: per level position embeddings `[B, d, H_l, W_l]`, or None for a model
+                without memory positions (no encoder layers and a decoder that reads no keys).
+        Raises:
+            ValueError: no positions for a model with encoder layers or a level embedding, or a level
+                count other than the level embedding's.
         """
+        if pos is None and (self.level_embed is not None or len(self.encoder.layers)):
+            raise ValueError("encoder layers and level embeddings need position embeddings")
         if self.level_embed is not None:
             if len(pos) != self.level_embed.shape[0]:
                 raise ValueError(
@@ -460,14 +472,16 @@ class Transformer(nn.Module):
         )
         ratios = valid_ratios(masks).to(tokens.dtype)
         sizes = valid_sizes(masks)
-        memory = self.encoder(
-            tokens,
-            memory_pos,
-            padding_mask=padding_mask,
-            reference_points=encoder_reference_points(spatial_shapes, ratios),
-            spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index,
-        )
+        memory = tokens
+        if len(self.encoder.layers):
+            memory = self.encoder(
+                tokens,
+                memory_pos,
+                padding_mask=padding_mask,
+                reference_points=encoder_reference_points(spatial_shapes, ratios),
+                spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+            )
         return EncoderOutput(
             memory, memory_pos, padding_mask, spatial_shapes, level_start_index, ratios, sizes
         )

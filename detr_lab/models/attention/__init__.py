@@ -49,6 +49,8 @@ class AttentionSpec:
             of feature levels.
         final_decoder_norm: as decoder cross-attention, the decoder applies a final LayerNorm to
             every layer's output (DETR); False: no final norm (Deformable DETR).
+        decoder_options: the keys of `model.decoder` that only this variant reads (set for another
+            variant, they are a config error).
     """
 
     builder: str
@@ -56,6 +58,7 @@ class AttentionSpec:
     reference_points: bool = False
     multiscale_inputs: bool = False
     final_decoder_norm: bool = True
+    decoder_options: tuple[str, ...] = ()
 
 
 ATTENTION_SPECS: dict[str, AttentionSpec] = {
@@ -66,6 +69,16 @@ ATTENTION_SPECS: dict[str, AttentionSpec] = {
         reference_points=True,
         multiscale_inputs=True,
         final_decoder_norm=False,
+    ),
+    # RT-DETRv2's: per-level sampling points (`model.decoder.level_points`) and the discrete
+    # sampling method (`model.decoder.sampling`).
+    "deformable_v2": AttentionSpec(
+        "detr_lab.models.attention.deformable_v2:build",
+        sites=("encoder", "decoder"),
+        reference_points=True,
+        multiscale_inputs=True,
+        final_decoder_norm=False,
+        decoder_options=("level_points", "sampling"),
     ),
     "act": AttentionSpec("detr_lab.models.attention.clustering:build", sites=("encoder",)),
 }

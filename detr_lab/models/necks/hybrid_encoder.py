@@ -159,11 +159,17 @@ class HybridEncoder(nn.Module):
             encoded level. encoder_levels: which levels AIFI encodes (the deepest: [2]).
         expansion, depth_mult: the CSP blocks' width and depth multipliers. act: the CCFM activation.
         temperature: of the sin-cos position embedding.
+        output_proj: also project every output level by a 1x1 convolution and batch norm (RT-DETR's
+            decoder `input_proj`, which detr_lab counts to the neck: `output_proj.<level>.conv/norm`).
         The neck contract's other builder arguments (`strides`, `num_levels`, ...) are ignored: the
         class is its own builder in `NECKS`, and its keyword options are `model.neck.options`.
 
     Attributes: `input_proj`, `encoder`, `lateral_convs`, `fpn_blocks`, `downsample_convs`,
-    `pan_blocks` (the official names).
+    `pan_blocks` (the official names), and `output_proj` (None without it).
+
+    A deeper map is upsampled to the size of the next shallower one (the official 2x upsampling when
+    the input size is a multiple of the deepest stride; other sizes, which the official module
+    cannot take, get nearest-neighbour resizing to the shallower map's size).
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class HybridEncoder(nn.Module):
         depth_mult: float = 1.0,
         act: str = "silu",
         temperature: float = 10000.0,
+        output_proj: bool = False,
         **_: object,
     ) -> None:
         super().__init__()
@@ -213,6 +220,11 @@ class HybridEncoder(nn.Module):
         self.pan_blocks = nn.ModuleList(
             CSPRepBlock(2 * hidden_dim, hidden_dim, blocks, expansion, act) for _ in range(levels - 1)
         )
+        self.output_proj = None
+        if output_proj:
+            self.output_proj = nn.ModuleList(ConvNormAct(hidden_dim, hidden_dim, 1, 1, None) for _ in in_channels)
+            for proj in self.output_proj:
+                nn.init.xavier_uniform_(proj.conv.weight)
 
     @property
     def num_levels(self) -> int:
@@ -235,13 +247,15 @@ class HybridEncoder(nn.Module):
         for step, level in enumerate(range(len(projected) - 1, 0, -1)):
             deeper = self.lateral_convs[step](inner[0])
             inner[0] = deeper
-            upsampled = F.interpolate(deeper, scale_factor=2.0, mode="nearest")
+            upsampled = F.interpolate(deeper, size=projected[level - 1].shape[-2:], mode="nearest")
             inner.insert(0, self.fpn_blocks[step](torch.cat((upsampled, projected[level - 1]), dim=1)))
         # Bottom-up: each output is downsampled into the next deeper level.
         outputs = [inner[0]]
         for step in range(len(projected) - 1):
             downsampled = self.downsample_convs[step](outputs[-1])
             outputs.append(self.pan_blocks[step](torch.cat((downsampled, inner[step + 1]), dim=1)))
+        if self.output_proj is not None:
+            outputs = [proj(x) for proj, x in zip(self.output_proj, outputs, strict=True)]
         return outputs
 
     def forward(

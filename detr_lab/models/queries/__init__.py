@@ -17,6 +17,8 @@ plus one line here; nothing else tests a source's name.
   proposals give reference boxes, position and content.
 - "learned_anchors" (`anchors.LearnedAnchors`): learned content and 4-D anchor boxes (DAB-DETR).
 - "mixed_selection" (`mixed.MixedQuerySelection`): DINO's mixed query selection.
+- "iou_aware" (`mixed.MixedQuerySelection` with selected content): RT-DETR's query selection, the
+  top-K proposals' features as content queries and their boxes as anchors.
 
 Extra sources that use the targets in training (`denoising.ContrastiveDenoising`) are placed before
 the matching queries by the detector.
@@ -42,7 +44,10 @@ class QuerySourceSpec:
         reference_attention: the decoder cross-attention must sample around reference points
             (its attention spec's `reference_points`), e.g. deformable attention.
         position_from_boxes: each decoder layer makes its `query_pos` from its current boxes (the
-            anchor-box decoder of DAB-DETR / DINO: an `AnchorPositionHead`, boxes refined every layer).
+            anchor-box decoder of DAB-DETR / DINO / RT-DETR, boxes refined every layer).
+        position_head: with `position_from_boxes`, the head that makes it (`embedding.POSITION_HEADS`):
+            "anchor_sine" (DAB / DINO: an MLP of the boxes' sine embedding) or "box_mlp" (RT-DETR: an
+            MLP of the boxes themselves).
         proposal_heads: the source scores encoder proposals with the decoder's extra head pair
             (two-stage Deformable DETR: one more class / box head after the decoder layers').
         proposals: the encoder-proposal prediction group it returns (`enc_outputs`): None,
@@ -61,6 +66,7 @@ class QuerySourceSpec:
     box_dim: int
     reference_attention: bool = False
     position_from_boxes: bool = False
+    position_head: str = "anchor_sine"
     proposal_heads: bool = False
     proposals: str | None = None
     ranked_slots: bool = False
@@ -103,6 +109,16 @@ QUERY_SOURCES: dict[str, QuerySourceSpec] = {
         logit_eps=1e-3,
         final_decoder_norm=True,
         sine_offset=0.0,
+    ),
+    "iou_aware": QuerySourceSpec(
+        "detr_lab.models.queries.mixed:build_selected",
+        box_dim=4,
+        reference_attention=True,
+        position_from_boxes=True,
+        position_head="box_mlp",
+        proposals="classes",
+        ranked_slots=True,
+        needs_refinement=True,
     ),
 }
 

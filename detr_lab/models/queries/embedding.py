@@ -1,4 +1,7 @@
-"""Sine embedding of boxes and the per-layer query-position head of anchor-box decoders."""
+"""Sine embedding of boxes and the per-layer query-position heads of anchor-box decoders.
+
+`POSITION_HEADS` is the table of these heads, named by the query-source spec's `position_head`.
+"""
 
 from __future__ import annotations
 
@@ -56,3 +59,29 @@ class AnchorPositionHead(nn.Module):
         """`[B, Q, 4]` normalized cxcywh (the decoder passes them scaled to level 0) -> `[B, Q, d]`."""
         x = box_sine_embedding(boxes, self.embed_dim // 2)
         return self.layers[1](F.relu(self.layers[0](x)))
+
+
+class BoxPositionHead(nn.Module):
+    """Query position embeddings straight from the current boxes (RT-DETR's `query_pos_head`).
+
+    `query_pos = layers[1](relu(layers[0](boxes)))`, a 2-layer MLP 4 -> 2d -> d, Xavier-initialised,
+    as the official `MLP(4, 2 * hidden_dim, hidden_dim, 2)` of lyuwenyu/RT-DETR.
+
+    Args:
+        embed_dim: model width d.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.layers = nn.ModuleList((nn.Linear(4, 2 * embed_dim), nn.Linear(2 * embed_dim, embed_dim)))
+        for layer in self.layers:
+            nn.init.xavier_uniform_(layer.weight)
+
+    def forward(self, boxes: Tensor) -> Tensor:
+        """`[B, Q, 4]` normalized cxcywh -> `[B, Q, d]`."""
+        return self.layers[1](F.relu(self.layers[0](boxes)))
+
+
+# QuerySourceSpec.position_head -> the head's class (built with the model width d).
+POSITION_HEADS: dict[str, type[nn.Module]] = {"anchor_sine": AnchorPositionHead, "box_mlp": BoxPositionHead}
