@@ -3,10 +3,10 @@
     model, cfg = load_official("detr-r50-e632da11.pth")               # official DETR
     model, cfg = load_official("r50_deformable_detr-checkpoint.pth")  # official Deformable DETR
     model, cfg = load_official("checkpoint0011_4scale.pth")           # official DINO
-    model, cfg = load_official("rtdetrv2_r18vd_120e_coco_rerun_48.1.pth")  # official RT-DETR(v2)
+    model, cfg = load_official("rtdetrv2_r18vd_120e_coco_rerun_48.1.pth")  # official RT-DETRv2
 
-Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`) registers itself in `family.OFFICIAL_FAMILIES` when
-imported; this module imports them all. A key left unmapped or a parameter left unfilled is an
+Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`) registers itself in
+`family.OFFICIAL_FAMILIES` when imported; this module imports them all. A key left unmapped or a parameter left unfilled is an
 error, so a partial load cannot pass silently. Class index = COCO category id in official
 DETR-family checkpoints; RT-DETR's 80 classes are the COCO categories in id order
 (`official_categories`).
@@ -59,7 +59,9 @@ def _official_weights(data: Any) -> Any:
     return data
 
 
-def official_categories(checkpoint: str | os.PathLike | Mapping, num_classes: int) -> tuple[list[int], list[str]]:
+def official_categories(
+    checkpoint: str | os.PathLike | Mapping, num_classes: int
+) -> tuple[list[int], list[str]]:
     """(category ids, class names) of the class indices of an official checkpoint: its family's
     (`OfficialFamily.categories`), else index = COCO category id (`official_class_names`)."""
     state, source = _official_state(checkpoint)

@@ -61,9 +61,15 @@ RTDETR_KEY_RULES: list[KeyRule] = [
             "transformer.decoder.layers.{i}.self_attn.v_proj.{p}",
         ),
     ),
-    (_LAYER + r"self_attn\.out_proj\.(?P<p>weight|bias)", ("transformer.decoder.layers.{i}.self_attn.out_proj.{p}",)),
+    (
+        _LAYER + r"self_attn\.out_proj\.(?P<p>weight|bias)",
+        ("transformer.decoder.layers.{i}.self_attn.out_proj.{p}",),
+    ),
     (_LAYER + r"cross_attn\.(?P<rest>.+)", ("transformer.decoder.layers.{i}.cross_attn.{rest}",)),
-    (_LAYER + r"linear(?P<n>[12])\.(?P<p>weight|bias)", ("transformer.decoder.layers.{i}.ffn.linear{n}.{p}",)),
+    (
+        _LAYER + r"linear(?P<n>[12])\.(?P<p>weight|bias)",
+        ("transformer.decoder.layers.{i}.ffn.linear{n}.{p}",),
+    ),
     (_LAYER + r"norm(?P<norm>[123])\.(?P<p>weight|bias)", ("transformer.decoder.layers.{i}.{norm}.{p}",)),
     (r"decoder\.denoising_class_embed\.weight", ("denoising.label_embed.weight",)),
     (r"decoder\.query_pos_head\." + _MLP, ("query_pos_head.layers.{k}.{p}",)),
@@ -124,7 +130,9 @@ def _neck(state: Mapping[str, Tensor], hidden_dim: int, num_heads: int) -> dict[
         "type": "hybrid_encoder",
         "options": {
             "num_heads": num_heads,
-            "ffn_dim": require_key(state, "encoder.encoder.0.layers.0.linear1.weight", FAMILY, ndim=2).shape[0],
+            "ffn_dim": require_key(state, "encoder.encoder.0.layers.0.linear1.weight", FAMILY, ndim=2).shape[
+                0
+            ],
             "num_encoder_layers": count_indices(state, "encoder.encoder.0.layers."),
             "encoder_levels": list(range(levels - encoders, levels)),
             "expansion": inner / hidden_dim,
@@ -134,10 +142,14 @@ def _neck(state: Mapping[str, Tensor], hidden_dim: int, num_heads: int) -> dict[
     }
 
 
-def _points(state: Mapping[str, Tensor], num_levels: int, num_heads: int) -> tuple[str, int, list[int] | None]:
+def _points(
+    state: Mapping[str, Tensor], num_levels: int, num_heads: int
+) -> tuple[str, int, list[int] | None]:
     """(cross-attention variant, points per level, per-level list when they differ)."""
     scale_key = "decoder.decoder.layers.0.cross_attn.num_points_scale"
-    offsets = require_key(state, "decoder.decoder.layers.0.cross_attn.attention_weights.weight", FAMILY, ndim=2)
+    offsets = require_key(
+        state, "decoder.decoder.layers.0.cross_attn.attention_weights.weight", FAMILY, ndim=2
+    )
     total = offsets.shape[0] // num_heads
     if scale_key not in state:  # v1: Deformable DETR's attention, the same points on every level
         if total % num_levels:
@@ -203,14 +215,21 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
         "look_forward_twice": True,
         "share_heads": False,
         "num_detections": 300,
-        "denoising": {"enabled": denoising, "dn_number": 100, "label_noise_ratio": 0.5, "box_noise_scale": 1.0},
+        "denoising": {
+            "enabled": denoising,
+            "dn_number": 100,
+            "label_noise_ratio": 0.5,
+            "box_noise_scale": 1.0,
+        },
         "backbone": _backbone(state),
         "neck": _neck(state, hidden_dim, num_heads),
         "encoder": {"num_layers": 0, "attention": "deformable"},
         "decoder": decoder,
     }
     data = {"augment": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
-    return config_from_dict({"model": model, "loss": rtdetr_loss(), "data": data}, f"official {FAMILY} checkpoint")
+    return config_from_dict(
+        {"model": model, "loss": rtdetr_loss(), "data": data}, f"official {FAMILY} checkpoint"
+    )
 
 
 def rtdetr_loss() -> dict[str, Any]:

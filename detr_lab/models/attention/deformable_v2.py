@@ -74,7 +74,9 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
             raise ValueError(f"core_impl must be one of {CORE_IMPLS}, got {core_impl!r}")
         if sampling not in SAMPLING_METHODS:
             raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
-        points = [int(num_points)] * num_levels if isinstance(num_points, int) else [int(p) for p in num_points]
+        points = (
+            [int(num_points)] * num_levels if isinstance(num_points, int) else [int(p) for p in num_points]
+        )
         if len(points) != num_levels or min(points) < 1:
             raise ValueError(
                 f"num_points must be a positive count or one positive count per level ({num_levels}), "
@@ -185,7 +187,12 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         else:
             locations, weights = self.level_slots(locations, weights)
             output = ms_deform_attn_core(
-                value, spatial_shapes, level_start_index, locations, weights, impl=self.core_impl,
+                value,
+                spatial_shapes,
+                level_start_index,
+                locations,
+                weights,
+                impl=self.core_impl,
                 attn_mask=attn_mask,
             )
         return self.output_proj(output)
@@ -205,7 +212,12 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         return padded_locations.view(*shape, 2), padded_weights.view(shape)
 
     def discrete_core(
-        self, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, locations: Tensor, weights: Tensor
+        self,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        locations: Tensor,
+        weights: Tensor,
     ) -> Tensor:
         """Nearest-value sampling: value `[B, Lv, heads, hd]`, locations `[B, Lq, heads, total, 2]`
         normalized (x, y), weights `[B, Lq, heads, total]` -> `[B, Lq, d]`.

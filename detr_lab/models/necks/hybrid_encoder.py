@@ -222,7 +222,8 @@ class HybridEncoder(nn.Module):
         )
         self.output_proj = None
         if output_proj:
-            self.output_proj = nn.ModuleList(ConvNormAct(hidden_dim, hidden_dim, 1, 1, None) for _ in in_channels)
+            projections = (ConvNormAct(hidden_dim, hidden_dim, 1, 1, None) for _ in in_channels)
+            self.output_proj = nn.ModuleList(projections)
             for proj in self.output_proj:
                 nn.init.xavier_uniform_(proj.conv.weight)
 

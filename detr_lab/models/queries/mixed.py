@@ -22,7 +22,6 @@ from detr_lab.models.queries.query_set import QuerySet
 from detr_lab.models.transformer import EncoderOutput
 from detr_lab.models.two_stage import encoder_proposals
 
-
 CONTENTS = ("learned", "selected")
 
 
@@ -68,7 +67,9 @@ class MixedQuerySelection(nn.Module):
     def forward(self, encoded: EncoderOutput, proposal_heads=None) -> QuerySet:
         """-> `QuerySet`: queries `[B, K, d]`, reference boxes `[B, K, 4]` (detached), and in `meta`
         `enc_outputs`: the selected proposals' `pred_logits` `[B, K, C]` and `pred_boxes` `[B, K, 4]`
-        (normalized cxcywh, with gradients; unusable proposals at (1, 1, 1, 1)).
+        (normalized cxcywh, with gradients; unusable proposals at (1, 1, 1, 1)), and
+        `selected_indices` int64 `[B, K]`: their encoder positions (levels flattened in order,
+        row-major), best first.
 
         Raises:
             ValueError: fewer encoder tokens than K.
@@ -96,7 +97,8 @@ class MixedQuerySelection(nn.Module):
             queries = self.content.weight[None].expand(features.shape[0], -1, -1)
             chosen_logits = self.class_head(chosen_features)
         enc_outputs = {"pred_logits": chosen_logits, "pred_boxes": chosen_boxes.sigmoid()}
-        return QuerySet(queries, chosen_boxes.detach().sigmoid(), meta={"enc_outputs": enc_outputs})
+        meta = {"enc_outputs": enc_outputs, "selected_indices": top}
+        return QuerySet(queries, chosen_boxes.detach().sigmoid(), meta=meta)
 
 
 def build(
