@@ -6,8 +6,8 @@
     model, cfg = load_official("rtdetrv2_r18vd_120e_coco_rerun_48.1.pth")  # official RT-DETRv2
 
 Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`) registers itself in
-`family.OFFICIAL_FAMILIES` when imported; this module imports them all. A key left unmapped or a parameter left unfilled is an
-error, so a partial load cannot pass silently. Class index = COCO category id in official
+`family.OFFICIAL_FAMILIES` when imported; this module imports them all. A key left unmapped or a
+parameter left unfilled is an error, so a partial load cannot pass silently. Class index = COCO category id in official
 DETR-family checkpoints; RT-DETR's 80 classes are the COCO categories in id order
 (`official_categories`).
 """
