@@ -7,9 +7,9 @@
 
 Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`) registers itself in
 `family.OFFICIAL_FAMILIES` when imported; this module imports them all. A key left unmapped or a
-parameter left unfilled is an error, so a partial load cannot pass silently. Class index = COCO category id in official
-DETR-family checkpoints; RT-DETR's 80 classes are the COCO categories in id order
-(`official_categories`).
+parameter left unfilled is an error, so a partial load cannot pass silently. Class index = COCO
+category id in official DETR-family checkpoints; RT-DETR's 80 classes are the COCO categories in id
+order (`official_categories`).
 """
 
 from __future__ import annotations
