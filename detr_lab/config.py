@@ -66,6 +66,7 @@ BACKBONE_KEY_TYPES = {
     "dilation": ("resnet",),
     "frozen_stages": RESNET_TYPES,
     "norm": RESNET_TYPES,
+    "freeze_stem": ("resnet_vd",),
 }
 
 
@@ -89,6 +90,8 @@ class BackboneConfig:
     frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
     # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
     norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
+    # resnet_vd: [false] freeze the stem even with frozen_stages 0 (RT-DETR-R50/R101's `freeze_at: 0`)
+    freeze_stem: bool | None = None
 
 
 @dataclass
@@ -280,6 +283,8 @@ class OptimConfig:
     weight_decay: float = _non_negative(1e-4)
     # Parameter-name substring -> LR multiplier (e.g. Deformable DETR: sampling_offsets: 0.1).
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # Parameter-name substrings whose parameters get no weight decay (RT-DETR: [norm, bn], its norms).
+    no_decay_keys: list[str] = field(default_factory=list)
     lr_drop_epochs: list[int] = field(default_factory=lambda: [200])
     lr_drop_factor: float = _positive(0.1)
     clip_grad_norm: float = _non_negative(0.1)  # 0 disables clipping

@@ -158,7 +158,9 @@ class ConfiguredLearningRates(Callback):
 
 
         optim = pl_module.cfg.optim
-        wanted = {group["name"]: group["lr"] for group in build_param_groups(pl_module.model, optim)}
+        groups = build_param_groups(pl_module.model, optim)
+        wanted = {group["name"]: group["lr"] for group in groups}
+        decays = {group["name"]: group.get("weight_decay", optim.weight_decay) for group in groups}
         optimizer = trainer.optimizers[0]
         scheduler = trainer.lr_scheduler_configs[0].scheduler
         names = [group.get("name") for group in optimizer.param_groups]
@@ -174,7 +176,7 @@ class ConfiguredLearningRates(Callback):
                 changes.append(f"{group['name']} {group['lr']:g} -> {base * drops:g}")
             group["initial_lr"] = base
             group["lr"] = base * drops
-            group["weight_decay"] = optim.weight_decay
+            group["weight_decay"] = decays[group["name"]]
             scheduler.base_lrs[index] = base
         scheduler.milestones = Counter(milestones)
         scheduler.gamma = optim.lr_drop_factor

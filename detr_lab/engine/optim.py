@@ -4,6 +4,8 @@ Every trainable parameter gets `optim.lr`, or `optim.lr_backbone` when its name 
 (or its module is marked `backbone_rate`, the ViTDet pyramid neck);
 each `optim.lr_multipliers` substring found in the name multiplies that rate (several matches
 multiply together). `lr_backbone: 0` freezes the backbone instead of training it at rate zero.
+Parameters whose name contains an `optim.no_decay_keys` substring get weight decay 0 (in groups of
+their own, named with a "no_decay" suffix); the others `optim.weight_decay`.
 """
 
 from __future__ import annotations
@@ -42,15 +44,18 @@ def freeze_backbone(model: nn.Module) -> int:
 def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW parameter groups of the trainable parameters of `model`, one per distinct rate rule.
 
-    Each group is `{"params": [...], "lr": float, "name": str, "param_names": [...]}`; `name` is
-    "backbone" or "default", followed by the multiplier keys that matched (e.g. "default*sampling_offsets").
+    Each group is `{"params": [...], "lr": float, "name": str, "param_names": [...]}` (and
+    `"weight_decay": 0.0` for no-decay groups); `name` is "backbone" or "default", followed by the
+    multiplier keys that matched (e.g. "default*sampling_offsets") and "no_decay" where it applies.
     Raises:
-        ConfigError: a key of `optim.lr_multipliers` matches no parameter name (likely a typo).
+        ConfigError: a key of `optim.lr_multipliers` or `optim.no_decay_keys` matches no parameter
+            name (likely a typo).
     """
     all_names = [name for name, _ in model.named_parameters()]
-    for key in optim.lr_multipliers:
-        if not any(key in name for name in all_names):
-            raise ConfigError(f"'optim.lr_multipliers' key '{key}' matches no parameter name of the model")
+    for option, keys in (("lr_multipliers", optim.lr_multipliers), ("no_decay_keys", optim.no_decay_keys)):
+        for key in keys:
+            if not any(key in name for name in all_names):
+                raise ConfigError(f"'optim.{option}' key '{key}' matches no parameter name of the model")
     groups: dict[str, dict] = {}
     backbone_ids = backbone_rate_parameters(model)
     for name, parameter in model.named_parameters():
@@ -61,8 +66,12 @@ def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
         matched = [key for key in optim.lr_multipliers if key in name]
         for key in matched:
             lr *= optim.lr_multipliers[key]
-        group_name = "*".join([BACKBONE_KEY if is_backbone else "default", *matched])
+        no_decay = any(key in name for key in optim.no_decay_keys)
+        parts = [BACKBONE_KEY if is_backbone else "default", *matched, *(["no_decay"] if no_decay else [])]
+        group_name = "*".join(parts)
         group = groups.setdefault(group_name, {"params": [], "lr": lr, "name": group_name, "param_names": []})
+        if no_decay:
+            group["weight_decay"] = 0.0
         group["params"].append(parameter)
         group["param_names"].append(name)
     return list(groups.values())

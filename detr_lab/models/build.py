@@ -120,6 +120,7 @@ def _resnet_vd(b: BackboneConfig, num_levels: int) -> Backbone:
         int(b.name.removeprefix("resnet")),
         stages=backbone_stages(num_levels),
         frozen_stages=b.frozen_stages or 0,
+        freeze_stem=bool(b.freeze_stem),
         norm=b.norm or "batch_norm",
         weights_path=b.weights_path,
     )

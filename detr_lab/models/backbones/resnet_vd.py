@@ -114,6 +114,8 @@ class ResNetVdBackbone(Backbone):
         stages: residual stages to return, 1-based: 2, 3, 4 have strides 8, 16, 32 (1: stride 4).
             Stages past the deepest requested are not built.
         frozen_stages: 0 trains everything; k >= 1 freezes the stem and stages 1..k.
+        freeze_stem: also freeze the stem with `frozen_stages` 0 (the official `freeze_at: 0` of
+            RT-DETR-R50/R101: the three stem convolutions only).
         norm: "batch_norm" (trained statistics; RT-DETRv2-R18/34) or "frozen_bn" (fixed; R50/R101).
         weights_path: a local state dict in the official key layout (`conv1.conv1_1.conv.weight`, ...),
             e.g. the ImageNet weights RT-DETR starts from; never downloads.
@@ -127,6 +129,7 @@ class ResNetVdBackbone(Backbone):
         *,
         stages: Sequence[int] = (2, 3, 4),
         frozen_stages: int = 0,
+        freeze_stem: bool = False,
         norm: str = "batch_norm",
         weights_path: str | os.PathLike | None = None,
     ) -> None:
@@ -162,6 +165,8 @@ class ResNetVdBackbone(Backbone):
         if weights_path is not None:
             self._load_weights(weights_path)
         frozen = [self.conv1, *self.res_layers[:frozen_stages]] if frozen_stages > 0 else []
+        if freeze_stem and not frozen:
+            frozen = [self.conv1]
         for module in frozen:
             module.requires_grad_(False)
 
