@@ -120,6 +120,8 @@ class DecoderConfig:
     # and the sampling method (default: bilinear; discrete: nearest value, RT-DETRv2's deployment option).
     level_points: list[int] | None = None
     sampling: str = _choice("default", "discrete", default="default")
+    # Evaluate with the first N decoder layers only (RT-DETR-R50-m: 3 of 6); null: all of them.
+    eval_layers: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -599,6 +601,11 @@ def _validate_decoder_options(m: ModelConfig, where: str) -> None:
                 f"{where}: 'model.decoder.{key}' is read by the cross-attention {' / '.join(readers)} only, "
                 f"not by {decoder.cross_attention!r}; remove it"
             )
+    if decoder.eval_layers is not None and decoder.eval_layers > decoder.num_layers:
+        raise ConfigError(
+            f"{where}: 'model.decoder.eval_layers' ({decoder.eval_layers}) exceeds "
+            f"'model.decoder.num_layers' ({decoder.num_layers})"
+        )
     if decoder.level_points is not None:
         points = list(decoder.level_points)
         if len(points) != m.num_feature_levels or any(p < 1 for p in points):

@@ -14,7 +14,8 @@ follows the official configs (`configs/rtdetrv2/include/rtdetrv2_r50vd.yml`): 8 
 GELU in AIFI and SiLU in CCFM, denoising with 100 queries, label noise 0.5, box noise 1.0, VFL
 (alpha 0.75, gamma 2) with weights 1 / 5 / 2, focal matching costs 2 / 5 / 2, top-300 post-processing,
 inputs scaled to [0, 1] without normalization. Overrides: `num_heads`, `num_queries`, `sampling`
-("discrete" for the `_dsp` models, which the weights do not distinguish).
+("discrete" for the `_dsp` models, which the weights do not distinguish), `eval_layers` (decoder layers
+run in evaluation; R50-m, recognised by its R50 backbone with expansion 0.5, gets the official 3).
 
 Class index i of the official COCO models is the i-th of the 80 COCO categories in id order
 (`remap_mscoco_category`); `rtdetr_categories` gives those ids and names.
@@ -116,14 +117,16 @@ def _backbone(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "name": f"resnet{depth}",
         "norm": "frozen_bn" if frozen else "batch_norm",
         "frozen_stages": 0,
+        "freeze_stem": frozen,  # the official R50/R101 recipe: freeze_at 0 with frozen batch norm
         "pretrained": False,
         "weights_path": None,
     }
 
 
-def _neck(state: Mapping[str, Tensor], hidden_dim: int, num_heads: int) -> dict[str, Any]:
+def _neck(state: Mapping[str, Tensor], num_heads: int) -> dict[str, Any]:
     encoders = count_indices(state, "encoder.encoder.")
     levels = count_indices(state, "encoder.input_proj.")
+    width = require_key(state, "encoder.lateral_convs.0.conv.weight", FAMILY, ndim=4).shape[0]
     inner = require_key(state, "encoder.fpn_blocks.0.conv1.conv.weight", FAMILY, ndim=4).shape[0]
     blocks = count_indices(state, "encoder.fpn_blocks.0.bottlenecks.")
     return {
@@ -135,9 +138,10 @@ def _neck(state: Mapping[str, Tensor], hidden_dim: int, num_heads: int) -> dict[
             ],
             "num_encoder_layers": count_indices(state, "encoder.encoder.0.layers."),
             "encoder_levels": list(range(levels - encoders, levels)),
-            "expansion": inner / hidden_dim,
+            "expansion": inner / width,
             "depth_mult": blocks / 3,
             "output_proj": True,
+            "width": width,
         },
     }
 
@@ -201,6 +205,12 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
     if variant == "deformable_v2":
         decoder.update(level_points=level_points, sampling=sampling)
     denoising = "decoder.denoising_class_embed.weight" in state
+    backbone = _backbone(state)
+    neck = _neck(state, num_heads)
+    # RT-DETRv2-R50-m ("medium"): the R50 model with a half-width CSP fusion, evaluated with 3 of its 6
+    # decoder layers (the official eval_idx: 2); the weights tell it by the backbone and expansion.
+    medium = backbone["name"] == "resnet50" and neck["options"]["expansion"] == 0.5 and num_layers == 6
+    decoder["eval_layers"] = overrides.get("eval_layers", 3 if medium else None)
     model = {
         "num_classes": num_classes,
         "hidden_dim": hidden_dim,
@@ -221,8 +231,8 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
             "label_noise_ratio": 0.5,
             "box_noise_scale": 1.0,
         },
-        "backbone": _backbone(state),
-        "neck": _neck(state, hidden_dim, num_heads),
+        "backbone": backbone,
+        "neck": neck,
         "encoder": {"num_layers": 0, "attention": "deformable"},
         "decoder": decoder,
     }
@@ -256,7 +266,7 @@ def rtdetr_categories(num_classes: int) -> tuple[list[int], list[str]]:
 RTDETR_FAMILY = register_family(
     OfficialFamily(
         name=FAMILY,
-        override_keys=("num_heads", "num_queries", "sampling"),
+        override_keys=("num_heads", "num_queries", "sampling", "eval_layers"),
         matches=is_rtdetr,
         infer_config=infer_rtdetr_config,
         rules=RTDETR_KEY_RULES,

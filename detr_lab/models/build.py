@@ -366,6 +366,7 @@ def build_model(cfg: ModelConfig) -> Detector:
         look_forward_twice=cfg.look_forward_twice,
         query_pos_head=POSITION_HEADS[spec.position_head](d) if spec.position_from_boxes else None,
         denoising=build_denoising(cfg),
+        eval_layers=cfg.decoder.eval_layers,
     )
 
 

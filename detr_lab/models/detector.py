@@ -82,6 +82,8 @@ class Detector(nn.Module):
             `position_head` (`detr_lab.models.queries.embedding.POSITION_HEADS`): boxes `[B, Q, 4]`
             -> query positions `[B, Q, d]`.
         denoising: a `ContrastiveDenoising` extra source (training only), or None.
+        eval_layers: in eval mode run only the first `eval_layers` decoder layers and predict from the
+            last of them (RT-DETR-R50-m: 3 of 6, the official `eval_idx: 2`); None: all.
 
     Attributes besides the parts: `groups`, the declared prediction groups.
     """
@@ -105,6 +107,7 @@ class Detector(nn.Module):
         look_forward_twice: bool = False,
         query_pos_head: nn.Module | None = None,
         denoising: ContrastiveDenoising | None = None,
+        eval_layers: int | None = None,
     ) -> None:
         super().__init__()
         if query_spec.position_from_boxes and query_pos_head is None:
@@ -130,6 +133,9 @@ class Detector(nn.Module):
         self.aux_loss = aux_loss
         self.look_forward_twice = look_forward_twice
         self.num_decoder_layers = len(transformer.decoder.layers)
+        if eval_layers is not None and not 1 <= eval_layers <= self.num_decoder_layers:
+            raise ValueError(f"eval_layers must be in 1..{self.num_decoder_layers}, got {eval_layers}")
+        self.eval_layers = eval_layers
         num_aux = self.num_decoder_layers - 1 if aux_loss else 0
         groups = main_groups(num_aux, proposals=query_spec.proposals)
         if denoising is not None:
@@ -221,6 +227,7 @@ class Detector(nn.Module):
             self_attn_mask=query_set.attn_mask,
             look_forward_twice=self.look_forward_twice,
             logit_eps=spec.logit_eps,
+            num_layers=None if self.training else self.eval_layers,
         )
         hidden = decoded.hidden  # (L, B, P + Q, d)
         if self.denoising is not None and self.training:

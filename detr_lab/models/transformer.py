@@ -253,6 +253,7 @@ class Decoder(nn.Module):
         self_attn_mask: Tensor | None = None,
         look_forward_twice: bool = False,
         logit_eps: float = 1e-5,
+        num_layers: int | None = None,
         **kwargs,
     ) -> DecoderOutput:
         """Queries `[B, Q, d]` through every layer.
@@ -270,6 +271,8 @@ class Decoder(nn.Module):
             look_forward_twice: DINO: the references returned for layer i + 1 keep the gradient of
                 layer i's refinement (the next layer's input stays detached, as the official code).
             logit_eps: clamp of the logit in the box refinement (Deformable DETR 1e-5, DINO 1e-3).
+            num_layers: run only the first `num_layers` layers (None: all; RT-DETR-R50-m evaluates
+                with 3 of its 6, the official `eval_idx`).
             kwargs: passed to every `DecoderLayer.forward` (`memory_padding_mask`, `spatial_shapes`,
                 `level_start_index`).
         Raises:
@@ -292,7 +295,7 @@ class Decoder(nn.Module):
             kwargs["self_attn_mask"] = self_attn_mask
         outputs, references = [], []
         returned_reference = reference_points  # what the detector predicts relative to
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers[:num_layers]):
             level_points = None
             if reference_points is not None:
                 references.append(returned_reference)

@@ -161,6 +161,8 @@ class HybridEncoder(nn.Module):
         temperature: of the sin-cos position embedding.
         output_proj: also project every output level by a 1x1 convolution and batch norm (RT-DETR's
             decoder `input_proj`, which detr_lab counts to the neck: `output_proj.<level>.conv/norm`).
+        width: the encoder's own width when it differs from the model width d (RT-DETR-R101: 384);
+            needs `output_proj`, which maps it to d. None: d.
         The neck contract's other builder arguments (`strides`, `num_levels`, ...) are ignored: the
         class is its own builder in `NECKS`, and its keyword options are `model.neck.options`.
 
@@ -188,41 +190,45 @@ class HybridEncoder(nn.Module):
         act: str = "silu",
         temperature: float = 10000.0,
         output_proj: bool = False,
+        width: int | None = None,
         **_: object,
     ) -> None:
         super().__init__()
         levels = len(in_channels)
+        if width is not None and width != hidden_dim and not output_proj:
+            raise ValueError(f"a hybrid encoder of width {width} needs output_proj (to width {hidden_dim})")
         if any(not 0 <= i < levels for i in encoder_levels):
             raise ValueError(f"encoder_levels {list(encoder_levels)} must index the {levels} input levels")
         self.hidden_dim = hidden_dim
+        self.width = width = hidden_dim if width is None else width
         self.encoder_levels = [int(i) for i in encoder_levels]
         self.temperature = temperature
         self.input_proj = nn.ModuleList(
             nn.Sequential(
                 OrderedDict(
-                    [("conv", nn.Conv2d(c, hidden_dim, 1, bias=False)), ("norm", nn.BatchNorm2d(hidden_dim))]
+                    [("conv", nn.Conv2d(c, width, 1, bias=False)), ("norm", nn.BatchNorm2d(width))]
                 )
             )
             for c in in_channels
         )
-        layer = AIFILayer(hidden_dim, num_heads, ffn_dim, dropout, enc_act)
+        layer = AIFILayer(width, num_heads, ffn_dim, dropout, enc_act)
         self.encoder = nn.ModuleList(AIFI(layer, num_encoder_layers) for _ in self.encoder_levels)
         blocks = round(3 * depth_mult)
         self.lateral_convs = nn.ModuleList(
-            ConvNormAct(hidden_dim, hidden_dim, 1, 1, act) for _ in range(levels - 1)
+            ConvNormAct(width, width, 1, 1, act) for _ in range(levels - 1)
         )
         self.fpn_blocks = nn.ModuleList(
-            CSPRepBlock(2 * hidden_dim, hidden_dim, blocks, expansion, act) for _ in range(levels - 1)
+            CSPRepBlock(2 * width, width, blocks, expansion, act) for _ in range(levels - 1)
         )
         self.downsample_convs = nn.ModuleList(
-            ConvNormAct(hidden_dim, hidden_dim, 3, 2, act) for _ in range(levels - 1)
+            ConvNormAct(width, width, 3, 2, act) for _ in range(levels - 1)
         )
         self.pan_blocks = nn.ModuleList(
-            CSPRepBlock(2 * hidden_dim, hidden_dim, blocks, expansion, act) for _ in range(levels - 1)
+            CSPRepBlock(2 * width, width, blocks, expansion, act) for _ in range(levels - 1)
         )
         self.output_proj = None
         if output_proj:
-            projections = (ConvNormAct(hidden_dim, hidden_dim, 1, 1, None) for _ in in_channels)
+            projections = (ConvNormAct(width, hidden_dim, 1, 1, None) for _ in in_channels)
             self.output_proj = nn.ModuleList(projections)
             for proj in self.output_proj:
                 nn.init.xavier_uniform_(proj.conv.weight)
@@ -239,10 +245,10 @@ class HybridEncoder(nn.Module):
             x = projected[level]
             height, width = x.shape[-2:]
             tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, d)
-            pos = sincos_position_embedding(height, width, self.hidden_dim, self.temperature).to(tokens)
+            pos = sincos_position_embedding(height, width, self.width, self.temperature).to(tokens)
             padding = None if masks is None else masks[level].flatten(1)
             tokens = encoder(tokens, pos, padding)
-            projected[level] = tokens.transpose(1, 2).reshape(-1, self.hidden_dim, height, width).contiguous()
+            projected[level] = tokens.transpose(1, 2).reshape(-1, self.width, height, width).contiguous()
         # Top-down: from the deepest level, each lateral-convolved map is upsampled into the next.
         inner = [projected[-1]]
         for step, level in enumerate(range(len(projected) - 1, 0, -1)):
