@@ -21,8 +21,8 @@ NECK = (
     "model.neck.options.output_proj=true",
 )
 RTDETR = (
-    "model.query_source=iou_aware", "model.box_refine=true",
-    "model.look_forward_twice=true", "model.encoder.num_layers=0", "model.decoder.cross_attention=deformable_v2",
+    "model.query_source=iou_aware", "model.box_refine=true", "model.look_forward_twice=true",
+    "model.encoder.num_layers=0", "model.decoder.cross_attention=deformable_v2",
     "model.num_feature_levels=3", "model.backbone.type=resnet_vd", "model.backbone.name=resnet18",
     "loss.terms=[vfl,boxes]",
 )  # fmt: skip
@@ -55,8 +55,10 @@ def _train_step(cfg, height: int = 96, width: int = 128) -> dict:
         pytest.param(("model.decoder.cross_attention=deformable",), id="rtdetr-v1-attention"),
         pytest.param(("model.decoder.level_points=[4,3,2]",), id="per-level-points"),
         # IoU-aware selection on Deformable DETR's side: projection neck, deformable encoder layers
-        pytest.param(("model.encoder.num_layers=1",
-                      "model.encoder.attention=deformable", "model.backbone.type=resnet"), id="iou-aware-on-deformable"),
+        pytest.param(
+            ("model.encoder.num_layers=1", "model.encoder.attention=deformable", "model.backbone.type=resnet"),
+            id="iou-aware-on-deformable",
+        ),
     ],
 )  # fmt: skip
 def test_rtdetr_combinations_train_a_step(extra):
