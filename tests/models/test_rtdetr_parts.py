@@ -56,7 +56,8 @@ def _train_step(cfg, height: int = 96, width: int = 128) -> dict:
         pytest.param(("model.decoder.level_points=[4,3,2]",), id="per-level-points"),
         # IoU-aware selection on Deformable DETR's side: projection neck, deformable encoder layers
         pytest.param(
-            ("model.encoder.num_layers=1", "model.encoder.attention=deformable", "model.backbone.type=resnet"),
+            ("model.encoder.num_layers=1", "model.encoder.attention=deformable",
+             "model.backbone.type=resnet"),
             id="iou-aware-on-deformable",
         ),
     ],
