@@ -7,9 +7,10 @@ The graph is traced with the TorchScript-based `torch.onnx.export` (dynamo=False
 on an example batch, so the export path avoids host-side reads of tensor values. Deformable attention
 is exported through a core of standard ONNX operators: "gather" (default; bilinear gathers, valid for
 every input size, TensorRT-safe) or "grid_sample" (ONNX `GridSample`, opset >= 16; the per-level
-split sizes are traced as constants, so only for a fixed input size). Any detector whose forward
-returns `pred_logits` and `pred_boxes` exports unchanged; ACT's adaptive clustering attention is
-refused (its cluster counts are data-dependent).
+split sizes are traced as constants, so only for a fixed input size). RepVGG blocks (RT-DETR's
+hybrid encoder) are fused into one convolution each (`rewrites.py`), as the official RT-DETR export
+does. Any detector whose forward returns `pred_logits` and `pred_boxes` exports unchanged; ACT's
+adaptive clustering attention is refused (its cluster counts are data-dependent).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
+from detr_lab.export.rewrites import fuse_repvgg_blocks
 from detr_lab.files import atomic_write
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
@@ -74,7 +76,9 @@ def check_exportable(model: nn.Module) -> None:
 
 
 def prepare_for_export(model: nn.Module, deformable_core: str = "gather") -> ExportedDetector:
-    """A float32 CPU eval-mode copy of `model` with its deformable attention on the export core.
+    """A float32 CPU eval-mode copy of `model` with its deformable attention on the export core and
+    its RepVGG blocks fused into single convolutions (`rewrites.fuse_repvgg_blocks`; `model` itself is
+    left as it is).
 
     Raises:
         ExportError: ACT attention, or an unknown `deformable_core` ("gather" or "grid_sample").
@@ -86,6 +90,7 @@ def prepare_for_export(model: nn.Module, deformable_core: str = "gather") -> Exp
     check_exportable(model)
     copied = copy.deepcopy(model).float().cpu().eval()
     set_deformable_core(copied, DEFORMABLE_CORES[deformable_core])
+    fuse_repvgg_blocks(copied)
     return ExportedDetector(copied).eval()
 
 
