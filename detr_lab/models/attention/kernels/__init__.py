@@ -8,8 +8,9 @@ Implementations (`impl`):
 - "reference": per-level `F.grid_sample` in plain PyTorch (any device, autograd; the definition).
 - "cpu_fast": a weighted gather-sum (`embedding_bag`) with a hand-written backward; CPU.
 - "triton": Triton kernels for CUDA tensors (Triton is imported only when this path is used).
-- "gather": four bilinear gathers from the flattened map (`gather.py`), any device, autograd; the
-  ONNX export path (standard operators only, valid for every traced input size).
+- "gather": the bilinear neighbours gathered from the flattened map (`gather.py`: pair rows, or
+  single rows for calls with few samples per map position), any device, autograd; the ONNX export
+  path (standard operators only, valid for every traced input size).
 - "auto": "triton" for CUDA tensors when Triton imports, "cpu_fast" for CPU tensors, otherwise
   "reference" (e.g. MPS, or CUDA without Triton).
 
