@@ -41,9 +41,11 @@ def test_one_machine_description():
     assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
     assert info["torchvision"] and info["device"] == "cpu" and "gpu_name" not in info
     assert info["triton"] == package_version("triton")
+    assert info["onnxruntime"] == package_version("onnxruntime")
     assert package_version("no-such-distribution-here") is None
     line = machine_line({**info, "load_average_end": [0.5, 0.5, 0.5]})
     assert line.startswith(f"machine: {info['cpu_model']}") and line.endswith("-> [0.5, 0.5, 0.5]")
+    assert ("onnxruntime" in line) == (info["onnxruntime"] is not None)
 
 
 def test_table_and_report(tmp_path):

@@ -11,6 +11,7 @@ Modules:
     detectors.py         whole detectors from configs, fast vs reference paths (tools/benchmark.py)
     deformable_core.py   the deformable attention core implementations (tools/bench_deformable_core.py)
     act.py               ACT encoder self-attention against plain attention (tools/bench_act.py)
+    onnx_compare.py      two ONNX detectors side by side on onnxruntime (tools/bench_official_onnx.py)
 
 The last stop before the tools, beside `predict`: may import every other part of detr_lab but
 `predict` (`act.py` evaluates checkpoints through `engine`, `detectors.py` times onnxruntime through

@@ -1,6 +1,7 @@
 """The one machine description every benchmark report carries.
 
-CPU model, core counts, torch threads, library versions (torch, torchvision, Triton when installed),
+CPU model, core counts, torch threads, library versions (torch, torchvision, Triton and onnxruntime
+when installed),
 the load average, the threading and allocator environment and, on CUDA, the GPU. Timings on a
 machine shared with other processes are only comparable with the load average beside them.
 """
@@ -62,6 +63,7 @@ def describe_machine(device: str | torch.device = "cpu") -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "triton": package_version("triton"),
+        "onnxruntime": package_version("onnxruntime"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": load_average(),
@@ -84,9 +86,11 @@ def describe_machine(device: str | torch.device = "cpu") -> dict:
 
 
 def machine_line(machine: dict) -> str:
-    """One line for the end of a printed table: CPU, cores, threads, GPU, torch and the load average."""
+    """One line for the end of a printed table: CPU, cores, threads, GPU, torch (and onnxruntime where
+    installed) and the load average."""
+    runtime = f"onnxruntime {machine['onnxruntime']}, " if machine.get("onnxruntime") else ""
     return (
         f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, torch threads "
         f"{machine['torch_threads']}, {machine.get('gpu_name', 'no GPU')}, torch {machine['torch']}, "
-        f"load average {machine['load_average']} -> {machine.get('load_average_end')}"
+        f"{runtime}load average {machine['load_average']} -> {machine.get('load_average_end')}"
     )
