@@ -84,10 +84,14 @@ class MixedQuerySelection(nn.Module):
             )
         features = self.memory_norm(self.memory_proj(encoded.memory.masked_fill(~valid, 0.0)))  # (B, S, d)
         logits = self.class_head(features)  # (B, S, C)
-        boxes = self.box_head(features) + proposals  # (B, S, 4) logit space; inf = unusable
         top = torch.topk(logits.max(-1).values, self.num_queries, dim=1).indices  # (B, K)
-        chosen_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
         chosen_features = features.gather(1, top[..., None].expand(-1, -1, features.shape[-1]))
+        # The box head runs on the K selected proposals only: the official code runs it on all S tokens
+        # and gathers K of them, the same values (a row's result does not depend on the other rows, up
+        # to float rounding) for a fraction of the work (RT-DETR at 640 x 640: 300 of 8400 tokens, two
+        # 256 x 256 matrix products over 8400 rows saved, about 5% of the model's CPU time).
+        chosen_proposals = proposals.gather(1, top[..., None].expand(-1, -1, 4))
+        chosen_boxes = self.box_head(chosen_features) + chosen_proposals  # (B, K, 4) logits; inf: unusable
         # The proposals' logits: RT-DETR gathers them, DINO scores the selected features again (the
         # same values up to the last bits of the matrix product; each as its official code).
         if self.content is None:
