@@ -190,7 +190,8 @@ class RandomPhotometricDistort(ImageOnlyTransform):
     the hue circle), and a random permutation of the channels. Order: brightness, contrast (before or
     after the next two, each with probability 1/2), saturation, hue, channel permutation. The colour
     operations are albumentations' torchvision-compatible ones (those of `A.ColorJitter`) on uint8
-    `[H, W, 3]` RGB images; they may differ from torchvision's PIL kernels by a grey level of rounding.
+    `[H, W, 3]` RGB images, hue on float HSV: within a grey level of torchvision's tensor kernels
+    (the official pipeline's PIL kernels round hue through uint8 HSV and differ by a few levels).
     """
 
     def __init__(
@@ -241,8 +242,9 @@ class RandomPhotometricDistort(ImageOnlyTransform):
             img = fpixel.adjust_contrast_torchvision(img, contrast_factor)
         if saturation_factor is not None:
             img = fpixel.adjust_saturation_torchvision(img, saturation_factor)
-        if hue_factor is not None:
-            img = fpixel.adjust_hue_torchvision(img, hue_factor)
+        if hue_factor is not None:  # on float HSV: OpenCV's uint8 HSV (hue in 180 steps) is coarser
+            shifted = fpixel.adjust_hue_torchvision(img.astype(np.float32) / 255.0, hue_factor)
+            img = np.clip(np.rint(shifted * 255.0), 0, 255).astype(np.uint8)
         if contrast_factor is not None and not contrast_before:
             img = fpixel.adjust_contrast_torchvision(img, contrast_factor)
         if channel_permutation is not None:
