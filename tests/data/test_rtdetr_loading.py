@@ -9,11 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from detr_lab.config import AugmentConfig, Config, ConfigError, DataConfig, SyntheticConfig, load_config
 from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.doctor import diagnose
+
+from factories import tiny_overrides
 
 NO_NORMALIZATION = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 RTDETR_DATA_YAML = Path(__file__).resolve().parents[2] / "configs" / "base" / "data_coco_rtdetr.yaml"
@@ -100,7 +103,8 @@ def test_train_loader_multi_scale_until_stop_epoch_with_persistent_workers(tmp_p
     got = _epochs(workers, range(4))
     for epoch in range(4):
         assert len(got[epoch]) == 2
-        for (images, mask, targets), (ref_images, _, ref_targets) in zip(got[epoch], expected[epoch], strict=True):
+        for (images, mask, targets), (ref_images, _, ref_targets) in zip(got[epoch], expected[epoch],
+                                                                         strict=True):
             size = images.shape[-1]
             # Before stop_epoch a batch side from square_scales, then the transform's square_size.
             assert size in ((32, 128) if epoch < 2 else (64,)), (epoch, size)
@@ -120,7 +124,9 @@ def test_resumed_loader_starts_at_the_trainers_epoch(tmp_path):
         resumed = DetectionDataModule(_rtdetr_cfg(tmp_path / "shapes"))
         resumed.trainer = SimpleNamespace(current_epoch=epoch)  # a run resumed at this epoch
         resumed.setup("fit")
-        for (images, _, _), (ref_images, _, _) in zip(resumed.train_dataloader(), expected[epoch], strict=True):
+        batches = list(resumed.train_dataloader())
+        assert len(batches) == len(expected[epoch])
+        for (images, _, _), (ref_images, _, _) in zip(batches, expected[epoch], strict=True):
             torch.testing.assert_close(images, ref_images, rtol=0, atol=0)
 
 
@@ -162,7 +168,8 @@ def test_rtdetr_config_loads_from_yaml_and_overrides(tmp_path):
     assert aug.policy == "rtdetr" and aug.square_size == 640 and aug.stop_epoch == 71
     assert aug.square_scales == [480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800]
     assert aug.mean == [0.0, 0.0, 0.0] and aug.std == [1.0, 1.0, 1.0]
-    assert (aug.photometric_prob, aug.zoom_out_prob, aug.zoom_out_max, aug.iou_crop_prob) == (0.5, 0.5, 4.0, 0.8)
+    probabilities = (aug.photometric_prob, aug.zoom_out_prob, aug.iou_crop_prob, aug.hflip_prob)
+    assert probabilities == (0.5, 0.5, 0.8, 0.5) and aug.zoom_out_max == 4.0
     off = load_config(path, overrides=["data.augment.square_scales=[]", "data.augment.stop_epoch=null"])
     assert off.data.augment.square_scales == [] and off.data.augment.stop_epoch is None
     assert load_config().data.augment.policy == "detr"  # the default, DETR's recipe
@@ -174,20 +181,66 @@ def test_rtdetr_config_loads_from_yaml_and_overrides(tmp_path):
         (["data.augment.policy=rtdtr"], r"'data\.augment\.policy' is 'rtdtr'; expected one of: detr, rtdetr; "
                                         r"did you mean 'rtdetr'\?"),
         (["data.augment.square_size=0"], r"'data\.augment\.square_size' is 0; it must be > 0"),
-        (["data.augment.square_scales=[640,0]"], r"'data\.augment\.square_scales\[1\]' is 0; sizes must be > 0"),
+        (["data.augment.square_scales=[640,0]"],
+         r"'data\.augment\.square_scales\[1\]' is 0; sizes must be > 0"),
         (["data.augment.policy=rtdetr", "data.augment.stop_epoch=-1"],
          r"'data\.augment\.stop_epoch' is -1; it must be >= 0"),
-        (["data.augment.stop_epoch=5"], r"'data\.augment\.stop_epoch' applies to 'data\.augment\.policy: rtdetr' "
-                                        r"only, not 'detr'"),
+        (["data.augment.stop_epoch=5"],
+         r"'data\.augment\.stop_epoch' applies to 'data\.augment\.policy: rtdetr' only, not 'detr'"),
         (["data.augment.iou_crop_prob=1.5"], r"'data\.augment\.iou_crop_prob' is 1\.5; it must be <= 1"),
-        (["data.augment.photometric_prob=-0.1"], r"'data\.augment\.photometric_prob' is -0\.1; it must be >= 0"),
+        (["data.augment.photometric_prob=-0.1"],
+         r"'data\.augment\.photometric_prob' is -0\.1; it must be >= 0"),
         (["data.augment.zoom_out_prob=2"], r"'data\.augment\.zoom_out_prob' is 2\.0; it must be <= 1"),
         (["data.augment.zoom_out_max=0.5"], r"'data\.augment\.zoom_out_max' is 0\.5; it must be >= 1"),
         (["data.augment.std=[1,0,1]"], r"'data\.augment\.std\[1\]' is 0(\.0)?; use 1 for no scaling"),
         (["data.augment.square_size=big"], r"invalid value for 'data\.augment\.square_size'"),
-        (["data.augment.stop_epochs=3"], r"unknown key 'data\.augment\.stop_epochs'.*did you mean 'stop_epoch'"),
+        (["data.augment.stop_epochs=3"],
+         r"unknown key 'data\.augment\.stop_epochs'.*did you mean 'stop_epoch'"),
     ],
 )
 def test_bad_rtdetr_augment_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+# ------------------------------------------------------------------------------- Lightning training
+class _BatchSides(Callback):
+    """Records (epoch, batch side) of every training batch."""
+
+    def __init__(self) -> None:
+        self.sides: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images, padding_mask, targets = batch
+        assert not padding_mask.any() and all("epoch" not in target for target in targets)
+        self.sides.append((trainer.current_epoch, images.shape[-1]))
+
+
+def _train(root, run: str, max_epochs: int, resume: str | None = None) -> list[tuple[int, int]]:
+    from detr_lab.engine.trainer import train
+
+    cfg = load_config(overrides=tiny_overrides(
+        "data.dataset=synthetic", f"data.root={root / 'data'}", "data.batch_size=2", "data.num_workers=1",
+        "data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.image_size=64",
+        "data.augment.policy=rtdetr", "data.augment.square_size=64", "data.augment.square_scales=[32,96]",
+        "data.augment.stop_epoch=2", "data.augment.mean=[0,0,0]", "data.augment.std=[1,1,1]",
+        f"trainer.output_dir={root / run}", "trainer.accelerator=cpu", "trainer.devices=1",
+        f"trainer.max_epochs={max_epochs}", "trainer.summary=false", "trainer.seed=0",
+        "trainer.check_val_every_n_epoch=100", "trainer.log_every_n_steps=1", "data.doctor=false",
+        "trainer.monitors.stalled_ap_rounds=0", "trainer.monitors.query_usage=false",
+        num_classes=6, num_heads=2, num_queries=8, backbone__frozen_stages=0, decoder__num_layers=1,
+    ))
+    sides = _BatchSides()
+    train(cfg, resume=resume, callbacks=[sides], progress_bar=False)
+    return sides.sides
+
+
+@pytest.mark.slow  # three short CPU fits of the tiny model
+def test_training_switches_at_stop_epoch_and_a_resumed_run_draws_the_same_batches(tmp_path):
+    uninterrupted = _train(tmp_path, "whole", max_epochs=3)
+    assert [epoch for epoch, _ in uninterrupted] == [0, 0, 1, 1, 2, 2]
+    assert {side for epoch, side in uninterrupted if epoch < 2} <= {32, 96}
+    assert [side for epoch, side in uninterrupted if epoch == 2] == [64, 64]
+    first = _train(tmp_path, "parts", max_epochs=2)
+    rest = _train(tmp_path, "parts", max_epochs=3, resume="auto")  # a new process would do the same
+    assert first + rest == uninterrupted
