@@ -25,7 +25,8 @@ Evaluation: resize to square_size x square_size, then mean / std. Boxes are norm
 resized image, so a prediction maps back to the original image by x * orig_w, y * orig_h
 (`detr_lab.models.postprocess.PostProcess`).
 
-Every pipeline is a `DetectionTransform`: `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy pixels,
+Every pipeline is a `DetectionTransform` (RT-DETR's training one a `StopEpochTransform` of two, called
+alike): `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy pixels,
 labels int64 [N]) -> (image float32 [3, H', W'], boxes float32 [N', 4] normalized cxcywh in [0, 1],
 labels int64 [N'])`.
 """

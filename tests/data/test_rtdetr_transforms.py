@@ -295,6 +295,16 @@ def test_training_pipeline_keeps_boxes_on_their_pixels():
     assert zoomed > 5 and matched > 40
 
 
+def test_boxes_under_one_pixel_after_the_resize_are_dropped():
+    """The official SanitizeBoundingBoxes(min_size=1) after Resize: 1.5 px wide at 100 px is 0.75 px at 50."""
+    aug = _rtdetr(square_size=50, photometric_prob=0.0, zoom_out_prob=0.0, iou_crop_prob=0.0, hflip_prob=0.0)
+    boxes = np.array([[10, 10, 11.5, 30], [50, 50, 60, 60]], dtype=np.float32)
+    image, out_boxes, labels = build_train_transform(aug, seed=0)(_noise(100, 100), boxes, np.array([3, 4]))
+    assert labels.tolist() == [4]
+    np.testing.assert_allclose(_absolute(out_boxes, 50, 50), [[25, 25, 30, 30]], atol=1e-4)
+    np.testing.assert_allclose(_pixels(image), _pil_resize(_noise(100, 100), 50), atol=1e-3)
+
+
 def _write_noise_set(root, sizes=((48, 64), (40, 30), (50, 50))) -> CocoDetectionDataset:
     """PNG images of noise (h, w) with one box each; the dataset reads them with sample seeds."""
     folder = root / "images"
