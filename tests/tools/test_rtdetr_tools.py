@@ -20,10 +20,12 @@ pytestmark = pytest.mark.slow  # converts a full-size R18 model and runs the too
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The official R18 architecture at 160 x 160 pixels (525 encoder tokens for 300 queries), 6 classes: what --init-from fine-tunes.
+# The official R18 architecture at 160 x 160 pixels (525 encoder tokens for 300 queries), 6 classes:
+# what --init-from fine-tunes.
+AUGMENT = "{{policy: rtdetr, square_size: 160, square_scales: [], stop_epoch: 1}}"
 FINETUNE_YAML = (
     "_base_: {base}\n"
-    + synthetic_data_yaml(4, 2, augment="{{policy: rtdetr, square_size: 160, square_scales: [], stop_epoch: 1}}")
+    + synthetic_data_yaml(4, 2, augment=AUGMENT)
     + """
 model:
   num_classes: 6
