@@ -222,9 +222,26 @@ class DistillConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
+# RT-DETR's multi-scale training sizes (rtdetrv2_pytorch configs/rtdetrv2/include/dataloader.yml,
+# BatchImageCollateFunction `scales`): 640 three times, so a third of the batches keep their size.
+RTDETR_SQUARE_SCALES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
+
+
 @dataclass
 class AugmentConfig:
-    """Sizes in pixels. Training follows the DETR recipe; evaluation resizes the shorter side."""
+    """Sizes in pixels. `policy` picks the recipe (`detr_lab.data.transforms`):
+
+    detr (default): DETR's. Training: flip, shorter side from `train_scales` (longer <= `max_size`) or
+    the random resized crop; evaluation: shorter side `eval_size`, longer <= `eval_max_size`; batches
+    are zero-padded. The keys `square_*`, `*_prob` of the rtdetr ops and `stop_epoch` are not read.
+    rtdetr: RT-DETR's (rtdetrv2_pytorch). Training: photometric distortion, zoom-out, IoU crop, flip,
+    resize to `square_size` x `square_size` (aspect ratio not kept, no padding); each batch resized to a
+    side drawn from `square_scales` (empty: off); from epoch `stop_epoch` on (0-based, as Lightning's
+    `current_epoch`), no distortion, zoom-out, IoU crop nor batch resize. Evaluation and inference:
+    resize to `square_size` x `square_size`. `train_scales`, `max_size`, `crop_*`, `eval_size` and
+    `eval_max_size` are not read. The official recipe feeds pixels scaled to [0, 1]: set
+    `mean: [0, 0, 0]` and `std: [1, 1, 1]` (mean / std are used as given by both policies).
+    """
 
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = _positive(1333)
@@ -237,6 +254,15 @@ class AugmentConfig:
     eval_max_size: int = _positive(1333)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    policy: str = _choice("detr", "rtdetr", default="detr")
+    # rtdetr policy only (official values):
+    square_size: int = _positive(640)  # Resize [square_size, square_size], training and evaluation
+    square_scales: list[int] = field(default_factory=lambda: list(RTDETR_SQUARE_SCALES))  # batch sides
+    stop_epoch: int | None = field(default=None, metadata={"min": 0})  # null: augment every epoch
+    photometric_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})  # per colour operation
+    zoom_out_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    zoom_out_max: float = field(default=4.0, metadata={"min": 1})  # canvas side / image side in [1, max]
+    iou_crop_prob: float = field(default=0.8, metadata={"min": 0, "max": 1})
 
 
 @dataclass
@@ -583,6 +609,10 @@ def validate(cfg: Config, where: str = "config") -> Config:
     for name in ("mean", "std"):
         if len(getattr(cfg.data.augment, name)) != 3:
             raise ConfigError(f"{where}: 'data.augment.{name}' must have 3 values (R, G, B)")
+    for i, value in enumerate(cfg.data.augment.std):
+        if value == 0:  # e.g. std: [0, 0, 0] meant as "no normalization": it would divide by zero
+            raise ConfigError(f"{where}: 'data.augment.std[{i}]' is 0; use 1 for no scaling")
+    _validate_rtdetr_augment(cfg.data.augment, where)
     devices = str(cfg.trainer.devices).strip()
     if not (devices == "auto" or re.fullmatch(r"\d+|\d+(\s*,\s*\d+)*\s*,?", devices)):
         raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
@@ -613,6 +643,18 @@ def _validate_decoder_options(m: ModelConfig, where: str) -> None:
                 f"{where}: 'model.decoder.level_points' is {points}; expected one positive count per "
                 f"feature level ({m.num_feature_levels})"
             )
+
+
+def _validate_rtdetr_augment(aug: AugmentConfig, where: str) -> None:
+    """The rtdetr policy's sizes, and `stop_epoch` set only where it is read."""
+    for i, scale in enumerate(aug.square_scales):
+        if scale <= 0:
+            raise ConfigError(f"{where}: 'data.augment.square_scales[{i}]' is {scale}; sizes must be > 0")
+    if aug.policy != "rtdetr" and aug.stop_epoch is not None:
+        raise ConfigError(
+            f"{where}: 'data.augment.stop_epoch' applies to 'data.augment.policy: rtdetr' only, not "
+            f"'{aug.policy}' (remove it or set it to null)"
+        )
 
 
 def _validate_query_source(m: ModelConfig, where: str) -> None:

@@ -254,6 +254,10 @@ class CocoDetectionDataset(Dataset):
         sample_seed: with it, `dataset[(epoch, index)]` draws its augmentation from a generator
             seeded by (sample_seed, epoch, index) alone, whatever process, worker or resume reads it
             (`detr_lab.data.samplers.EpochSampler` yields such keys); `dataset[index]` is unchanged.
+            A transform with `set_epoch(epoch)` (epoch-dependent, e.g. RT-DETR's `StopEpochTransform`)
+            is told the key's epoch before each sample (None for `dataset[index]`), and the target
+            of such a sample also holds `epoch` (int64 scalar), for an epoch-dependent collate
+            (`detr_lab.data.collate.SquareMultiScaleCollate`, which removes it).
         category_ids: class index -> category id; None: the sorted ids of the json's categories.
         skip_corrupt_images: an image that cannot be decoded is skipped (the next index is read
             instead) and counted in `num_skipped_images`, with a logged warning; otherwise it raises
@@ -452,7 +456,7 @@ class CocoDetectionDataset(Dataset):
                 set_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = pid
 
-    def _transformed(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _transformed(self, index: int, epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         sample = self.load_sample(index)
         try:
             image, boxes, labels = self.transforms(sample.image, sample.boxes, sample.labels)
@@ -469,6 +473,8 @@ class CocoDetectionDataset(Dataset):
             "orig_size": torch.tensor(sample.image.shape[:2], dtype=torch.int64),
             "size": torch.tensor(image.shape[-2:], dtype=torch.int64),
         }
+        if epoch is not None and hasattr(self.transforms, "set_epoch"):
+            target["epoch"] = torch.tensor(epoch, dtype=torch.int64)
         return image, target
 
     def _seed_sample(self, epoch: int, index: int) -> None:
@@ -482,13 +488,16 @@ class CocoDetectionDataset(Dataset):
         epoch, index) (see the class docstring)."""
         self._prepare_this_process()
         epoch, index = key if isinstance(key, tuple) else (None, key)
+        set_epoch = getattr(self.transforms, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
         first_error: CorruptImageError | None = None
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
             if epoch is not None:
                 self._seed_sample(epoch, current)
             try:
-                return self._transformed(current)
+                return self._transformed(current, epoch)
             except CorruptImageError as err:
                 if not self.skip_corrupt_images:
                     raise

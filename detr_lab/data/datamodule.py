@@ -12,6 +12,9 @@ YOLO-format sets (`data.format`, see `resolve_format`) map class index i to cate
 names of their data.yaml, and are converted to COCO dicts in memory (`detr_lab.data.yolo`).
 Under DDP, Lightning inserts the DistributedSampler itself. The training loader is a torchdata
 `StatefulDataLoader`: Lightning stores its position and sampler state in each checkpoint.
+With `data.augment.policy: rtdetr` the training loader's collate is `SquareMultiScaleCollate`
+(a side from `augment.square_scales` per batch until `augment.stop_epoch`); the epoch reaches the
+transforms and the collate with each sampler key, never through state held by workers.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detr_lab.config import Config, DataConfig
 from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
-from detr_lab.data.collate import collate_detection
+from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
 from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
-from detr_lab.data.transforms import build_eval_transform, build_train_transform, shorter_side_size
+from detr_lab.data.transforms import build_eval_transform, build_train_transform, eval_resized_size
 from detr_lab.data.yolo import YoloDetectionDataset, read_yolo_categories
 
 # torchdata 0.11 calls a torch function that recent torch releases deprecate, once per iterator.
@@ -158,7 +161,7 @@ class DetectionDataModule(L.LightningDataModule):
             raise RuntimeError(f"DetectionDataModule: the {split} dataset is not built; call setup() first")
         return dataset
 
-    def _loader_options(self) -> dict:
+    def _loader_options(self, collate_fn=collate_detection) -> dict:
         workers = self.data_cfg.num_workers
         if workers > 0:
             # Workers are forked: OpenCV's thread pool must be shut down in this process first. A
@@ -166,7 +169,7 @@ class DetectionDataModule(L.LightningDataModule):
             # and its first OpenCV call can then wait forever (seen as a hung DataLoader worker).
             # Each worker runs OpenCV on one thread anyway: the workers are the parallelism.
             cv2.setNumThreads(1)
-        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_detection,
+        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_fn,
                 "pin_memory": torch.cuda.is_available()}
 
     def train_dataloader(self) -> DataLoader:
@@ -181,7 +184,14 @@ class DetectionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
         return StatefulDataLoader(dataset, batch_size=self.data_cfg.batch_size, sampler=sampler,
-                                  **self._loader_options())
+                                  **self._loader_options(self._train_collate()))
+
+    def _train_collate(self):
+        """`collate_detection`; for the rtdetr policy RT-DETR's batch multi-scale resize."""
+        aug = self.data_cfg.augment
+        if aug.policy == "rtdetr":
+            return SquareMultiScaleCollate(aug.square_scales, aug.stop_epoch, seed=self.cfg.trainer.seed)
+        return collate_detection
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches; with `data.eval_batching: same_size` (default) each batch holds images of
@@ -199,7 +209,7 @@ class DetectionDataModule(L.LightningDataModule):
     def _same_size_loader(self, dataset: CocoDetectionDataset) -> DataLoader:
         aug = self.data_cfg.augment
         sizes = [  # an unreadable header goes alone; decoding it raises the real error
-            shorter_side_size(*hw, aug.eval_size, aug.eval_max_size) if hw is not None else ("unread", index)
+            eval_resized_size(*hw, aug) if hw is not None else ("unread", index)
             for index, hw in enumerate(dataset.upright_sizes())
         ]
         sampler = SequentialSampler(dataset)

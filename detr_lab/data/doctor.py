@@ -21,7 +21,8 @@ Findings have a severity:
 Padding waste: the share of each padded batch tensor that is padding, over the whole split, with the
 image sizes after the configured resize (training: a shorter side drawn from `augment.train_scales`,
 random crops ignored; validation: `augment.eval_size`) and batches drawn as the loaders draw them
-(shuffled for training, in order for validation), seeded.
+(shuffled for training, in order for validation), seeded. With `augment.policy: rtdetr` every image is
+resized to `augment.square_size` squared, so there is no padding.
 
 `brief=True` (the check at the start of training) opens the headers of a seeded sample of
 `BRIEF_FILE_SAMPLE` images per split instead of all of them; every other check reads the
@@ -339,6 +340,11 @@ def _check_sizes(report: DoctorReport, cfg: Config, split: _Split) -> None:
                                    f"aspect w/h {aspect.min():.2f}..{aspect.max():.2f}")
     augment, batch_size = cfg.data.augment, cfg.data.batch_size
     rng = np.random.default_rng(0)
+    if augment.policy == "rtdetr":
+        side = augment.square_size
+        report.add("info", split.name, f"no padding: every image is resized to {side} x {side} "
+                                       "(data.augment.policy rtdetr)")
+        return
     if split.name == "train":
         order = np.concatenate([rng.permutation(len(sizes)) for _ in range(PADDING_BATCH_DRAWS)])
         scales = rng.choice(np.array(augment.train_scales), size=len(sizes))

@@ -19,7 +19,7 @@ import numpy as np
 from detr_lab.config import AugmentConfig
 from detr_lab.data.errors import DatasetError
 from detr_lab.data.images import load_rgb_image
-from detr_lab.data.transforms import shorter_side_size
+from detr_lab.data.transforms import eval_resized_size
 from detr_lab.errors import InputError
 from detr_lab.predict.detections_file import (
     DETECTIONS_FILE,
@@ -158,6 +158,6 @@ def same_size_groups(
     padding, and padding changes DETR's outputs (facebookresearch/detr #217)."""
     groups: dict[tuple[int, int], list[tuple[Path, np.ndarray]]] = {}
     for path, image in images:
-        size = shorter_side_size(image.shape[0], image.shape[1], augment.eval_size, augment.eval_max_size)
+        size = eval_resized_size(image.shape[0], image.shape[1], augment)
         groups.setdefault(size, []).append((path, image))
     return list(groups.values())

@@ -5,10 +5,12 @@
     for detections in predictor.predict(["a.jpg", pil_image, rgb_array], score_threshold=0.5):
         detections["boxes"], detections["scores"], detections["category_ids"], detections["class_names"]
 
-Images go through the model config's evaluation transform (shorter side `eval_size`, longer side
-<= `eval_max_size`, normalization) and are batched with zero padding and a padding mask, exactly as
-validation batches are, then through `detr_lab.engine.detect.detect`. Boxes come back as absolute
-(x1, y1, x2, y2) pixels of each original image.
+Images go through the model config's evaluation transform (`build_eval_transform`: shorter side
+`eval_size`, longer side <= `eval_max_size` for `data.augment.policy: detr`; `square_size` x
+`square_size` for `rtdetr`; then mean / std) and are batched with zero padding and a padding mask,
+exactly as validation batches are, then through `detr_lab.engine.detect.detect`. Boxes come back as
+absolute (x1, y1, x2, y2) pixels of each original image (normalized x times its width, y times its
+height, so a resize that does not keep the aspect ratio maps back exactly).
 """
 
 from __future__ import annotations

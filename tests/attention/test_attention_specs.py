@@ -60,9 +60,9 @@ def test_every_variant_keeps_the_shared_call_contract(name, site):
 
 
 def test_config_choices_come_from_the_table():
-    assert attention_names("encoder") == ("plain", "deformable", "act")
-    assert attention_names("decoder") == ("plain", "deformable")
-    expected = r"'model.decoder.cross_attention' is 'act'; expected one of: plain, deformable"
+    assert attention_names("encoder") == ("plain", "deformable", "deformable_v2", "act")
+    assert attention_names("decoder") == ("plain", "deformable", "deformable_v2")
+    expected = r"'model.decoder.cross_attention' is 'act'; expected one of: plain, deformable, deformable_v2"
     with pytest.raises(ConfigError, match=expected):
         load_config(overrides=["model.decoder.cross_attention=act"])
     cfg = load_config(overrides=TINY)

@@ -16,12 +16,13 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 # The width of every shipped config shrunk; depths cut to one encoder and two decoder layers.
 SHRINK = [
     "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=6",
-    "model.encoder.num_layers=1", "model.decoder.num_layers=2", "model.backbone.pretrained=false",
+    "model.decoder.num_layers=2", "model.backbone.pretrained=false",
     "model.backbone.weights_path=null", "model.denoising.dn_number=4",
 ]  # fmt: skip
 # Each backbone at tiny width (no downloads: random weights).
 TINY_BACKBONES = {
     "resnet": ["model.backbone.name=resnet18"],
+    "resnet_vd": ["model.backbone.name=resnet18"],
     "timm": ["model.backbone.timm_kwargs.dims=[8,16,32,64]", "model.backbone.timm_kwargs.depths=[1,1,1,1]",
              "model.backbone.name=convnext_atto"],  # fmt: skip
     "vit": ["model.backbone.name=vit_tiny_patch16_224", "model.backbone.timm_kwargs.embed_dim=32",
@@ -35,7 +36,12 @@ def _tiny(path):
     backbone = TINY_BACKBONES[shipped.model.backbone.type]
     if shipped.model.backbone.type == "resnet" and shipped.model.backbone.dilation:
         backbone = ["model.backbone.name=resnet50"]  # DC5 needs a bottleneck ResNet
-    return shipped, load_config(path, overrides=[*SHRINK, *backbone])
+    # One encoder layer, none where the config has none (RT-DETR: the hybrid-encoder neck encodes).
+    layers = [f"model.encoder.num_layers={min(1, shipped.model.encoder.num_layers)}"]
+    neck = [f"model.neck.options.{key}=64" for key in ("ffn_dim",) if key in shipped.model.neck.options]
+    neck += [f"model.neck.options.{key}=32" for key in ("width",) if key in shipped.model.neck.options]
+    evaluation = ["model.decoder.eval_layers=2"] if shipped.model.decoder.eval_layers else []
+    return shipped, load_config(path, overrides=[*SHRINK, *layers, *backbone, *neck, *evaluation])
 
 
 def test_every_shipped_config_is_covered():

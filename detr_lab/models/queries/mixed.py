@@ -79,7 +79,7 @@ class MixedQuerySelection(nn.Module):
         )
         if proposals.shape[1] < self.num_queries:
             raise ValueError(
-                f"mixed query selection needs at least num_queries={self.num_queries} encoder tokens, "
+                f"query selection needs at least num_queries={self.num_queries} encoder tokens, "
                 f"got {proposals.shape[1]} (larger images or fewer queries)"
             )
         features = self.memory_norm(self.memory_proj(encoded.memory.masked_fill(~valid, 0.0)))  # (B, S, d)

@@ -1,0 +1,165 @@
+"""RT-DETR variants against the official lyuwenyu/RT-DETR code through `load_official`, beyond the R18vd of
+test_rtdetr_parity.py: RT-DETRv2 R50vd (frozen batch norm, CSP expansion 1.0, 6 decoder layers) on
+288 x 384 images, RT-DETR v1 R18vd (`rtdetr_pytorch`, Deformable DETR's attention) on 352 x 288 images,
+RT-DETRv2 R34vd with per-level sampling points [4, 4, 2] and 100 queries on 288 x 320 images, and
+RT-DETRv2 R18vd with discrete sampling (`_dsp`) on square 320 x 320 images (the official discrete
+sampling clamps x by the map's height, so it agrees with a correct clamp on square maps only).
+
+The fixtures in tests/fixtures/rtdetr_variants/ were written by make_fixtures.py there, which runs the
+official code (not imported here): key spec, weights seed and overrides, images, and the official eval
+outputs in float32 and float64. The weights are rebuilt from the spec, reach detr_lab through
+`load_official` (told only what weights cannot tell: `load_official_overrides`) and the architecture is
+inferred; the tests check that inference against each official config.
+
+Row order: the float64 runs compare row by row within 1e-9, selection included. In float32, proposals
+whose official float64 scores agree within 1e-5 may come out of the top-k in either order (their
+consecutive gaps are near the float32 error), so float32 rows are aligned inside such near-tie groups
+(by their boxes) before comparing within 1e-4; the selected positions must then be the official ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detr_lab.checkpoints import load_official
+
+from factories import FIXTURES, load_synth_weights, max_error, official_batch
+
+ATOL = 1e-4
+TIE = 1e-5
+VARIANTS = FIXTURES / "rtdetr_variants"
+
+# What each official config says, for the inferred config to match: backbone (name, norm), neck
+# (expansion, depth_mult), decoder (layers, cross attention, points, level points, sampling), queries.
+EXPECTED = {
+    "rtdetrv2_r50vd": {
+        "backbone": ("resnet50", "frozen_bn"),
+        "neck": (1.0, 1.0),
+        "decoder": (6, "deformable_v2", 4, None, "default"),
+        "num_queries": 300,
+    },
+    "rtdetr_r18vd": {
+        "backbone": ("resnet18", "batch_norm"),
+        "neck": (0.5, 1.0),
+        "decoder": (3, "deformable", 4, None, "default"),
+        "num_queries": 300,
+    },
+    "rtdetrv2_r34vd_points442_q100": {
+        "backbone": ("resnet34", "batch_norm"),
+        "neck": (0.5, 1.0),
+        "decoder": (4, "deformable_v2", 4, [4, 4, 2], "default"),
+        "num_queries": 100,
+    },
+    "rtdetrv2_r18vd_dsp": {
+        "backbone": ("resnet18", "batch_norm"),
+        "neck": (0.5, 1.0),
+        "decoder": (3, "deformable_v2", 4, None, "discrete"),
+        "num_queries": 300,
+    },
+}
+
+
+def _fixture_state(fixture: dict) -> dict:
+    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state.update(fixture["state_dict_overrides"])
+    return state
+
+
+def _run(model, images: torch.Tensor, padding_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The model's outputs and the encoder positions its query source selected `[B, K]`."""
+    selected = []
+    hook = model.query_source.register_forward_hook(
+        lambda module, args, result: selected.append(result.meta["selected_indices"])
+    )
+    try:
+        with torch.no_grad():
+            outputs = model(images, padding_mask)
+    finally:
+        hook.remove()
+    return outputs, selected[0]
+
+
+def _alignment(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Permutation `[B, K]` of our rows onto the official ones: row k stays unless it differs, and then
+    takes the row of ours that matches within ATOL among the official near-ties of k (float64 selection
+    scores within TIE)."""
+    order = torch.arange(ours.shape[1]).repeat(ours.shape[0], 1)
+    for b in range(ours.shape[0]):
+        distance = (ours[b, None] - theirs[b, :, None]).abs().nan_to_num(0).amax(-1)  # (K theirs, K ours)
+        for k in (distance.diagonal() > ATOL).nonzero().flatten().tolist():
+            candidates = (distance[k] <= ATOL) & ((scores[b] - scores[b, k]).abs() <= TIE)
+            assert candidates.any(), f"image {b}: official row {k} is not among ours (up to near-ties)"
+            order[b, k] = candidates.nonzero()[0, 0]
+    return order
+
+
+def _rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def variant(request):
+    fixture = torch.load(VARIANTS / f"{request.param}.pt", weights_only=True)
+    model, cfg = load_official(_fixture_state(fixture), **fixture["load_official_overrides"])
+    # No padding: the fixtures store no (all-False) mask.
+    no_padding = torch.zeros(len(fixture["images_uint8"]), *fixture["eval_spatial_size"], dtype=torch.bool)
+    images, padding_mask = official_batch({**fixture, "padding_mask": no_padding})
+    return request.param, fixture, model, cfg, images, padding_mask
+
+
+def test_fixtures_are_the_expected_official_runs(variant):
+    name, fixture, _, _, images, _ = variant
+    assert fixture["name"] == name and fixture["official_repo"] == "lyuwenyu/RT-DETR"
+    assert list(images.shape[-2:]) == fixture["eval_spatial_size"]
+    assert fixture["outputs"]["pred_logits"].shape[:2] == (2, EXPECTED[name]["num_queries"])
+    # The fixture's top-K boundary is safe, so any faithful implementation selects the same proposals.
+    assert fixture["topk_boundary_gap"] >= fixture["topk_gap_required"]
+
+
+def test_inferred_config_is_the_official_recipe(variant):
+    name, _, model, cfg, _, _ = variant
+    expected, m = EXPECTED[name], cfg.model
+    assert (m.backbone.type, m.backbone.name, m.backbone.norm) == ("resnet_vd", *expected["backbone"])
+    assert (m.neck.type, m.neck.options["expansion"], m.neck.options["depth_mult"]) == (
+        "hybrid_encoder",
+        *expected["neck"],
+    )
+    assert (m.neck.options["ffn_dim"], m.neck.options["encoder_levels"], m.ffn_dim) == (1024, [2], 1024)
+    d = m.decoder
+    assert (d.num_layers, d.cross_attention, d.num_points, d.level_points, d.sampling) == expected["decoder"]
+    assert (m.query_source, m.num_queries, m.num_classes, m.num_detections) == (
+        "iou_aware",
+        expected["num_queries"],
+        80,
+        300,
+    )
+    assert (m.encoder.num_layers, m.denoising.enabled) == (0, True)
+    assert model.position_encoding is None and model.transformer.level_embed is None
+    assert cfg.data.augment.mean == [0.0, 0.0, 0.0] and cfg.data.augment.std == [1.0, 1.0, 1.0]
+
+
+def test_eval_outputs_match_in_float64_row_by_row(variant):
+    _, fixture, model, _, images, padding_mask = variant
+    try:
+        outputs, selected = _run(model.double(), images.double(), padding_mask)
+    finally:
+        model.float()
+    expected = fixture["outputs_float64"]
+    errors = {key: max_error(outputs[key], expected[key]) for key in ("pred_logits", "pred_boxes")}
+    assert max(errors.values()) < 1e-9, errors
+    assert selected.tolist() == fixture["encoder_topk_indices_float64"].tolist()
+
+
+def test_eval_outputs_and_selection_match_in_float32(variant):
+    _, fixture, model, _, images, padding_mask = variant
+    outputs, selected = _run(model, images, padding_mask)
+    expected = fixture["outputs"]
+    scores = fixture["encoder_topk_scores_float64"][:, :-1]
+    order = _alignment(outputs["pred_boxes"], expected["pred_boxes"], scores)
+    errors = {
+        key: max_error(_rows(outputs[key], order), expected[key]) for key in ("pred_logits", "pred_boxes")
+    }
+    assert max(errors.values()) < ATOL, errors
+    # The same encoder positions, in the official order up to near-ties.
+    assert selected.gather(1, order).tolist() == fixture["encoder_topk_indices"].tolist()
