@@ -95,7 +95,8 @@ def test_wrong_type_names_key(tmp_path):
 
 
 def test_wrong_choice_names_key_and_options():
-    with pytest.raises(ConfigError, match=r"encoder.attention.*plain, deformable, deformable_v2, act.*did you mean 'plain'"):
+    expected = r"encoder.attention.*plain, deformable, deformable_v2, act.*did you mean 'plain'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(overrides=["model.encoder.attention=plane"])
 
 
