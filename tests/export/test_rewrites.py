@@ -111,7 +111,6 @@ def test_rtdetr_exports_with_fused_blocks_and_passes_verify(tmp_path):
     randomize_norms(model)
     model.eval()
     metadata = ExportMetadata(list(range(5)), [f"c{i}" for i in range(5)], cfg)
-    # fixed size: RT-DETR's AIFI position embedding is traced for the traced size
     path = export_onnx(model, tmp_path / "rtdetr.onnx", metadata=metadata, height=96, width=128, batch=2)
     graph = onnx.load(str(path)).graph
     csp_blocks = sum(isinstance(m, CSPRepBlock) for m in model.modules())
@@ -122,3 +121,35 @@ def test_rtdetr_exports_with_fused_blocks_and_passes_verify(tmp_path):
     assert sum("/bottlenecks." in name for name in conv_names) == blocks > csp_blocks
     report = verify_onnx(model, path, num_random=3, tolerance=1e-4)
     assert report.passed, report.text()
+
+
+@pytest.mark.slow  # export + onnxruntime
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param((), id="rtdetrv2"),
+        pytest.param(("model.decoder.cross_attention=deformable",), id="rtdetr-v1"),
+        pytest.param(("model.decoder.sampling=discrete",), id="discrete"),
+        pytest.param(("model.decoder.level_points=[4,3,2]",), id="level-points"),
+    ],
+)
+def test_rtdetr_variants_export_dynamic_and_verify(variant, tmp_path):
+    """Each RT-DETR variant exports with --dynamic and matches PyTorch at other sizes than the traced
+    96 x 128 (the AIFI position embedding and the anchors follow each input's grid)."""
+    pytest.importorskip("onnxruntime")
+    from detr_lab.export.metadata import ExportMetadata
+    from detr_lab.export.onnx_export import export_onnx
+    from detr_lab.export.verify import verify_onnx
+
+    cfg = load_config(overrides=[*RTDETR, *variant])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    randomize_norms(model)
+    model.eval()
+    metadata = ExportMetadata(list(range(5)), [f"c{i}" for i in range(5)], cfg)
+    path = export_onnx(model, tmp_path / "rtdetr.onnx", metadata=metadata, height=96, width=128, batch=2,
+                       dynamic=True)  # fmt: skip
+    report = verify_onnx(model, path, num_random=3, size_range=(64, 160), tolerance=1e-4)
+    assert report.passed, report.text()
+    sizes = {case.description.split(" x ", 1)[1] for case in report.cases}  # "random B x 3 x H x W"
+    assert len(sizes) > 1 and "3 x 96 x 128" not in sizes, sizes

@@ -139,10 +139,12 @@ def sincos_position_embedding(height: int, width: int, dim: int, temperature: fl
         raise ValueError(f"the 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (dim/4,)
-    # The official grid is meshgrid(x, y) with 'ij' indexing, flattened: x outer, y inner.
+    # The official grid is meshgrid(x, y) with 'ij' indexing, flattened: x outer, y inner. The sizes go
+    # to arange as they come: traced (ONNX export) they stay the input's, so a dynamic-size graph
+    # computes the embedding of each input's grid.
     xs, ys = torch.meshgrid(
-        torch.arange(int(width), dtype=torch.float32),
-        torch.arange(int(height), dtype=torch.float32),
+        torch.arange(width, dtype=torch.float32),
+        torch.arange(height, dtype=torch.float32),
         indexing="ij",
     )
     out_x = xs.flatten()[:, None] @ omega[None]
