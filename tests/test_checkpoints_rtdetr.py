@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from detr_lab.checkpoints import load_official
+from detr_lab.io import CheckpointError
 
 from factories import FIXTURES, quick_official_state
 
@@ -61,9 +62,19 @@ def _r50m_spec() -> dict[str, list[int]]:
     return spec
 
 
+def _state(spec: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Noise of the spec's shapes, with the architecture constant `num_points_scale` at its official
+    value (1/4 for each of 4 points on 3 levels)."""
+    state = quick_official_state(spec)
+    for key in state:
+        if key.endswith("num_points_scale"):
+            state[key] = torch.full_like(state[key], 0.25)
+    return state
+
+
 @pytest.mark.slow  # builds a full-size R101 model
 def test_r101_is_inferred_and_runs():
-    model, cfg = load_official(quick_official_state(_r101_spec()))
+    model, cfg = load_official(_state(_r101_spec()))
     m = cfg.model
     assert (m.backbone.name, m.backbone.norm, m.backbone.freeze_stem) == ("resnet101", "frozen_bn", True)
     neck = m.neck.options
@@ -75,7 +86,7 @@ def test_r101_is_inferred_and_runs():
 
 
 def test_r50m_evaluates_with_three_of_six_layers():
-    model, cfg = load_official(quick_official_state(_r50m_spec()))
+    model, cfg = load_official(_state(_r50m_spec()))
     m = cfg.model
     assert (m.backbone.name, m.neck.options["expansion"], m.neck.options["width"]) == ("resnet50", 0.5, 256)
     assert (m.decoder.num_layers, m.decoder.eval_layers) == (6, 3)
@@ -87,5 +98,12 @@ def test_r50m_evaluates_with_three_of_six_layers():
     assert len(short["aux_outputs"]) == 2 and len(full["aux_outputs"]) == 5
     assert torch.equal(short["pred_boxes"], full["aux_outputs"][2]["pred_boxes"])
     # the override wins over the inference
-    _, cfg = load_official(quick_official_state(_r50m_spec()), eval_layers=6)
+    _, cfg = load_official(_state(_r50m_spec()), eval_layers=6)
     assert cfg.model.decoder.eval_layers == 6
+
+
+def test_point_scales_that_are_not_the_official_runs_are_refused():
+    state = _state(_r50m_spec())
+    state["decoder.decoder.layers.0.cross_attn.num_points_scale"][5] = 0.5
+    with pytest.raises(CheckpointError, match="not runs of 1/n repeated n times"):
+        load_official(state)

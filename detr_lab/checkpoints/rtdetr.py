@@ -161,10 +161,16 @@ def _points(
                 f"official {FAMILY} checkpoint: {total} sampling points per head for {num_levels} levels"
             )
         return "deformable", total // num_levels, None
-    scale = state[scale_key].tolist()
+    scale = state[scale_key].flatten().tolist()
     points, index = [], 0
-    while index < len(scale):
-        count = round(1 / scale[index])
+    while index < len(scale):  # runs of 1/n, n times: n points on the level
+        count = round(1 / scale[index]) if scale[index] > 0 else 0
+        run = scale[index : index + count]
+        if count < 1 or len(run) != count or any(abs(value * count - 1) > 1e-4 for value in run):
+            raise CheckpointError(
+                f"official {FAMILY} checkpoint: '{scale_key}' is not runs of 1/n repeated n times "
+                f"(the official per-level point scales): {[round(v, 4) for v in scale[:12]]}"
+            )
         points.append(count)
         index += count
     if len(points) != num_levels or sum(points) != total:

@@ -4,7 +4,7 @@
 - `verify.verify_onnx(model, path)`: onnxruntime against PyTorch on random and validation batches.
 - `runtime.OnnxDetector(path)`: onnxruntime inference with the PyTorch model's call contract.
 - `from_checkpoint.export_checkpoint(...)`: checkpoint -> ONNX (+ verify), behind `tools/export.py`.
-- `rewrites.fuse_repvgg_blocks(model)`: RepVGG blocks as single convolutions, on the traced copy.
+- RepVGG blocks as single convolutions on the traced copy (`detr_lab.models.fusion.fuse_repvgg_blocks`).
 
 onnx and onnxruntime are imported only when a function needs them; without them the functions raise
 `MissingExtraError` saying `pip install -e ".[export]"`.

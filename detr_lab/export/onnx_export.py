@@ -8,7 +8,7 @@ on an example batch, so the export path avoids host-side reads of tensor values.
 is exported through a core of standard ONNX operators: "gather" (default; bilinear gathers, valid for
 every input size, TensorRT-safe) or "grid_sample" (ONNX `GridSample`, opset >= 16; the per-level
 split sizes are traced as constants, so only for a fixed input size). RepVGG blocks (RT-DETR's
-hybrid encoder) are fused into one convolution each (`rewrites.py`), as the official RT-DETR export
+hybrid encoder) are fused into one convolution each (`detr_lab.models.fusion`), as the official RT-DETR export
 does. Any detector whose forward returns `pred_logits` and `pred_boxes` exports unchanged; ACT's
 adaptive clustering attention is refused (its cluster counts are data-dependent).
 """
@@ -26,11 +26,11 @@ from torch import Tensor, nn
 
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
-from detr_lab.export.rewrites import fuse_repvgg_blocks
 from detr_lab.files import atomic_write
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
 from detr_lab.models.backbones.vit import ViTBackbone
+from detr_lab.models.fusion import fuse_repvgg_blocks
 
 INPUT_NAMES = ("images", "padding_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
@@ -77,7 +77,7 @@ def check_exportable(model: nn.Module) -> None:
 
 def prepare_for_export(model: nn.Module, deformable_core: str = "gather") -> ExportedDetector:
     """A float32 CPU eval-mode copy of `model` with its deformable attention on the export core and
-    its RepVGG blocks fused into single convolutions (`rewrites.fuse_repvgg_blocks`; `model` itself is
+    its RepVGG blocks fused into single convolutions (`fusion.fuse_repvgg_blocks`; `model` itself is
     left as it is).
 
     Raises:

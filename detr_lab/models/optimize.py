@@ -7,7 +7,10 @@ What `optimize_for_inference` does, in place:
 - Folds every `FrozenBatchNorm2d` of the ResNet backbone into the convolution before it
   (`fold_frozen_batch_norms`). A frozen batch norm is a fixed per-channel affine map
   `x * scale + shift`; folded, the convolution computes `conv(x, W * scale) + (b * scale + shift)`
-  and the two full passes over each feature map (multiply, add) disappear.
+  and the two full passes over each feature map (multiply, add) disappear. The same for the
+  conv-norm units of RT-DETR's ResNet-vd and hybrid encoder (`fold_conv_norm_units`; batch norm at
+  its running statistics, as in eval mode), after each RepVGG block of the hybrid encoder became one
+  3x3 convolution (`detr_lab.models.fusion.fuse_repvgg_blocks`).
 - Stores every 4-D weight (the convolutions) channels-last (`torch.channels_last`). A convolution
   with a channels-last weight returns a channels-last map, so the whole backbone then runs in
   oneDNN's (CPU) / cuDNN's (GPU) preferred NHWC layout without reorders between layers, and the
@@ -49,6 +52,9 @@ from torch import Tensor, nn
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.backbones import Backbone, FrozenBatchNorm2d, ResNetBackbone
+from detr_lab.models.backbones.resnet_vd import ConvNorm
+from detr_lab.models.fusion import fuse_repvgg_blocks
+from detr_lab.models.necks.hybrid_encoder import ConvNormAct
 from detr_lab.models.transformer import FeedForward
 
 # Hidden activations per chunk of `ChunkedFeedForward` (floats): 2 MiB in float32, about one core's
@@ -60,7 +66,7 @@ HIDDEN_ELEMENTS_PER_CHUNK = 1 << 19
 MIN_HIDDEN_ELEMENTS_TO_CHUNK = 4 * HIDDEN_ELEMENTS_PER_CHUNK
 
 
-def fold_batch_norm_into_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:
+def fold_batch_norm_into_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
     """Make `conv` compute `norm(conv(x))` by itself (in place; `norm` is left untouched).
 
     The folding is done in float64 and cast back to the convolution's dtype.
@@ -117,6 +123,27 @@ def fold_frozen_batch_norms(model: nn.Module) -> int:
             for conv_name, norm_name in _conv_norm_pairs(parent):
                 fold_batch_norm_into_conv(getattr(parent, conv_name), getattr(parent, norm_name))
                 setattr(parent, norm_name, nn.Identity())
+                count += 1
+    return count
+
+
+def fold_conv_norm_units(model: nn.Module) -> int:
+    """Fold the batch norm of every conv-norm unit (ResNet-vd's `ConvNorm`, the hybrid encoder's
+    `ConvNormAct` and its input projections, `Sequential(conv, norm)`) into the convolution, at the
+    norm's running statistics (its eval-mode function), and replace the norm by `nn.Identity`. For
+    models that are only run. Returns how many were folded (0 on a second call)."""
+    count = 0
+    for module in list(model.modules()):
+        pairs = []
+        if isinstance(module, (ConvNorm, ConvNormAct)):
+            pairs = [("conv", "norm")]
+        elif isinstance(module, nn.Sequential) and list(dict(module.named_children())) == ["conv", "norm"]:
+            pairs = [("conv", "norm")]
+        for conv_name, norm_name in pairs:
+            norm = getattr(module, norm_name)
+            if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)) and norm.running_var is not None:
+                fold_batch_norm_into_conv(getattr(module, conv_name), norm)
+                setattr(module, norm_name, nn.Identity())
                 count += 1
     return count
 
@@ -330,6 +357,8 @@ def optimize_for_inference(
         compile_backbone: trace CPU float32 ResNet backbones (`trace_backbones`; on by default).
     """
     fold_frozen_batch_norms(model)
+    fuse_repvgg_blocks(model)
+    fold_conv_norm_units(model)
     chunk_feed_forwards(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # converts the 4-D tensors: convolution weights

@@ -8,8 +8,8 @@ from torch import nn
 
 from detr_lab.config import load_config
 from detr_lab.export.onnx_export import prepare_for_export
-from detr_lab.export.rewrites import FusedRepVggBlock, fuse_repvgg_block, fuse_repvgg_blocks
 from detr_lab.models.build import build_model
+from detr_lab.models.fusion import FusedRepVggBlock, fuse_repvgg_block, fuse_repvgg_blocks
 from detr_lab.models.necks.hybrid_encoder import CSPRepBlock, RepVggBlock
 
 from factories import tiny_overrides
@@ -129,6 +129,10 @@ def test_rtdetr_exports_with_fused_blocks_and_passes_verify(tmp_path):
     [
         pytest.param((), id="rtdetrv2"),
         pytest.param(("model.decoder.cross_attention=deformable",), id="rtdetr-v1"),
+        # Discrete sampling reads the pixel at int(location * size + 0.5): a location within float
+        # rounding of a pixel boundary reads the neighbour in one runtime and not in the other, so
+        # its logits move by up to ~2e-2 between runs of the same model (PyTorch float32 against
+        # float64 on these weights: 2.2e-2, the official code likewise); its tolerance says so.
         pytest.param(("model.decoder.sampling=discrete",), id="discrete"),
         pytest.param(("model.decoder.level_points=[4,3,2]",), id="level-points"),
     ],
@@ -149,7 +153,9 @@ def test_rtdetr_variants_export_dynamic_and_verify(variant, tmp_path):
     metadata = ExportMetadata(list(range(5)), [f"c{i}" for i in range(5)], cfg)
     path = export_onnx(model, tmp_path / "rtdetr.onnx", metadata=metadata, height=96, width=128, batch=2,
                        dynamic=True)  # fmt: skip
-    report = verify_onnx(model, path, num_random=3, size_range=(64, 160), tolerance=1e-4)
+    tolerance = 5e-2 if cfg.model.decoder.sampling == "discrete" else 1e-4
+    report = verify_onnx(model, path, num_random=3, size_range=(64, 160), tolerance=tolerance)
     assert report.passed, report.text()
+    assert report.boxes_diff < 1e-4, report.text()
     sizes = {case.description.split(" x ", 1)[1] for case in report.cases}  # "random B x 3 x H x W"
     assert len(sizes) > 1 and "3 x 96 x 128" not in sizes, sizes

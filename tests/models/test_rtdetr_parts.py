@@ -223,3 +223,30 @@ def test_eval_layers_predict_from_an_earlier_layer():
         full = model(images, padding_mask)
     assert short["aux_outputs"] == [] and len(full["aux_outputs"]) == cfg.model.decoder.num_layers - 1
     assert torch.equal(short["pred_boxes"], full["aux_outputs"][0]["pred_boxes"])
+
+
+def test_optimize_for_inference_fuses_and_folds_with_the_same_outputs():
+    """RepVGG blocks become one convolution and every conv-norm unit's batch norm folds into its
+    convolution (ResNet-vd, hybrid encoder), with the outputs of the eval-mode model."""
+    from detr_lab.models.fusion import FusedRepVggBlock
+    from detr_lab.models.necks.hybrid_encoder import RepVggBlock
+    from detr_lab.models.optimize import optimize_for_inference
+
+    cfg = _config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.modules():  # statistics away from their initial values
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_mean.copy_(0.2 * torch.randn(norm.running_mean.shape, generator=generator))
+            norm.running_var.copy_(0.5 + torch.rand(norm.running_var.shape, generator=generator))
+    model.eval()
+    images, padding_mask, _ = tiny_batch(height=96, width=128)
+    with torch.no_grad():
+        expected = model(images, padding_mask)
+        optimize_for_inference(model)
+        outputs = model(images, padding_mask)
+    assert not any(isinstance(m, (RepVggBlock, torch.nn.BatchNorm2d)) for m in model.modules())
+    assert any(isinstance(m, FusedRepVggBlock) for m in model.modules())
+    torch.testing.assert_close(outputs["pred_logits"], expected["pred_logits"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(outputs["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-4)

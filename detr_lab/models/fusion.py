@@ -1,4 +1,5 @@
-"""Rewrites of the copy that `export_onnx` traces: the same function, fewer operators in the graph.
+"""RepVGG re-parameterisation for inference: the same function, fewer operators (used by the ONNX export
+on its own copy and by `detr_lab.models.optimize.optimize_for_inference`).
 
     fused = fuse_repvgg_blocks(model)   # in place; returns how many blocks were fused
 
@@ -9,8 +10,8 @@ norm folds into its convolution (`W * g / sqrt(var + eps)`, bias `beta - mean * 
 and the 1x1 kernel, zero-padded to 3x3 at the centre, adds to the 3x3 one (Ding et al. 2021,
 "RepVGG"; the official RT-DETR `RepVggBlock.convert_to_deploy` does the same before its ONNX export).
 The graph then runs one convolution instead of two and no sum; the outputs change by float rounding
-only (the folding is computed in float64). The trained module is untouched: `export_onnx` rewrites
-its own eval-mode copy.
+only (the folding is computed in float64). Only for models that are run, never trained: `export_onnx`
+rewrites its own eval-mode copy.
 """
 
 from __future__ import annotations
