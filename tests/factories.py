@@ -402,3 +402,57 @@ def official_reference(name: str, **overrides: object) -> tuple[Config, dict[str
     fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
     state = {key: torch.empty(shape, device="meta") for key, shape in fixture["state_dict_spec"]}
     return official_family(state).infer_config(state, dict(overrides)), dict(fixture["weight_dict"])
+
+
+# RT-DETR parity: rows of proposals whose official float64 scores agree within NEAR_TIE_SCORES may come
+# out of a float32 top-k in either order; rows are aligned when they match within NEAR_TIE_ATOL.
+NEAR_TIE_ATOL = 1e-4
+NEAR_TIE_SCORES = 1e-5
+
+
+def rtdetr_fixture_state(fixture: dict) -> dict:
+    """The official state dict of an RT-DETR parity fixture: synthetic weights from its key spec and seed,
+    then its overrides (architecture constants at their official values)."""
+    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state.update(fixture["state_dict_overrides"])
+    return state
+
+
+def run_with_selection(
+    model: torch.nn.Module, images: torch.Tensor, padding_mask: torch.Tensor
+) -> tuple[dict, torch.Tensor]:
+    """The model's outputs and the encoder positions its query source selected `[B, K]`."""
+    selected = []
+    hook = model.query_source.register_forward_hook(
+        lambda module, args, result: selected.append(result.meta["selected_indices"])
+    )
+    try:
+        with torch.no_grad():
+            outputs = model(images, padding_mask)
+    finally:
+        hook.remove()
+    return outputs, selected[0]
+
+
+def near_tie_alignment(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Permutation `[B, K]` of our rows onto the official ones: row k stays unless it differs, and then
+    takes the row of ours that matches within NEAR_TIE_ATOL among the official near-ties of k (scores
+    within NEAR_TIE_SCORES).
+
+    ours / theirs: `[B, K, N]` per-row values (e.g. the proposals' boxes); scores: `[B, K]` official
+    float64 selection scores of the rows.
+    """
+    order = torch.arange(ours.shape[1]).repeat(ours.shape[0], 1)
+    for b in range(ours.shape[0]):
+        distance = (ours[b, None] - theirs[b, :, None]).abs().nan_to_num(0).amax(-1)  # (K theirs, K ours)
+        for k in (distance.diagonal() > NEAR_TIE_ATOL).nonzero().flatten().tolist():
+            tied = (scores[b] - scores[b, k]).abs() <= NEAR_TIE_SCORES
+            candidates = (distance[k] <= NEAR_TIE_ATOL) & tied
+            assert candidates.any(), f"image {b}: official row {k} is not among ours (up to near-ties)"
+            order[b, k] = candidates.nonzero()[0, 0]
+    return order
+
+
+def aligned_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`[B, K, N]` rows of `x` in the order of `near_tie_alignment`."""
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))

@@ -15,59 +15,25 @@ from torch import nn
 
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
-from detr_lab.models.detector import Detector
 
-from factories import FIXTURES, load_synth_weights, max_error, official_batch
+from factories import (
+    FIXTURES,
+    aligned_rows,
+    max_error,
+    near_tie_alignment,
+    official_batch,
+    rtdetr_fixture_state,
+    run_with_selection,
+)
 
 ATOL = 1e-4
 TIE = 1e-5
 
 
-def _fixture_state(fixture: dict) -> dict:
-    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
-    state.update(fixture["state_dict_overrides"])
-    return state
-
-
-def _run(model: Detector, images: torch.Tensor, padding_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """The model's outputs and the encoder positions its query source selected `[B, K]`."""
-    selected = []
-    hook = model.query_source.register_forward_hook(
-        lambda module, args, result: selected.append(result.meta["selected_indices"])
-    )
-    try:
-        with torch.no_grad():
-            outputs = model(images, padding_mask)
-    finally:
-        hook.remove()
-    return outputs, selected[0]
-
-
-def _alignment(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Permutation `[B, K]` of our rows onto the official ones: row k stays unless it differs, and then
-    takes the row of ours that matches within ATOL among the official near-ties of k (scores within TIE).
-
-    ours / theirs: `[B, K, N]` per-row values (e.g. the proposals' boxes); scores: `[B, K]` official
-    float64 selection scores of the rows.
-    """
-    order = torch.arange(ours.shape[1]).repeat(ours.shape[0], 1)
-    for b in range(ours.shape[0]):
-        distance = (ours[b, None] - theirs[b, :, None]).abs().nan_to_num(0).amax(-1)  # (K theirs, K ours)
-        for k in (distance.diagonal() > ATOL).nonzero().flatten().tolist():
-            candidates = (distance[k] <= ATOL) & ((scores[b] - scores[b, k]).abs() <= TIE)
-            assert candidates.any(), f"image {b}: official row {k} is not among ours (up to near-ties)"
-            order[b, k] = candidates.nonzero()[0, 0]
-    return order
-
-
-def _rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-
-
 @pytest.fixture(scope="module")
 def rtdetr():
     fixture = torch.load(FIXTURES / "rtdetrv2_r18vd.pt", weights_only=True)
-    model, cfg = load_official(_fixture_state(fixture))
+    model, cfg = load_official(rtdetr_fixture_state(fixture))
     images, padding_mask = official_batch(fixture)
     return fixture, model, cfg, images, padding_mask
 
@@ -82,12 +48,12 @@ def train_run(rtdetr):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
     try:
-        outputs, selected = _run(model, images, padding_mask)
+        outputs, selected = run_with_selection(model, images, padding_mask)
     finally:
         model.eval()
     expected = fixture["train_outputs"]
     scores = fixture["encoder_topk_scores_float64"][:, :-1]
-    order = _alignment(
+    order = near_tie_alignment(
         outputs["enc_outputs"]["pred_boxes"], expected["enc_aux_outputs"][0]["pred_boxes"], scores
     )
     return fixture, cfg, outputs, selected, order
@@ -112,12 +78,12 @@ def test_inferred_config_is_the_official_recipe(rtdetr):
 
 def test_eval_outputs_and_selection_match_in_float32(rtdetr):
     fixture, model, _, images, padding_mask = rtdetr
-    outputs, selected = _run(model, images, padding_mask)
+    outputs, selected = run_with_selection(model, images, padding_mask)
     expected = fixture["outputs"]
     scores = fixture["encoder_topk_scores_float64"][:, :-1]
-    order = _alignment(outputs["pred_boxes"], expected["pred_boxes"], scores)
-    assert max_error(_rows(outputs["pred_boxes"], order), expected["pred_boxes"]) < ATOL
-    assert max_error(_rows(outputs["pred_logits"], order), expected["pred_logits"]) < ATOL
+    order = near_tie_alignment(outputs["pred_boxes"], expected["pred_boxes"], scores)
+    assert max_error(aligned_rows(outputs["pred_boxes"], order), expected["pred_boxes"]) < ATOL
+    assert max_error(aligned_rows(outputs["pred_logits"], order), expected["pred_logits"]) < ATOL
     # The same 300 encoder positions, in the official order up to near-ties.
     ours = selected.gather(1, order)
     assert ours.tolist() == fixture["encoder_topk_indices"].tolist()
@@ -127,7 +93,7 @@ def test_eval_outputs_and_selection_match_in_float32(rtdetr):
 def test_eval_outputs_match_in_float64_row_by_row(rtdetr):
     fixture, model, _, images, padding_mask = rtdetr
     try:
-        outputs, selected = _run(model.double(), images.double(), padding_mask)
+        outputs, selected = run_with_selection(model.double(), images.double(), padding_mask)
     finally:
         model.float()
     expected = fixture["outputs_float64"]
@@ -144,10 +110,10 @@ def test_train_outputs_every_layer_and_the_proposals(train_run):
     layers = [*zip(outputs["aux_outputs"], expected["aux_outputs"], strict=True), (outputs, expected)]
     for layer, (ours, theirs) in enumerate(layers):
         for key in ("pred_logits", "pred_boxes"):
-            errors[f"{key}_{layer}"] = max_error(_rows(ours[key], order), theirs[key])
+            errors[f"{key}_{layer}"] = max_error(aligned_rows(ours[key], order), theirs[key])
     for key in ("pred_logits", "pred_boxes"):
         errors[f"{key}_enc"] = max_error(
-            _rows(outputs["enc_outputs"][key], order), expected["enc_aux_outputs"][0][key]
+            aligned_rows(outputs["enc_outputs"][key], order), expected["enc_aux_outputs"][0][key]
         )
     assert len(outputs["aux_outputs"]) == 2
     assert max(errors.values()) < ATOL, errors
@@ -185,7 +151,7 @@ def test_matcher_indices_and_every_loss_term(train_run):
 
 def test_postprocessed_detections_are_the_official_set(rtdetr):
     fixture, model, cfg, images, padding_mask = rtdetr
-    outputs, _ = _run(model, images, padding_mask)
+    outputs, _ = run_with_selection(model, images, padding_mask)
     results = build_postprocess(cfg.model)(outputs, fixture["orig_sizes"])
     label2category = torch.tensor(fixture["label2category"])
     for ours, theirs in zip(results, fixture["postprocessed"], strict=True):

@@ -24,7 +24,15 @@ import torch
 
 from detr_lab.checkpoints import load_official
 
-from factories import FIXTURES, load_synth_weights, max_error, official_batch
+from factories import (
+    FIXTURES,
+    aligned_rows,
+    max_error,
+    near_tie_alignment,
+    official_batch,
+    rtdetr_fixture_state,
+    run_with_selection,
+)
 
 ATOL = 1e-4
 TIE = 1e-5
@@ -60,48 +68,10 @@ EXPECTED = {
 }
 
 
-def _fixture_state(fixture: dict) -> dict:
-    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
-    state.update(fixture["state_dict_overrides"])
-    return state
-
-
-def _run(model, images: torch.Tensor, padding_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """The model's outputs and the encoder positions its query source selected `[B, K]`."""
-    selected = []
-    hook = model.query_source.register_forward_hook(
-        lambda module, args, result: selected.append(result.meta["selected_indices"])
-    )
-    try:
-        with torch.no_grad():
-            outputs = model(images, padding_mask)
-    finally:
-        hook.remove()
-    return outputs, selected[0]
-
-
-def _alignment(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Permutation `[B, K]` of our rows onto the official ones: row k stays unless it differs, and then
-    takes the row of ours that matches within ATOL among the official near-ties of k (float64 selection
-    scores within TIE)."""
-    order = torch.arange(ours.shape[1]).repeat(ours.shape[0], 1)
-    for b in range(ours.shape[0]):
-        distance = (ours[b, None] - theirs[b, :, None]).abs().nan_to_num(0).amax(-1)  # (K theirs, K ours)
-        for k in (distance.diagonal() > ATOL).nonzero().flatten().tolist():
-            candidates = (distance[k] <= ATOL) & ((scores[b] - scores[b, k]).abs() <= TIE)
-            assert candidates.any(), f"image {b}: official row {k} is not among ours (up to near-ties)"
-            order[b, k] = candidates.nonzero()[0, 0]
-    return order
-
-
-def _rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-
-
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
 def variant(request):
     fixture = torch.load(VARIANTS / f"{request.param}.pt", weights_only=True)
-    model, cfg = load_official(_fixture_state(fixture), **fixture["load_official_overrides"])
+    model, cfg = load_official(rtdetr_fixture_state(fixture), **fixture["load_official_overrides"])
     # No padding: the fixtures store no (all-False) mask.
     no_padding = torch.zeros(len(fixture["images_uint8"]), *fixture["eval_spatial_size"], dtype=torch.bool)
     images, padding_mask = official_batch({**fixture, "padding_mask": no_padding})
@@ -142,7 +112,7 @@ def test_inferred_config_is_the_official_recipe(variant):
 def test_eval_outputs_match_in_float64_row_by_row(variant):
     _, fixture, model, _, images, padding_mask = variant
     try:
-        outputs, selected = _run(model.double(), images.double(), padding_mask)
+        outputs, selected = run_with_selection(model.double(), images.double(), padding_mask)
     finally:
         model.float()
     expected = fixture["outputs_float64"]
@@ -153,13 +123,12 @@ def test_eval_outputs_match_in_float64_row_by_row(variant):
 
 def test_eval_outputs_and_selection_match_in_float32(variant):
     _, fixture, model, _, images, padding_mask = variant
-    outputs, selected = _run(model, images, padding_mask)
+    outputs, selected = run_with_selection(model, images, padding_mask)
     expected = fixture["outputs"]
     scores = fixture["encoder_topk_scores_float64"][:, :-1]
-    order = _alignment(outputs["pred_boxes"], expected["pred_boxes"], scores)
-    errors = {
-        key: max_error(_rows(outputs[key], order), expected[key]) for key in ("pred_logits", "pred_boxes")
-    }
+    order = near_tie_alignment(outputs["pred_boxes"], expected["pred_boxes"], scores)
+    keys = ("pred_logits", "pred_boxes")
+    errors = {key: max_error(aligned_rows(outputs[key], order), expected[key]) for key in keys}
     assert max(errors.values()) < ATOL, errors
     # The same encoder positions, in the official order up to near-ties.
     assert selected.gather(1, order).tolist() == fixture["encoder_topk_indices"].tolist()
