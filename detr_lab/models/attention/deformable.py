@@ -195,11 +195,16 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         self._check_inputs(query, value, reference_points, spatial_shapes)
         check_key_padding_mask(key_padding_mask, query.shape[0], value.shape[1])
-        batch, num_queries, _ = query.shape
-        length = value.shape[1]
         if level_start_index is None:
             sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
             level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+        value = self.project_value(value, key_padding_mask)
+        output = self.attend(query, value, reference_points, spatial_shapes, level_start_index, attn_mask)
+        return self.output_proj(output)
+
+    def project_value(self, value: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """`[B, Lv, d]` -> the projected values per head `[B, Lv, heads, head_dim]`, zero at padding."""
+        batch, length = value.shape[:2]
         value = self.value_proj(value)
         # In place on the fresh projection. On CPU a batch without padding (a single image) skips the
         # pass over the whole map; on GPU the check would cost a host synchronisation, and a traced
@@ -208,7 +213,20 @@ class MultiScaleDeformableAttention(nn.Module):
             value.device.type != "cpu" or torch.jit.is_tracing() or bool(key_padding_mask.any())
         ):
             value = value.masked_fill_(key_padding_mask[..., None], 0.0)
-        value = value.view(batch, length, self.num_heads, self.head_dim)  # (B, Lv, nh, hd)
+        return value.view(batch, length, self.num_heads, self.head_dim)
+
+    def attend(
+        self,
+        query: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        """Offsets and weights from `query` `[B, Lq, d]`, sampled from `value` `[B, Lv, heads, hd]` ->
+        `[B, Lq, d]` (before the output projection)."""
+        batch, num_queries, _ = query.shape
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )
@@ -217,7 +235,7 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         weights = weights.softmax(-1).view(offsets.shape[:-1])  # (B, Lq, nh, L, P)
         locations = self.sampling_locations(offsets, reference_points, spatial_shapes)
-        output = ms_deform_attn_core(
+        return ms_deform_attn_core(
             value,
             spatial_shapes,
             level_start_index,
@@ -226,7 +244,6 @@ class MultiScaleDeformableAttention(nn.Module):
             impl=self.core_impl,
             attn_mask=attn_mask,
         )  # (B, Lq, d)
-        return self.output_proj(output)
 
 
 def set_deformable_core(model: nn.Module, impl: str) -> int:

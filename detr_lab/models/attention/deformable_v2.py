@@ -19,7 +19,9 @@ computes them:
   maps); this module clamps x to the width, which agrees wherever the official code is defined.
 
 Parameter and buffer names and shapes are the official ones, so RT-DETRv2 checkpoints load unchanged.
-The call contract is the shared one (`detr_lab.models.attention.plain`).
+The call contract is the shared one (`detr_lab.models.attention.plain`): `forward` is Deformable DETR's
+module's (input checks, value projection and padding, output projection); this module changes how the
+points are placed and sampled (`attend`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from torch import Tensor, nn
 
 from .deformable import MultiScaleDeformableAttention
 from .kernels import CORE_IMPLS, ms_deform_attn_core
-from .masks import check_key_padding_mask
 
 SAMPLING_METHODS = ("default", "discrete")
 
@@ -141,61 +142,35 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         scale = self.num_points_scale.to(offsets.dtype)[:, None]  # (T, 1)
         return reference[..., :2] + offsets * scale * reference[..., 2:] * self.offset_scale
 
-    def forward(
+    def attend(
         self,
         query: Tensor,
-        key: Tensor | None,
         value: Tensor,
-        *,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        query_padding_mask: Tensor | None = None,
-        reference_points: Tensor | None = None,
-        spatial_shapes: Tensor | None = None,
-        level_start_index: Tensor | None = None,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        attn_mask: Tensor | None,
     ) -> Tensor:
-        """Attend from `query` `[B, Lq, d]` to sampled positions of `value` `[B, Lv, d]` -> `[B, Lq, d]`.
-
-        Arguments as `MultiScaleDeformableAttention.forward`; `attn_mask` is supported by the default
-        sampling only.
+        """Offsets and weights of every point from `query` `[B, Lq, d]`, sampled from `value`
+        `[B, Lv, heads, hd]` by the sampling method -> `[B, Lq, d]` (before the output projection).
 
         Raises:
-            ValueError: inconsistent shapes, a mask of the wrong shape or dtype, or an `attn_mask`
-                with discrete sampling.
+            ValueError: an `attn_mask` with discrete sampling (the default sampling takes one).
         """
-        self._check_inputs(query, value, reference_points, spatial_shapes)
-        check_key_padding_mask(key_padding_mask, query.shape[0], value.shape[1])
         if attn_mask is not None and self.sampling == "discrete":
             raise ValueError("discrete sampling takes no attn_mask")
         batch, num_queries, _ = query.shape
-        length = value.shape[1]
-        if level_start_index is None:
-            areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-            level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-        value = self.value_proj(value)
-        if key_padding_mask is not None and (
-            value.device.type != "cpu" or torch.jit.is_tracing() or bool(key_padding_mask.any())
-        ):
-            value = value.masked_fill_(key_padding_mask[..., None], 0.0)
-        value = value.view(batch, length, self.num_heads, self.head_dim)
         heads, total = self.num_heads, self.total_points
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, total, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, total).softmax(-1)
         locations = self.point_locations(offsets, reference_points, spatial_shapes)
         if self.sampling == "discrete":
-            output = self.discrete_core(value, spatial_shapes, level_start_index, locations, weights)
-        else:
-            locations, weights = self.level_slots(locations, weights)
-            output = ms_deform_attn_core(
-                value,
-                spatial_shapes,
-                level_start_index,
-                locations,
-                weights,
-                impl=self.core_impl,
-                attn_mask=attn_mask,
-            )
-        return self.output_proj(output)
+            return self.discrete_core(value, spatial_shapes, level_start_index, locations, weights)
+        locations, weights = self.level_slots(locations, weights)
+        return ms_deform_attn_core(
+            value, spatial_shapes, level_start_index, locations, weights, impl=self.core_impl,
+            attn_mask=attn_mask,
+        )  # fmt: skip
 
     def level_slots(self, locations: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """`[B, Lq, heads, total, 2]` locations and `[B, Lq, heads, total]` weights -> the bilinear
