@@ -1,13 +1,16 @@
-"""Convert an official DETR, Deformable DETR or DINO checkpoint into a detr_lab checkpoint.
+"""Convert an official DETR, Deformable DETR, DINO or RT-DETR (v1, v2) checkpoint into a detr_lab checkpoint.
 
     python tools/convert_checkpoint.py detr-r50-e632da11.pth detr_r50.pt
     python tools/convert_checkpoint.py detr-r101-dc5-a2e86def.pth detr_r101_dc5.pt --dilation
     python tools/convert_checkpoint.py r50_deformable_detr-checkpoint.pth deformable_detr_r50.pt
     python tools/convert_checkpoint.py checkpoint0011_4scale.pth dino_4scale_r50.pt
+    python tools/convert_checkpoint.py rtdetrv2_r18vd_120e_coco_rerun_48.1.pth rtdetrv2_r18vd.pt
+    python tools/convert_checkpoint.py rtdetrv2_r18vd_dsp_3x_coco.pth r18vd_dsp.pt --sampling discrete
 
 The architecture is read from the weights; pass what they cannot tell (--dilation for DC5 models,
 --num-heads when not 8, --num-queries for the proposal count of a two-stage Deformable DETR; for
-DINO it is checked against the weights).
+DINO it is checked against the weights; RT-DETR: the query count, default 300), --sampling discrete
+for RT-DETRv2's `_dsp` models and --eval-layers for the decoder layers RT-DETR runs in evaluation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="expected query count (checked against the weights); for a two-stage Deformable DETR "
         "the proposals kept (default 300)",
     )
+    parser.add_argument("--sampling", choices=("default", "discrete"),
+                        help="RT-DETRv2: the decoder's sampling method (the _dsp models: discrete)")
+    parser.add_argument("--eval-layers", type=int,
+                        help="RT-DETR: decoder layers run in evaluation (default: all; R50-m: 3)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser.parse_args(argv)
 
@@ -43,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num_heads"] = args.num_heads
     if args.num_queries is not None:
         overrides["num_queries"] = args.num_queries
+    if args.sampling is not None:
+        overrides["sampling"] = args.sampling
+    if args.eval_layers is not None:
+        overrides["eval_layers"] = args.eval_layers
     try:
         path = convert_official_checkpoint(args.src, args.dst, **overrides)
     except Exception as err:

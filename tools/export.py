@@ -20,8 +20,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="detr_lab, Lightning or official checkpoint")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--height", type=int, default=800, help="traced image height (default 800)")
-    parser.add_argument("--width", type=int, default=1066, help="traced image width (default 1066)")
+    parser.add_argument("--height", type=int, help="traced image height (default: the checkpoint's "
+                        "square input size for RT-DETR's input policy, else 800)")
+    parser.add_argument("--width", type=int, help="traced image width (default: as --height, else 1066)")
     parser.add_argument("--batch", type=int, help="traced batch size (default 2 with --dynamic, else 1)")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch size, height and width")
     parser.add_argument(

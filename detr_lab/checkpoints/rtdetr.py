@@ -242,7 +242,10 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
         "encoder": {"num_layers": 0, "attention": "deformable"},
         "decoder": decoder,
     }
-    data = {"augment": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+    # The official inputs: square 640 x 640 resized images scaled to [0, 1] (and its augmentation when
+    # fine-tuned: the policy's defaults are the official ones).
+    augment = {"policy": "rtdetr", "square_size": 640, "mean": [0.0] * 3, "std": [1.0] * 3}
+    data = {"augment": augment}
     return config_from_dict(
         {"model": model, "loss": rtdetr_loss(), "data": data}, f"official {FAMILY} checkpoint"
     )

@@ -25,13 +25,24 @@ class ExportResult:
     report: VerifyReport | None  # with verify
 
 
+DEFAULT_SIZE = (800, 1066)  # (height, width) traced for the DETR family's aspect-preserving inputs
+
+
+def traced_size(config, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) to trace: the given sides, else the model's square input size for the rtdetr
+    policy (its images are never another size), else `DEFAULT_SIZE`."""
+    augment = config.data.augment
+    default = (augment.square_size,) * 2 if augment.policy == "rtdetr" else DEFAULT_SIZE
+    return (height or default[0], width or default[1])
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
     *,
     overrides: Sequence[str] = (),
-    height: int = 800,
-    width: int = 1066,
+    height: int | None = None,
+    width: int | None = None,
     batch: int | None = None,
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -47,7 +58,9 @@ def export_checkpoint(
     Args:
         overrides: `model.*=...` ones change the checkpoint's model (e.g. `model.encoder.attention=plain`
             for an ACT checkpoint); others apply to `config_path`'s data settings.
-        height, width, batch: traced input size (batch default: 2 with `dynamic`, else 1).
+        height, width, batch: traced input size (batch default: 2 with `dynamic`, else 1). None: the
+            size the checkpoint's own evaluation feeds for a square-input policy (`data.augment.policy:
+            rtdetr`: `square_size` x `square_size`), else 800 x 1066.
         dynamic: dynamic batch size, height and width.
         verify: run `verify_onnx`: random batches (a dynamic export: image sides from half the smaller
             traced side to the larger one) and, with `config_path`, validation batches.
@@ -62,6 +75,7 @@ def export_checkpoint(
         raise InputNotFoundError(f"config not found: {config_path}")
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     loaded = load_checkpoint(checkpoint, overrides=model_overrides)
+    height, width = traced_size(loaded.config, height, width)
     path = export_onnx(
         loaded.model,
         output,

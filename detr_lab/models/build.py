@@ -174,7 +174,10 @@ def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
                 f"'model.neck.options.{key}' is not an option of the {neck.type!r} neck; "
                 f"its options: {', '.join(own) or 'none'}"
             )
-    return builder(**common, **dict(neck.options))
+    try:
+        return builder(**common, **dict(neck.options))
+    except ValueError as err:  # the neck's own argument checks: name the config section
+        raise InputError(f"'model.neck' ({neck.type} with options {dict(neck.options)}): {err}") from err
 
 
 def memory_positions(cfg: ModelConfig) -> bool:

@@ -74,6 +74,7 @@ def test_inferred_config_is_the_official_recipe(rtdetr):
     assert (m.encoder.num_layers, m.denoising.enabled, m.denoising.box_noise_scale) == (0, True, 1.0)
     assert model.position_encoding is None and model.transformer.level_embed is None
     assert cfg.data.augment.mean == [0.0, 0.0, 0.0] and cfg.data.augment.std == [1.0, 1.0, 1.0]
+    assert (cfg.data.augment.policy, cfg.data.augment.square_size) == ("rtdetr", 640)
 
 
 def test_eval_outputs_and_selection_match_in_float32(rtdetr):

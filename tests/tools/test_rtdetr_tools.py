@@ -68,6 +68,27 @@ def test_the_converted_checkpoint_names_the_coco_categories(converted):
     assert loaded.config.model.query_source == "iou_aware" and loaded.config.model.num_classes == 80
     assert loaded.category_ids[:5] == [1, 2, 3, 4, 5] and loaded.category_ids[-1] == 90
     assert loaded.class_names[0] == "person" and loaded.class_names[-1] == "toothbrush"
+    # the official inputs: 640 x 640 squares in [0, 1], so infer, eval and export feed those
+    augment = loaded.config.data.augment
+    assert (augment.policy, augment.square_size) == ("rtdetr", 640)
+    assert (augment.mean, augment.std) == ([0.0] * 3, [1.0] * 3)
+    from detr_lab.export.from_checkpoint import traced_size
+
+    assert traced_size(loaded.config, None, None) == (640, 640)
+    assert traced_size(loaded.config, 320, None) == (320, 640)
+
+
+def test_convert_takes_the_sampling_method_and_evaluation_layers(converted, tmp_path):
+    fixture = torch.load(FIXTURES / "rtdetrv2_r18vd.pt", weights_only=True)
+    state = load_synth_weights().synth_state_dict(dict(fixture["state_dict_spec"]), fixture["weights_seed"])
+    state.update(fixture["state_dict_overrides"])
+    source = tmp_path / "official.pth"
+    torch.save({"model": state}, source)
+    destination = tmp_path / "dsp.pt"
+    args = [str(source), str(destination), "--sampling", "discrete", "--eval-layers", "2"]
+    assert load_tool("convert_checkpoint").main(args) == 0
+    decoder = load_checkpoint(destination).config.model.decoder
+    assert (decoder.sampling, decoder.eval_layers) == ("discrete", 2)
 
 
 def test_infer_runs_on_the_converted_checkpoint(converted, tmp_path):
