@@ -122,6 +122,27 @@ class DecoderConfig:
     sampling: str = _choice("default", "discrete", default="default")
     # Evaluate with the first N decoder layers only (RT-DETR-R50-m: 3 of 6); null: all of them.
     eval_layers: int | None = field(default=None, metadata={"min": 1})
+    # deformable_v2 only: the value and output projections of the cross-attention (D-FINE has none).
+    projections: bool = True
+    # D-FINE: fuse the cross-attention into the queries with a learned gate instead of residual + norm.
+    gate: bool = False
+    # Clamp the query positions computed from the reference boxes to +-this (D-FINE: 10); null: no clamp.
+    query_pos_clamp: float | None = field(default=None, metadata={"min": 0, "exclusive": True})
+    # The feed-forward blocks' (and D-FINE's quality heads') activation (DEIM: silu).
+    activation: str = _choice("relu", "silu", default="relu")
+
+
+@dataclass
+class DistributionConfig:
+    """D-FINE's fine-grained distribution refinement (`detr_lab.models.distribution`): every decoder layer
+    predicts each box edge as a distribution over `reg_max + 1` bins, refined layer by layer. Needs
+    `model.box_refine` and a query source with boxes (iou_aware, mixed_selection)."""
+
+    enabled: bool = False
+    reg_max: int = field(default=32, metadata={"min": 4})  # bins - 1 (even)
+    reg_scale: float = _positive(4.0)  # curvature of the weighting function
+    up: float = _positive(0.5)  # its range: the largest offset is 2 * up * reg_scale
+    quality: bool = True  # the location-quality estimator (LQE) adds a score to the class logits
 
 
 @dataclass
@@ -175,6 +196,9 @@ class ModelConfig:
     position_temperature: float = _positive(10000.0)  # sine position encoding (DINO: 20)
     num_detections: int = _positive(100)  # sigmoid post-processing: top (query, class) pairs kept
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    # Activation of the MLP heads (box, proposal and query-position heads); DEIM: silu.
+    mlp_activation: str = _choice("relu", "silu", default="relu")
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -197,7 +221,9 @@ class LossConfig:
     # Which terms run (names of `detr_lab.models.loss_terms.LOSS_TERMS`, checked when the criterion is
     # built): labels = loss_ce (+ class_error), boxes = loss_bbox and loss_giou, cardinality =
     # cardinality_error and box_parts = loss_xy / loss_hw (both logged only); vfl = loss_vfl (the
-    # varifocal loss of RT-DETR, sigmoid classification, in place of labels).
+    # varifocal loss of RT-DETR, sigmoid classification, in place of labels); mal = loss_mal (DEIM's
+    # matchability-aware loss, in place of labels or vfl); fgl = loss_fgl and ddf = loss_ddf (D-FINE's
+    # localization and self-distillation losses, with `model.distribution.enabled`).
     terms: list[str] = field(default_factory=lambda: ["labels", "cardinality", "boxes"])
     # Weighted value -> weight, for values whose weight has no key above (e.g. a new term's).
     weights: dict[str, float] = field(default_factory=dict)
@@ -205,6 +231,8 @@ class LossConfig:
     extra_costs: dict[str, float] = field(default_factory=dict)
     # A term's own options: term name -> options, e.g. {vfl: {alpha: 0.75, gamma: 2.0}} (RT-DETR's VFL).
     term_options: dict[str, Any] = field(default_factory=dict)
+    # D-FINE's GO-LSD: box, FGL and DDF terms use the union of every layer's matching.
+    union_matching: bool = False
 
 
 @dataclass
@@ -625,7 +653,7 @@ def _validate_decoder_options(m: ModelConfig, where: str) -> None:
     decoder = m.decoder
     options = ATTENTION_SPECS[decoder.cross_attention].decoder_options
     readers = [name for name, spec in ATTENTION_SPECS.items() if "level_points" in spec.decoder_options]
-    for key, unset in (("level_points", None), ("sampling", "default")):
+    for key, unset in (("level_points", None), ("sampling", "default"), ("projections", True)):
         if getattr(decoder, key) != unset and key not in options:
             raise ConfigError(
                 f"{where}: 'model.decoder.{key}' is read by the cross-attention {' / '.join(readers)} only, "
@@ -635,6 +663,12 @@ def _validate_decoder_options(m: ModelConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: 'model.decoder.eval_layers' ({decoder.eval_layers}) exceeds "
             f"'model.decoder.num_layers' ({decoder.num_layers})"
+        )
+    dist = m.distribution
+    if dist.enabled and (dist.reg_max % 2 or not m.box_refine):
+        raise ConfigError(
+            f"{where}: 'model.distribution' needs an even 'reg_max' (got {dist.reg_max}) and "
+            "'model.box_refine: true'"
         )
     if decoder.level_points is not None:
         points = list(decoder.level_points)

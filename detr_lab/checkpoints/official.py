@@ -5,7 +5,7 @@
     model, cfg = load_official("checkpoint0011_4scale.pth")           # official DINO
     model, cfg = load_official("rtdetrv2_r18vd_120e_coco_rerun_48.1.pth")  # official RT-DETRv2
 
-Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`) registers itself in
+Each family (`detr.py`, `deformable_detr.py`, `dino.py`, `rtdetr.py`, `dfine.py`) registers itself in
 `family.OFFICIAL_FAMILIES` when imported; this module imports them all. A key left unmapped or a
 parameter left unfilled is an error, so a partial load cannot pass silently. Class index = COCO
 category id in official DETR-family checkpoints; RT-DETR's 80 classes are the COCO categories in id
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 # package (`from detr_lab.checkpoints import ...`), whose __init__ imports this module.
 from detr_lab.checkpoints.deformable_detr import DEFORMABLE_FAMILY
 from detr_lab.checkpoints.detr import DETR_FAMILY
+from detr_lab.checkpoints.dfine import DFINE_FAMILY
 from detr_lab.checkpoints.dino import DINO_FAMILY
 from detr_lab.checkpoints.family import OFFICIAL_FAMILIES, OfficialFamily, map_keys, official_family
 from detr_lab.checkpoints.rtdetr import RTDETR_FAMILY
@@ -34,7 +35,13 @@ from detr_lab.io import CheckpointError
 
 # The families importing this module registers (`family.OFFICIAL_FAMILIES` holds them in the order
 # their modules were first imported; their key layouts do not overlap, so the order does not matter).
-FAMILIES: tuple[OfficialFamily, ...] = (DEFORMABLE_FAMILY, DETR_FAMILY, DINO_FAMILY, RTDETR_FAMILY)
+FAMILIES: tuple[OfficialFamily, ...] = (
+    DEFORMABLE_FAMILY,
+    DETR_FAMILY,
+    DINO_FAMILY,
+    RTDETR_FAMILY,
+    DFINE_FAMILY,
+)
 
 
 def _official_state(checkpoint: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], str]:

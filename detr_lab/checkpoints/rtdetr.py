@@ -99,7 +99,12 @@ def rtdetr_fields(groups: dict[str, str]) -> dict[str, str]:
 
 
 def is_rtdetr(state: Mapping[str, Tensor]) -> bool:
-    return "decoder.dec_score_head.0.weight" in state and "decoder.query_pos_head.layers.0.weight" in state
+    """RT-DETR's decoder heads, without D-FINE's first-layer box head (`detr_lab.checkpoints.dfine`)."""
+    return (
+        "decoder.dec_score_head.0.weight" in state
+        and "decoder.query_pos_head.layers.0.weight" in state
+        and "decoder.pre_bbox_head.layers.0.weight" not in state
+    )
 
 
 def _backbone(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -146,19 +151,20 @@ def _neck(state: Mapping[str, Tensor], num_heads: int) -> dict[str, Any]:
     }
 
 
-def _points(
-    state: Mapping[str, Tensor], num_levels: int, num_heads: int
+def infer_level_points(
+    state: Mapping[str, Tensor], num_levels: int, num_heads: int, family: str = FAMILY
 ) -> tuple[str, int, list[int] | None]:
-    """(cross-attention variant, points per level, per-level list when they differ)."""
+    """(cross-attention variant, points per level, per-level list when they differ) of the decoder's
+    first cross-attention (`num_points_scale`: RT-DETRv2 / D-FINE; none: RT-DETR v1)."""
     scale_key = "decoder.decoder.layers.0.cross_attn.num_points_scale"
     offsets = require_key(
-        state, "decoder.decoder.layers.0.cross_attn.attention_weights.weight", FAMILY, ndim=2
+        state, "decoder.decoder.layers.0.cross_attn.attention_weights.weight", family, ndim=2
     )
     total = offsets.shape[0] // num_heads
     if scale_key not in state:  # v1: Deformable DETR's attention, the same points on every level
         if total % num_levels:
             raise CheckpointError(
-                f"official {FAMILY} checkpoint: {total} sampling points per head for {num_levels} levels"
+                f"official {family} checkpoint: {total} sampling points per head for {num_levels} levels"
             )
         return "deformable", total // num_levels, None
     scale = state[scale_key].flatten().tolist()
@@ -168,14 +174,14 @@ def _points(
         run = scale[index : index + count]
         if count < 1 or len(run) != count or any(abs(value * count - 1) > 1e-4 for value in run):
             raise CheckpointError(
-                f"official {FAMILY} checkpoint: '{scale_key}' is not runs of 1/n repeated n times "
+                f"official {family} checkpoint: '{scale_key}' is not runs of 1/n repeated n times "
                 f"(the official per-level point scales): {[round(v, 4) for v in scale[:12]]}"
             )
         points.append(count)
         index += count
     if len(points) != num_levels or sum(points) != total:
         raise CheckpointError(
-            f"official {FAMILY} checkpoint: num_points_scale describes {points} points per level; "
+            f"official {family} checkpoint: num_points_scale describes {points} points per level; "
             f"expected {num_levels} levels and {total} points per head"
         )
     uniform = len(set(points)) == 1
@@ -203,7 +209,7 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
             f"official {FAMILY} checkpoint: {count_indices(state, 'encoder.input_proj.')} encoder levels "
             f"but {num_levels} decoder input projections (extra decoder levels are not supported)"
         )
-    variant, points, level_points = _points(state, num_levels, num_heads)
+    variant, points, level_points = infer_level_points(state, num_levels, num_heads)
     sampling = overrides.get("sampling", "default")
     if sampling != "default" and variant != "deformable_v2":
         raise CheckpointError(f"sampling={sampling!r}: RT-DETR v1 checkpoints sample bilinearly only")

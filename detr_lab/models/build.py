@@ -32,7 +32,9 @@ from detr_lab.models.builders import import_builder
 from detr_lab.models.classification import Classification, classification_strategy
 from detr_lab.models.criterion import SetCriterion
 from detr_lab.models.detector import MLP, Detector, prediction_heads
+from detr_lab.models.distribution import DistributionRefinement
 from detr_lab.models.groups import PredictionGroup, denoising_groups, main_groups
+from detr_lab.models.loss_terms import LOSS_TERMS
 from detr_lab.models.matcher import HungarianMatcher
 from detr_lab.models.necks import NECKS
 from detr_lab.models.position import LearnedPositionEncoding, SinePositionEncoding
@@ -217,6 +219,7 @@ def attention_arguments(cfg: ModelConfig, site: str) -> dict[str, Any]:
         num_points=section.num_points,
         level_points=getattr(section, "level_points", None),
         sampling=getattr(section, "sampling", "default"),
+        projections=getattr(section, "projections", True),
         q_hashes=act.q_hashes,
         bucket_width=act.bucket_width,
         seed=act.seed,
@@ -246,6 +249,8 @@ def build_transformer(cfg: ModelConfig) -> Transformer:
         DecoderLayer(
             self_attn=PlainAttention(d, cfg.num_heads, dropout=cfg.dropout),
             cross_attn=build_attention(cfg.decoder.cross_attention, site="decoder", **decoder_arguments),
+            gate=cfg.decoder.gate,
+            activation=cfg.decoder.activation,
             **widths,
         )
         for _ in range(cfg.decoder.num_layers)
@@ -311,6 +316,29 @@ def check_supported(cfg: ModelConfig) -> None:
         raise InputError(f"'model.query_source: {name}' needs one head per layer: 'model.share_heads: false'")
     if cfg.look_forward_twice and not cfg.box_refine:
         raise InputError("'model.look_forward_twice' needs 'model.box_refine: true'")
+    if cfg.distribution.enabled and (not cfg.box_refine or spec.box_dim != 4):
+        raise InputError(
+            "'model.distribution' needs 'model.box_refine: true' and a query source with reference boxes "
+            f"(iou_aware, mixed_selection); 'model.query_source' is {name!r}"
+        )
+
+
+def build_refiner(cfg: ModelConfig) -> DistributionRefinement | None:
+    """D-FINE's distribution refinement of `model.distribution`, or None when it is off."""
+    dist = cfg.distribution
+    if not dist.enabled:
+        return None
+    return DistributionRefinement(
+        cfg.hidden_dim,
+        cfg.decoder.num_layers,
+        reg_max=dist.reg_max,
+        reg_scale=dist.reg_scale,
+        up=dist.up,
+        quality=dist.quality,
+        logit_eps=query_spec(cfg)[1].logit_eps,
+        activation=cfg.mlp_activation,
+        quality_activation=cfg.decoder.activation,
+    )
 
 
 def build_model(cfg: ModelConfig) -> Detector:
@@ -330,7 +358,7 @@ def build_model(cfg: ModelConfig) -> Detector:
     d = cfg.hidden_dim
     classification = build_classification(cfg)
     class_head = classification.class_head(d, cfg.num_classes)
-    box_head = MLP(d, d, 4, 3)
+    box_head = MLP(d, d, 4, 3, activation=cfg.mlp_activation)
     if spec.box_dim:
         # Boxes relative to references start as the references themselves (zero deltas).
         nn.init.zeros_(box_head.layers[-1].weight)
@@ -344,6 +372,7 @@ def build_model(cfg: ModelConfig) -> Detector:
     )
     # Deformable DETR starts box sizes at sigmoid(-2) where the first layer turns points into boxes.
     size_bias = -2.0 if spec.box_dim == 2 else None
+    refiner = build_refiner(cfg)
     class_embed, bbox_embed = prediction_heads(
         class_head,
         box_head,
@@ -352,6 +381,11 @@ def build_model(cfg: ModelConfig) -> Detector:
         proposal_heads=spec.proposal_heads,
         initial_size_bias=size_bias,
     )
+    if refiner is not None:
+        bbox_embed = nn.ModuleList()  # the refiner's distribution heads predict the boxes
+    position_head = None
+    if spec.position_from_boxes:
+        position_head = POSITION_HEADS[spec.position_head](d, activation=cfg.mlp_activation)
     return Detector(
         backbone=backbone,
         neck=neck,
@@ -367,9 +401,11 @@ def build_model(cfg: ModelConfig) -> Detector:
         box_refine=cfg.box_refine,
         aux_loss=cfg.aux_loss,
         look_forward_twice=cfg.look_forward_twice,
-        query_pos_head=POSITION_HEADS[spec.position_head](d) if spec.position_from_boxes else None,
+        query_pos_head=position_head,
         denoising=build_denoising(cfg),
         eval_layers=cfg.decoder.eval_layers,
+        refiner=refiner,
+        query_pos_clamp=cfg.decoder.query_pos_clamp,
     )
 
 
@@ -397,6 +433,17 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         if name in dedicated or name in weights:
             key = dedicated.get(name, name)
             raise InputError(f"'loss.weights.{name}': set 'loss.{key}' instead (the weight has its own key)")
+    term_options = {name: dict(options) for name, options in loss_cfg.term_options.items()}
+    dist = model_cfg.distribution
+    for name in loss_cfg.terms:
+        if name in LOSS_TERMS and LOSS_TERMS[name].distribution:
+            if not dist.enabled:
+                raise InputError(
+                    f"loss term {name!r} reads edge distributions: "
+                    "it needs 'model.distribution.enabled: true'"
+                )
+            defaults = {"reg_max": dist.reg_max, "reg_scale": dist.reg_scale, "up": dist.up}
+            term_options[name] = {**defaults, **term_options.get(name, {})}
     return SetCriterion(
         model_cfg.num_classes,
         build_matcher(model_cfg, loss_cfg),
@@ -404,7 +451,8 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         terms=loss_cfg.terms,
         weights={**weights, **loss_cfg.weights},
         groups=declared_groups(model_cfg),
-        term_options={name: dict(options) for name, options in loss_cfg.term_options.items()},
+        term_options=term_options,
+        union_matching=loss_cfg.union_matching,
     )
 
 
@@ -412,9 +460,10 @@ def declared_groups(cfg: ModelConfig) -> list[PredictionGroup]:
     """The prediction groups of `build_model(cfg)` (see `Detector.groups`)."""
     spec = query_spec(cfg)[1]
     num_aux = cfg.decoder.num_layers - 1 if cfg.aux_loss else 0
-    groups = main_groups(num_aux, proposals=spec.proposals)
+    pre = cfg.distribution.enabled and cfg.aux_loss
+    groups = main_groups(num_aux, proposals=spec.proposals, pre=pre)
     if cfg.denoising.enabled:
-        groups += denoising_groups(num_aux)
+        groups += denoising_groups(num_aux, pre=pre)
     return groups
 
 

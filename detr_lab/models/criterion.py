@@ -76,6 +76,10 @@ class SetCriterion(nn.Module):
         num_aux_layers: auxiliary decoder layers (groups `_0`, `_1`, ...) when `groups` is not given.
         two_stage: also a class-agnostic proposal group (`_enc`), when `groups` is not given.
         term_options: term name -> its own options (e.g. `{"vfl": {"alpha": 0.75, "gamma": 2.0}}`).
+        union_matching: D-FINE's GO-LSD: the terms whose table entry has `union` (boxes, FGL, DDF)
+            use, on every Hungarian group, the union of the matchings of all Hungarian groups (each
+            query keeps the target it was matched to most often), normalized by the union's size;
+            the other terms keep each group's own matching (official `DFINECriterion._get_go_indices`).
 
     Values (unweighted): the terms' values per group with the group's suffix: `loss_ce`, `loss_bbox`
     (L1 of normalized cxcywh), `loss_giou` (1 - GIoU), both box terms summed over matched pairs and
@@ -99,8 +103,10 @@ class SetCriterion(nn.Module):
         num_aux_layers: int = 5,
         two_stage: bool = False,
         term_options: Mapping[str, Mapping[str, float]] | None = None,
+        union_matching: bool = False,
     ) -> None:
         super().__init__()
+        self.union_matching = union_matching
         if isinstance(classification, str):
             classification = classification_strategy(classification)
         self.loss_terms = select_terms(list(terms))
@@ -150,6 +156,7 @@ class SetCriterion(nn.Module):
         log: bool,
         indices: Indices | None = None,
         kind: str = "main",
+        union: tuple[Indices, float, dict] | None = None,
     ) -> dict[str, Tensor]:
         """Every configured term for one set of predictions (unsuffixed names).
 
@@ -162,6 +169,8 @@ class SetCriterion(nn.Module):
                 replace the Hungarian matching, e.g. for denoising queries built from known targets;
                 None runs the matcher.
             kind: the group kind (terms apply to the kinds their table entry lists).
+            union: (indices, normalizer, context) of the union matching, used by the terms whose
+                entry has `union` (see `union_matching`); the context reaches every term.
         """
         if indices is None:
             indices = self.matcher(outputs, targets)
@@ -170,23 +179,43 @@ class SetCriterion(nn.Module):
                 f"indices must hold one (query, target) pair per image: got {len(indices)} "
                 f"for {len(targets)} targets"
             )
-        inputs = TermInputs(outputs, targets, indices, num_boxes, self.classification, self.num_classes, log)
+        context = union[2] if union is not None else {}
         losses: dict[str, Tensor] = {}
         for name, term in self.loss_terms.items():
             if kind in term.groups:
-                inputs.options = self.term_options.get(name, {})
+                own = not (term.union and union is not None)
+                inputs = TermInputs(
+                    outputs,
+                    targets,
+                    indices if own else union[0],
+                    num_boxes if own else union[1],
+                    self.classification,
+                    self.num_classes,
+                    log,
+                    options=self.term_options.get(name, {}),
+                    context=context,
+                )
                 losses.update(term.fn(inputs))
         return losses
 
     def group_losses(
-        self, group: PredictionGroup, outputs: dict, targets: list[dict], num_boxes: float
+        self,
+        group: PredictionGroup,
+        outputs: dict,
+        targets: list[dict],
+        num_boxes: float,
+        union: tuple[Indices, float, dict, dict] | None = None,
     ) -> dict[str, Tensor]:
         """The terms of one declared group, suffixed; zeros when a denoising group has no predictions
-        (evaluation, or no image with objects), as the official DINO criterion."""
+        (evaluation, or no image with objects), as the official DINO criterion. `union`: from
+        `union_matching` (the union's indices, normalizer and context, and every Hungarian group's
+        own matching by suffix)."""
         predictions = group_predictions(outputs, group)
         if group.class_agnostic:
             targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
         indices = None
+        if union is not None and group.matching == "hungarian":
+            indices = union[3].get(group.suffix)
         if group.matching == "denoising":
             layout = outputs.get("dn_meta")
             if predictions is None or layout is None:
@@ -202,10 +231,56 @@ class SetCriterion(nn.Module):
             num_boxes = num_boxes * layout.groups
         elif predictions is None:
             return {}
+        shared = None
+        if union is not None:  # denoising groups keep their own pairs, and read the context
+            shared = union[:3] if group.matching == "hungarian" else (indices, num_boxes, union[2])
         terms = self.layer_losses(
-            predictions, targets, num_boxes, log=group.log, indices=indices, kind=group.kind
+            predictions, targets, num_boxes, log=group.log, indices=indices, kind=group.kind, union=shared
         )
         return {name + group.suffix: value for name, value in terms.items()}
+
+    def union_of_matchings(self, outputs: Mapping, targets: list[dict]) -> tuple[Indices, float, dict, dict]:
+        """D-FINE's union matching over the Hungarian groups (see `union_matching`).
+
+        Returns:
+            (union indices per image, their count averaged over processes (>= 1), the context for the
+            terms (`union_pairs`, `main_queries`), each Hungarian group's own matching by suffix).
+        """
+        own: dict[str, Indices] = {}
+        for group in self.groups:
+            predictions = group_predictions(outputs, group)
+            if group.matching != "hungarian" or predictions is None:
+                continue
+            group_targets = targets
+            if group.class_agnostic:
+                group_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            own[group.suffix] = self.matcher(predictions, group_targets)
+        union = []
+        for image in range(len(targets)):
+            pairs = torch.cat(
+                [torch.stack((indices[image][0], indices[image][1]), dim=1) for indices in own.values()]
+            )  # (N, 2): (query, target), group after group
+            unique, counts = torch.unique(pairs, return_counts=True, dim=0)
+            ranked = unique[torch.argsort(counts, descending=True)]
+            chosen: dict[int, int] = {}
+            for query, target in ranked.tolist():  # the most frequent target of each query
+                chosen.setdefault(query, target)
+            device = pairs.device
+            union.append(
+                (
+                    torch.tensor(list(chosen), dtype=torch.int64, device=device),
+                    torch.tensor(list(chosen.values()), dtype=torch.int64, device=device),
+                )
+            )
+        pairs = sum(len(queries) for queries, _ in union)
+        count = torch.tensor([float(pairs)], device=outputs["pred_logits"].device)
+        world_size = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            world_size = dist.get_world_size()
+        normalizer = torch.clamp(count / world_size, min=1).item()
+        context = {"union_pairs": pairs, "main_queries": outputs["pred_logits"].shape[1]}
+        return union, normalizer, context, own
 
     def forward(self, outputs: Mapping, targets: list[dict]) -> dict[str, Tensor]:
         """Unweighted loss terms of every declared prediction group.
@@ -222,9 +297,10 @@ class SetCriterion(nn.Module):
             proposals, `_dn` / `_dn_i` for denoising.
         """
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
+        union = self.union_of_matchings(outputs, targets) if self.union_matching else None
         losses: dict[str, Tensor] = {}
         for group in self.groups:
-            losses.update(self.group_losses(group, outputs, targets, num_boxes))
+            losses.update(self.group_losses(group, outputs, targets, num_boxes, union))
         return losses
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.activations import activation_function
 from detr_lab.models.backbones import Backbone
 from detr_lab.models.classification import Classification
 from detr_lab.models.groups import PredictionGroup, denoising_groups, main_groups
@@ -33,18 +33,23 @@ from detr_lab.models.transformer import EncoderOutput, Transformer, refine_boxes
 
 
 class MLP(nn.Module):
-    """`num_layers` linear layers with ReLU between them: `[..., in_dim]` -> `[..., out_dim]`."""
+    """`num_layers` linear layers with an activation between them (ReLU, or a name of
+    `detr_lab.models.activations.ACTIVATIONS`): `[..., in_dim]` -> `[..., out_dim]`."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, activation: str = "relu"
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.activation = activation
+        self.act = activation_function(activation)
 
     def forward(self, x: Tensor) -> Tensor:
         for index, layer in enumerate(self.layers):
             x = layer(x)
             if index < len(self.layers) - 1:
-                x = F.relu(x)
+                x = self.act(x)
         return x
 
 
@@ -84,6 +89,10 @@ class Detector(nn.Module):
         denoising: a `ContrastiveDenoising` extra source (training only), or None.
         eval_layers: in eval mode run only the first `eval_layers` decoder layers and predict from the
             last of them (RT-DETR-R50-m: 3 of 6, the official `eval_idx: 2`); None: all.
+        refiner: D-FINE's fine-grained distribution refinement (`detr_lab.models.distribution`), which
+            replaces the box heads (`bbox_embed` is then unused by the decoder layers) and adds the
+            outputs `pred_corners`, `ref_points` per layer and `pre_outputs`; needs `box_refine`.
+        query_pos_clamp: clamp the query positions from `query_pos_head` to +-this (D-FINE: 10).
 
     Attributes besides the parts: `groups`, the declared prediction groups.
     """
@@ -108,6 +117,8 @@ class Detector(nn.Module):
         query_pos_head: nn.Module | None = None,
         denoising: ContrastiveDenoising | None = None,
         eval_layers: int | None = None,
+        refiner: nn.Module | None = None,
+        query_pos_clamp: float | None = None,
     ) -> None:
         super().__init__()
         if query_spec.position_from_boxes and query_pos_head is None:
@@ -116,6 +127,8 @@ class Detector(nn.Module):
             raise ValueError("box refinement needs a query source with reference points or boxes")
         if denoising is not None and not query_spec.position_from_boxes:
             raise ValueError("denoising queries need a query source whose spec has position_from_boxes")
+        if refiner is not None and (not box_refine or query_spec.box_dim != 4):
+            raise ValueError("distribution refinement needs box_refine and a query source with boxes")
         self.backbone = backbone
         self.neck = neck
         self.position_encoding = position_encoding
@@ -136,10 +149,13 @@ class Detector(nn.Module):
         if eval_layers is not None and not 1 <= eval_layers <= self.num_decoder_layers:
             raise ValueError(f"eval_layers must be in 1..{self.num_decoder_layers}, got {eval_layers}")
         self.eval_layers = eval_layers
+        self.refiner = refiner
+        self.query_pos_clamp = query_pos_clamp
         num_aux = self.num_decoder_layers - 1 if aux_loss else 0
-        groups = main_groups(num_aux, proposals=query_spec.proposals)
+        pre = refiner is not None and aux_loss
+        groups = main_groups(num_aux, proposals=query_spec.proposals, pre=pre)
         if denoising is not None:
-            groups += denoising_groups(num_aux)
+            groups += denoising_groups(num_aux, pre=pre)
         self.groups: tuple[PredictionGroup, ...] = tuple(groups)
 
     @property
@@ -217,37 +233,93 @@ class Detector(nn.Module):
         encoded = self.transformer.encode(features, masks, pos)
         query_set, layout = self.queries(encoded, targets)
         spec = self.query_spec
+        box_heads = None
+        if self.box_refine and self.refiner is None:
+            box_heads = [self.box_head(i) for i in range(self.num_decoder_layers)]
         decoded = self.transformer.decode(
             query_set.queries,
             query_set.query_pos,
             encoded,
             reference_points=query_set.reference_points,
-            box_heads=[self.box_head(i) for i in range(self.num_decoder_layers)] if self.box_refine else None,
+            box_heads=box_heads,
             query_pos_head=self.query_pos_head,
             self_attn_mask=query_set.attn_mask,
             look_forward_twice=self.look_forward_twice,
             logit_eps=spec.logit_eps,
             num_layers=None if self.training else self.eval_layers,
+            refiner=self.refiner,
+            query_pos_clamp=self.query_pos_clamp,
         )
         hidden = decoded.hidden  # (L, B, P + Q, d)
         if self.denoising is not None and self.training:
             # The label embedding takes part in every step's graph, also when no image has objects
             # (so every rank of a distributed run uses the same parameters), as the official code.
             hidden = hidden + self.denoising.label_embed.weight[0, 0] * 0.0
-        logits, boxes = self.predict(hidden, decoded.references)
         pad = layout.pad_size if layout is not None else 0
-        outputs = layer_outputs([x[:, pad:] for x in logits], [x[:, pad:] for x in boxes], self.aux_loss)
-        if "enc_outputs" in query_set.meta:
-            outputs["enc_outputs"] = query_set.meta["enc_outputs"]
-        if layout is not None:
-            outputs["dn_meta"] = layout
+        if decoded.refinement is not None:
+            outputs = self.distribution_outputs(hidden, decoded.refinement, pad)
+        else:
+            logits, boxes = self.predict(hidden, decoded.references)
+            outputs = layer_outputs([x[:, pad:] for x in logits], [x[:, pad:] for x in boxes], self.aux_loss)
             if pad:
                 outputs["dn_outputs"] = layer_outputs(
                     [x[:, :pad] for x in logits], [x[:, :pad] for x in boxes], self.aux_loss
                 )
+        if "enc_outputs" in query_set.meta:
+            outputs["enc_outputs"] = query_set.meta["enc_outputs"]
+        if layout is not None:
+            outputs["dn_meta"] = layout
         if return_memory:
             outputs["memory"] = encoded.memory
             outputs["memory_padding_mask"] = encoded.memory_padding_mask
+        return outputs
+
+    def distribution_outputs(self, hidden: Tensor, refinement: dict, pad: int) -> dict:
+        """The outputs of a model with distribution refinement (D-FINE).
+
+        Every layer's dict holds `pred_logits` `[B, Q, C]` (after the LQE), `pred_boxes` `[B, Q, 4]`
+        (normalized cxcywh), `pred_corners` `[B, Q, 4 * (reg_max + 1)]` (edge-distribution logits) and
+        `ref_points` `[B, Q, 4]` (the initial boxes the distances refine); the auxiliary layers also
+        `teacher_corners` / `teacher_logits`, the final layer's (for the DDF loss); `pre_outputs` holds
+        the first layer's plain prediction (`pred_logits` before the LQE, `pred_boxes` from the
+        pre-box head). The first `pad` queries (denoising) go to `dn_outputs` / `dn_pre_outputs`.
+        """
+        refiner = self.refiner
+        logits = [
+            refiner.adjust_logits(i, self.class_head(i)(h), corners)
+            for i, (h, corners) in enumerate(zip(hidden, refinement["corners"], strict=True))
+        ]
+        pre_logits = self.class_head(0)(hidden[0])
+
+        def layers(part: slice) -> dict:
+            corners = [c[:, part] for c in refinement["corners"]]
+            initial = refinement["initial"][:, part]
+            layer_dicts = [
+                {
+                    "pred_logits": lg[:, part],
+                    "pred_boxes": bx[:, part],
+                    "pred_corners": c,
+                    "ref_points": initial,
+                }
+                for lg, bx, c in zip(logits, refinement["boxes"], corners, strict=True)
+            ]
+            outputs = dict(layer_dicts[-1])
+            outputs["aux_outputs"] = []
+            if self.aux_loss:
+                teacher = {"teacher_corners": corners[-1], "teacher_logits": logits[-1][:, part]}
+                outputs["aux_outputs"] = [{**layer, **teacher} for layer in layer_dicts[:-1]]
+                outputs["pre_outputs"] = {
+                    "pred_logits": pre_logits[:, part],
+                    "pred_boxes": refinement["pre_boxes"][:, part],
+                }
+            return outputs
+
+        outputs = layers(slice(pad, None))
+        if pad:
+            dn = layers(slice(0, pad))
+            if "pre_outputs" in dn:
+                outputs["dn_pre_outputs"] = dn.pop("pre_outputs")
+            outputs["dn_outputs"] = dn
         return outputs
 
     def predict(self, hidden: Tensor, references: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:

@@ -7,7 +7,11 @@ A detector declares its groups when it is built (`Detector.groups`); the criteri
 | main | `pred_logits` / `pred_boxes` (final decoder layer) | Hungarian | "" |
 | aux | `aux_outputs[i]` (earlier decoder layers, shallowest first) | Hungarian | `_i` |
 | enc | `enc_outputs` (encoder proposals; class-agnostic for two-stage Deformable DETR) | Hungarian | `_enc` |
+| pre | `pre_outputs` (D-FINE: the first decoder layer's plain box head) | Hungarian | `_pre` |
 | dn | `dn_outputs` and its `aux_outputs[i]` (denoising queries) | given by `dn_meta` | `_dn`, `_dn_i` |
+
+With D-FINE's distribution refinement the denoising queries also have a pre group (`dn_pre_outputs`,
+kind "pre", matching "denoising", suffix `_dn_pre`).
 
 A new kind (e.g. one-to-many queries) is one more row: a place in the outputs, a matching rule and
 a suffix.
@@ -26,7 +30,7 @@ class PredictionGroup:
     """One group of predictions.
 
     Attributes:
-        kind: "main", "aux", "enc" or "dn" (loss terms list the kinds they apply to).
+        kind: "main", "aux", "pre", "enc" or "dn" (loss terms list the kinds they apply to).
         path: keys / list indices leading from the outputs to the group's dict of `pred_logits`
             `[B, Q, C]` and `pred_boxes` `[B, Q, 4]` (normalized cxcywh); () is the outputs themselves.
         suffix: appended to the names of its loss values.
@@ -59,11 +63,16 @@ def group_predictions(outputs: Mapping, group: PredictionGroup) -> Mapping | Non
     return node
 
 
-def main_groups(num_aux_layers: int, *, proposals: str | None = None) -> list[PredictionGroup]:
-    """The final layer, `num_aux_layers` auxiliary layers, and the encoder proposals: `proposals` is
-    None (none), "agnostic" (class-agnostic, two-stage Deformable DETR) or "classes" (DINO)."""
+def main_groups(
+    num_aux_layers: int, *, proposals: str | None = None, pre: bool = False
+) -> list[PredictionGroup]:
+    """The final layer, `num_aux_layers` auxiliary layers, the first layer's plain prediction (`pre`,
+    D-FINE) and the encoder proposals: `proposals` is None (none), "agnostic" (class-agnostic, two-stage
+    Deformable DETR) or "classes" (DINO)."""
     groups = [PredictionGroup("main", (), "", log=True)]
     groups += [PredictionGroup("aux", ("aux_outputs", i), f"_{i}") for i in range(num_aux_layers)]
+    if pre:
+        groups.append(PredictionGroup("pre", ("pre_outputs",), "_pre"))
     if proposals is not None:
         if proposals not in ("agnostic", "classes"):
             raise ValueError(f"proposals must be None, 'agnostic' or 'classes', got {proposals!r}")
@@ -73,11 +82,14 @@ def main_groups(num_aux_layers: int, *, proposals: str | None = None) -> list[Pr
     return groups
 
 
-def denoising_groups(num_aux_layers: int) -> list[PredictionGroup]:
-    """The denoising queries' final layer (`_dn`) and auxiliary layers (`_dn_i`)."""
+def denoising_groups(num_aux_layers: int, *, pre: bool = False) -> list[PredictionGroup]:
+    """The denoising queries' final layer (`_dn`), auxiliary layers (`_dn_i`) and, with `pre`, the
+    first layer's plain prediction (`_dn_pre`)."""
     groups = [PredictionGroup("dn", ("dn_outputs",), "_dn", matching="denoising")]
     groups += [
         PredictionGroup("dn", ("dn_outputs", "aux_outputs", i), f"_dn_{i}", matching="denoising")
         for i in range(num_aux_layers)
     ]
+    if pre:
+        groups.append(PredictionGroup("pre", ("dn_pre_outputs",), "_dn_pre", matching="denoising"))
     return groups

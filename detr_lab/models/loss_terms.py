@@ -10,7 +10,8 @@ declared group is absent, e.g. denoising at evaluation), and the group kinds it 
 config selects terms by name (`loss.terms`); a new term is one function plus one table line.
 
 The formulas follow `SetCriterion` of the official DETR / Deformable DETR code (labels, boxes,
-cardinality) and DINO's logged L1 split (box_parts).
+cardinality), DINO's logged L1 split (box_parts), RT-DETR's varifocal loss (vfl), D-FINE's FGL and DDF
+(fgl, ddf) and DEIM's matchability-aware loss (mal).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from detr_lab.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from detr_lab.models.classification import Classification
 
 Indices = list[tuple[Tensor, Tensor]]
-GROUP_KINDS = ("main", "aux", "enc", "dn")
+GROUP_KINDS = ("main", "aux", "pre", "enc", "dn")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TermInputs:
     num_classes: int
     log: bool = False
     options: dict = field(default_factory=dict)  # the term's own options (`loss.term_options.<term>`)
+    # What the criterion knows across groups: with union matching, `union_pairs` (matched pairs of the
+    # union, this process) and `main_queries` (Q of the matching queries).
+    context: dict = field(default_factory=dict)
 
     def matched_queries(self) -> tuple[Tensor, Tensor]:
         """(batch index, query index) of every matched prediction, each int64 `[K]`."""
@@ -115,6 +119,110 @@ def varifocal_term(inputs: TermInputs) -> dict[str, Tensor]:
     return {"loss_vfl": loss.mean(1).sum() * logits.shape[1] / inputs.num_boxes}
 
 
+def matchability_term(inputs: TermInputs) -> dict[str, Tensor]:
+    """`loss_mal`, DEIM's matchability-aware loss (Huang et al. 2025, official `loss_labels_mal`):
+    binary cross-entropy of every (query, class) logit against the soft target `IoU^gamma` (the IoU of
+    a matched query's box with its target, detached, for the target class; 0 elsewhere), weighted by
+    `alpha * sigmoid(logit)^gamma` where the class is not the target and by 1 where it is; mean over
+    queries, summed, times Q / num_boxes. Sigmoid classification only.
+    Options: `gamma` (official 1.5), `alpha` (official None: no factor on the negatives)."""
+    logits = inputs.predictions["pred_logits"]  # (B, Q, C)
+    matched = inputs.matched_queries()
+    pred_boxes = inputs.predictions["pred_boxes"][matched]
+    target_boxes = inputs.matched_targets("boxes").to(pred_boxes)
+    ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0]).detach()
+    target_classes = torch.full(logits.shape[:2], inputs.num_classes, dtype=torch.int64, device=logits.device)
+    target_classes[matched] = inputs.matched_targets("labels").to(logits.device)
+    one_hot = F.one_hot(target_classes, inputs.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, C)
+    score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+    score[matched] = ious.to(logits.dtype)
+    gamma, alpha = inputs.options.get("gamma", 1.5), inputs.options.get("alpha")
+    target = (score[..., None] * one_hot).pow(gamma)
+    negatives = logits.sigmoid().detach().pow(gamma) * (1 - one_hot)
+    weight = (negatives if alpha is None else alpha * negatives) + one_hot
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    return {"loss_mal": loss.mean(1).sum() * logits.shape[1] / inputs.num_boxes}
+
+
+def fine_grained_localization_term(inputs: TermInputs) -> dict[str, Tensor]:
+    """`loss_fgl`, D-FINE's fine-grained localization loss (official `loss_local`, FGL): for every
+    matched query and edge, the cross-entropy of its edge distribution (`pred_corners`) against the two
+    bins around the target offset (`box_to_distance` from the detached `ref_points`), weighted by their
+    interpolation weights and by the IoU of the predicted box with its target (detached); summed over
+    the pairs and divided by `num_boxes`.
+    Options (filled from `model.distribution`): `reg_max`, `reg_scale`, `up`."""
+    from detr_lab.models.distribution import box_to_distance
+
+    predictions, options = inputs.predictions, inputs.options
+    reg_max = int(options["reg_max"])
+    matched = inputs.matched_queries()
+    target_boxes = inputs.matched_targets("boxes").to(predictions["pred_boxes"])
+    corners = predictions["pred_corners"][matched].reshape(-1, reg_max + 1)  # (4K, reg_max + 1)
+    reference = predictions["ref_points"][matched].detach()
+    bins, weight_right, weight_left = box_to_distance(
+        reference, cxcywh_to_xyxy(target_boxes), reg_max, options["reg_scale"], options["up"]
+    )
+    pred_boxes = predictions["pred_boxes"][matched]
+    ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0])
+    weight = ious.detach().repeat_interleave(4)  # (4K,)
+    left = bins.long()
+    loss = F.cross_entropy(corners, left, reduction="none") * weight_left + F.cross_entropy(
+        corners, left + 1, reduction="none"
+    ) * weight_right
+    return {"loss_fgl": (loss * weight).sum() / inputs.num_boxes}
+
+
+def decoupled_distillation_term(inputs: TermInputs) -> dict[str, Tensor]:
+    """`loss_ddf`, D-FINE's decoupled distillation focal loss (GO-LSD, official `loss_local`): the
+    final layer's edge distributions (`teacher_corners`, detached) teach an earlier layer's.
+
+    Per query and edge, `T^2 * KL(softmax(teacher / T) || softmax(pred / T))` (T = 5), weighted by the
+    IoU of the layer's box with its target for matched queries and by the teacher's highest class
+    probability for the others (detached); the matched and unmatched means are averaged with weights
+    `sqrt(count * 8 / B)` each. Zero for a group without a teacher (the final layer) or whose
+    distributions equal the teacher's. Options: `temperature` (5).
+    """
+    predictions = inputs.predictions
+    corners = predictions["pred_corners"]
+    if "teacher_corners" not in predictions:
+        return {"loss_ddf": corners.sum() * 0.0}
+    batch, queries = corners.shape[:2]
+    bins = corners.shape[-1] // 4
+    pred = corners.reshape(-1, bins)
+    teacher = predictions["teacher_corners"].reshape(-1, bins)
+    if torch.equal(pred, teacher):
+        return {"loss_ddf": pred.sum() * 0.0}
+    matched = inputs.matched_queries()
+    target_boxes = inputs.matched_targets("boxes").to(predictions["pred_boxes"])
+    pred_boxes = predictions["pred_boxes"][matched]
+    ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0])
+    weight = predictions["teacher_logits"].detach().sigmoid().max(-1).values  # (B, Q)
+    weight[matched] = ious.to(weight.dtype)
+    weight = weight.detach().repeat_interleave(4, dim=-1).reshape(-1)  # (B * Q * 4,)
+    mask = torch.zeros(batch, queries, dtype=torch.bool, device=corners.device)
+    mask[matched] = True
+    mask = mask.repeat_interleave(4, dim=-1).reshape(-1)
+    temperature = float(inputs.options.get("temperature", 5.0))
+    divergence = F.kl_div(
+        F.log_softmax(pred / temperature, dim=1),
+        F.softmax(teacher.detach() / temperature, dim=1),
+        reduction="none",
+    ).sum(-1)
+    loss = weight * temperature**2 * divergence  # (B * Q * 4,)
+    # The balance of matched and unmatched (official: counted on the matching queries' union
+    # matching, also for the denoising groups; 8 / B keeps it independent of the batch per device).
+    scale = 8 / batch
+    if "union_pairs" in inputs.context:
+        positives = 4 * inputs.context["union_pairs"]
+        negatives = 4 * batch * inputs.context["main_queries"] - positives
+    else:
+        positives, negatives = int(mask.sum()), int(mask.numel() - mask.sum())
+    num_pos, num_neg = (positives * scale) ** 0.5, (negatives * scale) ** 0.5
+    matched_mean = loss[mask].mean() if mask.any() else loss.sum() * 0.0
+    other_mean = loss[~mask].mean() if (~mask).any() else loss.sum() * 0.0
+    return {"loss_ddf": (matched_mean * num_pos + other_mean * num_neg) / (num_pos + num_neg)}
+
+
 @torch.no_grad()
 def box_parts_term(inputs: TermInputs) -> dict[str, Tensor]:
     """Logged only: the L1 of the matched boxes split into centre (`loss_xy`) and size (`loss_hw`),
@@ -151,15 +259,37 @@ class LossTerm:
     weights: dict[str, float | str] = field(default_factory=dict)
     groups: tuple[str, ...] = GROUP_KINDS
     sigmoid_only: bool = False  # needs independent per-class logits (`model.classification: sigmoid`)
+    union: bool = False
+    distribution: bool = False
 
 
 LOSS_TERMS: dict[str, LossTerm] = {
     "labels": LossTerm(labels_term, ("loss_ce",), {"loss_ce": "class_weight"}),
     "boxes": LossTerm(
-        boxes_term, ("loss_bbox", "loss_giou"), {"loss_bbox": "bbox_weight", "loss_giou": "giou_weight"}
+        boxes_term,
+        ("loss_bbox", "loss_giou"),
+        {"loss_bbox": "bbox_weight", "loss_giou": "giou_weight"},
+        union=True,
     ),
     "box_parts": LossTerm(box_parts_term, ("loss_xy", "loss_hw")),
     "vfl": LossTerm(varifocal_term, ("loss_vfl",), {"loss_vfl": 1.0}, sigmoid_only=True),
+    "mal": LossTerm(matchability_term, ("loss_mal",), {"loss_mal": 1.0}, sigmoid_only=True),
+    "fgl": LossTerm(
+        fine_grained_localization_term,
+        ("loss_fgl",),
+        {"loss_fgl": 0.15},
+        groups=("main", "aux", "dn"),
+        union=True,
+        distribution=True,
+    ),
+    "ddf": LossTerm(
+        decoupled_distillation_term,
+        ("loss_ddf",),
+        {"loss_ddf": 1.5},
+        groups=("aux", "dn"),
+        union=True,
+        distribution=True,
+    ),
     "cardinality": LossTerm(cardinality_term, ("cardinality_error",)),
 }
 DEFAULT_TERMS = ("labels", "cardinality", "boxes")

@@ -15,23 +15,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.activations import activation_function
 from detr_lab.models.backbones.base import valid_extent
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP `linear2(dropout(relu(linear1(x))))`: `[..., d]` -> `[..., d]`."""
+    """Position-wise MLP `linear2(dropout(act(linear1(x))))`: `[..., d]` -> `[..., d]`; `act` ReLU, or
+    another name of `detr_lab.models.activations.ACTIVATIONS` (DEIM: silu)."""
 
-    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1) -> None:
+    def __init__(
+        self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1, activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(embed_dim, ffn_dim)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.act = activation_function(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(self.act(self.linear1(x))))
 
 
 class EncoderLayer(nn.Module):
@@ -84,6 +88,33 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.ffn_dropout(self.ffn(x)))
 
 
+class GatedFusion(nn.Module):
+    """D-FINE's gate (the official `Gate`), replacing the residual + norm after the cross-attention.
+
+    `norm(g1 * x + g2 * y)` with `(g1, g2) = sigmoid(linear([x, y]))` split in halves, so the layer
+    chooses per channel how much of the attended memory `y` to take into the queries `x`. It starts at
+    g1 = g2 = 0.5 (zero weights, bias logit(0.5) = 0).
+
+    Args:
+        embed_dim: d; the gate's linear layer maps 2d -> 2d.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(2 * embed_dim, 2 * embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """`x`, `y` `[..., d]` -> `[..., d]`."""
+        first, second = self.gate(torch.cat((x, y), dim=-1)).sigmoid().chunk(2, dim=-1)
+        return self.norm(first * x + second * y)
+
+
 class DecoderLayer(nn.Module):
     """Query self-attention, cross-attention to the encoder memory, feed-forward (each post-norm).
 
@@ -93,6 +124,9 @@ class DecoderLayer(nn.Module):
             around each query's reference points for Deformable DETR).
         embed_dim: token width d. ffn_dim: hidden width of the feed-forward block.
         dropout: on the residual branches and inside the feed-forward block.
+        gate: fuse the cross-attention's result into the queries with D-FINE's `GatedFusion` instead
+            of the residual and `cross_attn_norm`.
+        activation: the feed-forward block's ("relu"; DEIM "silu").
     """
 
     def __init__(
@@ -103,6 +137,8 @@ class DecoderLayer(nn.Module):
         embed_dim: int,
         ffn_dim: int,
         dropout: float = 0.1,
+        gate: bool = False,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.self_attn = self_attn
@@ -110,8 +146,9 @@ class DecoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(embed_dim)
         self.cross_attn = cross_attn
         self.cross_attn_dropout = nn.Dropout(dropout)
-        self.cross_attn_norm = nn.LayerNorm(embed_dim)
-        self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout)
+        self.cross_attn_norm = None if gate else nn.LayerNorm(embed_dim)
+        self.cross_attn_gate = GatedFusion(embed_dim) if gate else None
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout, activation=activation)
         self.ffn_dropout = nn.Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(embed_dim)
 
@@ -151,7 +188,10 @@ class DecoderLayer(nn.Module):
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
         )
-        queries = self.cross_attn_norm(queries + self.cross_attn_dropout(attended))
+        if self.cross_attn_gate is not None:
+            queries = self.cross_attn_gate(queries, self.cross_attn_dropout(attended))
+        else:
+            queries = self.cross_attn_norm(queries + self.cross_attn_dropout(attended))
         return self.ffn_norm(queries + self.ffn_dropout(self.ffn(queries)))
 
 
@@ -203,10 +243,13 @@ class DecoderOutput:
     unpadded extent (with box refinement, points become boxes after the first layer); None when the
     decoder ran without reference points. With look-forward-twice, the references of layers after
     the first carry the gradient of the previous layer's refinement (the values are the same).
+    refinement: with a refiner (D-FINE), its state: per layer `boxes` `[B, Q, 4]` and `corners`
+    `[B, Q, 4 * (reg_max + 1)]`, the first layer's `pre_boxes` and the `initial` boxes `[B, Q, 4]`.
     """
 
     hidden: Tensor
     references: list[Tensor] | None = None
+    refinement: dict | None = None  # a refiner's state (`DistributionRefinement.step`)
 
 
 class Decoder(nn.Module):
@@ -254,6 +297,8 @@ class Decoder(nn.Module):
         look_forward_twice: bool = False,
         logit_eps: float = 1e-5,
         num_layers: int | None = None,
+        refiner: nn.Module | None = None,
+        query_pos_clamp: float | None = None,
         **kwargs,
     ) -> DecoderOutput:
         """Queries `[B, Q, d]` through every layer.
@@ -273,6 +318,11 @@ class Decoder(nn.Module):
             logit_eps: clamp of the logit in the box refinement (Deformable DETR 1e-5, DINO 1e-3).
             num_layers: run only the first `num_layers` layers (None: all; RT-DETR-R50-m evaluates
                 with 3 of its 6, the official `eval_idx`).
+            refiner: D-FINE's `DistributionRefinement` in place of `box_heads`: after every layer its
+                `step` turns the layer's queries into the next layer's reference boxes (needs `[B, Q, 4]`
+                reference boxes); its state is returned as `DecoderOutput.refinement`.
+            query_pos_clamp: clamp every layer's query positions from `query_pos_head` to
+                `[-clamp, clamp]` (D-FINE: 10); None leaves them.
             kwargs: passed to every `DecoderLayer.forward` (`memory_padding_mask`, `spatial_shapes`,
                 `level_start_index`).
         Raises:
@@ -291,6 +341,11 @@ class Decoder(nn.Module):
             )
         if reference_points is not None and valid_ratios is None:
             raise ValueError("reference points need the valid ratios of the feature levels")
+        if refiner is not None and (
+            box_heads is not None or reference_points is None or reference_points.shape[-1] != 4
+        ):
+            raise ValueError("a refiner needs [B, Q, 4] reference boxes and replaces the box heads")
+        state = refiner.begin() if refiner is not None else None
         if self_attn_mask is not None:
             kwargs["self_attn_mask"] = self_attn_mask
         outputs, references = [], []
@@ -302,13 +357,18 @@ class Decoder(nn.Module):
                 level_points = self.level_reference_points(reference_points, valid_ratios)
             if query_pos_head is not None:
                 query_pos = query_pos_head(level_points[:, :, 0])  # boxes scaled to the first level
+                if query_pos_clamp is not None:
+                    query_pos = query_pos.clamp(-query_pos_clamp, query_pos_clamp)
             queries = layer(queries, query_pos, memory, memory_pos, reference_points=level_points, **kwargs)
             outputs.append(self.norm(queries) if self.norm is not None else queries)
-            if box_heads is not None:
+            if refiner is not None:
+                reference_points = refiner.step(index, outputs[-1], reference_points, state)
+                returned_reference = reference_points
+            elif box_heads is not None:
                 refined = refine_boxes(box_heads[index](queries), reference_points, eps=logit_eps)
                 reference_points = refined.detach()
                 returned_reference = refined if look_forward_twice else reference_points
-        return DecoderOutput(torch.stack(outputs), references if references else None)
+        return DecoderOutput(torch.stack(outputs), references if references else None, state)
 
 
 @dataclass
@@ -445,6 +505,9 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(param)
         for module in self.attention_modules():
             if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, GatedFusion):  # D-FINE's gates start as an even mix
                 module.reset_parameters()
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)

@@ -71,14 +71,14 @@ ATTENTION_SPECS: dict[str, AttentionSpec] = {
         final_decoder_norm=False,
     ),
     # RT-DETRv2's: per-level sampling points (`model.decoder.level_points`) and the discrete
-    # sampling method (`model.decoder.sampling`).
+    # sampling method (`model.decoder.sampling`); D-FINE's without projections (`model.decoder.projections`).
     "deformable_v2": AttentionSpec(
         "detr_lab.models.attention.deformable_v2:build",
         sites=("encoder", "decoder"),
         reference_points=True,
         multiscale_inputs=True,
         final_decoder_norm=False,
-        decoder_options=("level_points", "sampling"),
+        decoder_options=("level_points", "sampling", "projections"),
     ),
     "act": AttentionSpec("detr_lab.models.attention.clustering:build", sites=("encoder",)),
 }

@@ -48,6 +48,8 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         num_points: sampling points per head, one number for every level or one per level.
         sampling: "default" (bilinear) or "discrete" (nearest value, frozen offsets).
         offset_scale: the scale of offsets around reference boxes (official 0.5).
+        projections: the value and output projections (`value_proj`, `output_proj`); False makes both
+            the identity, as D-FINE's attention (Peterande/D-FINE `dfine_decoder.py`), which has none.
         dropout: accepted for the uniform constructor and ignored (no dropout in the official module).
         core_impl: the bilinear core ("auto", "reference", "cpu_fast", "triton", "gather").
 
@@ -65,6 +67,7 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         *,
         sampling: str = "default",
         offset_scale: float = 0.5,
+        projections: bool = True,
         dropout: float = 0.0,
         core_impl: str = "auto",
     ) -> None:
@@ -102,8 +105,9 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
         self.register_buffer("point_slots", torch.tensor(slots), persistent=False)
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * self.total_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * self.total_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.projections = projections
+        self.value_proj = nn.Linear(embed_dim, embed_dim) if projections else nn.Identity()
+        self.output_proj = nn.Linear(embed_dim, embed_dim) if projections else nn.Identity()
         self.reset_parameters()
         if sampling == "discrete":
             self.sampling_offsets.requires_grad_(False)
@@ -121,10 +125,11 @@ class MultiScaleDeformableAttentionV2(MultiScaleDeformableAttention):
             self.sampling_offsets.bias.copy_(grid.reshape(-1))
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.zeros_(self.value_proj.bias)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.zeros_(self.output_proj.bias)
+        if self.projections:
+            nn.init.xavier_uniform_(self.value_proj.weight)
+            nn.init.zeros_(self.value_proj.bias)
+            nn.init.xavier_uniform_(self.output_proj.weight)
+            nn.init.zeros_(self.output_proj.bias)
 
     def point_locations(self, offsets: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
         """Normalized (x, y) locations `[B, Lq, heads, total, 2]` of every point.
@@ -225,11 +230,13 @@ def build(
     num_points: int,
     level_points: Sequence[int] | None = None,
     sampling: str = "default",
+    projections: bool = True,
     **_,
 ) -> MultiScaleDeformableAttentionV2:
     """The "deformable_v2" variant: `level_points` (one count per level) when given, else `num_points`
-    on every level; `sampling` "default" or "discrete"."""
+    on every level; `sampling` "default" or "discrete"; `projections` False: no value and output
+    projections (D-FINE)."""
     points = list(level_points) if level_points else num_points
     return MultiScaleDeformableAttentionV2(
-        embed_dim, num_levels, num_heads, points, sampling=sampling, dropout=dropout
+        embed_dim, num_levels, num_heads, points, sampling=sampling, projections=projections, dropout=dropout
     )

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.activations import activation_function
 from detr_lab.models.position import sine_embedding
 
 
@@ -44,21 +44,23 @@ class AnchorPositionHead(nn.Module):
 
     Args:
         embed_dim: model width d (divisible by 4).
+        activation: between the layers ("relu").
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, *, activation: str = "relu") -> None:
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"anchor position embeddings need a width divisible by 4, got {embed_dim}")
         self.embed_dim = embed_dim
         self.layers = nn.ModuleList((nn.Linear(2 * embed_dim, embed_dim), nn.Linear(embed_dim, embed_dim)))
+        self.act = activation_function(activation)
         for layer in self.layers:
             nn.init.xavier_uniform_(layer.weight)
 
     def forward(self, boxes: Tensor) -> Tensor:
         """`[B, Q, 4]` normalized cxcywh (the decoder passes them scaled to level 0) -> `[B, Q, d]`."""
         x = box_sine_embedding(boxes, self.embed_dim // 2)
-        return self.layers[1](F.relu(self.layers[0](x)))
+        return self.layers[1](self.act(self.layers[0](x)))
 
 
 class BoxPositionHead(nn.Module):
@@ -69,18 +71,20 @@ class BoxPositionHead(nn.Module):
 
     Args:
         embed_dim: model width d.
+        activation: between the layers ("relu"; DEIM "silu").
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, *, activation: str = "relu") -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.layers = nn.ModuleList((nn.Linear(4, 2 * embed_dim), nn.Linear(2 * embed_dim, embed_dim)))
+        self.act = activation_function(activation)
         for layer in self.layers:
             nn.init.xavier_uniform_(layer.weight)
 
     def forward(self, boxes: Tensor) -> Tensor:
         """`[B, Q, 4]` normalized cxcywh -> `[B, Q, d]`."""
-        return self.layers[1](F.relu(self.layers[0](boxes)))
+        return self.layers[1](self.act(self.layers[0](boxes)))
 
 
 # QuerySourceSpec.position_head -> the head's class (built with the model width d).
