@@ -11,7 +11,8 @@ and the 1x1 kernel, zero-padded to 3x3 at the centre, adds to the 3x3 one (Ding 
 "RepVGG"; the official RT-DETR `RepVggBlock.convert_to_deploy` does the same before its ONNX export).
 The graph then runs one convolution instead of two and no sum; the outputs change by float rounding
 only (the folding is computed in float64). Only for models that are run, never trained: `export_onnx`
-rewrites its own eval-mode copy.
+rewrites its own eval-mode copy. D-FINE's encoder (`detr_lab.models.necks.dfine_encoder`) uses the same
+`RepVggBlock` for the official `VGGBlock` inside its RepNCSPELAN4 fusion blocks, so they fuse alike.
 """
 
 from __future__ import annotations

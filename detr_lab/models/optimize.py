@@ -8,9 +8,10 @@ What `optimize_for_inference` does, in place:
   (`fold_frozen_batch_norms`). A frozen batch norm is a fixed per-channel affine map
   `x * scale + shift`; folded, the convolution computes `conv(x, W * scale) + (b * scale + shift)`
   and the two full passes over each feature map (multiply, add) disappear. The same for the
-  conv-norm units of RT-DETR's ResNet-vd and hybrid encoder (`fold_conv_norm_units`; batch norm at
-  its running statistics, as in eval mode), after each RepVGG block of the hybrid encoder became one
-  3x3 convolution (`detr_lab.models.fusion.fuse_repvgg_blocks`).
+  conv-norm units of RT-DETR's ResNet-vd and hybrid encoder, D-FINE's encoder included (its
+  RepNCSPELAN4 and depthwise SCDown convolutions) (`fold_conv_norm_units`; batch norm at its running
+  statistics, as in eval mode), after each RepVGG block of the hybrid encoder became one 3x3
+  convolution (`detr_lab.models.fusion.fuse_repvgg_blocks`).
 - Stores every 4-D weight (the convolutions) channels-last (`torch.channels_last`). A convolution
   with a channels-last weight returns a channels-last map, so the whole backbone then runs in
   oneDNN's (CPU) / cuDNN's (GPU) preferred NHWC layout without reorders between layers, and the

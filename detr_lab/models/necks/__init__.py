@@ -18,6 +18,8 @@ in `NECKS` naming its builder as "module:function"; the builder takes keyword ar
   ViT's single map, then the projections (option `channels`, 256).
 - "hybrid_encoder" (`hybrid_encoder.HybridEncoder`): RT-DETR's AIFI + CCFM over the backbone levels
   (options: `expansion`, `depth_mult`, `num_encoder_layers`, `ffn_dim`, `num_heads`, ...).
+- "dfine_hybrid_encoder" (`dfine_encoder.DFineHybridEncoder`): D-FINE's variant of it (RepNCSPELAN4
+  fusion blocks, SCDown downsampling, linear lateral convs); the same options.
 
 This module is pure data (no torch import), read by `detr_lab.config`.
 """
@@ -28,4 +30,5 @@ NECKS: dict[str, str] = {
     "projection": "detr_lab.models.necks.projection:build",
     "simple_pyramid": "detr_lab.models.necks.simple_pyramid:build",
     "hybrid_encoder": "detr_lab.models.necks.hybrid_encoder:HybridEncoder",
+    "dfine_hybrid_encoder": "detr_lab.models.necks.dfine_encoder:DFineHybridEncoder",
 }

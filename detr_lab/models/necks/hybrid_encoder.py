@@ -49,11 +49,14 @@ def activation(name: str | None) -> nn.Module:
 
 class ConvNormAct(nn.Module):
     """Conv (no bias) -> BatchNorm -> activation, 'same' padding: `[B, C_in, H, W]` ->
-    `[B, C_out, H/s, W/s]` for stride s."""
+    `[B, C_out, ceil(H/s), ceil(W/s)]` for stride s (odd kernels); `groups` as `nn.Conv2d`'s."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, act: str | None) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, stride: int, act: str | None, groups: int = 1
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=(kernel - 1) // 2, bias=False)
+        padding = (kernel - 1) // 2
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=padding, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(c_out)
         self.act = activation(act)
 
@@ -169,7 +172,9 @@ class HybridEncoder(nn.Module):
         class is its own builder in `NECKS`, and its keyword options are `model.neck.options`.
 
     Attributes: `input_proj`, `encoder`, `lateral_convs`, `fpn_blocks`, `downsample_convs`,
-    `pan_blocks` (the official names), and `output_proj` (None without it).
+    `pan_blocks` (the official names), and `output_proj` (None without it). The fusion parts come from
+    `lateral_conv`, `fusion_block` and `downsample_conv` (w: the encoder width), which a variant
+    overrides (D-FINE's: `dfine_encoder.DFineHybridEncoder`).
 
     A deeper map is upsampled to the size of the next shallower one (the official 2x upsampling when
     the input size is a multiple of the deepest stride; other sizes, which the official module
@@ -215,25 +220,31 @@ class HybridEncoder(nn.Module):
         )
         layer = AIFILayer(width, num_heads, ffn_dim, dropout, enc_act)
         self.encoder = nn.ModuleList(AIFI(layer, num_encoder_layers) for _ in self.encoder_levels)
-        blocks = round(3 * depth_mult)
-        self.lateral_convs = nn.ModuleList(
-            ConvNormAct(width, width, 1, 1, act) for _ in range(levels - 1)
-        )
-        self.fpn_blocks = nn.ModuleList(
-            CSPRepBlock(2 * width, width, blocks, expansion, act) for _ in range(levels - 1)
-        )
-        self.downsample_convs = nn.ModuleList(
-            ConvNormAct(width, width, 3, 2, act) for _ in range(levels - 1)
-        )
-        self.pan_blocks = nn.ModuleList(
-            CSPRepBlock(2 * width, width, blocks, expansion, act) for _ in range(levels - 1)
-        )
+        steps = range(levels - 1)
+        self.lateral_convs = nn.ModuleList(self.lateral_conv(act) for _ in steps)
+        self.fpn_blocks = nn.ModuleList(self.fusion_block(expansion, depth_mult, act) for _ in steps)
+        self.downsample_convs = nn.ModuleList(self.downsample_conv(act) for _ in steps)
+        self.pan_blocks = nn.ModuleList(self.fusion_block(expansion, depth_mult, act) for _ in steps)
         self.output_proj = None
         if output_proj:
             projections = (ConvNormAct(width, hidden_dim, 1, 1, None) for _ in in_channels)
             self.output_proj = nn.ModuleList(projections)
             for proj in self.output_proj:
                 nn.init.xavier_uniform_(proj.conv.weight)
+
+    # The CCFM parts, one call per fusion step (a variant overrides them: D-FINE's encoder).
+    def lateral_conv(self, act: str) -> nn.Module:
+        """The 1x1 conv-norm-act on a deeper map before it is upsampled: `[B, w, H, W]` -> same."""
+        return ConvNormAct(self.width, self.width, 1, 1, act)
+
+    def fusion_block(self, expansion: float, depth_mult: float, act: str) -> nn.Module:
+        """A CSP block of round(3 x depth_mult) RepVGG blocks: `[B, 2w, H, W]` -> `[B, w, H, W]`."""
+        return CSPRepBlock(2 * self.width, self.width, round(3 * depth_mult), expansion, act)
+
+    def downsample_conv(self, act: str) -> nn.Module:
+        """The 3x3 stride-2 conv-norm-act of the bottom-up pass: `[B, w, H, W]` -> `[B, w, ceil(H/2),
+        ceil(W/2)]`."""
+        return ConvNormAct(self.width, self.width, 3, 2, act)
 
     @property
     def num_levels(self) -> int:
