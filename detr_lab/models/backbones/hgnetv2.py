@@ -2,15 +2,16 @@
 
 The network is timm's HGNetv2, which computes exactly what the official D-FINE `HGNetv2`
 (Peterande/D-FINE, src/nn/backbone/hgnetv2.py, after PaddleDetection's PP-HGNetv2) computes and
-names its modules alike (see `hgnetv2_keys`): a stem of stride 4 (3x3 stride-2 conv; a branch of two
-2x2 convs beside a 2x2 stride-1 max pool, both on the map zero-padded by one pixel right and bottom;
-their concatenation through a 3x3 stride-2 and a 1x1 conv), then four stages of HG blocks. Stage 0
-keeps stride 4; stages 1..3 start with a 3x3 stride-2 depthwise conv (strides 8, 16, 32). An HG
-block runs 3..6 convs in a chain (stages 2 and 3: "light" 1x1 + depthwise 5x5 pairs), concatenates
-its input with every conv's output and aggregates them with two 1x1 convs (squeeze to half the
-output width, then expand); every block after a stage's first adds its input back. Each conv is
-followed by batch norm and, where it has an activation, ReLU and optionally a learnable affine
-block (`lab`: one scale and one bias, `scale * x + bias`).
+names its modules alike (see `hgnetv2_keys`): a stem of stride 4 (a 3x3 stride-2 conv; then a branch
+of two 2x2 convs, each on its input zero-padded by one pixel right and bottom, beside a 2x2 stride-1
+max pool of the first padded map; their concatenation through a 3x3 stride-2 and a 1x1 conv), then
+four stages of HG blocks. Stage 0 keeps stride 4; stages 1..3 start with a 3x3 stride-2 depthwise
+conv and batch norm, no activation (strides 8, 16, 32). An HG block runs 3..6 convs in a chain
+(stages 2 and 3: "light" 1x1 + depthwise 5x5 pairs), concatenates its input with every conv's output
+and aggregates them with two 1x1 convs (squeeze to half the output width, then expand); every block
+after a stage's first adds its input back. Each conv is followed by batch norm and, where it has an
+activation, ReLU and optionally a learnable affine block (`lab`: one scale and one bias,
+`scale * x + bias`).
 
 Official options and their detr_lab names: `name: B0`..`B6` -> `name: hgnetv2_b0`..`hgnetv2_b6`;
 `return_idx` (stage indices) -> `strides` (stride of stage i = 4 * 2**i); `use_lab` -> `use_lab`;
