@@ -61,12 +61,16 @@ def _non_negative(default: Any) -> Any:
 # ResNet depths of the "resnet" (torchvision) and "resnet_vd" (RT-DETR's ResNet-vd) backbone types.
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 RESNET_TYPES = ("resnet", "resnet_vd")
+# Variants of the "hgnetv2" backbone type (D-FINE's HGNetv2; the backbone's own list is
+# detr_lab.models.backbones.hgnetv2_keys.HGNETV2_NAMES, which tests keep equal to this one).
+HGNETV2_NAMES = tuple(f"hgnetv2_b{index}" for index in range(7))
 # Options of some backbone types only: key -> types. A key set for another type is an error.
 BACKBONE_KEY_TYPES = {
     "dilation": ("resnet",),
-    "frozen_stages": RESNET_TYPES,
-    "norm": RESNET_TYPES,
-    "freeze_stem": ("resnet_vd",),
+    "frozen_stages": (*RESNET_TYPES, "hgnetv2"),
+    "norm": (*RESNET_TYPES, "hgnetv2"),
+    "freeze_stem": ("resnet_vd", "hgnetv2"),
+    "use_lab": ("hgnetv2",),
 }
 
 
@@ -76,22 +80,28 @@ class BackboneConfig:
     # (same names; deep stem, average-pool shortcuts; weights_path: the official key layout); timm: a
     # hierarchical timm model through
     # features_only (ConvNeXt, Swin, ...); vit: a plain timm ViT, its one map at the patch stride (ViTDet's
-    # simple feature pyramid is the neck `simple_pyramid`).
-    type: str = _choice("resnet", "resnet_vd", "timm", "vit", default="resnet")
-    name: str = "resnet50"  # resnet: one of RESNET_NAMES; timm / vit: a timm model name
+    # simple feature pyramid is the neck `simple_pyramid`); hgnetv2: D-FINE's HGNetv2 (name hgnetv2_b0..b6;
+    # weights_path: the official PPHGNetV2_B*_stage1.pth layout or a timm checkpoint).
+    type: str = _choice("resnet", "resnet_vd", "timm", "vit", "hgnetv2", default="resnet")
+    # resnet, resnet_vd: one of RESNET_NAMES; hgnetv2: one of HGNETV2_NAMES; timm / vit: a timm model name
+    name: str = "resnet50"
     # ImageNet weights through the library's own mechanism: `pretrained: true` downloads (torchvision
     # or timm cache); `weights_path` loads a local torchvision / timm state dict and never downloads.
     pretrained: bool = False
     weights_path: str | None = None
     # timm / vit only: further timm.create_model arguments (e.g. drop_path_rate, or small widths).
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    # ResNet types only (null = the default in brackets; resnet_vd: [0] and [batch_norm]):
+    # ResNet types and hgnetv2 only (null = the default in brackets; resnet_vd and hgnetv2: [0] and
+    # [batch_norm]):
     dilation: bool | None = None  # resnet: [false] dilate the last stage ("DC5"): stride 16 instead of 32
     frozen_stages: int | None = field(default=None, metadata={"min": 0, "max": 4})  # [1] stem + layer1, DETR
     # [frozen_bn] fixed statistics (DETR, pretrained weights); batch_norm: trained, for from-scratch backbones
     norm: str | None = field(default=None, metadata={"choices": ("frozen_bn", "batch_norm")})
-    # resnet_vd: [false] freeze the stem even with frozen_stages 0 (RT-DETR-R50/R101's `freeze_at: 0`)
+    # resnet_vd, hgnetv2: [false] freeze the stem even with frozen_stages 0 (the official `freeze_at: 0`
+    # of RT-DETR-R50/R101 and, with freeze_stem_only, D-FINE-L/X)
     freeze_stem: bool | None = None
+    # hgnetv2: learnable affine blocks after the activations ([true] for b0..b3: D-FINE-N/S/M; [false] b4..b6)
+    use_lab: bool | None = None
 
 
 @dataclass
@@ -566,7 +576,9 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
             f"{where}: 'model.backbone.pretrained' is not available for resnet_vd; set "
             "'model.backbone.weights_path' to a local ResNet-vd state dict in the official key layout"
         )
-    if b.type in RESNET_TYPES:
+    if b.type == "hgnetv2":
+        _validate_hgnetv2(b, where)
+    elif b.type in RESNET_TYPES:
         if b.name not in RESNET_NAMES:
             close = difflib.get_close_matches(b.name, RESNET_NAMES, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -594,6 +606,28 @@ def _validate_backbone(b: BackboneConfig, where: str) -> None:
     if b.pretrained and b.weights_path is not None:
         raise ConfigError(
             f"{where}: set either 'model.backbone.pretrained' or 'model.backbone.weights_path', not both"
+        )
+
+
+def _validate_hgnetv2(b: BackboneConfig, where: str) -> None:
+    """A variant name, local weights only, no timm arguments."""
+    if b.name not in HGNETV2_NAMES:
+        # the official configs' spelling ('B4') or a near miss
+        wanted = f"hgnetv2_{b.name.lower()}" if re.fullmatch(r"[bB]\d", b.name) else b.name
+        close = difflib.get_close_matches(wanted, HGNETV2_NAMES, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{where}: 'model.backbone.name' is {b.name!r}; an hgnetv2 backbone is one of: "
+            f"{', '.join(HGNETV2_NAMES)}{hint}"
+        )
+    if b.pretrained:
+        raise ConfigError(
+            f"{where}: 'model.backbone.pretrained' is not available for hgnetv2; set "
+            "'model.backbone.weights_path' to a local PPHGNetV2_B*_stage1.pth or timm HGNetv2 checkpoint"
+        )
+    if b.timm_kwargs:
+        raise ConfigError(
+            f"{where}: 'model.backbone.timm_kwargs' applies to the timm and vit backbone types, not hgnetv2"
         )
 
 

@@ -27,6 +27,7 @@ from detr_lab.errors import InputError
 from detr_lab.models.attention import attention_spec, build_attention, needs_multiscale_inputs
 from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.backbones import Backbone, ResNetBackbone, TimmBackbone, ViTBackbone
+from detr_lab.models.backbones.hgnetv2 import HGNetv2Backbone
 from detr_lab.models.backbones.resnet_vd import ResNetVdBackbone
 from detr_lab.models.builders import import_builder
 from detr_lab.models.classification import Classification, classification_strategy
@@ -128,8 +129,23 @@ def _resnet_vd(b: BackboneConfig, num_levels: int) -> Backbone:
     )
 
 
+def _hgnetv2(b: BackboneConfig, num_levels: int) -> Backbone:
+    """HGNetv2 (D-FINE): the stages of `backbone_stages(num_levels)` (stage s at stride 4 * 2**(s-1):
+    2 levels -> strides 16, 32 as D-FINE-N; 3 -> 8, 16, 32); trained batch norm, nothing frozen and
+    the variant's own `use_lab` unless set."""
+    return HGNetv2Backbone(
+        b.name,
+        strides=[4 * 2 ** (s - 1) for s in backbone_stages(num_levels)],
+        use_lab=b.use_lab,
+        frozen_stages=b.frozen_stages or 0,
+        freeze_stem=bool(b.freeze_stem),
+        norm=b.norm or "batch_norm",
+        weights_path=b.weights_path,
+    )
+
+
 # model.backbone.type -> builder(backbone config, number of detector levels).
-BACKBONES = {"resnet": _resnet, "resnet_vd": _resnet_vd, "timm": _timm, "vit": _vit}
+BACKBONES = {"resnet": _resnet, "resnet_vd": _resnet_vd, "timm": _timm, "vit": _vit, "hgnetv2": _hgnetv2}
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:

@@ -139,7 +139,8 @@ def test_backbone_type_rules():
     with pytest.raises(ConfigError, match=r"'model\.backbone\.dilation' \(DC5\) needs a bottleneck"):
         load_config(overrides=["model.backbone.name=resnet18", "model.backbone.dilation=true"])
     with pytest.raises(
-        ConfigError, match=r"'model\.backbone\.type' is 'vgg'; expected one of: resnet, resnet_vd, timm, vit"
+        ConfigError,
+        match=r"'model\.backbone\.type' is 'vgg'; expected one of: resnet, resnet_vd, timm, vit, hgnetv2",
     ):
         load_config(overrides=["model.backbone.type=vgg"])
     with pytest.raises(

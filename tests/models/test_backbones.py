@@ -63,7 +63,8 @@ def test_registry_matches_the_config_choices():
     from detr_lab.config import BackboneConfig
 
     (type_field,) = [f for f in fields(BackboneConfig) if f.name == "type"]
-    assert set(BACKBONES) == set(type_field.metadata["choices"]) == {"resnet", "resnet_vd", "timm", "vit"}
+    expected = {"resnet", "resnet_vd", "timm", "vit", "hgnetv2"}
+    assert set(BACKBONES) == set(type_field.metadata["choices"]) == expected
 
 
 @pytest.mark.parametrize("levels", [1, 3, 4])

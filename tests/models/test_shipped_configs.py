@@ -23,6 +23,7 @@ SHRINK = [
 TINY_BACKBONES = {
     "resnet": ["model.backbone.name=resnet18"],
     "resnet_vd": ["model.backbone.name=resnet18"],
+    "hgnetv2": ["model.backbone.name=hgnetv2_b0"],
     "timm": ["model.backbone.timm_kwargs.dims=[8,16,32,64]", "model.backbone.timm_kwargs.depths=[1,1,1,1]",
              "model.backbone.name=convnext_atto"],  # fmt: skip
     "vit": ["model.backbone.name=vit_tiny_patch16_224", "model.backbone.timm_kwargs.embed_dim=32",
