@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detr_lab.checkpoints.dfine_encoder import dfine_encoder_options, dfine_encoder_state_dict
 from detr_lab.checkpoints.family import (
     KeyRule,
     OfficialFamily,
@@ -37,6 +38,7 @@ from detr_lab.checkpoints.family import (
 from detr_lab.checkpoints.rtdetr import infer_level_points, rtdetr_categories
 from detr_lab.config import Config, config_from_dict
 from detr_lab.io import CheckpointError
+from detr_lab.models.backbones.hgnetv2_keys import infer_hgnetv2, official_hgnetv2_state_dict
 
 FAMILY = "D-FINE"
 RECIPES = ("dfine", "deim")
@@ -114,10 +116,44 @@ def _scalar(state: Mapping[str, Tensor], key: str) -> float:
     return float(tensor.reshape(()).item())
 
 
+def _backbone(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """`model.backbone`: the HGNetv2 variant and `use_lab` its keys describe; frozen batch norm (no
+    `num_batches_tracked`: D-FINE-L/X, `freeze_norm: True`) with the stem frozen as those configs do
+    (`freeze_at: 0`, `freeze_stem_only: True`)."""
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    name, use_lab = infer_hgnetv2(backbone)
+    frozen = not any(k.endswith("num_batches_tracked") for k in backbone)
+    return {
+        "type": "hgnetv2",
+        "name": name,
+        "use_lab": use_lab,
+        "norm": "frozen_bn" if frozen else "batch_norm",
+        "frozen_stages": 0,
+        "freeze_stem": frozen,
+        "pretrained": False,
+        "weights_path": None,
+    }
+
+
+def _neck(state: Mapping[str, Tensor], num_heads: int, hidden_dim: int) -> dict[str, Any]:
+    """`model.neck`: D-FINE's encoder as its weights describe it; when its width differs from the
+    decoder's (D-FINE-X: 384 and 256) the decoder's input projections become the neck's `output_proj`."""
+    options = dfine_encoder_options(state, num_heads=num_heads)
+    del options["in_channels"]
+    width = options.pop("hidden_dim")
+    projected = "decoder.input_proj.0.conv.weight" in state or "decoder.input_proj.0.0.weight" in state
+    if not projected and width != hidden_dim:
+        raise CheckpointError(
+            f"official {FAMILY} checkpoint: a {width}-wide encoder feeds a {hidden_dim}-wide decoder "
+            "without input projections"
+        )
+    if projected:
+        options.update(output_proj=True, width=width)
+    return {"type": "dfine_hybrid_encoder", "options": options}
+
+
 def infer_dfine_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -> Config:
     """The `Config` an official D-FINE / DEIM state dict describes (see the module docstring)."""
-    from detr_lab.checkpoints.dfine_parts import backbone_config, neck_config
-
     recipe = overrides.get("recipe", "dfine")
     if recipe not in RECIPES:
         raise CheckpointError(f"recipe={recipe!r}: expected one of {RECIPES}")
@@ -183,8 +219,8 @@ def infer_dfine_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -
             "up": abs(_scalar(state, "decoder.up")),
             "quality": True,
         },
-        "backbone": backbone_config(state),
-        "neck": neck_config(state, num_heads),
+        "backbone": _backbone(state),
+        "neck": _neck(state, num_heads, hidden_dim),
         "encoder": {"num_layers": 0, "attention": "deformable"},
         "decoder": decoder,
     }
@@ -215,17 +251,19 @@ def dfine_loss(recipe: str = "dfine") -> dict[str, Any]:
 def prepare_dfine(state: dict[str, Tensor], cfg: Config, source: str) -> dict[str, Tensor]:
     """Map the backbone and encoder keys (their own conversions) and check that the decoder's aliases of
     `up` / `reg_scale` agree with the model's."""
-    from detr_lab.checkpoints.dfine_parts import backbone_state, neck_state
-
     for name in ("up", "reg_scale"):
         alias = state.get(f"decoder.decoder.{name}")
         if alias is not None and not torch.equal(alias, state[f"decoder.{name}"]):
             raise CheckpointError(f"{source}: 'decoder.decoder.{name}' differs from 'decoder.{name}'")
     rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "encoder."))}
-    backbone = backbone_state({k: v for k, v in state.items() if k.startswith("backbone.")}, source)
-    neck = neck_state({k: v for k, v in state.items() if k.startswith("encoder.")}, source)
-    mapped = {f"{_MAPPED}backbone.{k}": v for k, v in backbone.items()}
-    mapped.update({f"{_MAPPED}neck.{k}": v for k, v in neck.items()})
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    mapped = {f"{_MAPPED}backbone.{k}": v for k, v in official_hgnetv2_state_dict(backbone).items()}
+    # trainable batch norm keeps its step counters (the names are the official ones)
+    mapped.update(
+        {f"{_MAPPED}backbone.{k}": v for k, v in backbone.items() if k.endswith(".num_batches_tracked")}
+    )
+    neck = dfine_encoder_state_dict(state, source_prefix="encoder.", target_prefix=f"{_MAPPED}neck.")
+    mapped.update(neck)
     return {**mapped, **rest}
 
 
