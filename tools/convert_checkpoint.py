@@ -1,4 +1,4 @@
-"""Convert an official DETR, Deformable DETR, DINO or RT-DETR (v1, v2) checkpoint into a detr_lab checkpoint.
+"""Convert an official checkpoint (DETR, Deformable DETR, DINO, RT-DETR, D-FINE, DEIM) to detr_lab's.
 
     python tools/convert_checkpoint.py detr-r50-e632da11.pth detr_r50.pt
     python tools/convert_checkpoint.py detr-r101-dc5-a2e86def.pth detr_r101_dc5.pt --dilation
@@ -6,11 +6,14 @@
     python tools/convert_checkpoint.py checkpoint0011_4scale.pth dino_4scale_r50.pt
     python tools/convert_checkpoint.py rtdetrv2_r18vd_120e_coco_rerun_48.1.pth rtdetrv2_r18vd.pt
     python tools/convert_checkpoint.py rtdetrv2_r18vd_dsp_3x_coco.pth r18vd_dsp.pt --sampling discrete
+    python tools/convert_checkpoint.py dfine_n_coco.pth dfine_n.pt
+    python tools/convert_checkpoint.py deim_dfine_hgnetv2_n_coco_160e.pth deim_dfine_n.pt --recipe deim
 
 The architecture is read from the weights; pass what they cannot tell (--dilation for DC5 models,
 --num-heads when not 8, --num-queries for the proposal count of a two-stage Deformable DETR; for
 DINO it is checked against the weights; RT-DETR: the query count, default 300), --sampling discrete
-for RT-DETRv2's `_dsp` models and --eval-layers for the decoder layers RT-DETR runs in evaluation.
+for RT-DETRv2's `_dsp` models, --eval-layers for the decoder layers RT-DETR runs in evaluation, and
+--recipe deim for DEIM-D-FINE checkpoints (D-FINE's key layout; SiLU heads and the MAL loss).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="expected query count (checked against the weights); for a two-stage Deformable DETR "
         "the proposals kept (default 300)",
     )
+    parser.add_argument("--recipe", choices=("dfine", "deim"),
+                        help="D-FINE family: deim for DEIM-D-FINE checkpoints (SiLU heads, MAL loss), "
+                        "which the weights do not distinguish (default dfine)")
     parser.add_argument("--sampling", choices=("default", "discrete"),
                         help="RT-DETRv2: the decoder's sampling method (the _dsp models: discrete)")
     parser.add_argument("--eval-layers", type=int,
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["sampling"] = args.sampling
     if args.eval_layers is not None:
         overrides["eval_layers"] = args.eval_layers
+    if args.recipe is not None:
+        overrides["recipe"] = args.recipe
     try:
         path = convert_official_checkpoint(args.src, args.dst, **overrides)
     except Exception as err:
