@@ -344,6 +344,27 @@ class DataConfig:
 # ------------------------------------------------------------------------------------ optimization
 @dataclass
 class OptimConfig:
+    """AdamW rates per parameter group (`detr_lab.engine.optim`) and the LR schedule.
+
+    Every schedule scales each group's own rate (lr, lr_backbone, multipliers, no-decay groups) by one
+    common factor. `schedule`:
+    multistep (default): the rate drops by `lr_drop_factor` at each epoch of `lr_drop_epochs` (0-based).
+    With `warmup_steps` N > 0 it is first ramped up linearly over the first N optimizer steps, step s
+    (0-based) at min(1, (s + 1) / N) of the rate: RT-DETR / D-FINE's `LinearWarmup` (`warmup_duration`,
+    2000 in RT-DETRv2, 500 in D-FINE), and the LR is then set at every optimizer step instead of every
+    epoch; milestones stay plain epochs (the official loop delays them by epochs ending inside the warm-up).
+    flat_cosine: DEIM's `FlatCosineLRScheduler` (`lrsheduler: flatcosine`), set at every optimizer step:
+    a quadratic warm-up (s / N) ** 2 up to step N = `warmup_steps` (DEIM's `warmup_iter`; 0: none), the
+    full rate up to epoch `flat_epochs` (`flat_epoch`), a half cosine down to `min_lr_ratio` x the rate
+    (`lr_gamma`), and that rate for the last `no_aug_epochs` epochs (`no_aug_epoch`, DEIM's epochs without
+    strong augmentation); it does not read `lr_drop_epochs` / `lr_drop_factor`. The run's length is
+    `trainer.max_epochs` x the optimizer steps of an epoch (`trainer.accumulate_grad_batches` counted);
+    `trainer.max_steps` / `max_time_minutes` stop a run early without compressing the schedule. DEIM-D-FINE
+    L and X: `warmup_steps: 2000, flat_epochs: 29, no_aug_epochs: 8, min_lr_ratio: 0.5`, 58 epochs.
+    Formulas in `detr_lab.engine.optim`. A resumed run applies these values from the config at its
+    current step; `schedule` and warm-up on / off (multistep) cannot change at resume.
+    """
+
     lr: float = _positive(1e-4)
     lr_backbone: float = _non_negative(1e-5)
     weight_decay: float = _non_negative(1e-4)
@@ -354,6 +375,12 @@ class OptimConfig:
     lr_drop_epochs: list[int] = field(default_factory=lambda: [200])
     lr_drop_factor: float = _positive(0.1)
     clip_grad_norm: float = _non_negative(0.1)  # 0 disables clipping
+    schedule: str = _choice("multistep", "flat_cosine", default="multistep")
+    warmup_steps: int = _non_negative(0)  # optimizer steps; multistep: linear, flat_cosine: quadratic
+    # flat_cosine only (DEIM's flat_epoch, no_aug_epoch, lr_gamma); other values with multistep are errors.
+    flat_epochs: int = _non_negative(0)  # full rate up to this epoch (may exceed max_epochs: no decay)
+    no_aug_epochs: int = _non_negative(0)  # the last epochs at min_lr_ratio x the rate
+    min_lr_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
 
 
 @dataclass
@@ -675,11 +702,29 @@ def validate(cfg: Config, where: str = "config") -> Config:
         if value == 0:  # e.g. std: [0, 0, 0] meant as "no normalization": it would divide by zero
             raise ConfigError(f"{where}: 'data.augment.std[{i}]' is 0; use 1 for no scaling")
     _validate_rtdetr_augment(cfg.data.augment, where)
+    _validate_schedule(cfg.optim, cfg.trainer, where)
     devices = str(cfg.trainer.devices).strip()
     if not (devices == "auto" or re.fullmatch(r"\d+|\d+(\s*,\s*\d+)*\s*,?", devices)):
         raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
                           "such as '8' or a list such as '0,1'")
     return cfg
+
+
+def _validate_schedule(optim: OptimConfig, trainer: TrainerConfig, where: str) -> None:
+    """The flat-cosine keys set only with `optim.schedule: flat_cosine`, and a tail within the run."""
+    if optim.schedule != "flat_cosine":
+        defaults = OptimConfig()
+        for key in ("flat_epochs", "no_aug_epochs", "min_lr_ratio"):
+            if getattr(optim, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"{where}: 'optim.{key}' applies to 'optim.schedule: flat_cosine' only, not "
+                    f"'{optim.schedule}' (remove it or set it to {getattr(defaults, key)})"
+                )
+    elif optim.no_aug_epochs > trainer.max_epochs:
+        raise ConfigError(
+            f"{where}: 'optim.no_aug_epochs' ({optim.no_aug_epochs}) exceeds 'trainer.max_epochs' "
+            f"({trainer.max_epochs})"
+        )
 
 
 def _validate_decoder_options(m: ModelConfig, where: str) -> None:

@@ -28,7 +28,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from detr_lab.config import ConfigError
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
-from detr_lab.engine.optim import build_param_groups
+from detr_lab.engine.optim import (
+    FLAT_COSINE,
+    MULTISTEP,
+    StepSchedule,
+    StepwiseLR,
+    build_param_groups,
+    optimizer_steps_per_epoch,
+    saved_schedule_kind,
+    schedule_kind,
+)
 from detr_lab.errors import Interrupted
 
 
@@ -142,21 +151,41 @@ def _reopen_epoch_cut_by_max_steps(epochs: dict, batches: dict) -> None:
 
 
 class ConfiguredLearningRates(Callback):
-    """On a resumed run, apply the config's learning rates and LR drops over the restored optimizer state.
+    """On a resumed run, apply the config's learning rates and schedule over the restored optimizer state.
 
     Lightning restores the optimizer's and scheduler's saved hyper-parameters, which would silently
     override a changed `optim.lr`, `optim.lr_backbone`, `optim.lr_multipliers`, `optim.weight_decay`,
-    `optim.lr_drop_epochs` or `optim.lr_drop_factor` while config.yaml says they apply. Like the
-    official Deformable-DETR's `--override_resumed_lr_drop`, the scheduler keeps its epoch count and
-    takes the new base rates and milestones; each group's rate becomes
-    `base * lr_drop_factor ** (number of lr_drop_epochs <= scheduler epoch)` (MultiStepLR's rule).
-    Adam moments are kept. Raises ConfigError when the configured parameter groups do not match the
-    checkpoint's (e.g. a multiplier key added).
+    `optim.lr_drop_epochs`, `optim.lr_drop_factor` or the step-wise schedule's values (`warmup_steps`,
+    `flat_epochs`, `no_aug_epochs`, `min_lr_ratio`) while config.yaml says they apply. Like the official
+    Deformable-DETR's `--override_resumed_lr_drop`, the scheduler keeps its count (epochs, or optimizer
+    steps for a step-wise schedule) and takes the new base rates and schedule; each group's rate becomes
+    `base * factor(count)`: `lr_drop_factor ** (number of lr_drop_epochs <= scheduler epoch)`
+    (MultiStepLR's rule), or the `StepSchedule` at that step, bound to the trainer's epoch length and
+    `max_epochs`. Adam moments are kept. Raises ConfigError when the configured parameter groups do not
+    match the checkpoint's (e.g. a multiplier key added), or when the kind of schedule changed
+    (`optim.schedule`, or warm-up on / off for multistep: an epoch-stepped count cannot become a step
+    count), before anything is restored.
     """
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        saved = checkpoint.get("lr_schedulers") or []
+        if not saved:
+            return
+        was, now = saved_schedule_kind(saved[0]), schedule_kind(pl_module.cfg.optim)
+        if was == now:
+            return
+        optim = pl_module.cfg.optim
+        if FLAT_COSINE in (was, now):
+            key, value = "optim.schedule", optim.schedule
+            hint = f"set it back to {'flat_cosine' if was == FLAT_COSINE else 'multistep'}"
+        else:
+            key, value = "optim.warmup_steps", optim.warmup_steps
+            hint = ("set it to 0: the checkpoint's run had no warm-up" if was == MULTISTEP else
+                    "set it back to > 0 (a warm-up already passed no longer changes the rate)")
+        raise ConfigError(f"cannot resume with '{key}: {value}': the checkpoint's LR schedule is {was!r}, "
+                          f"the config's {now!r}, and the kind of schedule cannot change in a run; {hint}")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-
-
         optim = pl_module.cfg.optim
         groups = build_param_groups(pl_module.model, optim)
         wanted = {group["name"]: group["lr"] for group in groups}
@@ -167,19 +196,25 @@ class ConfiguredLearningRates(Callback):
         if sorted(map(str, names)) != sorted(wanted):
             raise ConfigError(f"cannot apply 'optim' to the resumed optimizer: its parameter groups are "
                               f"{names}, the config gives {sorted(wanted)}")
-        milestones = sorted(optim.lr_drop_epochs)
-        drops = optim.lr_drop_factor ** bisect_right(milestones, scheduler.last_epoch)
+        if isinstance(scheduler, StepwiseLR):
+            schedule = StepSchedule(optim)
+            schedule.bind(optimizer_steps_per_epoch(trainer), trainer.max_epochs)
+            scheduler.set_schedule(schedule)
+            factor = schedule(scheduler.last_epoch)
+        else:
+            milestones = sorted(optim.lr_drop_epochs)
+            factor = optim.lr_drop_factor ** bisect_right(milestones, scheduler.last_epoch)
+            scheduler.milestones = Counter(milestones)
+            scheduler.gamma = optim.lr_drop_factor
         changes = []
         for index, group in enumerate(optimizer.param_groups):
             base = wanted[group["name"]]
-            if abs(group["lr"] - base * drops) > 1e-12 * max(1.0, base):
-                changes.append(f"{group['name']} {group['lr']:g} -> {base * drops:g}")
+            if abs(group["lr"] - base * factor) > 1e-12 * max(1.0, base):
+                changes.append(f"{group['name']} {group['lr']:g} -> {base * factor:g}")
             group["initial_lr"] = base
-            group["lr"] = base * drops
+            group["lr"] = base * factor
             group["weight_decay"] = decays[group["name"]]
             scheduler.base_lrs[index] = base
-        scheduler.milestones = Counter(milestones)
-        scheduler.gamma = optim.lr_drop_factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if changes:
             rank_zero_info("resumed with the configured learning rates: " + ", ".join(changes))

@@ -22,7 +22,14 @@ from detr_lab.config import Config, ConfigError, config_to_dict
 from detr_lab.engine.distill import build_distiller, init_student
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
-from detr_lab.engine.optim import build_lr_scheduler, build_optimizer, freeze_backbone
+from detr_lab.engine.optim import (
+    StepwiseLR,
+    build_lr_scheduler,
+    build_optimizer,
+    freeze_backbone,
+    optimizer_steps_per_epoch,
+    scheduler_interval,
+)
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -148,9 +155,19 @@ class DetectionModule(L.LightningModule):
             self.log(f"val/{name}", stats[name], prog_bar=name == "AP", sync_dist=True)
 
     def configure_optimizers(self):
+        """AdamW and the schedule of `optim.schedule`, stepped per epoch or per optimizer step. A step-wise
+        schedule learns the epoch length in `on_train_start`: asking Lightning for it here would set up the
+        training loader before a resumed run's loader position is restored."""
         optimizer = build_optimizer(self.model, self.cfg.optim)
         scheduler = build_lr_scheduler(optimizer, self.cfg.optim)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        interval = scheduler_interval(scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def on_train_start(self) -> None:
+        # A resumed run's ConfiguredLearningRates has bound its configured schedule already.
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, StepwiseLR) and not scheduler.schedule.bound:
+            scheduler.bind(optimizer_steps_per_epoch(self.trainer), self.trainer.max_epochs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[LIGHTNING_META_KEY] = {

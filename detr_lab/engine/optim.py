@@ -1,4 +1,4 @@
-"""Optimizer and LR schedule of the DETR recipe: AdamW with per-name learning rates, step decay.
+"""Optimizer and LR schedules: AdamW with per-name learning rates; step decay, warm-up, flat-cosine.
 
 Every trainable parameter gets `optim.lr`, or `optim.lr_backbone` when its name contains "backbone"
 (or its module is marked `backbone_rate`, the ViTDet pyramid neck);
@@ -6,9 +6,26 @@ each `optim.lr_multipliers` substring found in the name multiplies that rate (se
 multiply together). `lr_backbone: 0` freezes the backbone instead of training it at rate zero.
 Parameters whose name contains an `optim.no_decay_keys` substring get weight decay 0 (in groups of
 their own, named with a "no_decay" suffix); the others `optim.weight_decay`.
+
+The schedule (`optim.schedule`, see `OptimConfig`) scales every group's own rate by one common factor:
+- multistep without warm-up: torch's MultiStepLR, stepped once per epoch (DETR's step decay);
+- multistep with `optim.warmup_steps` N > 0 (RT-DETR / D-FINE's LinearWarmup before MultiStepLR):
+  factor(s) = min(1, (s + 1) / N) * lr_drop_factor ** (number of lr_drop_epochs <= s // steps_per_epoch);
+- flat_cosine (DEIM's FlatCosineLRScheduler), with W = warmup_steps, F = flat_epochs * steps_per_epoch,
+  A = no_aug_epochs * steps_per_epoch, T = max_epochs * steps_per_epoch, r = min_lr_ratio:
+  (s / W) ** 2 for s <= W (only when W > 0); 1 for s <= F; r for s >= T - A;
+  else r + (1 - r) * (1 + cos(pi * (s - F) / (T - F - A))) / 2.
+Here s is the 0-based optimizer step the rate is used for (Lightning's `global_step` while it runs) and
+steps_per_epoch the optimizer steps of one epoch (batches / accumulate_grad_batches, rounded up). The two
+step-wise schedules are a `StepwiseLR` (torch's LambdaLR, stepped after every optimizer step); their
+epoch length is known only once Lightning has set up the training loader, so `bind` fixes it when
+training starts (`DetectionModule.on_train_start`, `ConfiguredLearningRates`).
 """
 
 from __future__ import annotations
+
+import math
+from bisect import bisect_right
 
 import torch
 from torch import nn
@@ -85,13 +102,189 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig
-) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Multiply every group's rate by `optim.lr_drop_factor` at each epoch of `optim.lr_drop_epochs`.
+# The kinds of schedule: an epoch-stepped MultiStepLR, or one of the step-wise `StepSchedule`s. A run
+# resumes only with the kind it was saved with (`ConfiguredLearningRates`).
+MULTISTEP, MULTISTEP_WARMUP, FLAT_COSINE = "multistep", "multistep_warmup", "flat_cosine"
+KIND_KEY = "schedule_kind"  # in a `StepwiseLR` state dict
 
-    Stepped once per epoch, so the drop applies from epoch `lr_drop_epochs[i]` (0-based) onwards.
+
+def schedule_kind(optim: OptimConfig) -> str:
+    """MULTISTEP (no warm-up: epoch-stepped), MULTISTEP_WARMUP or FLAT_COSINE (step-wise)."""
+    if optim.schedule == FLAT_COSINE:
+        return FLAT_COSINE
+    return MULTISTEP_WARMUP if optim.warmup_steps > 0 else MULTISTEP
+
+
+def saved_schedule_kind(state: dict) -> str:
+    """The kind of schedule a scheduler state dict of a checkpoint belongs to (MultiStepLR's has none)."""
+    return state.get(KIND_KEY, MULTISTEP)
+
+
+def warmup_multistep_factor(
+    step: int, *, warmup_steps: int, steps_per_epoch: int, milestones: list[int], gamma: float
+) -> float:
+    """LR factor of optimizer step `step`: a linear warm-up over the first `warmup_steps` steps (RT-DETR's
+    LinearWarmup: (step + 1) / warmup_steps, so the last warm-up step runs at the full rate) times the
+    step decay of the epoch the step belongs to (one `gamma` per milestone epoch <= that epoch).
+
+    Unlike the official loop, which skips the MultiStepLR epoch count while the warm-up lasts (delaying
+    every milestone by the epochs that end inside the warm-up), milestones here are plain epochs.
     """
-    return torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=sorted(optim.lr_drop_epochs), gamma=optim.lr_drop_factor
-    )
+    factor = gamma ** bisect_right(sorted(milestones), step // steps_per_epoch)
+    if step < warmup_steps:
+        factor *= (step + 1) / warmup_steps
+    return factor
+
+
+def flat_cosine_factor(
+    step: int, *, total_steps: int, warmup_steps: int, flat_steps: int, no_aug_steps: int, min_ratio: float
+) -> float:
+    """LR factor of optimizer step `step` under DEIM's flat-cosine schedule (its `flat_cosine_schedule`
+    with init_lr 1 and min_lr `min_ratio`): quadratic warm-up to step `warmup_steps`, flat to step
+    `flat_steps`, cosine decay to `min_ratio`, flat at `min_ratio` from step `total_steps -
+    no_aug_steps` on. The phases are tested in that order, as the official code does: a flat phase that
+    reaches past the tail wins (`flat_steps` >= total: no decay at all). No warm-up when `warmup_steps`
+    is 0 (the official code divides by it).
+
+    Step `step` runs at factor(step). The official loop sets factor(i) after iteration i, so its
+    iteration i + 1 runs at factor(i) and its first iteration at whatever rate the optimizer held (in
+    DEIM's configs lr / 500, left by the LinearWarmup of base/optimizer.yml): the same sequence, one
+    iteration later. Here the tail starts exactly with the first step of the tail epochs."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return (step / warmup_steps) ** 2
+    if step <= flat_steps:
+        return 1.0
+    if step >= total_steps - no_aug_steps:
+        return min_ratio
+    progress = (step - flat_steps) / (total_steps - flat_steps - no_aug_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepSchedule:
+    """The LR factor of each optimizer step under `optim` (a step-wise kind), once `bind` has given the
+    epoch length: `schedule(step)` is `warmup_multistep_factor` or `flat_cosine_factor`."""
+
+    def __init__(self, optim: OptimConfig) -> None:
+        self.kind = schedule_kind(optim)
+        if self.kind == MULTISTEP:
+            raise ValueError("StepSchedule: the multistep schedule without warm-up is epoch-stepped")
+        self.warmup_steps = optim.warmup_steps
+        self.milestones = sorted(optim.lr_drop_epochs)
+        self.gamma = optim.lr_drop_factor
+        self.flat_epochs = optim.flat_epochs
+        self.no_aug_epochs = optim.no_aug_epochs
+        self.min_ratio = optim.min_lr_ratio
+        self.steps_per_epoch: int | None = None
+        self.max_epochs: int | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.steps_per_epoch is not None
+
+    def bind(self, steps_per_epoch: int, max_epochs: int) -> None:
+        """Fix the epoch length (optimizer steps) and the number of epochs of the run."""
+        if steps_per_epoch < 1 or max_epochs < 1:
+            raise ValueError(f"StepSchedule.bind: {steps_per_epoch} steps per epoch, {max_epochs} epochs; "
+                             "both must be >= 1")
+        self.steps_per_epoch, self.max_epochs = int(steps_per_epoch), int(max_epochs)
+
+    def __call__(self, step: int) -> float:
+        if self.steps_per_epoch is None or self.max_epochs is None:
+            raise RuntimeError("StepSchedule: call bind(steps_per_epoch, max_epochs) first")
+        if self.kind == MULTISTEP_WARMUP:
+            return warmup_multistep_factor(step, warmup_steps=self.warmup_steps,
+                                           steps_per_epoch=self.steps_per_epoch,
+                                           milestones=self.milestones, gamma=self.gamma)
+        return flat_cosine_factor(
+            step,
+            total_steps=self.max_epochs * self.steps_per_epoch,
+            warmup_steps=self.warmup_steps,
+            flat_steps=self.flat_epochs * self.steps_per_epoch,
+            no_aug_steps=self.no_aug_epochs * self.steps_per_epoch,
+            min_ratio=self.min_ratio,
+        )
+
+
+class StepwiseLR(torch.optim.lr_scheduler.LambdaLR):
+    """torch's LambdaLR with one `StepSchedule` for every group, stepped after each optimizer step: the
+    rate of optimizer step s is `group's initial lr * schedule(s)`, so every group (backbone, multiplied,
+    no-decay) follows the schedule in proportion to its own rate, as the official schedulers do.
+
+    Until `bind` gives the epoch length the groups keep their rates. The state dict holds the step count,
+    base rates and the schedule's kind, not the schedule: a resumed run takes its values from the config
+    (`ConfiguredLearningRates`), and its epoch length from the trainer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: StepSchedule) -> None:
+        self.schedule = schedule
+        super().__init__(optimizer, lr_lambda=schedule)
+
+    def set_schedule(self, schedule: StepSchedule) -> None:
+        self.schedule = schedule
+        self.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+
+    def bind(self, steps_per_epoch: int, max_epochs: int) -> None:
+        """Fix the schedule's epoch length and set every group's rate for the current step."""
+        self.schedule.bind(steps_per_epoch, max_epochs)
+        factor = self.schedule(self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float]:
+        if not self.schedule.bound:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        return super().get_lr()
+
+    def state_dict(self) -> dict:
+        skip = ("optimizer", "lr_lambdas", "schedule")
+        state = {key: value for key, value in self.__dict__.items() if key not in skip}
+        state[KIND_KEY] = self.schedule.kind
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        kind = saved_schedule_kind(state_dict)
+        if kind != self.schedule.kind:
+            raise ValueError(f"StepwiseLR: the saved schedule is {kind!r}, this one {self.schedule.kind!r}")
+        skip = ("optimizer", "lr_lambdas", "schedule", KIND_KEY)
+        self.__dict__.update({key: value for key, value in state_dict.items() if key not in skip})
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    *,
+    steps_per_epoch: int | None = None,
+    max_epochs: int | None = None,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The scheduler of `optim.schedule`; Lightning steps it per epoch (MultiStepLR) or per optimizer step
+    (`StepwiseLR`, see `scheduler_interval`).
+
+    multistep without warm-up: multiply every group's rate by `optim.lr_drop_factor` at each epoch of
+    `optim.lr_drop_epochs`; stepped once per epoch, so the drop applies from epoch `lr_drop_epochs[i]`
+    (0-based) onwards. The step-wise schedules are bound to `steps_per_epoch` and `max_epochs` when both
+    are given, else later (`StepwiseLR.bind`).
+    """
+    if schedule_kind(optim) == MULTISTEP:
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=sorted(optim.lr_drop_epochs), gamma=optim.lr_drop_factor
+        )
+    scheduler = StepwiseLR(optimizer, StepSchedule(optim))
+    if steps_per_epoch is not None and max_epochs is not None:
+        scheduler.bind(steps_per_epoch, max_epochs)
+    return scheduler
+
+
+def scheduler_interval(scheduler: torch.optim.lr_scheduler.LRScheduler) -> str:
+    """Lightning's `interval` for `scheduler`: "step" for a `StepwiseLR`, else "epoch"."""
+    return "step" if isinstance(scheduler, StepwiseLR) else "epoch"
+
+
+def optimizer_steps_per_epoch(trainer) -> int:
+    """Optimizer steps of one training epoch of a Lightning trainer whose training loader is set up (from
+    `on_train_start` on): its batches (after `limit_train_batches`) over `accumulate_grad_batches`,
+    rounded up, as Lightning steps the optimizer on an epoch's last batch."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise RuntimeError("a step-wise LR schedule needs a training loader of known length")
+    return math.ceil(int(batches) / trainer.accumulate_grad_batches)

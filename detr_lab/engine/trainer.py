@@ -89,7 +89,7 @@ def build_callbacks(cfg: Config, *, progress_bar: bool = True) -> list[Callback]
             save_last=True,
             enable_version_counter=False,  # both callbacks refresh the same last.ckpt
         ),
-        LearningRateMonitor(logging_interval="epoch"),
+        LearningRateMonitor(),  # per epoch, or per logged step for a step-wise schedule
     ]
     if cfg.trainer.save_every_n_steps > 0:
         # Refreshes last.ckpt mid-epoch so that an interrupted run loses at most N steps.
