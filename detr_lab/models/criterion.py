@@ -114,9 +114,13 @@ class SetCriterion(nn.Module):
             if term.sigmoid_only and classification.name != "sigmoid":
                 raise InputError(f"loss term {name!r} needs 'model.classification: sigmoid'")
         self.term_options = {name: dict(options) for name, options in (term_options or {}).items()}
-        unknown_options = sorted(set(self.term_options) - set(self.loss_terms))
+        # Options of a known term that is not selected stay unused, so that a config switches terms (vfl
+        # -> mal) by `loss.terms` alone; a name no term has is a mistake.
+        unknown_options = sorted(set(self.term_options) - set(LOSS_TERMS))
         if unknown_options:
-            raise InputError(f"'loss.term_options' names {unknown_options}, not selected in 'loss.terms'")
+            raise InputError(
+                f"'loss.term_options' names {unknown_options}, no loss term; known: {', '.join(LOSS_TERMS)}"
+            )
         self.num_classes = num_classes
         self.matcher = matcher
         self.classification = classification
