@@ -266,12 +266,52 @@ RTDETR_SQUARE_SCALES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 7
 
 
 @dataclass
+class MosaicConfig:
+    """DEIM's mosaic (Dense O2O; `detr_lab.data.mosaic`), off by default (`prob: 0`).
+
+    With probability `prob`, in epochs [`start_epoch`, `stop_epoch`) (0-based; stop null: no end of its
+    own), a training sample becomes a mosaic of itself and three other images of the training set, each
+    resized to shorter side `output_size`, then a random affine: rotation in +-`degrees`, shift up to
+    `translate` (x, y) of the canvas, scale in `scale`, border `fill`. With `policy: rtdetr` a mosaic
+    sample skips the zoom-out and IoU crop (the official rule), and no mosaic is drawn outside
+    [`data.augment.start_epoch`, `data.augment.stop_epoch`). Official (configs/base/deim.yml): prob 0.5,
+    output_size 320, degrees 10, translate [0.1, 0.1], scale [0.5, 1.5], fill 0; the window per model
+    is in `configs/base/data_coco_deim.yaml`.
+    """
+
+    prob: float = field(default=0.0, metadata={"min": 0, "max": 1})
+    start_epoch: int = _non_negative(0)
+    stop_epoch: int | None = field(default=None, metadata={"min": 0})
+    output_size: int = _positive(320)
+    degrees: float = field(default=10.0, metadata={"min": 0, "max": 180})
+    translate: list[float] = field(default_factory=lambda: [0.1, 0.1])
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    fill: int = field(default=0, metadata={"min": 0, "max": 255})
+
+
+@dataclass
+class MixupConfig:
+    """DEIM's batch mixup (`detr_lab.data.mixup`), off by default (`prob: 0`); `policy: rtdetr` only.
+
+    With probability `prob` per batch, in epochs [`start_epoch`, `stop_epoch`) (0-based; stop null: no
+    end of its own; never from `data.augment.stop_epoch` on), each image is blended with the previous
+    one of the batch and takes its boxes too. Official (configs/base/deim.yml): prob 0.5, the window per
+    model in `configs/base/data_coco_deim.yaml`.
+    """
+
+    prob: float = field(default=0.0, metadata={"min": 0, "max": 1})
+    start_epoch: int = _non_negative(0)
+    stop_epoch: int | None = field(default=None, metadata={"min": 0})
+
+
+@dataclass
 class AugmentConfig:
     """Sizes in pixels. `policy` picks the recipe (`detr_lab.data.transforms`):
 
     detr (default): DETR's. Training: flip, shorter side from `train_scales` (longer <= `max_size`) or
     the random resized crop; evaluation: shorter side `eval_size`, longer <= `eval_max_size`; batches
-    are zero-padded. The keys `square_*`, `*_prob` of the rtdetr ops and `stop_epoch` are not read.
+    are zero-padded. The keys `square_*` and the `*_prob` of the rtdetr ops are not read; `start_epoch`
+    and `stop_epoch` must stay null.
     rtdetr: RT-DETR's (rtdetrv2_pytorch). Training: photometric distortion, zoom-out, IoU crop, flip,
     resize to `square_size` x `square_size` (aspect ratio not kept, no padding); each batch resized to a
     side drawn from `square_scales` (empty: off); from epoch `stop_epoch` on (0-based, as Lightning's
@@ -279,6 +319,10 @@ class AugmentConfig:
     resize to `square_size` x `square_size`. `train_scales`, `max_size`, `crop_*`, `eval_size` and
     `eval_max_size` are not read. The official recipe feeds pixels scaled to [0, 1]: set
     `mean: [0, 0, 0]` and `std: [1, 1, 1]` (mean / std are used as given by both policies).
+    `start_epoch` (rtdetr only; null: none): before it, no distortion, zoom-out, IoU crop nor mosaic
+    (DEIM's first stage, epochs 0-3 of its recipes).
+    DEIM's Dense O2O (`mosaic`, `mixup`, both off by default) adds to either policy's training
+    pipeline (mixup needs rtdetr's equal image sizes); see `MosaicConfig`, `MixupConfig`.
     """
 
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
@@ -301,6 +345,10 @@ class AugmentConfig:
     zoom_out_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})
     zoom_out_max: float = field(default=4.0, metadata={"min": 1})  # canvas side / image side in [1, max]
     iou_crop_prob: float = field(default=0.8, metadata={"min": 0, "max": 1})
+    start_epoch: int | None = field(default=None, metadata={"min": 0})  # null: augment from epoch 0
+    # DEIM's Dense O2O, either policy (mixup: rtdetr only)
+    mosaic: MosaicConfig = field(default_factory=MosaicConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
 
 
 @dataclass
@@ -703,6 +751,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
             raise ConfigError(f"{where}: 'data.augment.std[{i}]' is 0; use 1 for no scaling")
     _validate_rtdetr_augment(cfg.data.augment, where)
     _validate_schedule(cfg.optim, cfg.trainer, where)
+    _validate_dense_augment(cfg.data.augment, where)
     devices = str(cfg.trainer.devices).strip()
     if not (devices == "auto" or re.fullmatch(r"\d+|\d+(\s*,\s*\d+)*\s*,?", devices)):
         raise ConfigError(f"{where}: 'trainer.devices' is {cfg.trainer.devices!r}; expected 'auto', a count "
@@ -759,14 +808,41 @@ def _validate_decoder_options(m: ModelConfig, where: str) -> None:
 
 
 def _validate_rtdetr_augment(aug: AugmentConfig, where: str) -> None:
-    """The rtdetr policy's sizes, and `stop_epoch` set only where it is read."""
+    """The rtdetr policy's sizes, and `start_epoch` / `stop_epoch` set only where they are read."""
     for i, scale in enumerate(aug.square_scales):
         if scale <= 0:
             raise ConfigError(f"{where}: 'data.augment.square_scales[{i}]' is {scale}; sizes must be > 0")
-    if aug.policy != "rtdetr" and aug.stop_epoch is not None:
+    for key in ("start_epoch", "stop_epoch"):
+        if aug.policy != "rtdetr" and getattr(aug, key) is not None:
+            raise ConfigError(
+                f"{where}: 'data.augment.{key}' applies to 'data.augment.policy: rtdetr' only, not "
+                f"'{aug.policy}' (remove it or set it to null)"
+            )
+    if aug.start_epoch is not None and aug.stop_epoch is not None and aug.start_epoch >= aug.stop_epoch:
+        raise ConfigError(f"{where}: 'data.augment.start_epoch' ({aug.start_epoch}) must be below "
+                          f"'data.augment.stop_epoch' ({aug.stop_epoch})")
+
+
+def _validate_dense_augment(aug: AugmentConfig, where: str) -> None:
+    """DEIM's mosaic and mixup: epoch windows, the affine's ranges, mixup's equal image sizes."""
+    for name in ("mosaic", "mixup"):
+        part = getattr(aug, name)
+        if part.stop_epoch is not None and part.stop_epoch <= part.start_epoch:
+            raise ConfigError(
+                f"{where}: 'data.augment.{name}.stop_epoch' ({part.stop_epoch}) must be above "
+                f"'data.augment.{name}.start_epoch' ({part.start_epoch}), or null"
+            )
+    mosaic = aug.mosaic
+    if len(mosaic.translate) != 2 or not all(0 <= value <= 1 for value in mosaic.translate):
+        raise ConfigError(f"{where}: 'data.augment.mosaic.translate' is {list(mosaic.translate)}; expected "
+                          "[x, y], fractions of the canvas in [0, 1]")
+    if len(mosaic.scale) != 2 or not 0 < mosaic.scale[0] <= mosaic.scale[1]:
+        raise ConfigError(f"{where}: 'data.augment.mosaic.scale' is {list(mosaic.scale)}; expected "
+                          "[min, max] with 0 < min <= max")
+    if aug.mixup.prob > 0 and aug.policy != "rtdetr":
         raise ConfigError(
-            f"{where}: 'data.augment.stop_epoch' applies to 'data.augment.policy: rtdetr' only, not "
-            f"'{aug.policy}' (remove it or set it to null)"
+            f"{where}: 'data.augment.mixup.prob' is {aug.mixup.prob}; mixup needs 'data.augment.policy: "
+            f"rtdetr' (a batch's images blended pixel by pixel must have one size), not '{aug.policy}'"
         )
 
 

@@ -1,5 +1,6 @@
-"""Data pipeline: COCO- and YOLO-format datasets, DETR or RT-DETR augmentation (`augment.policy`),
-padding and multi-scale collates, synthetic shapes set; the dataset doctor is `detr_lab.data.doctor`.
+"""Data pipeline: COCO- and YOLO-format datasets, DETR or RT-DETR augmentation (`augment.policy`) with
+DEIM's mosaic and mixup as options, padding and multi-scale collates, synthetic shapes set; the dataset
+doctor is `detr_lab.data.doctor`.
 
 Boxes leave this package as normalized cxcywh, images padded with `padding_mask` True = padding.
 May import `detr_lab.config` and the leaves (`files`, `errors`, `io`, `boxes`) only; the later

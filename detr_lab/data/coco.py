@@ -257,7 +257,10 @@ class CocoDetectionDataset(Dataset):
             A transform with `set_epoch(epoch)` (epoch-dependent, e.g. RT-DETR's `StopEpochTransform`)
             is told the key's epoch before each sample (None for `dataset[index]`), and the target
             of such a sample also holds `epoch` (int64 scalar), for an epoch-dependent collate
-            (`detr_lab.data.collate.SquareMultiScaleCollate`, which removes it).
+            (`detr_lab.data.collate.SquareMultiScaleCollate`; every collate removes it). A transform
+            with `set_sample_source(load, size)` (DEIM's mosaic, `detr_lab.data.mosaic`) is given
+            `raw_sample` and `len(self)`, to read other images of the set; the partners it draws come
+            from its per-sample seed, so they too depend on (sample_seed, epoch, index) only.
         category_ids: class index -> category id; None: the sorted ids of the json's categories.
         skip_corrupt_images: an image that cannot be decoded is skipped (the next index is read
             instead) and counted in `num_skipped_images`, with a logged warning; otherwise it raises
@@ -298,6 +301,9 @@ class CocoDetectionDataset(Dataset):
         self._index_targets(data)
         if check_files:
             self._check_files_exist()
+        connect = getattr(self.transforms, "set_sample_source", None)
+        if connect is not None:  # a transform that joins several images (DEIM's mosaic) reads them here
+            connect(self.raw_sample, len(self))
 
     # -------------------------------------------------------------------------------- construction
     def _index_targets(self, data: dict) -> None:
@@ -443,6 +449,24 @@ class CocoDetectionDataset(Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return RawSample(image=image, boxes=boxes[keep], labels=labels[keep], image_id=image_id, path=path)
+
+    def raw_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(image uint8 [H, W, 3], boxes float32 [N, 4] absolute xyxy, labels int64 [N])` of `index`,
+        decoded and untransformed (`load_sample`): the images a mosaic adds to a sample. With
+        `skip_corrupt_images` a corrupt image is skipped for the next index, as `dataset[index]` does."""
+        for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            try:
+                sample = self.load_sample(current)
+            except CorruptImageError as err:
+                if not self.skip_corrupt_images:
+                    raise
+                self.num_skipped_images += 1
+                logger.warning("skipping a corrupt image (%d skipped so far in process %d): %s",
+                               self.num_skipped_images, os.getpid(), err)
+                continue
+            return sample.image, sample.boxes, sample.labels
+        raise DatasetError(f"every image of {self.annotation_file} failed to decode")
 
     def _prepare_this_process(self) -> None:
         """Once per process: reseed the transforms (OpenCV's threads are set before workers fork:

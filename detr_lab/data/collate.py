@@ -1,5 +1,5 @@
 """Batching images of different sizes: zero padding at the bottom and right, plus a padding mask;
-RT-DETR's batch multi-scale resize (`SquareMultiScaleCollate`)."""
+RT-DETR's batch multi-scale resize (`SquareMultiScaleCollate`), with DEIM's batch mixup optional."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from detr_lab.data.mixup import BatchMixup
 
 
 def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -45,10 +47,11 @@ def collate_detection(
     """DataLoader `collate_fn`: list of (image `[3, H_i, W_i]`, target) -> (images, padding_mask, targets).
 
     images float `[B, 3, H, W]` zero-padded bottom/right; padding_mask bool `[B, H, W]` True = padding;
-    targets the list of B target dicts unchanged (boxes normalized cxcywh of each unpadded image).
+    targets the list of B target dicts (boxes normalized cxcywh of each unpadded image), without the
+    `epoch` that the dataset adds for epoch-dependent transforms and collates.
     """
     images, padding_mask = pad_images([image for image, _ in batch])
-    return images, padding_mask, [target for _, target in batch]
+    return images, padding_mask, [{k: v for k, v in target.items() if k != "epoch"} for _, target in batch]
 
 
 class SquareMultiScaleCollate:
@@ -67,17 +70,25 @@ class SquareMultiScaleCollate:
     (seed, epoch, the batch's image ids), so a resumed run draws the sizes of the uninterrupted one.
     Targets without `epoch` count as an epoch before `stop_epoch`.
 
+    With `mixup` (DEIM's, `detr_lab.data.mixup.BatchMixup`) the batch is mixed first, as the official
+    DEIM collate does before its resize; mixup draws from its own seeded stream, so the sizes drawn are
+    the same with or without it.
+
     Returns `(images [B, 3, s, s], padding_mask [B, s, s] all False, targets)`.
     Raises:
         ValueError: images of different sizes, or targets of different epochs, in one batch.
     """
 
-    def __init__(self, scales: Sequence[int], stop_epoch: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, scales: Sequence[int], stop_epoch: int | None = None, seed: int = 0,
+        mixup: BatchMixup | None = None,
+    ) -> None:
         self.scales = [int(scale) for scale in scales]
         if any(scale < 1 for scale in self.scales):
             raise ValueError(f"scales must be positive sizes, got {self.scales}")
         self.stop_epoch = stop_epoch
         self.seed = int(seed)
+        self.mixup = mixup
 
     def size_for(self, epoch: int | None, image_ids: Sequence[int]) -> int | None:
         """The side this batch is resized to, or None to keep it (no scales, or epoch >= stop_epoch)."""
@@ -99,7 +110,10 @@ class SquareMultiScaleCollate:
         if padding_mask.any():
             sizes = sorted({tuple(image.shape[1:]) for image, _ in batch})
             raise ValueError(f"SquareMultiScaleCollate: a batch's images must have one size, got {sizes}")
-        size = self.size_for(epochs.pop() if epochs else None, [int(t["image_id"]) for t in targets])
+        epoch = epochs.pop() if epochs else None
+        size = self.size_for(epoch, [int(t["image_id"]) for t in targets])
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets, epoch)
         if size is None or images.shape[-2:] == (size, size):
             return images, padding_mask, targets
         images = F.interpolate(images, size=(size, size))  # nearest, as the official collate

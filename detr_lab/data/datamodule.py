@@ -13,8 +13,10 @@ names of their data.yaml, and are converted to COCO dicts in memory (`detr_lab.d
 Under DDP, Lightning inserts the DistributedSampler itself. The training loader is a torchdata
 `StatefulDataLoader`: Lightning stores its position and sampler state in each checkpoint.
 With `data.augment.policy: rtdetr` the training loader's collate is `SquareMultiScaleCollate`
-(a side from `augment.square_scales` per batch until `augment.stop_epoch`); the epoch reaches the
-transforms and the collate with each sampler key, never through state held by workers.
+(a side from `augment.square_scales` per batch until `augment.stop_epoch`, after DEIM's batch mixup
+when `augment.mixup.prob` > 0); the epoch reaches the transforms and the collate with each sampler key,
+never through state held by workers. DEIM's mosaic (`augment.mosaic`) is part of the training
+transform; the training dataset gives it the other images it joins (`CocoDetectionDataset.raw_sample`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detr_lab.config import Config, DataConfig
 from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
 from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
+from detr_lab.data.mixup import BatchMixup
 from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
 from detr_lab.data.transforms import build_eval_transform, build_train_transform, eval_resized_size
@@ -187,11 +190,18 @@ class DetectionDataModule(L.LightningDataModule):
                                   **self._loader_options(self._train_collate()))
 
     def _train_collate(self):
-        """`collate_detection`; for the rtdetr policy RT-DETR's batch multi-scale resize."""
+        """`collate_detection`; for the rtdetr policy RT-DETR's batch multi-scale resize, with DEIM's
+        mixup when `augment.mixup.prob` > 0 (never from `augment.stop_epoch` on)."""
         aug = self.data_cfg.augment
-        if aug.policy == "rtdetr":
-            return SquareMultiScaleCollate(aug.square_scales, aug.stop_epoch, seed=self.cfg.trainer.seed)
-        return collate_detection
+        if aug.policy != "rtdetr":
+            return collate_detection
+        mixup = None
+        if aug.mixup.prob > 0:
+            stops = [epoch for epoch in (aug.mixup.stop_epoch, aug.stop_epoch) if epoch is not None]
+            mixup = BatchMixup(aug.mixup.prob, aug.mixup.start_epoch, min(stops, default=None),
+                               seed=self.cfg.trainer.seed)
+        return SquareMultiScaleCollate(aug.square_scales, aug.stop_epoch, seed=self.cfg.trainer.seed,
+                                       mixup=mixup)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches; with `data.eval_batching: same_size` (default) each batch holds images of

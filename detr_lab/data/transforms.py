@@ -18,15 +18,20 @@ whose ops are torchvision.transforms.v2's). Training, in the official order:
     dropped (the official SanitizeBoundingBoxes(min_size=1) after the crop and after the resize);
     then mean / std (the official recipe: mean 0, std 1, i.e. pixels / 255). From epoch `stop_epoch`
     on (`StopEpochTransform`) the distortion, zoom-out and IoU crop are left out (the official
-    `policy: {name: stop_epoch, ops: [RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop]}`).
+    `policy: {name: stop_epoch, ops: [RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop]}`);
+    before epoch `start_epoch` as well (DEIM's four-stage policy, whose first stage leaves them out).
     The multi-scale part (a side from `square_scales` per batch) is the collate's:
     `detr_lab.data.collate.SquareMultiScaleCollate`.
 Evaluation: resize to square_size x square_size, then mean / std. Boxes are normalized to the
 resized image, so a prediction maps back to the original image by x * orig_w, y * orig_h
 (`detr_lab.models.postprocess.PostProcess`).
 
-Every pipeline is a `DetectionTransform` (RT-DETR's training one a `StopEpochTransform` of two, called
-alike): `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy pixels,
+DEIM's mosaic (`augment.mosaic`, either policy; `detr_lab.data.mosaic`): within its epochs a sample
+may become a mosaic of four images with a random affine, then the policy's ops without the zoom-out and
+IoU crop (the official rule: `Mosaic` and `RandomZoomOut` / `RandomIoUCrop` never meet in one sample).
+
+Every pipeline is a `DetectionTransform` (RT-DETR's training one a `StopEpochTransform` of two, one with
+a mosaic a `MosaicTransform`; all called alike): `(image uint8 [H, W, 3], boxes [N, 4] absolute xyxy pixels,
 labels int64 [N]) -> (image float32 [3, H', W'], boxes float32 [N', 4] normalized cxcywh in [0, 1],
 labels int64 [N'])`.
 """
@@ -50,6 +55,7 @@ from torch import Tensor
 
 from detr_lab.boxes import xyxy_to_cxcywh
 from detr_lab.config import AugmentConfig
+from detr_lab.data.mosaic import MosaicTransform, mosaic_affine
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -484,23 +490,28 @@ class DetectionTransform:
 
 
 class StopEpochTransform:
-    """Two pipelines switched by the epoch: `augmenting` before `stop_epoch`, `final` from it on.
+    """Two pipelines switched by the epoch: `augmenting` in [`start_epoch`, `stop_epoch`), else `final`.
 
     RT-DETR's `stop_epoch` policy (the official `Compose` skips the listed ops when the dataset's
-    epoch >= the policy's epoch). The dataset tells the epoch of each sample read with an
-    `(epoch, index)` key through `set_epoch` (`detr_lab.data.coco.CocoDetectionDataset`); the epoch
-    travels with the sample key, so DataLoader workers (persistent or not) and resumed runs see the
-    epoch of the sampler, which Lightning sets from `trainer.current_epoch`. Epoch None (a sample
-    read by plain index) or `stop_epoch` None: `augmenting`.
+    epoch >= the policy's epoch); `start_epoch` is DEIM's first stage (its `Compose` also skips them
+    while the epoch is below the first of its three policy epochs). The dataset tells the epoch of
+    each sample read with an `(epoch, index)` key through `set_epoch`
+    (`detr_lab.data.coco.CocoDetectionDataset`); the epoch travels with the sample key, so DataLoader
+    workers (persistent or not) and resumed runs see the epoch of the sampler, which Lightning sets
+    from `trainer.current_epoch`. Epoch None (a sample read by plain index), or both bounds None:
+    `augmenting`.
     Call and `set_random_seed` as `DetectionTransform` (both pipelines get the same seed).
     """
 
     def __init__(
-        self, augmenting: DetectionTransform, final: DetectionTransform, stop_epoch: int | None
+        self, augmenting: DetectionTransform, final: DetectionTransform, stop_epoch: int | None,
+        start_epoch: int | None = None,
     ) -> None:
-        if stop_epoch is not None and stop_epoch < 0:
-            raise ValueError(f"stop_epoch must be >= 0 or None, got {stop_epoch}")
+        for name, value in (("stop_epoch", stop_epoch), ("start_epoch", start_epoch)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
         self.augmenting, self.final, self.stop_epoch = augmenting, final, stop_epoch
+        self.start_epoch = start_epoch
         self.epoch: int | None = None
 
     def set_epoch(self, epoch: int | None) -> None:
@@ -512,6 +523,11 @@ class StopEpochTransform:
         """True when the next sample goes through `final` (epoch >= stop_epoch)."""
         return self.stop_epoch is not None and self.epoch is not None and self.epoch >= self.stop_epoch
 
+    @property
+    def not_started(self) -> bool:
+        """True when the next sample's epoch is below `start_epoch` (it goes through `final`)."""
+        return self.start_epoch is not None and self.epoch is not None and self.epoch < self.start_epoch
+
     def set_random_seed(self, seed: int | None) -> None:
         self.augmenting.set_random_seed(seed)
         self.final.set_random_seed(seed)
@@ -519,7 +535,7 @@ class StopEpochTransform:
     def __call__(
         self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return (self.final if self.stopped else self.augmenting)(image, boxes, labels)
+        return (self.final if self.stopped or self.not_started else self.augmenting)(image, boxes, labels)
 
 
 def eval_resized_size(height: int, width: int, aug: AugmentConfig) -> tuple[int, int]:
@@ -533,11 +549,17 @@ def eval_resized_size(height: int, width: int, aug: AugmentConfig) -> tuple[int,
 
 def build_train_transform(
     aug: AugmentConfig, seed: int | None = None
-) -> DetectionTransform | StopEpochTransform:
+) -> DetectionTransform | StopEpochTransform | MosaicTransform:
     """The training pipeline of `aug.policy` (see the module docstring): a `DetectionTransform` for
-    detr, a `StopEpochTransform` for rtdetr."""
-    if aug.policy == "rtdetr":
-        return _rtdetr_train_transform(aug, seed)
+    detr, a `StopEpochTransform` for rtdetr; with `aug.mosaic.prob` > 0 a `MosaicTransform` around it."""
+    base = _rtdetr_train_transform(aug, seed) if aug.policy == "rtdetr" else _detr_train_transform(aug, seed)
+    if aug.mosaic.prob == 0:
+        return base
+    return _with_mosaic(base, aug, seed)
+
+
+def _detr_geometric(aug: AugmentConfig) -> list[A.BasicTransform | A.BaseCompose]:
+    """DETR's flip, then multi-scale resize or resized crop (see the module docstring)."""
     multi_scale = ShorterSideResize(aug.train_scales, aug.max_size)
     crop_branch = A.Sequential(
         [
@@ -548,9 +570,11 @@ def build_train_transform(
         p=aug.crop_prob,
     )
     scale_or_crop = A.OneOf([A.Sequential([multi_scale], p=1.0 - aug.crop_prob), crop_branch], p=1.0)
-    return DetectionTransform(
-        [A.HorizontalFlip(p=aug.hflip_prob), scale_or_crop], mean=aug.mean, std=aug.std, seed=seed
-    )
+    return [A.HorizontalFlip(p=aug.hflip_prob), scale_or_crop]
+
+
+def _detr_train_transform(aug: AugmentConfig, seed: int | None) -> DetectionTransform:
+    return DetectionTransform(_detr_geometric(aug), mean=aug.mean, std=aug.std, seed=seed)
 
 
 def _rtdetr_train_transform(aug: AugmentConfig, seed: int | None) -> StopEpochTransform:
@@ -568,7 +592,27 @@ def _rtdetr_train_transform(aug: AugmentConfig, seed: int | None) -> StopEpochTr
             ops, mean=aug.mean, std=aug.std, seed=seed, min_box_side=RTDETR_MIN_BOX_SIDE
         )
 
-    return StopEpochTransform(pipeline(True), pipeline(False), aug.stop_epoch)
+    return StopEpochTransform(pipeline(True), pipeline(False), aug.stop_epoch, aug.start_epoch)
+
+
+def _with_mosaic(base: DetectionTransform | StopEpochTransform, aug: AugmentConfig,
+                 seed: int | None) -> MosaicTransform:
+    """DEIM's mosaic around `base`. A mosaic sample: the affine, then for rtdetr the distortion, flip
+    and square resize (zoom-out and IoU crop left out, the official rule), for detr DETR's ops. The
+    window is the mosaic's own, within [start_epoch, stop_epoch) of the rtdetr policy."""
+    m = aug.mosaic
+    affine = mosaic_affine(m.degrees, m.translate, m.scale, m.fill)
+    if aug.policy == "rtdetr":
+        ops = [affine, RandomPhotometricDistort(p=aug.photometric_prob), A.HorizontalFlip(p=aug.hflip_prob),
+               SquareResize(aug.square_size)]
+        mosaic = DetectionTransform(ops, mean=aug.mean, std=aug.std, seed=seed,
+                                    min_box_side=RTDETR_MIN_BOX_SIDE)
+    else:
+        mosaic = DetectionTransform([affine, *_detr_geometric(aug)], mean=aug.mean, std=aug.std, seed=seed)
+    start = max(m.start_epoch, aug.start_epoch or 0)
+    stops = [epoch for epoch in (m.stop_epoch, aug.stop_epoch) if epoch is not None]
+    return MosaicTransform(base, mosaic, prob=m.prob, start_epoch=start, stop_epoch=min(stops, default=None),
+                           output_size=m.output_size, fill=m.fill)
 
 
 def build_eval_transform(aug: AugmentConfig) -> DetectionTransform:
