@@ -93,6 +93,18 @@ def test_commands_run_the_official_script_in_its_folder(tool, tmp_path):
     assert argv[argv.index("-u") + 1:] == ["PResNet.pretrained=False", "eval_spatial_size=[320, 320]"]
 
 
+def test_the_dfine_family_runs_d_fine_s_own_export_script(tool, tmp_path):
+    args = tool.parse_args(["--official-dir", str(tmp_path), "--official-python", "py", "--family", "dfine"])
+    argv = tool.commands(args, tmp_path / "work")["official_export"]["argv"]
+    assert argv[3] == "tools/deployment/export_onnx.py" and "--check" in argv
+    assert argv[argv.index("-c", 3) + 1] == "configs/dfine/dfine_hgnetv2_n_coco.yml"
+    assert "-u" not in argv and "-s" not in argv  # the script takes neither; it traces at 640
+    state = tool.official_state(args)
+    assert state["decoder.anchors"].shape == (1, 40 * 40 + 20 * 20, 4)  # strides 16 and 32 at 640
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--official-dir", str(tmp_path), "--family", "dfine", "--size", "320"])
+
+
 def test_bad_arguments_and_missing_official_code(tool, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.parse_args(["--official-dir", str(tmp_path), "--size", "100"])

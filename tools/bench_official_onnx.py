@@ -1,17 +1,20 @@
-"""RT-DETRv2-R18 on onnxruntime: detr_lab's export against the official repository's own, same weights.
+"""RT-DETRv2-R18 or D-FINE-N on onnxruntime: detr_lab's export against the official repository's own.
 
     python tools/bench_official_onnx.py --official-dir /tmp/rtdetr_official/rtdetrv2_pytorch \
-        [--official-python PY] [--checkpoint OFFICIAL.pth] [--size 640] [--threads 1 2] [--runs 10]
-        [--warmup 2] [--work-dir runs/bench_official_onnx] [--official-exporter torchscript|as-is]
-        [--profile] [--skip-export] [--json PATH]
+        [--family rtdetrv2|dfine] [--official-python PY] [--checkpoint OFFICIAL.pth] [--size 640]
+        [--threads 1 2] [--runs 10] [--warmup 2] [--work-dir runs/bench_official_onnx]
+        [--official-exporter torchscript|as-is] [--profile] [--skip-export] [--json PATH]
 
-1. Weights: an official RT-DETRv2-R18 checkpoint (`--checkpoint`, {'model': ...} or
-   {'ema': {'module': ...}}) or, by default, the synthetic weights of the test fixture
-   tests/fixtures/rtdetrv2_r18vd.pt (`synth_state_dict(spec, seed)` + its architecture constants), with
-   the decoder's `anchors` / `valid_mask` buffers computed for `--size`. Written as {'model': state}.
-2. The official export: the official `tools/export_onnx.py`, run as a separate program in
+`--family dfine` (with `--official-dir` the root of Peterande/D-FINE) measures D-FINE-N the same way.
+
+1. Weights: an official checkpoint (`--checkpoint`, {'model': ...} or {'ema': {'module': ...}}) or, by
+   default, the synthetic weights of the family's test fixture (tests/fixtures/rtdetrv2_r18vd.pt,
+   tests/fixtures/dfine_n.pt: `synth_state_dict(spec, seed)` + its architecture constants), with the
+   decoder's `anchors` / `valid_mask` buffers computed for `--size`. Written as {'model': state}.
+2. The official export: the official export script (`tools/export_onnx.py`; D-FINE:
+   `tools/deployment/export_onnx.py`, which traces at 640 x 640 only), run as a separate program in
    `--official-dir` (its deploy() model + post-processor, opset 16, dynamic batch, inputs `images` and
-   `orig_target_sizes`, `--check`), with `-u PResNet.pretrained=False` (no download). The official
+   `orig_target_sizes`, `--check`), with the backbone's `pretrained=False` (no download). The official
    code is never imported here. `--official-exporter torchscript` (default) runs the script unchanged
    except that `torch.onnx.export` defaults to the TorchScript exporter (`dynamo=False`), the exporter
    it was written for: PyTorch >= 2.9 switched the default to the torch.export-based exporter, which
@@ -44,9 +47,27 @@ from detr_lab.engine.cli import ToolError, add_common_arguments, run_tool
 from detr_lab.errors import InputNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO / "tests" / "fixtures" / "rtdetrv2_r18vd.pt"
 SYNTH_WEIGHTS = REPO / "tests" / "fixtures" / "synth_weights.py"
-OFFICIAL_CONFIG = "configs/rtdetrv2/rtdetrv2_r18vd_120e_coco.yml"
+# Per family: the test fixture of its synthetic weights, the official config and export script, the
+# official config updates (`-u`; None: the script takes none), the decoder's anchor strides.
+FAMILIES = {
+    "rtdetrv2": {
+        "title": "RT-DETRv2-R18",
+        "fixture": REPO / "tests" / "fixtures" / "rtdetrv2_r18vd.pt",
+        "config": "configs/rtdetrv2/rtdetrv2_r18vd_120e_coco.yml",
+        "script": "tools/export_onnx.py",
+        "updates": ["PResNet.pretrained=False"],
+        "strides": (8, 16, 32),
+    },
+    "dfine": {
+        "title": "D-FINE-N",
+        "fixture": REPO / "tests" / "fixtures" / "dfine_n.pt",
+        "config": "configs/dfine/dfine_hgnetv2_n_coco.yml",
+        "script": "tools/deployment/export_onnx.py",
+        "updates": None,  # the script turns HGNetv2's pretrained off itself, and traces at 640 x 640
+        "strides": (16, 32),
+    },
+}
 # `python -c SHIM tools/export_onnx.py ARGS...`: the official script with the TorchScript exporter
 SHIM = (
     "import functools, runpy, sys, torch; "
@@ -59,13 +80,15 @@ NAMES = ("detr_lab", "official")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_official_onnx.py", description=__doc__.splitlines()[0])
     parser.add_argument("--official-dir", type=Path, required=True,
-                        help="the official code's rtdetrv2_pytorch folder (holds tools/export_onnx.py)")
+                        help="the official code: RT-DETR's rtdetrv2_pytorch folder, or D-FINE's root")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="rtdetrv2",
+                        help="rtdetrv2 (R18, default) or dfine (D-FINE-N)")
     parser.add_argument("--official-python", default=sys.executable,
                         help="Python with the official requirements installed (default: this one)")
-    parser.add_argument("--official-config", default=OFFICIAL_CONFIG, help=f"(default {OFFICIAL_CONFIG})")
+    parser.add_argument("--official-config", help="the official YAML (default: the family's R18 / N config)")
     parser.add_argument("--official-exporter", choices=("torchscript", "as-is"), default="torchscript",
                         help="run the official script with the TorchScript exporter (default) or unchanged")
-    parser.add_argument("--checkpoint", type=Path, help="official RT-DETRv2-R18 weights (default: synthetic)")
+    parser.add_argument("--checkpoint", type=Path, help="official weights of the model (default: synthetic)")
     parser.add_argument("--size", type=int, default=640, help="square input side (default 640)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="onnxruntime intra-op threads, one measurement each (default 1 2)")
@@ -84,17 +107,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--size must be a positive multiple of 32, got {args.size}")
     if args.runs < 1 or args.warmup < 0 or min(args.threads) < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
+    if args.family == "dfine" and args.size != 640:
+        parser.error("--family dfine: the official D-FINE export script traces at 640 only (--size 640)")
+    args.official_config = args.official_config or FAMILIES[args.family]["config"]
     return args
 
 
 # ------------------------------------------------------------------------------------------ weights
-def synthetic_state() -> dict:
-    """The test fixture's synthetic official RT-DETRv2-R18 state dict, anchors for `size`."""
+def synthetic_state(family: str) -> dict:
+    """The family's test fixture's synthetic official state dict (anchors: replaced by the caller)."""
     import importlib.util
 
     import torch
 
-    fixture = torch.load(FIXTURE, weights_only=True)
+    fixture = torch.load(FAMILIES[family]["fixture"], weights_only=True)
     spec = importlib.util.spec_from_file_location("detr_lab_bench_synth_weights", SYNTH_WEIGHTS)
     synth = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(synth)
@@ -109,33 +135,35 @@ def official_state(args: argparse.Namespace) -> dict:
     from detr_lab.benchmark.onnx_compare import rtdetr_anchors
 
     if args.checkpoint is None:
-        state = synthetic_state()
+        state = synthetic_state(args.family)
     else:
         loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         state = loaded["ema"]["module"] if "ema" in loaded else loaded.get("model", loaded)
     if "decoder.anchors" not in state:
         raise ToolError("the weights hold no decoder.anchors: not an official RT-DETR checkpoint")
     state = dict(state)
-    state["decoder.anchors"], state["decoder.valid_mask"] = rtdetr_anchors(args.size, args.size)
+    strides = FAMILIES[args.family]["strides"]
+    state["decoder.anchors"], state["decoder.valid_mask"] = rtdetr_anchors(args.size, args.size, strides)
     return state
 
 
 # ----------------------------------------------------------------------------------------- commands
 def commands(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     """The three programs run: argv and working directory of each."""
+    family = FAMILIES[args.family]
     checkpoint, official_onnx = work / "official_checkpoint.pth", work / "official.onnx"
     converted, ours = work / "detr_lab.pt", work / "detr_lab.onnx"
-    script = ["-c", SHIM, "tools/export_onnx.py"] if args.official_exporter == "torchscript" else [
-        "tools/export_onnx.py"]
-    updates = ["PResNet.pretrained=False"]
-    if args.size != 640:  # the official config's eval_spatial_size
-        updates.append(f"eval_spatial_size=[{args.size}, {args.size}]")
+    script = ["-c", SHIM, family["script"]] if args.official_exporter == "torchscript" else [family["script"]]
+    argv = [args.official_python, *script, "-c", args.official_config, "-r", str(checkpoint)]
+    if family["updates"] is None:  # D-FINE's script: writes next to the checkpoint, 640 x 640
+        argv += ["--check"]
+    else:
+        updates = list(family["updates"])
+        if args.size != 640:  # the official config's eval_spatial_size
+            updates.append(f"eval_spatial_size=[{args.size}, {args.size}]")
+        argv += ["-o", str(official_onnx), "-s", str(args.size), "--check", "-u", *updates]
     return {
-        "official_export": {
-            "cwd": str(args.official_dir),
-            "argv": [args.official_python, *script, "-c", args.official_config, "-r", str(checkpoint),
-                     "-o", str(official_onnx), "-s", str(args.size), "--check", "-u", *updates],
-        },
+        "official_export": {"cwd": str(args.official_dir), "argv": argv},
         "detr_lab_convert": {
             "cwd": str(REPO),
             "argv": [sys.executable, "tools/convert_checkpoint.py", str(checkpoint), str(converted)],
@@ -209,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
         work = args.work_dir.resolve()
         work.mkdir(parents=True, exist_ok=True)
-        script = args.official_dir / "tools" / "export_onnx.py"
+        family = FAMILIES[args.family]
+        script = args.official_dir / family["script"]
         if not script.is_file():
-            raise InputNotFoundError(f"{script} not found (--official-dir: the rtdetrv2_pytorch folder)")
+            raise InputNotFoundError(
+                f"{script} not found (--official-dir: RT-DETR's rtdetrv2_pytorch folder, or D-FINE's root)"
+            )
         planned = commands(args, work)
         paths = {"detr_lab": work / "detr_lab.onnx", "official": work / "official.onnx"}
         if args.skip_export:
@@ -222,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"model": official_state(args)}, work / "official_checkpoint.pth")
             for name, command in planned.items():
                 run_command(name, command)
+            written = work / "official_checkpoint.onnx"  # D-FINE's script: named after the checkpoint
+            if family["updates"] is None and written.is_file():
+                written.replace(paths["official"])
         feeds = feeds_for(args.size)
         agreement = check_agreement(paths, feeds, args.size)
         print(f"agreement (top 300 detections of one image): {agreement}", file=sys.stderr)
@@ -244,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         machine["load_average_end"] = load_average()
         report = {
             "machine": machine,
-            "settings": {"size": args.size, "batch": 1, "threads": args.threads, "runs": args.runs,
+            "settings": {"family": args.family, "size": args.size, "batch": 1, "threads": args.threads,
+                         "runs": args.runs,
                          "warmup": args.warmup, "weights": str(args.checkpoint or "synthetic (test fixture)"),
                          "official_exporter": args.official_exporter},
             "commands": planned,
@@ -255,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             report["profile_ms_by_op_type"] = profile(paths, feeds, work, max(args.runs // 2, 3))
 
-        print(f"RT-DETRv2-R18, {args.size} x {args.size}, batch 1, onnxruntime {machine['onnxruntime']}, "
+        print(f"{family['title']}, {args.size} x {args.size}, batch 1, onnxruntime {machine['onnxruntime']}, "
               f"median of {args.runs} runs (after {args.warmup} warm-up rounds), the graphs taking turns:\n")
         print(format_comparison(rows, NAMES, baseline="official"))
         print()

@@ -40,6 +40,8 @@ def valid_extent(padding_mask: Tensor) -> Tensor:
 def pad_to_multiple(images: Tensor, padding_mask: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
     """Zero-pad images `[B, C, H, W]` bottom/right to sides divisible by `multiple`; the added pixels
     are padding (True) in the returned mask `[B, H', W']`. Unchanged inputs when already divisible."""
+    if multiple == 1:  # any size is a multiple of 1: no copy, also not in a traced graph
+        return images, padding_mask
     height, width = images.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     # a traced graph (ONNX export) always pads (maybe by zero): the branch would freeze the example's size
