@@ -95,13 +95,10 @@ def boxes_term(inputs: TermInputs) -> dict[str, Tensor]:
     return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / inputs.num_boxes}
 
 
-def varifocal_term(inputs: TermInputs) -> dict[str, Tensor]:
-    """`loss_vfl`, the varifocal loss (Zhang et al. 2021) as RT-DETR computes it (`loss_labels_vfl`):
-    binary cross-entropy of every (query, class) logit against a soft target, the IoU of a matched
-    query's box with its target (detached) for its target class, 0 elsewhere; weighted by
-    `alpha * sigmoid(logit)^gamma` where the target is 0 and by the target where it is not; mean over
-    queries, summed, times Q / num_boxes. Sigmoid classification only (logits `[B, Q, C]`).
-    Options: `alpha` (0.75), `gamma` (2.0)."""
+def iou_class_targets(inputs: TermInputs) -> tuple[Tensor, Tensor]:
+    """What the IoU-aware classification losses (VFL, MAL) read: the one-hot target classes `[B, Q, C]`
+    (all zero for unmatched queries) and each query's IoU with its matched target box `[B, Q]`
+    (detached; 0 for unmatched queries), both in the logits' dtype."""
     logits = inputs.predictions["pred_logits"]  # (B, Q, C)
     matched = inputs.matched_queries()
     pred_boxes = inputs.predictions["pred_boxes"][matched]
@@ -112,6 +109,18 @@ def varifocal_term(inputs: TermInputs) -> dict[str, Tensor]:
     one_hot = F.one_hot(target_classes, inputs.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, C)
     score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
     score[matched] = ious.to(logits.dtype)
+    return one_hot, score
+
+
+def varifocal_term(inputs: TermInputs) -> dict[str, Tensor]:
+    """`loss_vfl`, the varifocal loss (Zhang et al. 2021) as RT-DETR computes it (`loss_labels_vfl`):
+    binary cross-entropy of every (query, class) logit against a soft target, the IoU of a matched
+    query's box with its target (detached) for its target class, 0 elsewhere; weighted by
+    `alpha * sigmoid(logit)^gamma` where the target is 0 and by the target where it is not; mean over
+    queries, summed, times Q / num_boxes. Sigmoid classification only (logits `[B, Q, C]`).
+    Options: `alpha` (0.75), `gamma` (2.0)."""
+    logits = inputs.predictions["pred_logits"]  # (B, Q, C)
+    one_hot, score = iou_class_targets(inputs)
     target = score[..., None] * one_hot
     alpha, gamma = inputs.options.get("alpha", 0.75), inputs.options.get("gamma", 2.0)
     weight = alpha * logits.sigmoid().detach().pow(gamma) * (1 - one_hot) + target
@@ -127,15 +136,7 @@ def matchability_term(inputs: TermInputs) -> dict[str, Tensor]:
     queries, summed, times Q / num_boxes. Sigmoid classification only.
     Options: `gamma` (official 1.5), `alpha` (official None: no factor on the negatives)."""
     logits = inputs.predictions["pred_logits"]  # (B, Q, C)
-    matched = inputs.matched_queries()
-    pred_boxes = inputs.predictions["pred_boxes"][matched]
-    target_boxes = inputs.matched_targets("boxes").to(pred_boxes)
-    ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0]).detach()
-    target_classes = torch.full(logits.shape[:2], inputs.num_classes, dtype=torch.int64, device=logits.device)
-    target_classes[matched] = inputs.matched_targets("labels").to(logits.device)
-    one_hot = F.one_hot(target_classes, inputs.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, C)
-    score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
-    score[matched] = ious.to(logits.dtype)
+    one_hot, score = iou_class_targets(inputs)
     gamma, alpha = inputs.options.get("gamma", 1.5), inputs.options.get("alpha")
     target = (score[..., None] * one_hot).pow(gamma)
     negatives = logits.sigmoid().detach().pow(gamma) * (1 - one_hot)
