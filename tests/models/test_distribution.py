@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from detr_lab.models.classification import classification_strategy
 from detr_lab.models.distribution import (
     LocationQuality,
     box_to_distance,
@@ -20,7 +21,6 @@ from detr_lab.models.loss_terms import (
     fine_grained_localization_term,
     matchability_term,
 )
-from detr_lab.models.classification import classification_strategy
 
 
 def test_weighting_function_by_hand_for_reg_max_8():
@@ -56,7 +56,8 @@ def test_integral_is_the_expected_bin_value():
 def test_distance_to_box_by_hand_and_its_inverse():
     reference = torch.tensor([[0.5, 0.4, 0.2, 0.1]])  # cx, cy, w, h
     # reg_scale 4: edges at 0.5 * 4 + d units of (w, h) / 4 from the centre; zero distances: the box itself
-    assert distance_to_box(reference, torch.zeros(1, 4), 4.0).tolist()[0] == pytest.approx([0.5, 0.4, 0.2, 0.1])
+    unchanged = distance_to_box(reference, torch.zeros(1, 4), 4.0)
+    assert unchanged.tolist()[0] == pytest.approx([0.5, 0.4, 0.2, 0.1])
     box = distance_to_box(reference, torch.tensor([[1.0, 0.0, 0.0, 2.0]]), 4.0)[0]
     # left edge 0.5 - 3 * 0.05 = 0.35, right 0.5 + 2 * 0.05 = 0.6, top 0.4 - 2 * 0.025 = 0.35,
     # bottom 0.4 + 4 * 0.025 = 0.5
