@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_lab.boxes import xyxy_to_cxcywh
+from detr_lab.models.detector import MLP
 from detr_lab.models.transformer import inverse_sigmoid
 
 
@@ -137,8 +138,6 @@ class LocationQuality(nn.Module):
 
     def __init__(self, reg_max: int, *, k: int = 4, hidden_dim: int = 64, activation: str = "relu") -> None:
         super().__init__()
-        from detr_lab.models.detector import MLP  # the detector's MLP (imported late: no cycle)
-
         self.reg_max = reg_max
         self.k = k
         self.reg_conf = MLP(4 * (k + 1), hidden_dim, 1, 2, activation=activation)
@@ -190,8 +189,6 @@ class DistributionRefinement(nn.Module):
         quality_activation: str = "relu",
     ) -> None:
         super().__init__()
-        from detr_lab.models.detector import MLP
-
         weighting_function(reg_max, up, reg_scale)  # validates reg_max
         self.reg_max = reg_max
         self.logit_eps = logit_eps

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from detr_lab.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from detr_lab.models.classification import Classification
+from detr_lab.models.distribution import box_to_distance
 
 Indices = list[tuple[Tensor, Tensor]]
 GROUP_KINDS = ("main", "aux", "pre", "enc", "dn")
@@ -152,8 +153,6 @@ def fine_grained_localization_term(inputs: TermInputs) -> dict[str, Tensor]:
     interpolation weights and by the IoU of the predicted box with its target (detached); summed over
     the pairs and divided by `num_boxes`.
     Options (filled from `model.distribution`): `reg_max`, `reg_scale`, `up`."""
-    from detr_lab.models.distribution import box_to_distance
-
     predictions, options = inputs.predictions, inputs.options
     reg_max = int(options["reg_max"])
     matched = inputs.matched_queries()
