@@ -35,7 +35,7 @@ from detr_lab.checkpoints.family import (
     register_family,
     require_key,
 )
-from detr_lab.checkpoints.rtdetr import infer_level_points, rtdetr_categories
+from detr_lab.checkpoints.rtdetr import infer_level_points, rtdetr_categories, rtdetr_style_model
 from detr_lab.config import Config, config_from_dict
 from detr_lab.io import CheckpointError
 from detr_lab.models.backbones.hgnetv2_keys import infer_hgnetv2, official_hgnetv2_state_dict
@@ -159,7 +159,6 @@ def infer_dfine_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -
         raise CheckpointError(f"recipe={recipe!r}: expected one of {RECIPES}")
     hidden_dim = require_key(state, "decoder.query_pos_head.layers.1.weight", FAMILY, ndim=2).shape[0]
     num_heads = int(overrides.get("num_heads", 8))
-    num_classes = require_key(state, "decoder.dec_score_head.0.weight", FAMILY, ndim=2).shape[0]
     num_layers = count_indices(state, "decoder.decoder.layers.")
     for prefix in ("decoder.dec_score_head.", "decoder.dec_bbox_head.", "decoder.decoder.lqe_layers."):
         if count_indices(state, prefix) != num_layers:
@@ -191,39 +190,20 @@ def infer_dfine_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -
         "activation": "silu" if silu else "relu",
         "eval_layers": overrides.get("eval_layers"),
     }
-    model = {
-        "num_classes": num_classes,
-        "hidden_dim": hidden_dim,
-        "num_heads": num_heads,
-        "ffn_dim": require_key(state, "decoder.decoder.layers.0.linear1.weight", FAMILY, ndim=2).shape[0],
-        "dropout": 0.0,
-        "num_queries": int(overrides.get("num_queries", 300)),
-        "num_feature_levels": num_levels,
-        "classification": "sigmoid",
-        "box_refine": True,
-        "query_source": "iou_aware",
-        "look_forward_twice": True,
-        "share_heads": False,
-        "num_detections": 300,
-        "mlp_activation": "silu" if silu else "relu",
-        "denoising": {
-            "enabled": "decoder.denoising_class_embed.weight" in state,
-            "dn_number": 100,
-            "label_noise_ratio": 0.5,
-            "box_noise_scale": 1.0,
-        },
-        "distribution": {
+    model = rtdetr_style_model(state, FAMILY, num_heads, num_levels, overrides)
+    model.update(
+        mlp_activation="silu" if silu else "relu",
+        distribution={
             "enabled": True,
             "reg_max": corners // 4 - 1,
             "reg_scale": abs(_scalar(state, "decoder.reg_scale")),
             "up": abs(_scalar(state, "decoder.up")),
             "quality": True,
         },
-        "backbone": _backbone(state),
-        "neck": _neck(state, num_heads, hidden_dim),
-        "encoder": {"num_layers": 0, "attention": "deformable"},
-        "decoder": decoder,
-    }
+        backbone=_backbone(state),
+        neck=_neck(state, num_heads, hidden_dim),
+        decoder=decoder,
+    )
     augment = {"policy": "rtdetr", "square_size": 640, "mean": [0.0] * 3, "std": [1.0] * 3}
     return config_from_dict(
         {"model": model, "loss": dfine_loss(recipe), "data": {"augment": augment}},

@@ -190,9 +190,7 @@ def infer_level_points(
 
 def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) -> Config:
     """The `Config` an official RT-DETR state dict describes (see the module docstring)."""
-    hidden_dim = require_key(state, "decoder.query_pos_head.layers.1.weight", FAMILY, ndim=2).shape[0]
     num_heads = int(overrides.get("num_heads", 8))
-    num_classes = require_key(state, "decoder.dec_score_head.0.weight", FAMILY, ndim=2).shape[0]
     num_layers = count_indices(state, "decoder.decoder.layers.")
     num_levels = count_indices(state, "decoder.input_proj.")
     if count_indices(state, "decoder.dec_score_head.") != num_layers:
@@ -216,18 +214,36 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
     decoder: dict[str, Any] = {"num_layers": num_layers, "cross_attention": variant, "num_points": points}
     if variant == "deformable_v2":
         decoder.update(level_points=level_points, sampling=sampling)
-    denoising = "decoder.denoising_class_embed.weight" in state
     backbone = _backbone(state)
     neck = _neck(state, num_heads)
     # RT-DETRv2-R50-m ("medium"): the R50 model with a half-width CSP fusion, evaluated with 3 of its 6
     # decoder layers (the official eval_idx: 2); the weights tell it by the backbone and expansion.
     medium = backbone["name"] == "resnet50" and neck["options"]["expansion"] == 0.5 and num_layers == 6
     decoder["eval_layers"] = overrides.get("eval_layers", 3 if medium else None)
-    model = {
-        "num_classes": num_classes,
-        "hidden_dim": hidden_dim,
+    model = rtdetr_style_model(state, FAMILY, num_heads, num_levels, overrides)
+    model.update(backbone=backbone, neck=neck, decoder=decoder)
+    # The official inputs: square 640 x 640 resized images scaled to [0, 1] (and its augmentation when
+    # fine-tuned: the policy's defaults are the official ones).
+    augment = {"policy": "rtdetr", "square_size": 640, "mean": [0.0] * 3, "std": [1.0] * 3}
+    data = {"augment": augment}
+    return config_from_dict(
+        {"model": model, "loss": rtdetr_loss(), "data": data}, f"official {FAMILY} checkpoint"
+    )
+
+
+def rtdetr_style_model(
+    state: Mapping[str, Tensor], family: str, num_heads: int, num_levels: int, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`model` keys that RT-DETR and its descendants (D-FINE, DEIM) share: width, classes and FFN from
+    the weights; sigmoid classification, IoU-aware selection of `num_queries` (300) proposals, box
+    refinement with a head per layer, top-300 post-processing, RT-DETR's denoising settings (100
+    queries, label noise 0.5, box noise 1.0; enabled when the weights hold its label embedding), no
+    encoder layers after the hybrid-encoder neck. The caller adds backbone, neck and decoder."""
+    return {
+        "num_classes": require_key(state, "decoder.dec_score_head.0.weight", family, ndim=2).shape[0],
+        "hidden_dim": require_key(state, "decoder.query_pos_head.layers.1.weight", family, ndim=2).shape[0],
         "num_heads": num_heads,
-        "ffn_dim": require_key(state, "decoder.decoder.layers.0.linear1.weight", FAMILY, ndim=2).shape[0],
+        "ffn_dim": require_key(state, "decoder.decoder.layers.0.linear1.weight", family, ndim=2).shape[0],
         "dropout": 0.0,
         "num_queries": int(overrides.get("num_queries", 300)),
         "num_feature_levels": num_levels,
@@ -238,23 +254,13 @@ def infer_rtdetr_config(state: Mapping[str, Tensor], overrides: dict[str, Any]) 
         "share_heads": False,
         "num_detections": 300,
         "denoising": {
-            "enabled": denoising,
+            "enabled": "decoder.denoising_class_embed.weight" in state,
             "dn_number": 100,
             "label_noise_ratio": 0.5,
             "box_noise_scale": 1.0,
         },
-        "backbone": backbone,
-        "neck": neck,
         "encoder": {"num_layers": 0, "attention": "deformable"},
-        "decoder": decoder,
     }
-    # The official inputs: square 640 x 640 resized images scaled to [0, 1] (and its augmentation when
-    # fine-tuned: the policy's defaults are the official ones).
-    augment = {"policy": "rtdetr", "square_size": 640, "mean": [0.0] * 3, "std": [1.0] * 3}
-    data = {"augment": augment}
-    return config_from_dict(
-        {"model": model, "loss": rtdetr_loss(), "data": data}, f"official {FAMILY} checkpoint"
-    )
 
 
 def rtdetr_loss() -> dict[str, Any]:

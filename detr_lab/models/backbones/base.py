@@ -52,6 +52,18 @@ def pad_to_multiple(images: Tensor, padding_mask: Tensor, multiple: int) -> tupl
     return images, padding_mask
 
 
+def freeze_stages(
+    stem: nn.Module, stages: Sequence[nn.Module], frozen_stages: int, freeze_stem: bool
+) -> None:
+    """Stop the gradients of the stem and the first `frozen_stages` stages (none with 0), or of the stem
+    alone with `freeze_stem` (RT-DETR's and D-FINE's `freeze_at: 0`)."""
+    frozen = [stem, *stages[:frozen_stages]] if frozen_stages > 0 else []
+    if freeze_stem and not frozen:
+        frozen = [stem]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
 class Backbone(nn.Module):
     """Base of every backbone: `(images, padding_mask) -> list[FeatureLevel]`, shallowest level first.
 

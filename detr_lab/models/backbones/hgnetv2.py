@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from detr_lab.io import CheckpointError, safe_load
-from detr_lab.models.backbones.base import Backbone
+from detr_lab.models.backbones.base import Backbone, freeze_stages
 from detr_lab.models.backbones.hgnetv2_keys import (
     LAB_BY_DEFAULT,
     STAGE_STRIDES,
@@ -139,11 +139,7 @@ class HGNetv2Backbone(Backbone):
             freeze_batch_norm(self)
         if weights_path is not None:
             self.load_weights(weights_path)
-        frozen = [self.stem, *self.stages[:frozen_stages]] if frozen_stages > 0 else []
-        if freeze_stem and not frozen:
-            frozen = [self.stem]
-        for module in frozen:
-            module.requires_grad_(False)
+        freeze_stages(self.stem, self.stages, frozen_stages, freeze_stem)
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load an official or timm HGNetv2 state dict of this variant (see the class docstring)."""

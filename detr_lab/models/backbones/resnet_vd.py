@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from detr_lab.io import CheckpointError, safe_load
-from detr_lab.models.backbones.base import Backbone
+from detr_lab.models.backbones.base import Backbone, freeze_stages
 from detr_lab.models.backbones.resnet import NORM_LAYERS
 
 # depth -> blocks per stage; bottleneck blocks from 50 layers on.
@@ -164,11 +164,7 @@ class ResNetVdBackbone(Backbone):
         self.strides = [STAGE_STRIDES[s - 1] for s in stages]
         if weights_path is not None:
             self._load_weights(weights_path)
-        frozen = [self.conv1, *self.res_layers[:frozen_stages]] if frozen_stages > 0 else []
-        if freeze_stem and not frozen:
-            frozen = [self.conv1]
-        for module in frozen:
-            module.requires_grad_(False)
+        freeze_stages(self.conv1, self.res_layers, frozen_stages, freeze_stem)
 
     def _load_weights(self, path: str | os.PathLike) -> None:
         state = safe_load(path)
