@@ -25,6 +25,7 @@ from detr_lab.zoo import (
     zoo_table,
 )
 from detr_lab.zoo import download as download_module
+
 from factories import official_detr_spec, quick_official_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_every_entry_has_a_config_an_ap_and_a_source():
 
 def test_an_entry_without_an_address_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(download_module.MIRROR_ENV, raising=False)
-    with pytest.raises(DownloadError, match=r"checkpoint0011_4scale\.pth has no direct address.*drive\.google"):
+    with pytest.raises(DownloadError, match=r"checkpoint0011_4scale\.pth has no direct address.*drive\."):
         fetch_file(ZOO["dino-4scale-r50"], cache=tmp_path)
 
 
