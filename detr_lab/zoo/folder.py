@@ -242,8 +242,17 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, cache: str |
 
     Raises:
         MissingExtraError: huggingface_hub is not installed.
+        InputError: the download failed (no such repository or local folder, no network, no access);
+            the message names the reference and huggingface_hub's reason.
     """
-    return Path(_hub().snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache))
+    hub = _hub()
+    try:
+        return Path(hub.snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache))
+    except Exception as err:  # huggingface_hub's HTTP, offline and validation errors
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(
+            f"'{repo_id}' is no local folder, and as a Hugging Face Hub repository: {reason}"
+        ) from err
 
 
 def push_to_hub(

@@ -187,6 +187,13 @@ def test_push_to_hub_and_hub_repository_ids(tmp_path, loaded, monkeypatch):
     assert hub.calls[-1] == ("snapshot_download", "me/tiny-remote", "v1")
     assert predictor.origin["hub"] == "me/tiny-remote" and predictor.class_names == NAMES
 
+    def offline(**kwargs):
+        raise OSError("We could not connect to the Hub")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match="'runs/typo' is no local folder, and as a Hugging .*connect"):
+        Predictor.from_pretrained("runs/typo")
+
     monkeypatch.setattr(folder_module, "huggingface_hub", None)
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         folder_module.push_to_hub(folder, "me/tiny")
