@@ -55,10 +55,10 @@ class Predictor:
     """A model, its post-processing and its evaluation transform, ready for `predict`.
 
     `model` is an `nn.Module` detector (PyTorch backend) or an `OnnxDetector` (onnxruntime backend,
-    CPU); build one with `from_checkpoint` or `from_onnx`. With `optimize` (default) a PyTorch model
-    is rewritten in place by `optimize_for_inference` (same outputs, faster; not to be trained or
-    saved afterwards, and forward hooks see the rewritten modules; `save_pretrained` reads the weights
-    again through `reload`, which `from_checkpoint` and `from_pretrained` set).
+    CPU); build one with `from_checkpoint`, `from_pretrained` or `from_onnx`. With `optimize` (default)
+    a PyTorch model is rewritten in place by `optimize_for_inference` (same outputs, faster; not to be
+    trained or saved afterwards, and forward hooks see the rewritten modules; `save_pretrained` reads
+    the weights again through `reload`, which `from_checkpoint` and `from_pretrained` set).
     Raises:
         ValueError: an onnxruntime model with a device other than the CPU.
     """
