@@ -76,6 +76,13 @@ def test_every_entry_has_a_config_an_ap_and_a_source():
     assert rows["detr-r50"]["hash"] == "sha256 prefix e632da11"
 
 
+def test_the_readme_table_lists_every_entry_with_its_ap():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Model zoo"):text.index("### Hub-style model folders")]
+    for entry in ZOO.values():
+        assert f"| `{entry.name}` | {entry.description} | {entry.coco_ap} |" in section, entry.name
+
+
 def test_an_entry_without_an_address_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(download_module.MIRROR_ENV, raising=False)
     with pytest.raises(DownloadError, match=r"checkpoint0011_4scale\.pth has no direct address.*drive\."):
