@@ -6,7 +6,8 @@
 The cache: `$DETR_LAB_CACHE_DIR` (else `$XDG_CACHE_HOME/detr_lab`, else `~/.cache/detr_lab`), files
 under `zoo/` by their entry's `filename`. A file is streamed into a temporary file beside its
 destination (`detr_lab.files.atomic_write`) and renamed into place only after its sha256 has been
-checked, so an interrupted or refused download leaves nothing under the file's name.
+checked, so an interrupted or refused download leaves nothing under the file's name (the temporary
+file of a download killed outright is removed by the next fetch of that file, once an hour old).
 
 Where a file comes from, first found: the cache; `$DETR_LAB_ZOO_MIRROR` (or the `mirror` argument), a
 local folder holding the file under its `filename` or a base address (`file://`, `https://`) it is
@@ -40,6 +41,7 @@ PIN_SUFFIX = ".sha256"
 CHUNK_BYTES = 1 << 20
 PROGRESS_SECONDS = 2.0
 TIMEOUT_SECONDS = 60.0
+STALE_SECONDS = 3600.0  # a temporary file untouched this long belongs to a killed download
 
 
 class DownloadError(DetrLabError):
@@ -186,6 +188,20 @@ def download(
     return sha256
 
 
+def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]:
+    """Delete the temporary files of downloads of `path` that were killed (SIGKILL, power loss) and
+    left `.<name>.<random>.tmp` untouched for `STALE_SECONDS`; returns them. A running download
+    writes its temporary file continuously, so it is never that old."""
+    now = time.time() if now is None else now
+    removed = []
+    if path.parent.is_dir():
+        for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+            if now - temporary.stat().st_mtime > STALE_SECONDS:
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary)
+    return removed
+
+
 def fetch_file(
     entry: ZooEntry,
     *,
@@ -208,6 +224,7 @@ def fetch_file(
         InputNotFoundError: a mirror folder without the file.
     """
     path = zoo_dir(cache) / entry.filename
+    remove_stale_temporaries(path)
     pinned = pinned_sha256(path)
     if path.is_file():
         sha256 = file_sha256(path)

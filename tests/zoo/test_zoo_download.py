@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -182,6 +184,17 @@ def test_an_interrupted_download_leaves_no_half_file(tmp_path, official_file, mo
     with pytest.raises(KeyboardInterrupt):
         fetch_file(entry_for(official_file, url="https://example.invalid/x.pth"), cache=tmp_path, quiet=True)
     assert cache_files(tmp_path) == []
+
+
+def test_a_killed_download_s_temporary_file_is_removed_by_the_next_fetch(tmp_path, official_file):
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    old, fresh = folder / ".tiny-detr.pth.abc123.tmp", folder / ".tiny-detr.pth.def456.tmp"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"running")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    fetch_file(entry_for(official_file), cache=tmp_path, quiet=True)
+    assert cache_files(tmp_path) == [".tiny-detr.pth.def456.tmp", "tiny-detr.pth"]  # a running one stays
 
 
 def test_a_web_page_instead_of_the_file_is_refused(tmp_path, official_file, monkeypatch):
