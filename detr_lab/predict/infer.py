@@ -2,6 +2,7 @@
 
     result = run_inference(["photos/"], "runs/demo/checkpoints/last.ckpt", output_dir="detections")
     result = run_inference(["a.jpg"], "model.onnx", backend="onnxruntime")
+    result = run_inference(["a.jpg"], "dino-4scale-r50", pretrained=True)  # zoo name, model folder, Hub id
 
 See `detections_file` for the json; each annotated copy is a JPEG drawn by
 `detr_lab.visualize.draw.draw_detections`.
@@ -88,11 +89,14 @@ def run_inference(
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
+    pretrained: bool = False,
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
     `checkpoint` is the model file: a checkpoint (backend "pytorch"), or an exported `.onnx` file
     (backend "onnxruntime": CPU, no `config_path`, data overrides only); both write the same outputs.
+    With `pretrained`, `checkpoint` is what `Predictor.from_pretrained` takes instead: a zoo name, a
+    Hub-style model folder or a Hub repository id (pytorch backend, no `config_path`).
 
     Every image that could be read has its detections in the json (see `detections_file`); an image
     that cannot be decoded or processed (truncated file, broken link in a folder...) is listed under
@@ -107,8 +111,12 @@ def run_inference(
     """
     _check_arguments(batch_size, score_threshold, backend, config_path, device)
     found = collect_images(inputs)
+    if pretrained and (backend != "pytorch" or config_path is not None):
+        raise InputError("--model NAME|FOLDER runs on the pytorch backend and takes no --config")
     if backend == "onnxruntime":
         predictor = Predictor.from_onnx(checkpoint, overrides=overrides)
+    elif pretrained:
+        predictor = Predictor.from_pretrained(checkpoint, overrides=overrides, device=device)
     else:
         predictor = Predictor.from_checkpoint(
             checkpoint, config_path=config_path, overrides=overrides, device=device
