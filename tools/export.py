@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, run_tool
+from detr_lab.files import check_not_an_input
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal passed
         from detr_lab.export.from_checkpoint import export_checkpoint
 
+        check_not_an_input(args.output, {"--checkpoint": args.checkpoint, "--config": args.config},
+                           option="--output")
         result = export_checkpoint(
             args.checkpoint,
             args.output,

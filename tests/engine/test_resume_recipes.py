@@ -61,7 +61,9 @@ def family_config(name: str, root: Path, run: str):
                  f"trainer.output_dir={root / run}", "trainer.max_epochs=3", "trainer.max_steps=3",
                  "trainer.save_every_n_steps=0", "trainer.max_time_minutes=0", "trainer.summary=false",
                  "trainer.log_every_n_steps=1", "trainer.seed=0", "trainer.ema.enabled=true",
-                 "trainer.ema.decay=0.5", "trainer.ema.warmup_steps=0"]
+                 "trainer.ema.decay=0.5", "trainer.ema.warmup_steps=0", "data.doctor=false",
+                 "trainer.check_val_every_n_epoch=10", "trainer.monitors.stalled_ap_rounds=0",
+                 "trainer.monitors.query_usage=false", "optim.lr_backbone=0"]  # frozen backbone: faster steps
     return load_config(REPO / "configs" / config, overrides)
 
 

@@ -19,6 +19,8 @@ from detr_lab.errors import InputError
 from detr_lab.predict import infer
 from detr_lab.predict.detections_file import DETECTIONS_FILE, DetectionsWriter
 
+from factories import load_tool
+
 
 class StandIn:
     """One box per image; records the json on disk when image number `look_at` is predicted."""
@@ -105,3 +107,23 @@ def test_no_annotated_copy_replaces_an_input(tmp_path, monkeypatch, layout):
     assert [p.read_bytes() for p in pngs] == png_bytes
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [
         DETECTIONS_FILE, "im00.jpg", "im00.png", "im01.jpg", "im01.png"]
+
+
+def test_no_tool_writes_over_its_inputs(tmp_path, capsys):
+    checkpoint, config = tmp_path / "model.ckpt", tmp_path / "data.yaml"
+    checkpoint.write_bytes(b"weights")
+    config.write_text("data: {}\n")
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(checkpoint)
+    cases = {
+        "eval": ["--config", str(config), "--checkpoint", str(checkpoint), "--output", str(link)],
+        "export": ["--checkpoint", str(checkpoint), "--output", str(checkpoint)],
+        "convert_checkpoint": [str(checkpoint), str(checkpoint)],
+    }
+    for tool, argv in cases.items():
+        assert load_tool(tool).main(argv) == 1, tool
+        err = capsys.readouterr().err.strip().splitlines()
+        name = "src" if tool == "convert_checkpoint" else "--checkpoint"
+        expected = f"is the {name} input ({checkpoint}); writing it would destroy that input: choose another"
+        assert len(err) == 1 and expected in err[0], (tool, err)
+    assert checkpoint.read_bytes() == b"weights" and config.read_text() == "data: {}\n"
