@@ -10,23 +10,18 @@ write <path>: <reason>", also where the failure surfaced inside a serializer as 
 `OSError` it hides is found in the exception chain). The destination keeps its previous content
 until the rename, which POSIX makes atomic within one filesystem.
 
-`check_not_an_input` refuses an output path that is one of the inputs (no tool writes over them).
-
-This module imports only the standard library and `detr_lab.errors` (a leaf), so `detr_lab.config`
-can write through it without importing torch; `detr_lab.io` re-exports it beside the torch-specific
-reading and saving.
+This module imports only the standard library, so `detr_lab.config` can write through it without
+importing torch; `detr_lab.io` re-exports it beside the torch-specific reading and saving.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
-
-from detr_lab.errors import InputError
 
 
 class FileWriteError(OSError):
@@ -133,24 +128,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path, "w") as file:
         file.write(text)
     return Path(path)
-
-
-def check_not_an_input(output: str | os.PathLike | None, inputs: Mapping[str, str | os.PathLike | None],
-                       *, option: str) -> None:
-    """Refuse to write `output` where it is one of the `inputs` (the same file, links resolved).
-
-    Args:
-        output: the file a tool is about to write (None: nothing to check).
-        inputs: option name -> input file (None entries are skipped), e.g. {"--checkpoint": path}.
-        option: the output's option name, for the message.
-    Raises:
-        InputError: "<option> <path> is the <input option> input; writing it would destroy that input:
-            choose another <option>".
-    """
-    if output is None:
-        return
-    target = os.path.realpath(output)
-    for name, given in inputs.items():
-        if given is not None and os.path.realpath(given) == target:
-            raise InputError(f"{option} {output} is the {name} input ({given}); writing it would destroy "
-                             f"that input: choose another {option}")

@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from detr_lab.checkpoints import convert_official_checkpoint
-from detr_lab.files import check_not_an_input
+from detr_lab.engine.cli import check_not_an_input
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, run_tool
-from detr_lab.files import check_not_an_input
+from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, check_not_an_input, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
