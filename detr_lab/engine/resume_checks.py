@@ -114,8 +114,8 @@ class RefuseInexactResume(Callback):
     @staticmethod
     def _check_groups(pl_module, checkpoint: dict, saved_optim: dict, source) -> None:
         states = checkpoint.get("optimizer_states") or []
-        if not states or "param_groups" not in states[0]:
-            return
+        if not states or any("name" not in group for group in states[0].get("param_groups", [{}])):
+            return  # not saved by detr_lab's optimizer: torch's own check applies
         optim = pl_module.cfg.optim
         saved = _group_signature(states[0]["param_groups"])
         wanted = _group_signature(build_param_groups(pl_module.model, optim))

@@ -1,12 +1,14 @@
 """Bitwise resume for every shipped recipe family, with what draws from the global generator turned on.
 
-Each family's demo config, shrunk (hidden 32, one or two layers, 64-pixel images, 4 + 2 images, batch
-2): dropout 0.1 everywhere (DETR, Deformable DETR and ACT train with it), DINO / RT-DETR / D-FINE's
-denoising noise, EMA. The uninterrupted run trains 3 steps; the resumed one starts from the checkpoint
-written after step 2 (the last batch of epoch 0, before validation) and trains step 3. Compared bit for
-bit: the averaged weights the module holds at the end, and the raw weights that `last.ckpt` keeps for a
-further resume (Lightning's `ModelCheckpoint` writes `last.ckpt` once more at the end of a resumed run,
-after EMA copied the average into the model).
+Each family's demo config, shrunk (hidden 32, one or two decoder layers, a frozen backbone, 64-pixel
+images, 2 + 2 images, batch 2): dropout 0.1 everywhere (DETR, Deformable DETR and ACT train with it),
+DINO / RT-DETR / D-FINE's denoising noise, DEIM's mosaic and mixup, EMA. The uninterrupted run trains 2
+steps (epochs 0 and 1); the resumed one starts from the checkpoint written after step 1 (the last
+batch of epoch 0) and trains step 2. No validation round runs, so the two runs differ by where they
+start alone (the resumed process has drawn nothing yet). Compared bit for bit: the averaged weights
+the module holds at the end, and the raw weights that `last.ckpt` keeps for a further resume
+(Lightning's `ModelCheckpoint` writes `last.ckpt` once more at the end of a resumed run, after EMA
+copied the average into the model).
 """
 
 import shutil
@@ -21,12 +23,12 @@ from detr_lab.config import load_config
 from detr_lab.engine.trainer import train
 from detr_lab.io import safe_load
 
-pytestmark = pytest.mark.slow  # Lightning end to end, two short runs per family
+pytestmark = pytest.mark.slow  # Lightning end to end, two short runs per family (2 + 1 steps)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_LAYERS = ["model.hidden_dim=32", "model.num_heads=4", "model.ffn_dim=64", "model.num_queries=5",
                "model.dropout=0.1", "model.decoder.num_layers=2"]
-TINY_DATA = ["data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.image_size=64",
+TINY_DATA = ["data.synthetic.num_train=2", "data.synthetic.num_val=2", "data.synthetic.image_size=64",
              "data.batch_size=2", "data.num_workers=0"]
 DETR_SIZES = ["data.augment.train_scales=[48,64]", "data.augment.max_size=96", "data.augment.crop_prob=0.5",
               "data.augment.crop_resize_scales=[40,48]", "data.augment.crop_min_size=30",
@@ -58,7 +60,7 @@ class SnapshotAfterStep(Callback):
 def family_config(name: str, root: Path, run: str):
     config, extra = FAMILIES[name]
     overrides = [*TINY_LAYERS, *TINY_DATA, *extra, f"data.root={root / 'data'}",
-                 f"trainer.output_dir={root / run}", "trainer.max_epochs=3", "trainer.max_steps=3",
+                 f"trainer.output_dir={root / run}", "trainer.max_epochs=3", "trainer.max_steps=2",
                  "trainer.save_every_n_steps=0", "trainer.max_time_minutes=0", "trainer.summary=false",
                  "trainer.log_every_n_steps=1", "trainer.seed=0", "trainer.ema.enabled=true",
                  "trainer.ema.decay=0.5", "trainer.ema.warmup_steps=0", "data.doctor=false",
@@ -75,13 +77,13 @@ def fit(cfg, **options):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_resumed_run_is_bitwise_the_uninterrupted_run(tmp_path, family):
-    snapshot = tmp_path / "after_step_2.ckpt"
-    whole = fit(family_config(family, tmp_path, "whole"), callbacks=[SnapshotAfterStep(2, snapshot)])
-    assert whole.global_step == 3 and snapshot.is_file()
+    snapshot = tmp_path / "after_step_1.ckpt"
+    whole = fit(family_config(family, tmp_path, "whole"), callbacks=[SnapshotAfterStep(1, snapshot)])
+    assert whole.global_step == 2 and snapshot.is_file()
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copy(snapshot, tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     resumed = fit(family_config(family, tmp_path, "resumed"), resume="auto")
-    assert resumed.global_step == 3
+    assert resumed.global_step == 2
 
     averaged, averaged_resumed = whole.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     differing = [k for k, v in averaged_resumed.items() if not torch.equal(v, averaged[k])]
@@ -89,7 +91,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_run(tmp_path, family):
 
     whole_last = safe_load(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     resumed_last = safe_load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert resumed_last["global_step"] == whole_last["global_step"] == 3
+    assert resumed_last["global_step"] == whole_last["global_step"] == 2
     raw, raw_resumed = whole_last["current_model_state"], resumed_last["current_model_state"]
     differing = [k for k, v in raw_resumed.items() if not torch.equal(v, raw[k])]
     assert differing == [], f"raw weights of last.ckpt: {len(differing)} tensors differ, e.g. {differing[:3]}"
