@@ -30,6 +30,7 @@ __all__ = [
     "Interrupted",
     "ToolError",
     "add_common_arguments",
+    "check_not_an_input",
     "one_line",
     "run_tool",
 ]
