@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, parse_backend_arguments, run_tool
+from detr_lab.engine.cli import (
+    add_backend_arguments,
+    add_common_arguments,
+    check_not_an_input,
+    parse_backend_arguments,
+    run_tool,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from detr_lab.engine.evaluate import evaluate_checkpoint
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
+        check_not_an_input(args.output, {"--config": args.config, "--checkpoint": args.checkpoint,
+                                         "--model": args.model}, option="--output")
         common = dict(
             overrides=args.overrides,
             output=args.output,

@@ -3,7 +3,8 @@
 
 Only the tools (`tools/*.py`) import this module; the library raises its own errors
 (`detr_lab.errors`, `ConfigError`, `CheckpointError`, `DatasetError`, ...) and the tools translate
-them here. `ToolError` is for the tools' own checks of their arguments.
+them here. `ToolError` is for the tools' own checks of their arguments; `check_not_an_input` refuses an
+output path that is one of the tool's inputs (no tool writes over its inputs).
 
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
@@ -15,11 +16,12 @@ Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from detr_lab.config import ConfigError
-from detr_lab.errors import DetrLabError, Interrupted
+from detr_lab.errors import DetrLabError, InputError, Interrupted
 
 __all__ = [
     "EXIT_CONFIG_ERROR",
@@ -28,6 +30,7 @@ __all__ = [
     "Interrupted",
     "ToolError",
     "add_common_arguments",
+    "check_not_an_input",
     "one_line",
     "run_tool",
 ]
@@ -119,3 +122,23 @@ def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
         return code
     return 0
 
+
+def check_not_an_input(output: str | os.PathLike | None, inputs: Mapping[str, str | os.PathLike | None],
+                       *, option: str) -> None:
+    """Refuse to write `output` where it is one of the `inputs` (the same file, links resolved).
+
+    Args:
+        output: the file a tool is about to write (None: nothing to check).
+        inputs: option name -> input file (None entries are skipped), e.g. {"--checkpoint": path}.
+        option: the output's option name, for the message.
+    Raises:
+        InputError: "<option> <path> is the <input option> input; writing it would destroy that input:
+            choose another <option>".
+    """
+    if output is None:
+        return
+    target = os.path.realpath(output)
+    for name, given in inputs.items():
+        if given is not None and os.path.realpath(given) == target:
+            raise InputError(f"{option} {output} is the {name} input ({given}); writing it would destroy "
+                             f"that input: choose another {option}")
