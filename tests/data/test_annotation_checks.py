@@ -17,6 +17,7 @@ from coco_test_files import solid_image, write_coco_json, write_small_set
 from PIL import Image
 from yolo_test_files import write_yolo_set
 
+from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import DataConfig, load_config
 from detr_lab.data.coco import CocoDetectionDataset, read_coco_json
 from detr_lab.data.datamodule import DetectionDataModule
@@ -25,6 +26,9 @@ from detr_lab.data.errors import AnnotationWarning, ClassMappingWarning, Dataset
 from detr_lab.data.yolo import YoloDetectionDataset
 from detr_lab.engine.evaluate import evaluate_model
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.models.build import build_model
+
+from factories import load_tool, tiny_config
 
 
 def _edit_small_set(root: Path, edit) -> tuple[Path, Path]:
@@ -319,3 +323,17 @@ def test_coco_annotations_survive_a_write_and_read_unchanged(tmp_path):
     assert [a["id"] for a in data["annotations"]] == [10, 11, 12, 13]
     write_coco_json(tmp_path / "copy.json", data["images"], data["annotations"], data["categories"])
     assert read_coco_json(tmp_path / "copy.json") == data
+
+
+def test_eval_tool_with_nothing_to_evaluate_exits_non_zero(tmp_path, capsys):
+    _two_splits(tmp_path, lambda data: data.update({"annotations": []}))
+    cfg = tiny_config()
+    checkpoint = save_checkpoint(tmp_path / "model.pt", build_model(cfg.model), cfg, [1, 5, 9],
+                                 ["one", "five", "nine"])
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data: {{root: {tmp_path}, val_images: images, val_annotations: val.json, "
+                      f"num_workers: 0}}\ntrainer: {{output_dir: {tmp_path / 'out'}}}\n")
+    code = load_tool("eval").main(["--config", str(config), "--checkpoint", str(checkpoint), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "nothing to evaluate" in err and "val.json" in err and "-1.000" not in err
