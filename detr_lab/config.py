@@ -12,6 +12,7 @@ unknown key the closest valid one.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -34,6 +35,8 @@ from detr_lab.models.necks import NECKS
 from detr_lab.models.queries import QUERY_SOURCES, resolved_query_source
 
 BASE_KEY = "_base_"
+# `--set key=None` means null, as `key=null` does (YAML's spelling); for a string key, write 'None' quoted.
+NULL_SPELLINGS = ("None",)
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,13 @@ def _positive(default: Any) -> Any:
 
 def _non_negative(default: Any) -> Any:
     return field(default=default, metadata={"min": 0})
+
+
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit integers
+
+
+def _seed(default: int) -> Any:
+    return field(default=default, metadata={"min": 0, "max": SEED_MAX})
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -110,7 +120,7 @@ class ActConfig:
 
     q_hashes: int = _positive(32)  # L: number of hash rounds
     bucket_width: float = _positive(1.0)  # r: E2LSH bucket width
-    seed: int = 0  # seeds the hash draws so evaluation is reproducible
+    seed: int = _seed(0)  # seeds the hash draws so evaluation is reproducible
 
 
 @dataclass
@@ -358,7 +368,7 @@ class SyntheticConfig:
     num_train: int = _positive(400)
     num_val: int = _positive(80)
     image_size: int = _positive(256)  # longer side of the generated images
-    seed: int = 0
+    seed: int = _seed(0)
 
 
 @dataclass
@@ -477,7 +487,7 @@ class MonitorsConfig:
 class TrainerConfig:
     output_dir: str = "runs/default"
     max_epochs: int = _positive(50)
-    max_steps: int = -1  # -1: no step limit
+    max_steps: int = field(default=-1, metadata={"min": -1})  # -1: no step limit
     accelerator: str = _choice("auto", "cpu", "gpu", "cuda", "mps", default="auto")
     devices: str = "auto"  # "auto", a count ("8") or a list ("0,1")
     num_nodes: int = _positive(1)
@@ -488,7 +498,7 @@ class TrainerConfig:
     log_every_n_steps: int = _positive(50)
     limit_train_batches: float = _positive(1.0)
     limit_val_batches: float = _positive(1.0)
-    seed: int = 42
+    seed: int = _seed(42)
     save_every_n_steps: int = _non_negative(0)  # 0: checkpoint at each epoch end only
     # Wall-clock budget of the fit (validation included), in minutes; 0: none. Training stops at the
     # first step past it, validates, checkpoints and ends (Lightning's `max_time`).
@@ -538,8 +548,37 @@ def _check_keys(schema: DictConfig, data: Any, where: str, prefix: str = "") -> 
                 f"{where}: unknown key '{dotted}' under {parent}{_suggest(key, _valid_keys(schema))}"
             )
         child_schema = schema._get_node(key)
+        _check_shape(child_schema, data._get_node(key), where, dotted)
         if isinstance(child_schema, DictConfig) and OmegaConf.get_type(child_schema) is not dict:
             _check_keys(child_schema, data._get_node(key), where, f"{dotted}.")
+
+
+def _shown(node: Any) -> str:
+    """A data node as the user wrote it: a plain value, list or mapping."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return repr(OmegaConf.to_container(node))
+    return repr(node._value() if hasattr(node, "_value") else node)
+
+
+def _check_shape(schema_node: Any, data_node: Any, where: str, dotted: str) -> None:
+    """Raise ConfigError when a value's shape does not fit its key: a single value for a list or a
+    section, a list or mapping for a single value. null is left to the merge (optional keys take it)."""
+    if data_node is None or (hasattr(data_node, "_is_none") and data_node._is_none()):
+        return
+    is_list, is_dict = isinstance(data_node, ListConfig), isinstance(data_node, DictConfig)
+    if isinstance(schema_node, ListConfig) and not is_list:
+        raise ConfigError(f"{where}: '{dotted}' is a list, got {_shown(data_node)} (on the command line: "
+                          f"{dotted}=[{_shown(data_node).strip(chr(39))}])")
+    if isinstance(schema_node, DictConfig) and not is_dict:
+        if OmegaConf.get_type(schema_node) is dict:
+            raise ConfigError(f"{where}: '{dotted}' is a mapping of names to values, got {_shown(data_node)}")
+        keys = [str(k) for k in schema_node.keys()]
+        hint = f"; did you mean '{dotted}.enabled'?" if "enabled" in keys else ""
+        raise ConfigError(f"{where}: '{dotted}' is a section (keys {', '.join(keys)}), not a value: got "
+                          f"{_shown(data_node)}{hint}")
+    if not isinstance(schema_node, (DictConfig, ListConfig)) and (is_list or is_dict):
+        kind = "list" if is_list else "mapping"
+        raise ConfigError(f"{where}: '{dotted}' takes a single value, not a {kind}: got {_shown(data_node)}")
 
 
 def _merge(schema: DictConfig, data: DictConfig, where: str) -> DictConfig:
@@ -552,10 +591,28 @@ def _merge(schema: DictConfig, data: DictConfig, where: str) -> DictConfig:
         return OmegaConf.merge(schema, data)  # type: ignore[return-value]
     except (ValidationError, ConfigKeyError) as err:
         key = getattr(err, "full_key", None) or "?"
-        msg = str(err).splitlines()[0]
-        raise ConfigError(f"{where}: invalid value for '{key}': {msg}") from None
+        raise ConfigError(f"{where}: invalid value for '{key}': {_conversion_text(str(err))}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+_TYPE_WORDS = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}
+
+
+def _conversion_text(message: str) -> str:
+    """OmegaConf's conversion error as a plain sentence ("'abc' is not a number"); other errors' first
+    line as they are."""
+    first = message.splitlines()[0]
+    match = re.match(r"Value '(.*)' of type '[\w.]+' could not be converted to (\w+)", first)
+    if match:
+        wanted = _TYPE_WORDS.get(match.group(2), match.group(2).lower())
+        return f"{match.group(1)!r} is not {wanted}"
+    match = re.match(r"Value '(.*)' is not a valid bool", first)
+    if match:
+        return f"{match.group(1)!r} is not true or false"
+    if re.match(r"field '[\w.]+' is not Optional|Incompatible value 'None'", first):
+        return "null is not allowed here"
+    return first
 
 
 def _yaml_error_text(err: Exception) -> str:
@@ -604,13 +661,28 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, value = item.split("=", 1)
+        items.append(f"{key}=null" if value.strip() in NULL_SPELLINGS else item)
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides: {str(err).splitlines()[0]}") from None
+
+
+def _non_finite(value: Any, suffix: str = "") -> tuple[str, float] | None:
+    """(key suffix, value) of the first nan or +-inf in a value, list or mapping; None when all finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return suffix, value
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{suffix}[{key}]" if isinstance(value, list) else f"{suffix}.{key}")
+        if found is not None:
+            return found
+    return None
 
 
 def _walk_validate(obj: Any, prefix: str, where: str) -> None:
@@ -621,6 +693,9 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
             _walk_validate(value, f"{dotted}.", where)
             continue
         meta = f.metadata
+        bad = _non_finite(value)
+        if bad is not None:
+            raise ConfigError(f"{where}: '{dotted}{bad[0]}' is {bad[1]!r}; a config's numbers must be finite")
         choices = meta.get("choices")
         choices = choices() if callable(choices) else choices
         if choices is not None and value is not None and value not in choices:

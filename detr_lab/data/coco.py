@@ -35,7 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -114,11 +114,77 @@ def read_coco_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def validate_coco_detection(data: Any, path: str | os.PathLike) -> None:
-    """Check that `data` (the parsed json of `path`) is a COCO detection set; fill optional fields.
+@dataclass
+class CocoRepairs:
+    """What `validate_coco_detection` repaired in a COCO dict, by kind.
 
-    See `read_coco_json` for the rules. Mutates `data`: annotations get `iscrowd` 0 and `area` w * h
-    where absent (pycocotools' evaluator needs both).
+    counts: kind -> number of values repaired (kinds in `REPAIR_TEXT`); duplicates: (removed, kept)
+    annotation ids of exact duplicate objects (same image, category, bbox and iscrowd), the later
+    entry removed.
+    """
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REPAIR_TEXT, 0))
+    duplicates: list[tuple[int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(self.counts.values())
+
+    def text(self) -> str:
+        """One phrase per repaired kind, e.g. "2 null 'area' values set to the bbox's w * h"."""
+        return "; ".join(f"{count} {REPAIR_TEXT[kind]}" for kind, count in self.counts.items() if count)
+
+
+REPAIR_TEXT = {
+    "duplicate_objects": "exact duplicate objects (same image, category, bbox and iscrowd) removed",
+    "null_iscrowd": "null 'iscrowd' values set to 0",
+    "bool_iscrowd": "true/false 'iscrowd' values set to 1/0",
+    "null_area": "null 'area' values set to the bbox's w * h",
+    "null_segmentation": "null 'segmentation' values removed",
+    "float_size": "integral float image 'width'/'height' values made integers",
+}
+
+
+def _check_segmentation(value: Any, where: str) -> None:
+    """COCO's two segmentation forms: polygons (a list of lists of numbers) or RLE {counts, size}."""
+    if isinstance(value, list):
+        for polygon in value:
+            if not (isinstance(polygon, list) and all(_is_number(v) for v in polygon)):
+                raise DatasetError(f"{where}: 'segmentation' must be a list of polygons (lists of finite "
+                                   f"numbers) or an RLE {{counts, size}}, got {_short(value)}")
+        return
+    if isinstance(value, dict):
+        size, counts = value.get("size"), value.get("counts")
+        size_ok = isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)
+        counts_ok = isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(v) for v in counts))
+        if size_ok and counts_ok:
+            return
+    raise DatasetError(f"{where}: 'segmentation' must be a list of polygons (lists of finite numbers) or an "
+                       f"RLE {{counts: str or list of integers, size: [h, w]}}, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_coco_detection(data: Any, path: str | os.PathLike, *, warn: bool = True) -> CocoRepairs:
+    """Check that `data` (the parsed json of `path`) is a COCO detection set; fill and repair fields.
+
+    Every field detr_lab or COCOeval reads is checked: images' `id`, `file_name`, `width`/`height`
+    (positive integers where present), categories' `id`, annotations' `id`, `image_id`,
+    `category_id` (integers naming a listed image / category), `bbox` (4 finite numbers), `iscrowd`
+    (0 or 1), `area` (a finite number >= 0) and `segmentation` where present (polygons or RLE).
+
+    Mutates `data`: absent `iscrowd` becomes 0 and absent `area` w * h (pycocotools' evaluator needs
+    both); the repairs COCO's conventions allow are made and counted (`CocoRepairs`): null
+    `iscrowd` -> 0, true/false `iscrowd` -> 1/0, null `area` -> w * h, null `segmentation` removed,
+    integral float `width`/`height` (640.0) -> int, and exact duplicate objects (same `image_id`,
+    `category_id`, `bbox` and `iscrowd`) removed, keeping the first. With `warn`, one
+    `AnnotationWarning` names the file and the counts.
+
+    Raises:
+        DatasetError: a value that cannot be repaired; the message names the file, the image,
+            annotation or category id and the value.
     """
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: not a COCO detection file: the top level is a {type(data).__name__}, "
@@ -129,6 +195,7 @@ def validate_coco_detection(data: Any, path: str | os.PathLike) -> None:
         if not isinstance(data[key], list):
             raise DatasetError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
 
+    repairs = CocoRepairs()
     image_ids: set[int] = set()
     for i, image in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
@@ -140,11 +207,16 @@ def validate_coco_detection(data: Any, path: str | os.PathLike) -> None:
         if not _is_int(image["id"]):
             raise DatasetError(f"{where}: 'id' must be an integer, got {image['id']!r}")
         if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise DatasetError(f"{where} (image id {image['id']}): 'file_name' must be a non-empty string")
+            raise DatasetError(f"{where} (image id {image['id']}): 'file_name' must be a non-empty string, "
+                               f"got {_short(image['file_name'])}")
         for key in ("width", "height"):
-            if key in image and not (_is_int(image[key]) and image[key] > 0):
+            value = image.get(key)
+            if isinstance(value, float) and value.is_integer() and value > 0:
+                image[key] = int(value)
+                repairs.counts["float_size"] += 1
+            elif key in image and not (_is_int(value) and value > 0):
                 raise DatasetError(f"{where} (image id {image['id']}): '{key}' must be a positive integer, "
-                                   f"got {image[key]!r}")
+                                   f"got {value!r}")
         if image["id"] in image_ids:
             raise DatasetError(f"{path}: image id {image['id']} appears twice in 'images'")
         image_ids.add(image["id"])
@@ -160,13 +232,15 @@ def validate_coco_detection(data: Any, path: str | os.PathLike) -> None:
         category_ids.add(category["id"])
 
     annotation_ids: set[int] = set()
+    first_of: dict[tuple, int] = {}
+    kept = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DatasetError(f"{path}: annotations[{i}] is not an object")
         if "id" not in ann:
             raise DatasetError(f"{path}: annotations[{i}] has no 'id'")
         ann_id = ann["id"]
-        where = f"{path}: annotation id {ann_id} (annotations[{i}])"
+        where = f"{path}: annotation id {ann_id!r} (annotations[{i}])"
         if not _is_int(ann_id):
             raise DatasetError(f"{where}: 'id' must be an integer")
         if ann_id in annotation_ids:
@@ -180,15 +254,55 @@ def validate_coco_detection(data: Any, path: str | os.PathLike) -> None:
                 raise DatasetError(f"{where}: '{key}' must be an integer, got {ann[key]!r}")
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}")
         if ann["image_id"] not in image_ids:
             raise DatasetError(f"{where} refers to image_id {ann['image_id']!r}, which is not in 'images'")
         if ann["category_id"] not in category_ids:
             raise DatasetError(
                 f"{where} has category_id {ann['category_id']!r}, which is not in 'categories'"
             )
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(bbox[2] * bbox[3]))
+        _check_crowd_and_area(ann, where, repairs)
+        key = (ann["image_id"], ann["category_id"], tuple(float(v) for v in bbox), ann["iscrowd"])
+        if key in first_of:
+            repairs.duplicates.append((ann_id, first_of[key]))
+            continue
+        first_of[key] = ann_id
+        kept.append(ann)
+    if repairs.duplicates:
+        data["annotations"] = kept
+        repairs.counts["duplicate_objects"] = len(repairs.duplicates)
+    if warn and repairs:
+        warnings.warn(f"{path}: {repairs.text()}", AnnotationWarning, stacklevel=2)
+    return repairs
+
+
+def _check_crowd_and_area(ann: dict, where: str, repairs: CocoRepairs) -> None:
+    """Fill, repair or refuse an annotation's `iscrowd`, `area` and `segmentation` (see
+    `validate_coco_detection`)."""
+    crowd = ann.get("iscrowd", 0)
+    if crowd is None:
+        crowd = 0
+        repairs.counts["null_iscrowd"] += 1
+    elif isinstance(crowd, bool):
+        crowd = int(crowd)
+        repairs.counts["bool_iscrowd"] += 1
+    elif not (_is_int(crowd) and crowd in (0, 1)):
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+    ann["iscrowd"] = crowd
+    bbox = ann["bbox"]
+    if "area" not in ann:
+        ann["area"] = float(bbox[2] * bbox[3])
+    elif ann["area"] is None:
+        ann["area"] = float(bbox[2] * bbox[3])
+        repairs.counts["null_area"] += 1
+    elif not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DatasetError(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")
+    if "segmentation" in ann:
+        if ann["segmentation"] is None:
+            del ann["segmentation"]
+            repairs.counts["null_segmentation"] += 1
+        else:
+            _check_segmentation(ann["segmentation"], where)
 
 
 def coco_from_dict(data: dict) -> COCO:

@@ -9,7 +9,10 @@ The class mapping (class index -> category id) is, unless given, the sorted cate
 validation annotation file (the synthetic set's fixed ids for `dataset: synthetic`); both splits use
 the same mapping, so a training annotation whose category is not in it is an error naming it.
 YOLO-format sets (`data.format`, see `resolve_format`) map class index i to category id i, with the
-names of their data.yaml, and are converted to COCO dicts in memory (`detr_lab.data.yolo`).
+names of their data.yaml, and are converted to COCO dicts in memory (`detr_lab.data.yolo`). Given a
+checkpoint's mapping (`category_ids` and `class_names`) whose ids are not the YOLO class indices, a YOLO
+set whose names match the checkpoint's one to one is mapped by name (a `ClassMappingWarning` says so):
+a YOLO copy of a COCO set evaluates with the checkpoint of that COCO set.
 Under DDP, Lightning inserts the DistributedSampler itself. The training loader is a torchdata
 `StatefulDataLoader`: Lightning stores its position and sampler state in each checkpoint.
 With `data.augment.policy: rtdetr` the training loader's collate is `SquareMultiScaleCollate`
@@ -22,6 +25,7 @@ transform; the training dataset gives it the other images it joins (`CocoDetecti
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detr_lab.config import Config, DataConfig
 from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
 from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
+from detr_lab.data.errors import ClassMappingWarning, DatasetError
 from detr_lab.data.mixup import BatchMixup
 from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
@@ -64,6 +69,33 @@ def resolve_format(data_cfg: DataConfig) -> str:
     return "yolo" if has_yaml and not has_coco else "coco"
 
 
+def match_by_name(
+    ids: Sequence[int], names: Sequence[str], wanted_ids: Sequence[int] | None,
+    wanted_names: Sequence[str] | None, source: Path,
+) -> dict[int, int] | None:
+    """A dataset's category id -> the wanted category id, matched by class name; None when not needed
+    (every id of the dataset is wanted under the same name) or not possible (the names do not match
+    one to one: each dataset name unique and present once among the wanted names).
+
+    Warns (`ClassMappingWarning`) when it maps, naming the first pairs.
+    """
+    if wanted_ids is None or wanted_names is None or len(wanted_ids) != len(wanted_names):
+        return None
+    wanted = dict(zip(wanted_ids, wanted_names, strict=True))
+    if all(wanted.get(i) == name for i, name in zip(ids, names, strict=True)):
+        return None
+    counts = Counter(wanted_names)
+    if len(set(names)) != len(names) or any(counts[name] != 1 for name in names):
+        return None
+    id_of = {name: i for i, name in wanted.items()}
+    mapping = {i: id_of[name] for i, name in zip(ids, names, strict=True)}
+    shown = ", ".join(f"{i} {name!r} -> {mapping[i]}" for i, name in list(zip(ids, names, strict=True))[:4])
+    more = " ..." if len(ids) > 4 else ""
+    warnings.warn(f"{source}: its class indices are not the model's category ids, but the class names agree "
+                  f"one to one: classes mapped by name ({shown}{more})", ClassMappingWarning, stacklevel=3)
+    return mapping
+
+
 class DetectionDataModule(L.LightningDataModule):
     """Datasets and loaders for `cfg.data` (`dataset: coco` or `synthetic`; COCO or YOLO files).
 
@@ -74,13 +106,17 @@ class DetectionDataModule(L.LightningDataModule):
         cfg: the run's config; reads `cfg.data` only.
         category_ids: explicit class index -> category id mapping (e.g. from a checkpoint); None: derived
             from the data (see the module docstring).
+        class_names: the names of `category_ids` (a checkpoint's); lets a YOLO set be mapped by name.
     """
 
-    def __init__(self, cfg: Config, category_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, cfg: Config, category_ids: Sequence[int] | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.data_cfg = cfg.data
         self._requested_category_ids = list(category_ids) if category_ids is not None else None
+        self._requested_names = list(class_names) if class_names is not None else None
+        self._yolo_id_map: dict[int, int] | None = None  # YOLO class index -> category id, by name
         self._categories: tuple[list[int], list[str]] | None = None
         self.train_dataset: CocoDetectionDataset | None = None
         self.val_dataset: CocoDetectionDataset | None = None
@@ -96,7 +132,8 @@ class DetectionDataModule(L.LightningDataModule):
 
     def _build_dataset(self, split: str, **kwargs) -> CocoDetectionDataset:
         if self.format == "yolo":
-            return YoloDetectionDataset(Path(self.data_cfg.root) / self.data_cfg.yolo_data, split, **kwargs)
+            return YoloDetectionDataset(Path(self.data_cfg.root) / self.data_cfg.yolo_data, split,
+                                        category_id_map=self._yolo_id_map, **kwargs)
         images, annotations = self._paths(split)
         return CocoDetectionDataset(images, annotations, **kwargs)
 
@@ -108,8 +145,13 @@ class DetectionDataModule(L.LightningDataModule):
                 name_of = dict(zip(SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, strict=True))
                 self._categories = (ids, [name_of.get(i, "N/A") for i in ids])
             elif self.format == "yolo":
-                ids, names = read_yolo_categories(Path(self.data_cfg.root) / self.data_cfg.yolo_data)
-                if self._requested_category_ids is not None:
+                data_yaml = Path(self.data_cfg.root) / self.data_cfg.yolo_data
+                ids, names = read_yolo_categories(data_yaml)
+                self._yolo_id_map = match_by_name(ids, names, self._requested_category_ids,
+                                                  self._requested_names, data_yaml)
+                if self._yolo_id_map is not None:
+                    ids, names = list(self._requested_category_ids), list(self._requested_names)
+                elif self._requested_category_ids is not None:
                     name_of = dict(zip(ids, names, strict=True))
                     ids = self._requested_category_ids
                     names = [name_of.get(i, UNNAMED_CATEGORY) for i in ids]
@@ -158,6 +200,9 @@ class DetectionDataModule(L.LightningDataModule):
                 category_ids=category_ids,
                 skip_corrupt_images=False,  # evaluation must see every image
             )
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
+            if dataset is not None and len(dataset) == 0:
+                raise DatasetError(f"{dataset.annotation_file}: the {split} split has no images")
 
     def _built(self, dataset: CocoDetectionDataset | None, split: str) -> CocoDetectionDataset:
         if dataset is None:

@@ -8,12 +8,16 @@ Findings have a severity:
   label line, duplicate image/annotation/category ids (the other checks then keep the first entry
   of each), `model.num_classes` other than the number of categories, training categories missing
   from the class mapping, more objects in an image than `model.num_queries` (the matcher can assign
-  at most one object per query: the rest are never learned), missing or unreadable image files,
-  and image files whose upright size differs from the annotation file's `width`/`height` (boxes
-  then refer to other pixels; EXIF rotation named).
+  at most one object per query: the rest are never learned), missing or unreadable image files
+  (the full doctor decodes every file; `brief` reads headers), image files whose upright size
+  differs from the annotation file's `width`/`height` (boxes then refer to other pixels; EXIF
+  rotation named), a split with no image or no usable object, no categories at all, and YOLO label
+  lines with coordinates above 1 (pixels instead of fractions). Findings on YOLO sets name the label
+  file and line (`a.txt:3`), on COCO sets the annotation id.
 - "warning": the loader repairs or ignores something (zero-size boxes dropped, boxes reaching outside
-  their image clipped or dropped, YOLO label files without an image), a category without training
-  objects, strong class imbalance, a large share of padding.
+  their image clipped or dropped, exact duplicate objects removed, null `area`/`iscrowd` filled, see
+  `detr_lab.data.coco.validate_coco_detection`, YOLO label files without an image), a category
+  without training objects, strong class imbalance, a large share of padding.
 - "info": counts and statistics: categories, images with no objects, objects per image against
   `num_queries`, image sizes and the padding they cause at `data.batch_size`, class counts, and for
   small datasets suggested settings.
@@ -43,9 +47,10 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from detr_lab.config import Config
-from detr_lab.data.coco import validate_coco_detection
+from detr_lab.data.coco import CocoRepairs, validate_coco_detection
 from detr_lab.data.datamodule import coco_split_paths, resolve_format
 from detr_lab.data.errors import DatasetError
+from detr_lab.data.images import load_rgb_image
 from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.data.transforms import shorter_side_size
 from detr_lab.data.yolo import upright_size, yolo_split_to_coco
@@ -58,6 +63,7 @@ RESNET_FROZEN_STAGES = 1  # a ResNet's `model.backbone.frozen_stages: null` (as 
 IMBALANCE_RATIO = 10.0  # most / least frequent class (with objects) above which it warns
 PADDING_WARNING = 0.5  # padding share of the batch tensors above which it warns
 PADDING_BATCH_DRAWS = 20  # shuffled epochs simulated for the training split's padding
+NORMALIZED_TOLERANCE = 0.01  # YOLO coordinates above 1 + this are taken for pixels
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,16 @@ class _Split:
     images_dir: Path
     annotation_file: Path
     data: dict
+    # annotation id -> where a finding should point (YOLO: "<label file>:<line>"); None: the id itself
+    sources: dict[int, str] | None = None
+
+    def describe(self, annotation_ids: list[int]) -> str:
+        """Up to five annotations named for the user: "annotation ids 3, 4" or "label lines a.txt:2"."""
+        shown = annotation_ids[:5]
+        more = " ..." if len(annotation_ids) > 5 else ""
+        if self.sources is None:
+            return f"annotation ids {', '.join(map(str, shown))}{more}"
+        return f"label lines {', '.join(self.sources[i] for i in shown)}{more}"
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -164,11 +180,24 @@ def _read_coco_split(report: DoctorReport, name: str, images_dir: Path, path: Pa
         data = _first_of_each_id(data)
         report.add("info", name, "the checks below keep the first entry of each duplicated id")
     try:
-        validate_coco_detection(data, path)
+        repairs = validate_coco_detection(data, path, warn=False)
     except DatasetError as err:
         report.add("error", name, str(err))
         return None
-    return _Split(name, images_dir, path, data)
+    split = _Split(name, images_dir, path, data)
+    _report_repairs(report, split, repairs)
+    return split
+
+
+def _report_repairs(report: DoctorReport, split: _Split, repairs: CocoRepairs) -> None:
+    """A warning for the values the loader repairs, naming the first duplicate objects."""
+    if not repairs:
+        return
+    message = f"{split.annotation_file}: the loader repairs {repairs.text()}"
+    if repairs.duplicates:
+        removed = [i for i, _ in repairs.duplicates]
+        message += f" (duplicates: {split.describe(removed)})"
+    report.add("warning", split.name, message)
 
 
 def _first_of_each_id(data: dict) -> dict:
@@ -200,7 +229,27 @@ def _read_yolo_split(report: DoctorReport, name: str, data_yaml: Path) -> _Split
         shown = ", ".join(str(p) for p in converted.orphan_labels[:3])
         report.add("warning", name, f"{len(converted.orphan_labels)} label file(s) without an image are "
                                     f"ignored: {shown}{' ...' if len(converted.orphan_labels) > 3 else ''}")
-    return _Split(name, converted.root, data_yaml, converted.coco)
+    sources = {i: converted.where(i) for i in converted.sources}
+    split = _Split(name, converted.root, data_yaml, converted.coco, sources)
+    _report_repairs(report, split, converted.repairs)
+    _check_normalized(report, split)
+    return split
+
+
+def _check_normalized(report: DoctorReport, split: _Split) -> None:
+    """YOLO coordinates are fractions of the image size: label lines with values above 1 (pixels?)."""
+    size_of = {img["id"]: (img["width"], img["height"]) for img in split.data["images"]}
+    over = []
+    for ann in split.data["annotations"]:
+        width, height = size_of[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        fractions = ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
+        if max(fractions) > 1 + NORMALIZED_TOLERANCE:
+            over.append(ann["id"])
+    if over:
+        report.add("error", split.name, f"{len(over)} label lines have coordinates above 1 "
+                                        f"({split.describe(over)}): YOLO boxes are 'class cx cy w h' as "
+                                        "fractions of the image width and height, not pixels")
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -210,6 +259,10 @@ def _check_categories(report: DoctorReport, cfg: Config, splits: dict[str, _Spli
     assert mapping_split is not None
     names = {c["id"]: str(c.get("name", c["id"])) for c in mapping_split.data["categories"]}
     ids = sorted(names)
+    if not ids:
+        report.add("error", None, f"{mapping_split.annotation_file} lists no categories (its 'categories' "
+                                  "is empty; the class mapping comes from it): list the objects' categories")
+        return ids
     shown = ", ".join(f"{i}:{names[i]}" for i in ids[:12]) + (" ..." if len(ids) > 12 else "")
     report.add("info", None, f"{len(ids)} categories (id:name, class index = position): {shown}")
     num_classes = cfg.model.num_classes
@@ -265,13 +318,13 @@ def _check_objects(report: DoctorReport, cfg: Config, split: _Split) -> tuple[li
     if problems["non_positive_size"]:
         ids = problems["non_positive_size"]
         report.add("warning", name, f"{len(ids)} boxes of zero or negative width or height are dropped "
-                                    f"(annotation ids {_ids(ids)})")
+                                    f"({split.describe(ids)})")
     if problems["outside_image"]:
         report.add("warning", name, f"{len(problems['outside_image'])} boxes lie outside their image and are "
-                                    f"dropped (annotation ids {_ids(problems['outside_image'])})")
+                                    f"dropped ({split.describe(problems['outside_image'])})")
     if problems["clipped"]:
         report.add("warning", name, f"{len(problems['clipped'])} boxes reach outside their image and are "
-                                    f"clipped (annotation ids {_ids(problems['clipped'])})")
+                                    f"clipped ({split.describe(problems['clipped'])})")
     crowd = sum(1 for a in split.data["annotations"] if a.get("iscrowd"))
     if crowd:
         report.add("info", name, f"{crowd} crowd annotations are left out of the targets "
@@ -281,6 +334,12 @@ def _check_objects(report: DoctorReport, cfg: Config, split: _Split) -> tuple[li
     empty = int((counts == 0).sum())
     report.add("info", name, f"{num_images} images, {int(counts.sum())} objects; {empty} images "
                              f"({100.0 * empty / max(num_images, 1):.1f}%) have no objects")
+    if num_images == 0:
+        report.add("error", name, f"{split.annotation_file}: the {name} split has no images")
+    elif counts.sum() == 0:
+        use = "training has no targets" if name == "train" else "evaluation has nothing to score (AP -1)"
+        report.add("error", name, f"{split.annotation_file}: no usable object in the {name} split (after "
+                                  f"dropping crowd and degenerate boxes): {use}")
     if num_images:
         queries = cfg.model.num_queries
         report.add("info", name, f"objects per image: mean {counts.mean():.1f}, 95th percentile "
@@ -364,7 +423,9 @@ def _check_sizes(report: DoctorReport, cfg: Config, split: _Split) -> None:
 
 
 def _check_files(report: DoctorReport, split: _Split, sample: int | None) -> None:
-    """Missing or unreadable image files, and upright sizes that differ from the json's."""
+    """Missing or unreadable image files, and upright sizes that differ from the json's. With a
+    `sample` the headers of that many files are read, else every file is decoded in full (a truncated
+    file has a readable header)."""
     images = split.data["images"]
     indices = np.arange(len(images))
     if sample is not None and len(images) > sample:
@@ -377,7 +438,10 @@ def _check_files(report: DoctorReport, split: _Split, sample: int | None) -> Non
             missing.append(f"{path} (image id {image['id']})")
             continue
         try:
-            width, height = upright_size(path)
+            if sample is None:
+                height, width = load_rgb_image(path, image["id"]).shape[:2]
+            else:
+                width, height = upright_size(path)
         except DatasetError as err:
             unreadable.append(str(err))
             continue
@@ -502,7 +566,7 @@ def diagnose(cfg: Config, *, brief: bool = False) -> DoctorReport:
         per_image, per_category = _check_objects(report, cfg, split)
         max_objects = max([max_objects, *per_image])
         _check_sizes(report, cfg, split)
-        if fmt != "yolo":  # YOLO sizes are read from the files themselves
+        if fmt != "yolo" or not brief:  # YOLO headers were read by the conversion
             _check_files(report, split, BRIEF_FILE_SAMPLE if brief else None)
         _check_balance(report, split, class_ids, per_category)
     if "train" in splits:

@@ -21,3 +21,7 @@ class CorruptImageError(DatasetError):
 
 class AnnotationWarning(UserWarning):
     """Annotations were repaired (degenerate boxes clipped or dropped, sizes disagreeing with the file)."""
+
+
+class ClassMappingWarning(UserWarning):
+    """A dataset's classes were matched to a model's by name, its own ids being different."""

@@ -33,13 +33,13 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from detr_lab.data.coco import CocoDetectionDataset, validate_coco_detection
+from detr_lab.data.coco import CocoDetectionDataset, CocoRepairs, validate_coco_detection
 from detr_lab.data.errors import AnnotationWarning, DatasetError, MissingImageError
 from detr_lab.data.images import IMAGE_SUFFIXES, upright_size
 from detr_lab.files import atomic_write_text
@@ -64,6 +64,13 @@ class YoloSplit:
     root: Path
     coco: dict
     orphan_labels: list[Path]  # label files of the split's label folders without an image
+    # annotation id -> (label file, 1-based line) it was read from
+    sources: dict[int, tuple[Path, int]] = field(default_factory=dict)
+    repairs: CocoRepairs = field(default_factory=CocoRepairs)
+
+    def where(self, annotation_id: int) -> str:
+        """"<label file>:<line>" of an annotation of this split."""
+        return _where(self.sources, annotation_id)
 
 
 # ------------------------------------------------------------------------------------- data.yaml
@@ -101,8 +108,22 @@ def read_data_yaml(path: str | os.PathLike) -> YoloDataDescription:
         items = entry if isinstance(entry, list) else [entry]
         if not items or not all(isinstance(item, str) and item for item in items):
             raise DatasetError(f"{path}: '{split}' must be a path or a list of paths, got {entry!r}")
-        splits[split] = [Path(item) if Path(item).is_absolute() else root / item for item in items]
+        splits[split] = [_split_source(root, item) for item in items]
     return YoloDataDescription(yaml_path=path, root=root, splits=splits, names=names)
+
+
+def _split_source(root: Path, item: str) -> Path:
+    """A split entry's path: absolute as is, else relative to `root`. A relative entry starting with
+    `../` that does not exist is also tried without it, as Ultralytics does: Roboflow's YOLOv8 exports
+    write `train: ../train/images` in a data.yaml that sits beside `train/`."""
+    if Path(item).is_absolute():
+        return Path(item)
+    path = root / item
+    if not path.exists() and item.startswith("../"):
+        inside = root / item[3:]
+        if inside.exists():
+            return inside
+    return path
 
 
 def _parse_names(data: dict, path: Path) -> list[str]:
@@ -166,8 +187,16 @@ def _split_images(description: YoloDataDescription, split: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- label files
-def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
-    """The objects of one label file: (class, cx, cy, w, h), normalized.
+LabelObject = tuple[int, float, float, float, float]  # (class, cx, cy, w, h), normalized
+
+
+def parse_label_file(path: Path, num_classes: int) -> list[LabelObject]:
+    """The objects of one label file: (class, cx, cy, w, h), normalized (see `parse_label_lines`)."""
+    return [obj for _, obj in parse_label_lines(path, num_classes)]
+
+
+def parse_label_lines(path: Path, num_classes: int) -> list[tuple[int, LabelObject]]:
+    """The objects of one label file with their 1-based line numbers: (line, (class, cx, cy, w, h)).
 
     A line is `class cx cy w h`, or a segment `class x1 y1 ... xn yn` (n >= 3) whose enclosing box
     is taken.
@@ -213,7 +242,7 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
             xs, ys = numbers[0::2], numbers[1::2]
             x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
             numbers = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
-        objects.append((label, *numbers))
+        objects.append((number, (label, *numbers)))
     return objects
 
 
@@ -232,6 +261,7 @@ def yolo_split_to_coco(data_yaml: str | os.PathLike, split: str) -> YoloSplit:
     description = read_data_yaml(data_yaml)
     image_paths = _split_images(description, split)
     images, annotations = [], []
+    sources: dict[int, tuple[Path, int]] = {}
     for image_id, image_path in enumerate(image_paths, start=1):
         width, height = upright_size(image_path)
         try:
@@ -242,21 +272,34 @@ def yolo_split_to_coco(data_yaml: str | os.PathLike, split: str) -> YoloSplit:
         labels = label_path(image_path)
         if not labels.is_file():
             continue
-        for label, cx, cy, w, h in parse_label_file(labels, len(description.names)):
+        for line, (label, cx, cy, w, h) in parse_label_lines(labels, len(description.names)):
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
+            annotation_id = len(annotations) + 1
+            sources[annotation_id] = (labels, line)
             annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": label,
+                "id": annotation_id, "image_id": image_id, "category_id": label,
                 "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
             })
     categories = [{"id": index, "name": name} for index, name in enumerate(description.names)]
     coco = {"images": images, "annotations": annotations, "categories": categories}
-    validate_coco_detection(coco, description.yaml_path)
+    repairs = validate_coco_detection(coco, description.yaml_path, warn=False)
+    if repairs.duplicates:
+        removed, kept = repairs.duplicates[0]
+        first = f"{_where(sources, removed)} repeats {_where(sources, kept)}"
+        warnings.warn(f"{description.yaml_path} ({split}): {len(repairs.duplicates)} exact duplicate label "
+                      f"line(s) removed (first: {first})", AnnotationWarning, stacklevel=2)
     orphans = _orphan_labels(image_paths)
     if orphans:
         shown = ", ".join(str(p) for p in orphans[:3]) + (" ..." if len(orphans) > 3 else "")
         warnings.warn(f"{description.yaml_path} ({split}): {len(orphans)} label file(s) without an image "
                       f"are not used: {shown}", AnnotationWarning, stacklevel=2)
-    return YoloSplit(root=description.root, coco=coco, orphan_labels=orphans)
+    return YoloSplit(root=description.root, coco=coco, orphan_labels=orphans, sources=sources,
+                     repairs=repairs)
+
+
+def _where(sources: dict[int, tuple[Path, int]], annotation_id: int) -> str:
+    path, line = sources[annotation_id]
+    return f"{path}:{line}"
 
 
 def _orphan_labels(image_paths: list[Path]) -> list[Path]:
@@ -285,12 +328,20 @@ class YoloDetectionDataset(CocoDetectionDataset):
     Args:
         data_yaml: the dataset's `data.yaml`.
         split: "train" or "val".
+        category_id_map: YOLO class index -> the category id to give it (e.g. a checkpoint's, matched
+            by name: `detr_lab.data.datamodule.match_by_name`); None: the class index.
         **kwargs: as `CocoDetectionDataset` (transforms, category_ids, skip_corrupt_images, ...).
     """
 
-    def __init__(self, data_yaml: str | os.PathLike, split: str, **kwargs: Any) -> None:
+    def __init__(self, data_yaml: str | os.PathLike, split: str, *,
+                 category_id_map: dict[int, int] | None = None, **kwargs: Any) -> None:
         self.split = split
         self.yolo = yolo_split_to_coco(data_yaml, split)
+        if category_id_map is not None:
+            for category in self.yolo.coco["categories"]:
+                category["id"] = category_id_map[category["id"]]
+            for annotation in self.yolo.coco["annotations"]:
+                annotation["category_id"] = category_id_map[annotation["category_id"]]
         super().__init__(self.yolo.root, data_yaml, **kwargs)
 
     def read_annotations(self) -> dict:

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from detr_lab.checkpoints import load_checkpoint, split_model_overrides
 from detr_lab.config import Config, load_config
+from detr_lab.data.coco import CocoDetectionDataset
 from detr_lab.data.datamodule import DetectionDataModule
+from detr_lab.data.errors import DatasetError
 from detr_lab.engine.detect import detect
 from detr_lab.engine.devices import resolve_device
 from detr_lab.engine.evaluator import CocoEvaluator
@@ -73,6 +75,17 @@ def warn_model_differences(yaml_model, checkpoint_model, config_path, checkpoint
         warnings.warn(f"{config_path}: the model section differs from {checkpoint}'s ({shown}{more}); "
                       "evaluating the checkpoint's model", ModelMismatchWarning, stacklevel=2)
     return differing
+
+
+def check_something_to_evaluate(dataset: CocoDetectionDataset) -> None:
+    """Raise `DatasetError` when COCOeval would have nothing to measure on `dataset` (every number -1):
+    no images, or no non-crowd object among them."""
+    if len(dataset) == 0:
+        raise DatasetError(f"nothing to evaluate: {dataset.annotation_file} has no images")
+    objects = sum(1 for ann in dataset.coco.dataset["annotations"] if not ann["iscrowd"])
+    if objects == 0:
+        raise DatasetError(f"nothing to evaluate: {dataset.annotation_file} has {len(dataset)} images but no "
+                           "object (non-crowd annotation) to score detections against; every AP would be -1")
 
 
 @torch.inference_mode()
@@ -128,7 +141,7 @@ def evaluate_checkpoint(
     target_device = resolve_device(device)
     model = optimize_for_inference(loaded.model.to(target_device).eval())
     return evaluate_model(cfg, model, loaded.category_ids, target_device, output=output, progress=progress,
-                          source=checkpoint)
+                          source=checkpoint, class_names=loaded.class_names)
 
 
 def evaluate_model(
@@ -140,6 +153,7 @@ def evaluate_model(
     output: str | os.PathLike | None,
     progress: bool,
     source: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Predict the val split of `cfg.data` with `model`, score it with COCOeval, write the results json.
 
@@ -150,12 +164,16 @@ def evaluate_model(
         category_ids: the dataset category id of each class index.
         output: the results json (default `default_results_path(cfg, source)`).
         source: the model's file, naming the default results json.
+        class_names: the names of `category_ids`; a YOLO set whose class indices differ from them is
+            then mapped by name (see `DetectionDataModule`).
     Raises:
-        DatasetError: an unreadable validation set (see `DetectionDataModule`).
+        DatasetError: an unreadable validation set (see `DetectionDataModule`), or one with nothing to
+            evaluate: no images, or no object (non-crowd annotation) to score the detections against.
     """
-    datamodule = DetectionDataModule(cfg, category_ids=list(category_ids))
+    datamodule = DetectionDataModule(cfg, category_ids=list(category_ids), class_names=class_names)
     datamodule.prepare_data()
     datamodule.setup("validate")
+    check_something_to_evaluate(datamodule.val_dataset)
     evaluator = CocoEvaluator(datamodule.val_dataset.coco, list(category_ids))
     postprocess = build_postprocess(cfg.model)
     loader = datamodule.val_dataloader()

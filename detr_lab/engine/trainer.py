@@ -21,6 +21,7 @@ rank from their environment variables).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,7 +37,7 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -51,6 +52,7 @@ from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPM
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.resume_checks import RefuseInexactResume, StepSeeds
 from detr_lab.engine.run_folder import claim_run_folder
+from detr_lab.engine.run_messages import StopReport, check_resume_weights
 from detr_lab.engine.summary import RunSummary
 from detr_lab.errors import InputError
 from detr_lab.io import diff_state_dicts, safe_load
@@ -139,6 +141,7 @@ def build_run_callbacks(cfg: Config) -> list[Callback]:
         )
     if t.summary:
         callbacks.append(RunSummary(t.output_dir))
+    callbacks.append(StopReport())  # says why training ended early (early stopping, time, max_steps)
     return callbacks
 
 
@@ -240,6 +243,20 @@ class WeightTransfer:
     reinitialised: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, not in the source
     unused: list[str] = field(default_factory=list)  # in the source, not in the model
+    # (class index, category id here, name in the source, name here) where a class head of the same
+    # size was reused for classes of other names
+    renamed: list[tuple[int, int, str, str]] = field(default_factory=list)
+
+    def class_warning(self) -> str:
+        """A line when the source's classes have other names at the same class indices; "" otherwise."""
+        if not self.renamed:
+            return ""
+        shown = "; ".join(f"class {index} (id {cid}): {old!r} in the checkpoint, {new!r} here"
+                          for index, cid, old, new in self.renamed[:4])
+        more = f"; and {len(self.renamed) - 4} more" if len(self.renamed) > 4 else ""
+        return (f"init from {self.source}: the class head is reused, but {len(self.renamed)} classes have "
+                f"other names in this dataset ({shown}{more}); it starts out predicting the checkpoint's "
+                "classes under this dataset's names")
 
     def report(self) -> str:
         total = len(self.loaded) + len(self.reinitialised) + len(self.missing)
@@ -252,6 +269,8 @@ class WeightTransfer:
             lines.append(f"  not in checkpoint (kept fresh initialisation): {name}")
         for name in self.unused:
             lines.append(f"  in checkpoint, not in this model (ignored): {name}")
+        if self.renamed:
+            lines.append(f"  {self.class_warning()}")
         return "\n".join(lines)
 
 
@@ -275,13 +294,46 @@ def load_matching_weights(
     return transfer
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path) -> WeightTransfer:
-    """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR)."""
+def init_from_checkpoint(
+    model: nn.Module, path: str | Path, *, category_ids: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> WeightTransfer:
+    """Load the weights of any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR).
+
+    With this run's `category_ids` and `class_names`, a checkpoint with as many classes whose names
+    differ at some class index is recorded in `WeightTransfer.renamed` (see `class_warning`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from: checkpoint not found: {path}")
     loaded = load_checkpoint(path)
-    return load_matching_weights(model, loaded.model.state_dict(), str(path))
+    transfer = load_matching_weights(model, loaded.model.state_dict(), str(path))
+    if class_names is not None and len(loaded.class_names) == len(class_names):
+        ids = list(category_ids) if category_ids is not None else list(loaded.category_ids)
+        pairs = enumerate(zip(loaded.class_names, class_names, strict=True))
+        transfer.renamed = [(index, int(ids[index]), str(old), str(new))
+                            for index, (old, new) in pairs if str(old) != str(new)]
+    return transfer
+
+
+def without_backbone_download(cfg: Config) -> Config:
+    """`cfg` with `model.backbone.pretrained` and `weights_path` off: for a model whose weights a
+    checkpoint replaces (resume, --init-from), so that an offline run does not fetch ImageNet weights."""
+    backbone = dataclasses.replace(cfg.model.backbone, pretrained=False, weights_path=None)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
+
+
+def _backbone_not_initialised(cfg: Config, transfer: WeightTransfer) -> str:
+    """A line when ImageNet weights were skipped for --init-from but the checkpoint lacks backbone tensors."""
+    if not (cfg.model.backbone.pretrained or cfg.model.backbone.weights_path):
+        return ""
+    fresh = [name for name in transfer.missing if name.startswith("backbone.")]
+    fresh += [name for name, _, _ in transfer.reinitialised if name.startswith("backbone.")]
+    if not fresh:
+        return ""
+    return (f"init from {transfer.source}: {len(fresh)} backbone tensors are not in the checkpoint and keep "
+            "their random initialisation (the ImageNet weights of model.backbone are not fetched with "
+            "--init-from)")
 
 
 # ------------------------------------------------------------------------------------- training
@@ -328,14 +380,22 @@ def _train_in_owned_folder(
     callbacks: Sequence[Callback], progress_bar: bool,
 ) -> L.Trainer:
     datamodule = DetectionDataModule(cfg)
-    module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
+    # A checkpoint replaces the weights: the backbone's ImageNet weights are not fetched first.
+    model_cfg = cfg if ckpt_path is None and not init_from else without_backbone_download(cfg)
+    module = DetectionModule(model_cfg, datamodule.category_ids, datamodule.class_names)
     if ckpt_path is not None:
         check_resume_classes(ckpt_path, datamodule.category_ids)
+        check_resume_weights(ckpt_path, module)
         rank_zero_info(f"resuming from {ckpt_path}")
         if init_from:
             rank_zero_info(f"--init-from {init_from} ignored: the resumed checkpoint holds the weights")
     elif init_from:
-        rank_zero_info(init_from_checkpoint(module.model, init_from).report())
+        transfer = init_from_checkpoint(module.model, init_from, category_ids=datamodule.category_ids,
+                                        class_names=datamodule.class_names)
+        rank_zero_info(transfer.report())
+        for line in (transfer.class_warning(), _backbone_not_initialised(cfg, transfer)):
+            if line:
+                rank_zero_warn(line)
     elif resume == "auto":
         rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
     _save_run_config(cfg)

@@ -12,10 +12,11 @@ it stopped on an error or an interrupt; "images_to_process" counts the images fo
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from detr_lab.files import atomic_write_text
+from detr_lab.files import FileWriteError, atomic_write_text
 
 DETECTIONS_FILE = "detections.json"
 
@@ -77,14 +78,23 @@ class DetectionsWriter:
         since the last write.
 
         Raises:
-            FileWriteError: the file cannot be written (the message names it).
+            FileWriteError: the file cannot be written (the message names it). Called while another
+                error propagates (a `finally` after a failed picture write), it does not replace that
+                first error: its own is added to the first one's notes.
         """
+        pending = sys.exc_info()[1]  # the error a `finally` around this call is propagating, if any
         done = len(self.images) + len(self.failed)
         due = (done - self._written_count >= self.every_images
                or time.monotonic() - self._last_write >= self.interval_s)
         if not force and (done == self._written_count or not due):
             return
         payload = {**self.header, "complete": complete, "images": self.images, "failed": self.failed}
-        atomic_write_text(self.path, json.dumps(payload, indent=2))
+        try:
+            atomic_write_text(self.path, json.dumps(payload, indent=2))
+        except FileWriteError as err:
+            if pending is None:
+                raise
+            pending.add_note(f"then, saving the results: {err}")
+            return
         self._last_write = time.monotonic()
         self._written_count = done

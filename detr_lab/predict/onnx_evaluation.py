@@ -56,5 +56,5 @@ def evaluate_onnx(
     cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
     return evaluate_model(
         cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress,
-        source=model_path,
+        source=model_path, class_names=detector.metadata.class_names,
     )

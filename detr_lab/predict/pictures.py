@@ -41,7 +41,8 @@ def validation_predictions(
     _, other_overrides = split_model_overrides(overrides)
     predictor = Predictor.from_checkpoint(checkpoint, overrides=overrides, device=device, optimize=False)
     cfg = load_config(config, other_overrides) if config is not None else predictor.config
-    datamodule = DetectionDataModule(cfg, category_ids=predictor.category_ids)
+    datamodule = DetectionDataModule(cfg, category_ids=predictor.category_ids,
+                                     class_names=predictor.class_names)
     datamodule.prepare_data()
     datamodule.setup("validate")
     dataset = datamodule.val_dataset

@@ -1,6 +1,8 @@
 """Loss and AP curves of a run, from the `metrics.csv` Lightning's CSVLogger writes.
 
-A run directory (`trainer.output_dir`) holds `csv/version_N/metrics.csv`; the newest version is read.
+A run directory (`trainer.output_dir`) holds `csv/version_N/metrics.csv`, one per segment of the run
+(a resumed run logs into a new version); every segment is read and joined in version order, each later
+segment replacing the earlier rows from its first step on (the steps retrained after the resume).
 Rows are sparse: each holds the metrics logged at one (epoch, step). Plotted:
 - left: `train/loss_step` (or `train/loss`) against the step, with `train/loss_epoch` and `val/loss`
   at the last step of each epoch;
@@ -76,20 +78,44 @@ def plot_ap(
         axes.legend(fontsize=8)
 
 
-def find_metrics_csv(run: str | os.PathLike) -> Path:
-    """`run` itself if it is a CSV file, else the newest `csv/version_N/metrics.csv` under the run folder.
+def find_metrics_csvs(run: str | os.PathLike) -> list[Path]:
+    """`[run]` if it is a CSV file, else every `csv/version_N/metrics.csv` under the run folder, by N.
 
     Raises:
         FileNotFoundError: naming the folder searched.
     """
     run = Path(run)
     if run.is_file():
-        return run
+        return [run]
     versions = sorted(run.glob("csv/version_*/metrics.csv"),
                       key=lambda p: int(re.sub(r"\D", "", p.parent.name) or -1))
     if not versions:
         raise FileNotFoundError(f"no csv/version_*/metrics.csv under {run} (a run's trainer.output_dir)")
-    return versions[-1]
+    return versions
+
+
+def find_metrics_csv(run: str | os.PathLike) -> Path:
+    """`run` itself if it is a CSV file, else the newest `csv/version_N/metrics.csv` (the latest
+    segment) under the run folder. Raises FileNotFoundError naming the folder searched."""
+    return find_metrics_csvs(run)[-1]
+
+
+def read_run_metrics(paths: Sequence[str | os.PathLike]) -> dict[str, list[tuple[int, int, float]]]:
+    """The segments of a run (`find_metrics_csvs`) joined: column -> [(epoch, step, value)] by step.
+
+    A later segment starts where its run resumed: the earlier segments' rows from its first step on
+    (work lost to the interruption and trained again) are replaced by its own.
+    """
+    joined: dict[str, list[tuple[int, int, float]]] = {}
+    for path in paths:
+        series = read_metrics(path)
+        steps = [step for points in series.values() for _, step, _ in points]
+        if steps:
+            start = min(steps)
+            joined = {column: [p for p in points if p[1] < start] for column, points in joined.items()}
+        for column, points in series.items():
+            joined.setdefault(column, []).extend(points)
+    return {column: points for column, points in joined.items() if points}
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, int, float]]]:
@@ -122,13 +148,15 @@ def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, int, floa
 
 
 def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Draw a run's loss and AP curves into a PNG at `path`; `run` is a run folder or a metrics.csv.
+    """Draw a run's loss and AP curves into a PNG at `path`; `run` is a run folder (every segment of a
+    resumed run, see `read_run_metrics`) or a metrics.csv.
 
     Raises:
         FileNotFoundError: no metrics file; ValueError: it has neither a loss nor an AP column.
     """
-    csv_path = find_metrics_csv(run)
-    series = read_metrics(csv_path)
+    csv_paths = find_metrics_csvs(run)
+    csv_path = csv_paths[-1]
+    series = read_run_metrics(csv_paths)
     step_loss = series.get("train/loss_step") or series.get("train/loss")
     if not step_loss and not any(column in series for column in AP_COLUMNS):
         raise ValueError(f"{csv_path}: no 'train/loss' or 'val/AP' values to plot")
@@ -159,6 +187,7 @@ def plot_run_curves(run: str | os.PathLike, path: str | os.PathLike) -> Path:
     ap_axes.set_title("validation AP")
     if not ap_axes.lines:
         ap_axes.text(0.5, 0.5, "no val/AP logged yet", ha="center", va="center", transform=ap_axes.transAxes)
-    figure.suptitle(str(csv_path), fontsize=8)
+    segments = f" and {len(csv_paths) - 1} earlier segment(s)" if len(csv_paths) > 1 else ""
+    figure.suptitle(f"{csv_path}{segments}", fontsize=8)
     figure.tight_layout()
     return save_figure(figure, path)

@@ -26,6 +26,10 @@ from detr_lab.files import atomic_write
 
 DPI = 100
 TITLE_HEIGHT = 14  # px of the title strip above a `draw_detections` picture
+# Upscaling for legibility never takes a picture's longer side above this many pixels, and the run
+# summary's side-by-side panels are shrunk to half of it: a 20000 x 20 image gives a picture of a few MB
+# that any viewer opens, not one of 640008 x 334 px.
+MAX_PICTURE_SIDE = 4096
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
@@ -44,7 +48,8 @@ def _image_figure(image: np.ndarray, title: str, *, min_inches: float = 5.0) -> 
     the title wrapped above it."""
     height, width = image.shape[:2]
     scale = max(min_inches / max(width, height) * DPI, 1.0)
-    width_px, height_px = width * scale, height * scale
+    scale = min(scale, MAX_PICTURE_SIDE / max(width, height))
+    width_px, height_px = max(width * scale, 1.0), max(height * scale, 1.0)
     lines = textwrap.wrap(title, width=max(30, int(width_px / 7.2))) or [""]
     header_px = 14 * len(lines) + 8
     figure = Figure(figsize=(width_px / DPI, (height_px + header_px) / DPI), dpi=DPI)
@@ -78,6 +83,7 @@ def draw_detections(
     scores: Sequence[float] | None = None,
     title: str | None = None,
     min_side: int = 0,
+    max_side: int | None = None,
 ) -> Image.Image:
     """Boxes with their class (and score) labels drawn on an RGB copy of `image`: the one drawing of
     detections, for annotated inference outputs, the run summary and the validation pictures.
@@ -88,15 +94,22 @@ def draw_detections(
         labels: `[K]` class indices into `class_names`; a box is outlined in `class_color(label)`.
         scores: `[K]`, shown after the class name ("name 0.87"); None: the name alone (ground truth).
         title: a line written in a white strip (`TITLE_HEIGHT` px) above the image; None: no strip.
-        min_side: the picture is upscaled (never shrunk) so that its shorter side is at least this.
+        min_side: the picture is upscaled so that its shorter side is at least this, but never so far
+            that its longer side exceeds `MAX_PICTURE_SIDE` px.
+        max_side: the picture is shrunk, where needed, so that its longer side is at most this many
+            px; None: `image`'s own size is kept (an annotated copy is as large as its input).
     Returns:
-        A PIL RGB image of `image`'s size times the scale, plus the title strip.
+        A PIL RGB image of `image`'s size times the scale (each side at least 1 px), plus the title
+        strip.
     Raises:
         IndexError: a label outside `class_names`.
     """
     height, width = image.shape[:2]
     scale = max(1.0, min_side / min(height, width)) if min_side else 1.0
-    size = (round(width * scale), round(height * scale))
+    scale = min(scale, max(1.0, MAX_PICTURE_SIDE / max(height, width)))  # upscaling stays bounded
+    if max_side is not None:
+        scale = min(scale, max_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     top = TITLE_HEIGHT if title is not None else 0
     font = ImageFont.load_default()
     canvas = Image.new("RGB", (size[0], size[1] + top), (255, 255, 255))
@@ -135,7 +148,9 @@ def draw_ground_truth_and_predictions(
     min_side: int = 320,
 ) -> Image.Image:
     """Two `draw_detections` panels of `image` side by side (8 px apart): ground truth left, the
-    predictions scoring at least `score_threshold` right, each titled with its count.
+    predictions scoring at least `score_threshold` right, each titled with its count. Each panel's
+    longer image side is at most `MAX_PICTURE_SIDE // 2` px, so the picture is at most
+    `MAX_PICTURE_SIDE + 8` px wide.
 
     Args:
         image: uint8 `[H, W, 3]` RGB.
@@ -145,10 +160,11 @@ def draw_ground_truth_and_predictions(
     """
     keep = [i for i, score in enumerate(pred_scores) if float(score) >= score_threshold]
     pred_boxes = np.asarray(pred_boxes).reshape(-1, 4)[keep]
-    gt = draw_detections(image, gt_boxes, gt_labels, class_names, min_side=min_side,
+    panel_side = MAX_PICTURE_SIDE // 2
+    gt = draw_detections(image, gt_boxes, gt_labels, class_names, min_side=min_side, max_side=panel_side,
                          title=f"ground truth ({len(gt_labels)})")
     pred = draw_detections(image, pred_boxes, [pred_labels[i] for i in keep], class_names,
-                           scores=[pred_scores[i] for i in keep], min_side=min_side,
+                           scores=[pred_scores[i] for i in keep], min_side=min_side, max_side=panel_side,
                            title=f"predictions, score >= {score_threshold:.2f} ({len(keep)})")
     both = Image.new("RGB", (gt.width * 2 + 8, gt.height), (255, 255, 255))
     both.paste(gt, (0, 0))
