@@ -2,6 +2,10 @@
 every sample once per epoch, the same batches for the same (seed, epoch), equal batch counts per process."""
 
 import pytest
+from lightning.fabric.utilities.data import _replace_dunder_methods
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -111,3 +115,23 @@ def test_stateful_loader_resumes_mid_epoch_with_the_same_batches():
     resumed = loader(1)
     resumed.load_state_dict(state)
     assert taken + list(resumed) == whole
+
+
+def test_lightning_rebuilds_the_training_loader_around_its_distributed_sampler():
+    # What Lightning does to the training loader under DDP: the loader's `sampler` is not a
+    # DistributedSampler (the batch sampler holds the EpochSampler), so it re-creates the batch sampler
+    # around an unshuffled DistributedSampler of its own, with the saved arguments (groups, seed).
+    dataset = list(range(len(SIZES)))
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        sampler = EpochSampler(dataset, seed=3)
+        loader = StatefulDataLoader(dataset, batch_sampler=AspectRatioBatchSampler(
+            sampler, 3, groups=GROUPS, seed=3))
+    for rank in range(2):
+        given = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+        given.set_epoch(1)
+        rebuilt = _update_dataloader(loader, given, mode=RunningStage.TRAINING)
+        assert isinstance(rebuilt.batch_sampler, AspectRatioBatchSampler)
+        inner = rebuilt.batch_sampler.sampler
+        assert isinstance(inner, EpochSampler)
+        assert (inner.rank, inner.num_replicas, inner.epoch) == (rank, 2, 1)
+        assert list(rebuilt.batch_sampler) == _batches(1, num_replicas=2, rank=rank)
