@@ -13,9 +13,9 @@ split between processes. Images of one size need no padding; an image whose size
 On COCO this costs little: most images share a handful of sizes (640 x 480 -> 800 x 1066, ...).
 
 `AspectRatioBatchSampler` (`data.train_batching: aspect_ratio`) batches training images of one
-orientation (as torchvision's detection references group by aspect ratio), so that a training batch
-holds far less padding than a batch of mixed portrait and landscape images: training then sees images
-closer to the way same-size evaluation does (alone, unpadded).
+orientation (as torchvision's detection references group by aspect ratio): no portrait image is padded
+to a landscape one's width, so training sees images somewhat closer to the way same-size evaluation
+does (alone, unpadded). Each image's own random scale still makes its batch padded.
 """
 
 from __future__ import annotations
