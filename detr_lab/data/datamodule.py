@@ -40,7 +40,12 @@ from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_cate
 from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
 from detr_lab.data.errors import ClassMappingWarning, DatasetError
 from detr_lab.data.mixup import BatchMixup
-from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
+from detr_lab.data.samplers import (
+    AspectRatioBatchSampler,
+    EpochSampler,
+    SameSizeBatchSampler,
+    orientation_group,
+)
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
 from detr_lab.data.transforms import build_eval_transform, build_train_transform, eval_resized_size
 from detr_lab.data.yolo import YoloDetectionDataset, read_yolo_categories
@@ -222,7 +227,8 @@ class DetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by `EpochSampler`: order from (seed, epoch), augmentation from (seed, epoch, index),
-        so a resumed run draws exactly what the uninterrupted run would."""
+        so a resumed run draws exactly what the uninterrupted run would. With `data.train_batching:
+        aspect_ratio` a batch holds images of one orientation (`AspectRatioBatchSampler`)."""
         # Stateful: Lightning saves its position in every checkpoint, so a run resumed mid-epoch
         # finishes that epoch with the same batches.
         dataset = self._built(self.train_dataset, "train")
@@ -231,8 +237,13 @@ class DetectionDataModule(L.LightningDataModule):
         # (and prefetch from it) before that: start from the trainer's epoch.
         trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        return StatefulDataLoader(dataset, batch_size=self.data_cfg.batch_size, sampler=sampler,
-                                  **self._loader_options(self._train_collate()))
+        options = self._loader_options(self._train_collate())
+        if self.data_cfg.train_batching == "aspect_ratio":
+            groups = [orientation_group(size) for size in dataset.upright_sizes()]
+            batch_sampler = AspectRatioBatchSampler(sampler, self.data_cfg.batch_size, groups=groups,
+                                                    seed=self.cfg.trainer.seed)
+            return StatefulDataLoader(dataset, batch_sampler=batch_sampler, **options)
+        return StatefulDataLoader(dataset, batch_size=self.data_cfg.batch_size, sampler=sampler, **options)
 
     def _train_collate(self):
         """`collate_detection`; for the rtdetr policy RT-DETR's batch multi-scale resize, with DEIM's

@@ -11,6 +11,11 @@ sees zeros past the image border, and the padding mask is downsampled to the fea
 rounding: facebookresearch/detr #217), so with padded batching AP depends on batch size and on how images are
 split between processes. Images of one size need no padding; an image whose size is unique goes alone.
 On COCO this costs little: most images share a handful of sizes (640 x 480 -> 800 x 1066, ...).
+
+`AspectRatioBatchSampler` (`data.train_batching: aspect_ratio`) batches training images of one
+orientation (as torchvision's detection references group by aspect ratio): no portrait image is padded
+to a landscape one's width, so training sees images somewhat closer to the way same-size evaluation
+does (alone, unpadded). Each image's own random scale still makes its batch padded.
 """
 
 from __future__ import annotations
@@ -29,15 +34,23 @@ class EpochSampler(DistributedSampler):
     A `DistributedSampler` (shuffle with `torch.Generator().manual_seed(seed + epoch)`), so Lightning
     keeps it under DDP instead of wrapping it, and calls `set_epoch` at every epoch start. In a single
     process it covers the whole dataset; under torch.distributed, this rank's share (the last share
-    padded with repeated indices, as DistributedSampler does).
+    padded with repeated indices, as DistributedSampler does). `num_replicas` and `rank` default to
+    torch.distributed's (1 and 0 without it).
     """
 
-    def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset: Dataset, *, seed: int, shuffle: bool = True, num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
         super().__init__(
             dataset,
-            num_replicas=dist.get_world_size() if distributed else 1,
-            rank=dist.get_rank() if distributed else 0,
+            num_replicas=num_replicas,
+            rank=rank,
             shuffle=shuffle,
             seed=seed,
             drop_last=False,
@@ -100,11 +113,7 @@ class SameSizeBatchSampler(BatchSampler):
         if isinstance(self.sampler, DistributedSampler) and self.sampler.num_replicas > 1:
             ranks = range(self.sampler.num_replicas)
             target = max(len(self._group(_share(self.sampler, rank))) for rank in ranks)
-            while len(batches) < target:
-                largest = max(range(len(batches)), key=lambda i: len(batches[i]))
-                batch = batches[largest]
-                half = (len(batch) + 1) // 2
-                batches[largest : largest + 1] = [batch[:half], batch[half:]]
+            batches = _split_largest(batches, target)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -114,8 +123,106 @@ class SameSizeBatchSampler(BatchSampler):
         return len(self._batches())
 
 
-def _share(sampler: DistributedSampler, rank: int) -> list[int]:
+def _split_largest(batches: list[list], target: int) -> list[list]:
+    """`batches` with the largest split in two (first half rounded up) until there are `target`."""
+    batches = list(batches)
+    while len(batches) < target:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        batch = batches[largest]
+        half = (len(batch) + 1) // 2
+        batches[largest : largest + 1] = [batch[:half], batch[half:]]
+    return batches
+
+
+def _share(sampler: DistributedSampler, rank: int) -> list:
     """The indices `sampler` yields on process `rank` (same epoch, seed and padding)."""
     other = copy.copy(sampler)
     other.rank = rank
     return list(iter(other))
+
+
+def orientation_group(size: tuple[int, int] | None) -> int:
+    """The aspect-ratio group of an image of upright size (h, w): 0 landscape or square (w >= h),
+    1 portrait, 2 unknown (a header that could not be read)."""
+    if size is None:
+        return 2
+    height, width = size
+    return 0 if width >= height else 1
+
+
+class AspectRatioBatchSampler(BatchSampler):
+    """Training batches of up to `batch_size` `(epoch, index)` keys of `sampler` whose `groups` are equal.
+
+    Keys are taken in the sampler's order (drawn from (seed, epoch), see `EpochSampler`); a batch is
+    emitted as soon as its group is full, and the partial batches of the groups at the end, in order of
+    their first key, so every sample of the epoch is seen once and the batches are a function of
+    (seed, epoch): a resumed run replays them. Under DDP each process groups its own share, and its
+    largest batches are split until every process has as many batches as the most any has (as
+    `SameSizeBatchSampler` does). Lightning rebuilds this sampler around a
+    DistributedSampler of its own (same keyword arguments); that one is replaced here by an
+    `EpochSampler` with `seed`, so that each process still shuffles its share by (seed, epoch).
+
+    Args:
+        sampler: an `EpochSampler` (or a DistributedSampler, see above).
+        batch_size: most keys per batch.
+        drop_last: must be False.
+        groups: per dataset index its group, e.g. `orientation_group` of the upright size.
+        seed: the `EpochSampler` seed (used when Lightning passes its own sampler).
+    Raises:
+        ValueError: `drop_last` True, a batch size below 1, or `groups` not one per dataset index.
+    """
+
+    def __init__(
+        self, sampler: Sampler, batch_size: int, drop_last: bool = False, *, groups: Sequence[Hashable],
+        seed: int = 0,
+    ) -> None:
+        if drop_last:
+            raise ValueError("AspectRatioBatchSampler keeps every sample: drop_last must be False")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(sampler, DistributedSampler) and not isinstance(sampler, EpochSampler):
+            epoch = sampler.epoch
+            sampler = EpochSampler(sampler.dataset, seed=seed, num_replicas=sampler.num_replicas,
+                                   rank=sampler.rank)
+            sampler.set_epoch(epoch)
+        dataset = getattr(sampler, "dataset", None)
+        if dataset is not None and len(groups) != len(dataset):
+            raise ValueError(f"groups has {len(groups)} entries for a dataset of {len(dataset)} samples")
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.drop_last = False
+        self.groups = list(groups)
+        self.seed = int(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the sampler (Lightning calls it at every epoch start)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _group(self, keys: Iterable) -> list[list]:
+        pending: dict[Hashable, list] = {}
+        batches: list[list] = []
+        for key in keys:
+            index = key[1] if isinstance(key, tuple) else key
+            group = pending.setdefault(self.groups[index], [])
+            group.append(key)
+            if len(group) == self.batch_size:
+                batches.append(list(group))
+                group.clear()
+        batches.extend(list(group) for group in pending.values() if group)
+        return batches
+
+    def _batches(self) -> list[list]:
+        batches = self._group(self.sampler)
+        # Under DDP every process must run as many steps as the others (gradients all-reduce at every
+        # step): split this share's largest batches until it has the most any process has.
+        if isinstance(self.sampler, DistributedSampler) and self.sampler.num_replicas > 1:
+            ranks = range(self.sampler.num_replicas)
+            batches = _split_largest(batches, max(len(self._group(_share(self.sampler, r))) for r in ranks))
+        return batches
+
+    def __iter__(self) -> Iterator[list]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())

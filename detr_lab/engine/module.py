@@ -32,6 +32,7 @@ from detr_lab.engine.optim import (
 )
 from detr_lab.engine.resume_checks import WORLD_SIZE_KEY
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
+from detr_lab.models.criterion import per_image_losses
 
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # The terms logged every training step besides the total `loss`: the final decoder layer's main terms.
@@ -60,8 +61,10 @@ class DetectionModule(L.LightningModule):
     Logged: the weighted sum `train/loss` and the final layer's main terms (`STEP_TERMS`) per step and
     per epoch (`train/<term>_step`, `train/<term>_epoch`), averaged over processes in one reduction per
     step; every other training term per epoch only (`train/<term>_epoch`, one reduction per epoch);
-    `val/<term>` and `val/loss` per epoch; and after each validation epoch `val/AP`, `val/AP50`,
-    `val/AP75`, `val/APs`, `val/APm`, `val/APl`, `val/AR100` (COCOeval, bbox).
+    `val/<term>` and `val/loss` per epoch, each the mean over the validation images of that image's
+    loss alone (`per_image_losses`: the same at any batch size with same-size validation batches); and
+    after each validation epoch `val/AP`, `val/AP50`, `val/AP75`, `val/APs`, `val/APm`, `val/APl`,
+    `val/AR100` (COCOeval, bbox).
 
     With `cfg.distill.enabled`, training adds the distillation terms of a frozen teacher
     (`detr_lab.engine.distill`: `train/loss_feat`, `train/loss_kd_*`) to the loss and the logs; the
@@ -119,7 +122,8 @@ class DetectionModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, padding_mask, targets = batch
         outputs = self(images, padding_mask)
-        losses = self.criterion(outputs, targets)
+        # Each image's loss alone, averaged: the epoch's values do not depend on the batch size.
+        losses = per_image_losses(self.criterion, outputs, targets)
         total = self.criterion.total_loss(losses)
         self._log_validation_losses(losses, total, batch_size=len(targets))
         orig_sizes = torch.stack([target["orig_size"] for target in targets])  # [B, 2] (h, w)

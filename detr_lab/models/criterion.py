@@ -30,11 +30,16 @@ from detr_lab.models.queries.denoising import DenoisingLayout
 DEFAULT_WEIGHTS = {"class_weight": 1.0, "bbox_weight": 5.0, "giou_weight": 2.0}
 
 
-def average_num_boxes(targets: list[dict], device: torch.device) -> float:
-    """Target boxes per process (averaged across processes when distributed), at least 1."""
+def _all_processes(distributed: bool) -> bool:
+    return distributed and dist.is_available() and dist.is_initialized()
+
+
+def average_num_boxes(targets: list[dict], device: torch.device, distributed: bool = True) -> float:
+    """Target boxes per process (averaged across processes when distributed and `distributed`), at
+    least 1. With `distributed` False, the boxes of `targets` alone (no collective call)."""
     num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
     world_size = 1
-    if dist.is_available() and dist.is_initialized():
+    if _all_processes(distributed):
         dist.all_reduce(num_boxes)
         world_size = dist.get_world_size()
     return torch.clamp(num_boxes / world_size, min=1).item()
@@ -243,8 +248,11 @@ class SetCriterion(nn.Module):
         )
         return {name + group.suffix: value for name, value in terms.items()}
 
-    def union_of_matchings(self, outputs: Mapping, targets: list[dict]) -> tuple[Indices, float, dict, dict]:
-        """D-FINE's union matching over the Hungarian groups (see `union_matching`).
+    def union_of_matchings(
+        self, outputs: Mapping, targets: list[dict], distributed: bool = True
+    ) -> tuple[Indices, float, dict, dict]:
+        """D-FINE's union matching over the Hungarian groups (see `union_matching`); `distributed` as
+        in `forward`.
 
         Returns:
             (union indices per image, their count averaged over processes (>= 1), the context for the
@@ -279,14 +287,16 @@ class SetCriterion(nn.Module):
         pairs = sum(len(queries) for queries, _ in union)
         count = torch.tensor([float(pairs)], device=outputs["pred_logits"].device)
         world_size = 1
-        if dist.is_available() and dist.is_initialized():
+        if _all_processes(distributed):
             dist.all_reduce(count)
             world_size = dist.get_world_size()
         normalizer = torch.clamp(count / world_size, min=1).item()
         context = {"union_pairs": pairs, "main_queries": outputs["pred_logits"].shape[1]}
         return union, normalizer, context, own
 
-    def forward(self, outputs: Mapping, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: Mapping, targets: list[dict], *, distributed: bool = True
+    ) -> dict[str, Tensor]:
         """Unweighted loss terms of every declared prediction group.
 
         Args:
@@ -295,13 +305,17 @@ class SetCriterion(nn.Module):
                 `dn_outputs` with `dn_meta`).
             targets: B dicts with `labels` int64 `[N_i]` and `boxes` `[N_i, 4]` normalized cxcywh
                 (N_i may be 0).
+            distributed: under torch.distributed, normalize by the box count averaged over processes
+                (one all-reduce per call: every process must call); False normalizes by this call's
+                targets alone, without any collective call (e.g. one image at a time, see
+                `per_image_losses`).
         Returns:
             e.g. `loss_ce`, `loss_bbox`, `loss_giou`, `class_error`, `cardinality_error` for the final
             layer, the same without `class_error` suffixed `_i` per auxiliary layer, `_enc` for
             proposals, `_dn` / `_dn_i` for denoising.
         """
-        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
-        union = self.union_of_matchings(outputs, targets) if self.union_matching else None
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device, distributed)
+        union = self.union_of_matchings(outputs, targets, distributed) if self.union_matching else None
         losses: dict[str, Tensor] = {}
         for group in self.groups:
             losses.update(self.group_losses(group, outputs, targets, num_boxes, union))
@@ -315,3 +329,57 @@ class SetCriterion(nn.Module):
                 f"none of the weighted loss terms {sorted(self.weight_dict)} is in the losses given"
             )
         return torch.stack(terms).sum()
+
+
+def image_outputs(outputs: Mapping, index: int, batch_size: int) -> dict:
+    """Image `index`'s share of a batch's model outputs: every tensor whose first dimension is
+    `batch_size` sliced to `[index : index + 1]` (so `[1, ...]`), through nested dicts and lists;
+    anything else kept as is.
+
+    Raises:
+        ValueError: outputs of denoising queries (`dn_meta`, training only): their layout spans the batch.
+    """
+    if "dn_meta" in outputs:
+        raise ValueError("image_outputs: denoising outputs (dn_meta) cannot be split by image")
+
+    def take(node):
+        if isinstance(node, Tensor):
+            return node[index : index + 1] if node.dim() > 0 and node.shape[0] == batch_size else node
+        if isinstance(node, Mapping):
+            return {key: take(value) for key, value in node.items()}
+        if isinstance(node, list | tuple):
+            return type(node)(take(value) for value in node)
+        return node
+
+    return take(outputs)
+
+
+def per_image_losses(criterion: SetCriterion, outputs: Mapping, targets: list[dict]) -> dict[str, Tensor]:
+    """The criterion's terms computed for each image alone, as a batch of one normalized by its own
+    boxes (no collective call), then averaged over the images.
+
+    With each image's outputs independent of its batch (evaluation mode, no padding), the values do
+    not depend on how the images are batched: the mean over a set of images is the same for any
+    batch size. (`SetCriterion.forward` on the whole batch normalizes by the batch's box count and
+    averages the classification term over the batch's queries, which mixes the images.)
+    `class_error` (% of matched queries whose class is wrong) is 100 for an image with no object, as
+    for a batch with none.
+
+    Args:
+        outputs: the model's outputs for B images in evaluation mode (`pred_logits` `[B, Q, C]`,
+            `pred_boxes` `[B, Q, 4]` normalized cxcywh, and the groups' entries); no denoising.
+        targets: B dicts with `labels` int64 `[N_i]`, `boxes` `[N_i, 4]` normalized cxcywh.
+    Returns:
+        name -> 0-d tensor, the mean over the images of each term (the names `forward` gives).
+    Raises:
+        ValueError: no targets, or denoising outputs (see `image_outputs`).
+    """
+    if not targets:
+        raise ValueError("per_image_losses: no targets (an empty batch)")
+    batch_size = len(targets)
+    values: dict[str, list[Tensor]] = {}
+    for index, target in enumerate(targets):
+        losses = criterion(image_outputs(outputs, index, batch_size), [target], distributed=False)
+        for name, value in losses.items():
+            values.setdefault(name, []).append(value)
+    return {name: torch.stack(terms).mean() for name, terms in values.items()}

@@ -9,8 +9,10 @@
 
 Images go through the model config's evaluation transform (`build_eval_transform`: shorter side
 `eval_size`, longer side <= `eval_max_size` for `data.augment.policy: detr`; `square_size` x
-`square_size` for `rtdetr`; then mean / std) and are batched with zero padding and a padding mask,
-exactly as validation batches are, then through `detr_lab.engine.detect.detect`. Boxes come back as
+`square_size` for `rtdetr`; then mean / std) and batched as validation batches are: one forward pass
+per group of images whose resized sizes are equal, so no image is padded and an image's detections do
+not depend on the other images of the call (padding changes DETR's outputs, facebookresearch/detr
+#217); then through `detr_lab.engine.detect.detect`. Boxes come back as
 absolute (x1, y1, x2, y2) pixels of each original image (normalized x times its width, y times its
 height, so a resize that does not keep the aspect ratio maps back exactly).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,11 @@ class Predictor:
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = 0.0
     ) -> list[dict]:
-        """Detections for one image or a batch of images (any sizes), run as one padded batch.
+        """Detections for one image or a batch of images (any sizes).
+
+        The images are run in groups of equal resized size (one forward pass per group, order kept in
+        the results), so no image is padded: an image gets the same detections alone or with any other
+        images (up to floating-point rounding of batched kernels, ~1e-6).
 
         Args:
             images: image file paths, PIL images, or uint8 `[H, W, 3]` RGB arrays (one, or a sequence).
@@ -271,10 +277,15 @@ class Predictor:
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         arrays = [to_rgb_array(image) for image in images]
-        batch, padding_mask = pad_images([self.preprocess(image) for image in arrays])
-        # [B, 3, H, W] zero-padded, [B, H, W] True = padding; [B, 2] (h, w) of the originals
-        orig_sizes = torch.tensor([image.shape[:2] for image in arrays])
-        detections = detect(self.model, self.postprocess, batch, padding_mask, orig_sizes, self.device)
+        tensors = [self.preprocess(image) for image in arrays]  # normalized [3, H_i, W_i]
+        detections: list[dict | None] = [None] * len(arrays)
+        for group in same_size_indices([tuple(tensor.shape[1:]) for tensor in tensors]):
+            # [G, 3, H, W] with no padding (mask all False); [G, 2] (h, w) of the originals
+            batch, padding_mask = pad_images([tensors[i] for i in group])
+            orig_sizes = torch.tensor([arrays[i].shape[:2] for i in group])
+            found = detect(self.model, self.postprocess, batch, padding_mask, orig_sizes, self.device)
+            for i, detection in zip(group, found, strict=True):
+                detections[i] = detection
         ids = torch.tensor(self.category_ids, dtype=torch.int64)
         results = []
         for detection in detections:
@@ -287,3 +298,12 @@ class Predictor:
 
 def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return apply_overrides(cfg, overrides, "command-line override")
+
+
+def same_size_indices(sizes: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of `sizes` grouped by equal size (order kept within a group; groups in order of their
+    first index), e.g. `[(2, 3), (4, 4), (2, 3)]` -> `[[0, 2], [1]]`."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return list(groups.values())

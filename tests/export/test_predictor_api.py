@@ -63,6 +63,26 @@ def test_predict_output_contract(checkpoints, image_files):
     assert 0 < len(kept["scores"]) < 7 and bool((kept["scores"] >= threshold).all())
 
 
+
+@pytest.mark.parametrize("variant", ["detr", "deformable", "dino"])
+def test_detections_do_not_depend_on_the_other_images_of_the_call(checkpoints, variant):
+    # A wide image, a tall one (its resized width is smaller, its height larger: a padded batch of
+    # the two pads both) and a second wide image of the same size as the first.
+    rng = np.random.default_rng(1)
+    wide, tall, wide_too = (rng.integers(0, 255, shape, dtype=np.uint8)
+                            for shape in [(60, 80, 3), (110, 50, 3), (60, 80, 3)])
+    predictor = Predictor.from_checkpoint(checkpoints[variant])
+    alone = predictor.predict(wide)[0]
+    tall_alone = predictor.predict(tall)[0]
+    for call, where in (([wide, tall], 0), ([tall, wide], 1), ([tall, wide_too, wide], 2)):
+        mixed = predictor.predict(call)
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(mixed[where][key], alone[key], msg=f"{key}, call {len(call)} images")
+        tall_where = next(i for i, image in enumerate(call) if image is tall)
+        torch.testing.assert_close(mixed[tall_where]["boxes"], tall_alone["boxes"])
+        torch.testing.assert_close(mixed[tall_where]["scores"], tall_alone["scores"])
+
+
 def test_predict_rejects_bad_inputs(checkpoints, tmp_path):
     predictor = Predictor.from_checkpoint(checkpoints["detr"])
     with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\].*float32 \(4, 4, 3\)"):
