@@ -33,7 +33,10 @@ from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.errors import InputError
 from detr_lab.files import atomic_write, atomic_write_text
 
-__all__ = ["ClassMetrics", "EvaluationReport", "confusion_from_evaluator", "per_class_metrics", "write_report"]
+__all__ = [
+    "ClassMetrics", "EvaluationReport", "confusion_from_evaluator", "format_table", "per_class_metrics",
+    "write_report",
+]
 
 PER_CLASS_FIELDS = ("index", "category_id", "name", "gt_boxes", "AP", "AP50", "AR100")
 
@@ -190,9 +193,7 @@ def _pr_figure(coco_eval, k: int, row: ClassMetrics) -> Figure:
         t = int(np.argmin(np.abs(iou_thresholds - iou)))
         curve = precision[t]
         axes.plot(recall_points[curve > -1], curve[curve > -1], label=f"IoU {iou:.2f}")
-    mean = np.where(precision > -1, precision, np.nan)
-    with np.errstate(invalid="ignore"):
-        averaged = np.nanmean(mean, axis=0) if np.isfinite(mean).any() else np.full(len(recall_points), np.nan)
+    averaged = np.where(precision > -1, precision, 0.0).mean(axis=0)  # drawn for classes with ground truth
     axes.plot(recall_points, averaged, linestyle="--", label=f"IoU .50:.95 (AP {row.AP:.3f})")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1.02)
@@ -227,7 +228,8 @@ def write_report(
     """
     folder = Path(folder)
     rows = per_class_metrics(evaluator)
-    matrix = confusion_from_evaluator(evaluator, iou_threshold=iou_threshold, score_threshold=score_threshold)
+    matrix = confusion_from_evaluator(evaluator, iou_threshold=iou_threshold,
+                                      score_threshold=score_threshold)
     files = [atomic_write_text(folder / "per_class.csv", _csv_text(
         list(PER_CLASS_FIELDS),
         [[r.index, r.category_id, r.name, r.gt_boxes, *(f"{v:.6f}" for v in (r.AP, r.AP50, r.AR100))]

@@ -157,7 +157,8 @@ class CocoEvaluator:
                                       backend=self.backend, gt_index=self._scoring_gt)
         coco_eval = self.coco_eval
         self._summary = coco_eval.summary_text
-        self.stats = {name: float(value) for name, value in zip(STAT_NAMES, list(coco_eval.stats)[:12], strict=True)}
+        numbers = list(coco_eval.stats)[: len(STAT_NAMES)]  # faster-coco-eval appends more
+        self.stats = {name: float(value) for name, value in zip(STAT_NAMES, numbers, strict=True)}
         return dict(self.stats)
 
     def summary_text(self) -> str:

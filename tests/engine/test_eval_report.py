@@ -171,7 +171,8 @@ def test_faster_coco_eval_gives_pycocotools_ap_on_the_synthetic_set():
     for name in STAT_NAMES:
         assert faster_stats[name] == pytest.approx(stats[name], abs=1e-9), name
     for mine, theirs in zip(rows, faster_rows, strict=True):
-        assert (theirs.AP, theirs.AP50, theirs.AR100) == pytest.approx((mine.AP, mine.AP50, mine.AR100), abs=1e-9)
+        expected = (mine.AP, mine.AP50, mine.AR100)
+        assert (theirs.AP, theirs.AP50, theirs.AR100) == pytest.approx(expected, abs=1e-9)
 
 
 def test_backend_errors(monkeypatch):
