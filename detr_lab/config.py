@@ -379,6 +379,9 @@ class DataConfig:
     train_annotations: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
+    # The test split, evaluated by `tools/eval.py --split test` only (a YOLO set: its data.yaml's `test`).
+    test_images: str = "test2017"
+    test_annotations: str = "annotations/instances_test2017.json"
     batch_size: int = _positive(2)  # per device
     num_workers: int = _non_negative(2)
     skip_corrupt_images: bool = True  # training only: a corrupt image is skipped and counted

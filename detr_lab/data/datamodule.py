@@ -34,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detr_lab.config import Config, DataConfig
 from detr_lab.data.coco import UNNAMED_CATEGORY, CocoDetectionDataset, read_categories
 from detr_lab.data.collate import SquareMultiScaleCollate, collate_detection
+from detr_lab.data.errors import DatasetError
 from detr_lab.data.mixup import BatchMixup
 from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
 from detr_lab.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASS_NAMES, ensure_synthetic_dataset
@@ -45,10 +46,13 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 
 def coco_split_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
-    """(image folder, annotation json) of a COCO-format split ("train" or "val") under `data.root`."""
+    """(image folder, annotation json) of a COCO-format split ("train", "val" or "test") under `data.root`."""
     root = Path(data_cfg.root)
-    images = data_cfg.train_images if split == "train" else data_cfg.val_images
-    annotations = data_cfg.train_annotations if split == "train" else data_cfg.val_annotations
+    images, annotations = {
+        "train": (data_cfg.train_images, data_cfg.train_annotations),
+        "val": (data_cfg.val_images, data_cfg.val_annotations),
+        "test": (data_cfg.test_images, data_cfg.test_annotations),
+    }[split]
     return root / images, root / annotations
 
 
@@ -74,10 +78,22 @@ class DetectionDataModule(L.LightningDataModule):
         cfg: the run's config; reads `cfg.data` only.
         category_ids: explicit class index -> category id mapping (e.g. from a checkpoint); None: derived
             from the data (see the module docstring).
+        eval_split: the split behind `val_dataset` and the validation loader: "val" (default) or
+            "test" (`data.test_images` / `data.test_annotations`, or a YOLO data.yaml's `test`).
+    Raises:
+        DatasetError: `eval_split="test"` on the synthetic dataset, which has no test split.
     """
 
-    def __init__(self, cfg: Config, category_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, category_ids: Sequence[int] | None = None, *, eval_split: str = "val"
+    ) -> None:
         super().__init__()
+        if eval_split not in ("val", "test"):
+            raise ValueError(f"DetectionDataModule: eval_split must be 'val' or 'test', got {eval_split!r}")
+        if eval_split == "test" and cfg.data.dataset == "synthetic":
+            raise DatasetError("data.dataset 'synthetic' has no test split; evaluate another annotation file "
+                               "(tools/eval.py --annotations FILE --images DIR)")
+        self.eval_split = eval_split
         self.cfg = cfg
         self.data_cfg = cfg.data
         self._requested_category_ids = list(category_ids) if category_ids is not None else None
@@ -115,7 +131,7 @@ class DetectionDataModule(L.LightningDataModule):
                     names = [name_of.get(i, UNNAMED_CATEGORY) for i in ids]
                 self._categories = (ids, names)
             else:
-                _, annotation_file = self._paths("val")
+                _, annotation_file = self._paths(self.eval_split)
                 self._categories = read_categories(annotation_file, self._requested_category_ids)
         return self._categories
 
@@ -153,7 +169,7 @@ class DetectionDataModule(L.LightningDataModule):
             )
         if self.val_dataset is None:
             self.val_dataset = self._build_dataset(
-                "val",
+                self.eval_split,
                 transforms=build_eval_transform(self.data_cfg.augment),
                 category_ids=category_ids,
                 skip_corrupt_images=False,  # evaluation must see every image
