@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--images", help="the image folder of --annotations")
     report = parser.add_argument_group("report")
     report.add_argument("--verbose", action="store_true", help="also print the 12-line COCOeval table")
-    report.add_argument("--report-dir", help="report folder (default <trainer.output_dir>/eval_report-"
-                        "<model file name>-<path hash>-<split>)")
+    report.add_argument("--report-dir", help="report folder (default: beside the results json, its name "
+                        "without .json + '-report')")
     report.add_argument("--no-report", action="store_true", help="no report folder and no per-class table")
     report.add_argument("--confusion-iou", type=float, default=0.5,
                         help="least IoU of a match in the confusion matrix (default 0.5)")

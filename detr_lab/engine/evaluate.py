@@ -48,7 +48,7 @@ class EvalOptions:
         neither).
     backend: "pycocotools" or "faster-coco-eval" (the `eval` extra; see `engine.coco_backends`).
     report: write the report folder (per-class AP, confusion matrix, PR curves; `engine.eval_report`)
-        to `report_dir`, by default `default_report_dir(cfg, model file, name)`.
+        to `report_dir`, by default beside the results json (`default_report_dir`).
     confusion_iou, confusion_score: the confusion matrix's IoU and score thresholds.
     """
 
@@ -132,10 +132,10 @@ def default_results_path(cfg: Config, checkpoint: str | os.PathLike, name: str =
     return Path(cfg.trainer.output_dir) / f"coco_results-{resolved.stem}-{digest}{suffix}.json"
 
 
-def default_report_dir(cfg: Config, checkpoint: str | os.PathLike, name: str = "val") -> Path:
-    """`<trainer.output_dir>/eval_report-<checkpoint stem>-<8 hex digits>-<name>/`."""
-    results = default_results_path(cfg, checkpoint, "val")
-    return results.with_name(results.stem.replace("coco_results-", "eval_report-", 1) + f"-{name}")
+def default_report_dir(results_path: str | os.PathLike) -> Path:
+    """The report folder beside the results json: `<results json without .json>-report/`."""
+    results_path = Path(results_path)
+    return results_path.with_name(f"{results_path.stem}-report")
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -263,7 +263,7 @@ def evaluate_model(
     results_path = evaluator.write_results(output or default_results_path(cfg, source, options.name))
     report = None
     if options.report:
-        folder = options.report_dir or default_report_dir(cfg, source, options.name)
+        folder = options.report_dir or default_report_dir(results_path)
         report = write_report(folder, evaluator, iou_threshold=options.confusion_iou,
                               score_threshold=options.confusion_score)
     return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg,

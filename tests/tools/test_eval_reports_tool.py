@@ -79,7 +79,7 @@ def test_test_split_of_a_coco_set(setup, capsys):
     assert printed.startswith("test: AP ") and "(3 images)" in printed.splitlines()[0]
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed  # --verbose
     results = list((setup["root"] / "run").glob("coco_results-tiny-*-test.json"))
-    reports = list((setup["root"] / "run").glob("eval_report-tiny-*-test"))
+    reports = list((setup["root"] / "run").glob("coco_results-tiny-*-test-report"))
     assert len(results) == 1 and len(reports) == 1 and (reports[0] / "per_class.csv").is_file()
 
 
