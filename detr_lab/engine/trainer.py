@@ -11,6 +11,7 @@ Run directory (`cfg.trainer.output_dir`):
     checkpoints/best-*.ckpt     the best validation round by val/AP (with EMA on: the EMA weights' AP)
     summary/                    example.png, ap_over_time.png / .csv (see detr_lab.engine.summary)
     tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
+    mlflow.db, wandb/           with `trainer.loggers` listing mlflow / wandb (see detr_lab.engine.trackers)
 
 Multi-GPU and multi-node training use Lightning's DDP strategy: set `trainer.devices` and
 `trainer.num_nodes` and launch one process per GPU with torchrun or srun (Lightning reads the
@@ -33,7 +34,6 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -48,6 +48,7 @@ from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.summary import RunSummary
+from detr_lab.engine.trackers import TrackerReport, build_loggers
 from detr_lab.errors import InputError
 from detr_lab.io import diff_state_dicts, safe_load
 from detr_lab.models.build import query_spec
@@ -150,16 +151,18 @@ def build_trainer(
     Args:
         callbacks: extra callbacks, added after the standard ones (see `build_callbacks`).
         progress_bar: show the TQDM progress bar.
-        loggers: write TensorBoard and CSV logs under the output directory.
+        loggers: the experiment trackers of `trainer.loggers` (see `detr_lab.engine.trackers`) and the
+            `TrackerReport` callback that gives them the config, final metrics and best checkpoint.
+    Raises:
+        MissingExtraError: mlflow or wandb listed in `trainer.loggers` and not installed.
     """
     t = cfg.trainer
     output_dir = Path(t.output_dir)
     logger: list | bool = False
-    if loggers:
-        logger = [
-            TensorBoardLogger(save_dir=output_dir, name="tensorboard"),
-            CSVLogger(save_dir=output_dir, name="csv"),
-        ]
+    tracking: list[Callback] = []
+    if loggers and t.loggers:
+        logger = build_loggers(cfg)
+        tracking = [TrackerReport(cfg)]
     clip = cfg.optim.clip_grad_norm
     return L.Trainer(
         accelerator=t.accelerator,
@@ -179,7 +182,7 @@ def build_trainer(
         limit_val_batches=_limit(t.limit_val_batches),
         default_root_dir=output_dir,
         logger=logger,
-        callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *callbacks],
+        callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *tracking, *callbacks],
         enable_progress_bar=progress_bar,
         plugins=[AtomicCheckpointIO()],
     )
