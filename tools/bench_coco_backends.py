@@ -61,7 +61,8 @@ def generate(num_images: int, detections: int, seed: int) -> tuple[dict, dict[in
         extra = max(detections - count, 0)
         random_wh = rng.uniform(10, 200, (extra, 2))
         random_xy = rng.uniform(0, 1, (extra, 2)) * (np.array([WIDTH, HEIGHT]) - random_wh)
-        xywh = np.concatenate([np.concatenate([found, found_wh], 1), np.concatenate([random_xy, random_wh], 1)])
+        xywh = np.concatenate([np.concatenate([found, found_wh], 1),
+                               np.concatenate([random_xy, random_wh], 1)])
         scores = np.concatenate([rng.uniform(0.3, 1.0, count), rng.uniform(0.0, 0.6, extra)])
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         all_labels = np.concatenate([labels, rng.integers(0, len(CATEGORY_IDS), extra)])
