@@ -81,13 +81,13 @@ def run_cocoeval(
         if backend == "pycocotools":
             coco_gt = gt_index if gt_index is not None else _pycocotools_index(gt_dataset)
             if detections:
-                coco_dt = coco_gt.loadRes(copy.deepcopy(detections))  # loadRes edits its input
+                coco_dt = coco_gt.loadRes(_copies(detections))
             else:
                 coco_dt = _pycocotools_index(_empty_results(gt_dataset))
             coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         else:
             coco_gt = FasterCOCO(copy.deepcopy(gt_dataset))
-            coco_dt = coco_gt.loadRes(copy.deepcopy(detections)) if detections else FasterCOCO(
+            coco_dt = coco_gt.loadRes(_copies(detections)) if detections else FasterCOCO(
                 _empty_results(gt_dataset))
             coco_eval = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=print)
         coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
@@ -98,6 +98,12 @@ def run_cocoeval(
         coco_eval.summarize()
     coco_eval.summary_text = summary.getvalue()
     return coco_eval
+
+
+def _copies(detections: list[dict]) -> list[dict]:
+    """Copies of the result dicts for `loadRes`, which adds keys (id, area, segmentation) to each; a
+    per-dict copy is enough and much faster than `copy.deepcopy` on large sets."""
+    return [{**detection, "bbox": list(detection["bbox"])} for detection in detections]
 
 
 def _pycocotools_index(dataset: dict) -> COCO:
