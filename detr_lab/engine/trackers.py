@@ -40,7 +40,9 @@ from detr_lab.config import Config
 from detr_lab.engine.summary import RunSummary
 from detr_lab.errors import MissingExtraError
 
-__all__ = ["TrackerReport", "build_loggers", "flat_config", "mlflow_uri", "wandb_logged_in"]
+__all__ = [
+    "TrackerReport", "build_loggers", "flat_config", "mlflow_uri", "require_tracker", "wandb_logged_in",
+]
 
 # tracker -> (python module, extra)
 OPTIONAL = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

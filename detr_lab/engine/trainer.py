@@ -48,7 +48,7 @@ from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.summary import RunSummary
-from detr_lab.engine.trackers import TrackerReport, build_loggers
+from detr_lab.engine.trackers import TrackerReport, build_loggers, require_tracker
 from detr_lab.errors import InputError
 from detr_lab.io import diff_state_dicts, safe_load
 from detr_lab.models.build import query_spec
@@ -307,9 +307,12 @@ def train(
         and the AP plot are printed when fit ends (`RunSummary.result` holds them). With EMA on, the
         module then holds the averaged weights.
     Raises:
+        MissingExtraError: a tracker of `trainer.loggers` whose package is not installed (checked first).
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
     """
+    for tracker in cfg.trainer.loggers:
+        require_tracker(tracker)  # a missing mlflow / wandb extra stops the run before any work
     L.seed_everything(cfg.trainer.seed, workers=True)
     check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)

@@ -14,7 +14,7 @@ from detr_lab.engine import trackers
 from detr_lab.engine.trainer import train
 from detr_lab.errors import MissingExtraError
 
-from factories import TINY_RUN_YAML
+from factories import TINY_RUN_YAML, load_tool
 
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
@@ -92,6 +92,18 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch):
         "trainer.loggers lists mlflow, but 'detr_lab_no_such_module' is not installed; "
         "install the mlflow extra: pip install -e \".[mlflow]\"")
     assert not list(tmp_path.iterdir())  # nothing built before the check
+
+
+def test_train_tool_stops_at_once_on_a_missing_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(trackers.OPTIONAL, "wandb", ("detr_lab_no_such_module", "wandb"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN_YAML.format(root=tmp_path))
+    code = load_tool("train").main(["--config", str(config), "--set", "trainer.loggers=[csv,wandb]"])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "train.py: error: trainer.loggers lists wandb, but 'detr_lab_no_such_module' is not installed; "
+        "install the wandb extra: pip install -e \".[wandb]\"\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing done
 
 
 def test_unknown_tracker_is_a_config_error():
