@@ -10,6 +10,7 @@ import torch
 
 from detr_lab.checkpoints import save_checkpoint
 from detr_lab.config import load_config
+from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.engine import coco_backends
 from detr_lab.models.build import build_model
 
@@ -27,8 +28,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config(overrides=TINY)
     checkpoint = save_checkpoint(root / "tiny.pt", build_model(cfg.model), cfg, [1, 2, 3, 5, 8, 13], CLASSES)
-    assert load_tool("eval").main(["--config", str(config), "--checkpoint", str(checkpoint), "--device",
-                                   "cpu", "--no-progress", "--no-report"]) == 0  # generates the data
+    ensure_synthetic_dataset(load_config(config).data)
     # the same val images and annotations, as the test split of a COCO-format set
     coco = root / "coco"
     shutil.copytree(root / "data" / "val2017", coco / "test_images")
@@ -74,13 +74,14 @@ def test_val_split_summary_table_and_report_folder(setup, capsys, tmp_path):
 
 
 def test_test_split_of_a_coco_set(setup, capsys):
-    assert run_eval(setup, "--split", "test", "--verbose", config="coco_config") == 0
+    assert run_eval(setup, "--split", "test", "--verbose", "--no-report", config="coco_config") == 0
     printed = capsys.readouterr().out
     assert printed.startswith("test: AP ") and "(3 images)" in printed.splitlines()[0]
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed  # --verbose
-    results = list((setup["root"] / "run").glob("coco_results-tiny-*-test.json"))
-    reports = list((setup["root"] / "run").glob("coco_results-tiny-*-test-report"))
-    assert len(results) == 1 and len(reports) == 1 and (reports[0] / "per_class.csv").is_file()
+    (results,) = (setup["root"] / "run").glob("coco_results-tiny-*-test.json")
+    assert printed.endswith(f"COCO results written to {results}\n")
+    gt = json.loads((setup["root"] / "coco" / "annotations" / "test.json").read_text())
+    assert {r["image_id"] for r in json.loads(results.read_text())} == {i["id"] for i in gt["images"]}
 
 
 def test_any_annotation_file(setup, capsys, tmp_path):
