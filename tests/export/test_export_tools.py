@@ -84,7 +84,7 @@ def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_confi
     assert eval_tool.main(["--config", str(data_config), "--backend", "onnxruntime", "--model", str(path),
                            "--output", str(tmp_path / "tool.json"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("val: AP ") and f"report: {tmp_path / 'tool-report'} " in printed
+    assert "\nval: AP " in f"\n{printed}" and f"\nreport: {tmp_path / 'tool-report'} " in printed
     with pytest.raises(SystemExit) as usage:
         eval_tool.main(["--config", str(data_config), "--backend", "onnxruntime"])
     assert usage.value.code == 2
