@@ -158,6 +158,17 @@ def synthetic_set_and_detections(num_images: int = 24, seed: int = 3) -> tuple[d
     return {"images": images, "annotations": annotations, "categories": categories}, predictions
 
 
+def test_per_class_means_are_cocoevals_summary_numbers():
+    dataset, predictions = synthetic_set_and_detections()
+    evaluator = CocoEvaluator(make_coco(dataset), [c.id for c in SHAPE_CATEGORIES])
+    evaluator.update(predictions)
+    stats = evaluator.compute()  # COCOeval.summarize()'s numbers
+    rows = [row for row in per_class_metrics(evaluator) if row.gt_boxes]
+    assert len(rows) >= 4 and len({round(row.AP, 6) for row in rows}) > 1  # classes differ
+    for key, stat in (("AP", "AP"), ("AP50", "AP50"), ("AR100", "AR100")):
+        assert np.mean([getattr(row, key) for row in rows]) == pytest.approx(stats[stat], abs=1e-12), key
+
+
 @pytest.mark.skipif(not HAS_FASTER, reason="faster-coco-eval (the eval extra) is not installed")
 def test_faster_coco_eval_gives_pycocotools_ap_on_the_synthetic_set():
     dataset, predictions = synthetic_set_and_detections()
