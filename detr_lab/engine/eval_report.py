@@ -200,7 +200,7 @@ def _pr_figure(coco_eval, k: int, row: ClassMetrics) -> Figure:
     axes.set_xlabel("recall")
     axes.set_ylabel("precision")
     axes.set_title(f"{row.name}: {row.gt_boxes} boxes, AP50 {row.AP50:.3f}")
-    axes.legend(loc="lower left")
+    axes.legend(loc="upper right")
     figure.tight_layout()
     return figure
 
