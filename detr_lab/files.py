@@ -17,7 +17,7 @@ importing torch; `detr_lab.io` re-exports it beside the torch-specific reading a
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,13 +65,31 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
+    """Create and open `.<name>.<random>.tmp` in `folder` (exclusive create), returning (fd, path).
+
+    The file is created with mode 0o666 less the process umask, as `open()` creates any file (a
+    `tempfile.mkstemp` file is 0600 whatever the umask, which kept checkpoints, configs, pictures and
+    ONNX files of a shared run unreadable for the rest of the group).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        candidate = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(candidate, flags, 0o666), str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {folder / name}")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success flush, fsync and rename it onto `path`.
 
     The temporary file (`.<name>.<random>.tmp` in the destination folder, so the rename stays on one
     filesystem) is removed on any failure, and `path` keeps its previous content. Missing parent
-    folders are created.
+    folders are created. The new file's mode follows the umask (0o666 less it), like any file `open()`
+    creates.
 
     Args:
         mode: "wb" (bytes) or "w" (text, in `encoding`).
@@ -87,7 +105,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "
     tmp_name: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, tmp_name = _create_temporary(path.parent, path.name)
         with open(handle, mode, encoding=None if "b" in mode else encoding) as file:
             yield file
             file.flush()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from detr_lab.checkpoints import load_checkpoint, save_checkpoint
 from detr_lab.config import load_config, save_config
@@ -33,6 +34,7 @@ from detr_lab.io import (
     safe_load,
 )
 from detr_lab.models.build import build_model
+from detr_lab.visualize.draw import save_picture
 
 from factories import tiny_overrides
 
@@ -213,3 +215,28 @@ def test_other_errors_pass_through_and_leave_no_temporary(tmp_path):
             file.write("x")
             raise KeyError("not an I/O error")
     assert not target.exists() and _leftovers(tmp_path, set()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Checkpoints, training checkpoints, configs, results and pictures are created 0o666 less the umask,
+    as `open()` creates files (a temporary file of `tempfile.mkstemp` is 0600 whatever the umask)."""
+    cfg = load_config(overrides=TINY)
+    model = build_model(cfg.model)
+    writers = {
+        "model.pt": lambda path: save_checkpoint(path, model, cfg, [1, 2], ["a", "b"]),
+        "last.ckpt": lambda path: AtomicCheckpointIO().save_checkpoint({"epoch": 1}, path),
+        "config.yaml": lambda path: save_config(cfg, path),
+        "detections.json": lambda path: atomic_write_text(path, "{}"),
+        "example.jpg": lambda path: save_picture(Image.new("RGB", (4, 3)), path),
+    }  # the ONNX exporter writes through atomic_write too
+    previous = os.umask(umask)
+    try:
+        for name, write in writers.items():
+            write(tmp_path / name)
+            (tmp_path / f"plain-{name}").write_bytes(b"")  # what any other program would create
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in writers}
+    assert modes == {name: 0o666 & ~umask for name in writers}
+    assert all((tmp_path / f"plain-{name}").stat().st_mode & 0o777 == 0o666 & ~umask for name in writers)

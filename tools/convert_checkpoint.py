@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from detr_lab.checkpoints import convert_official_checkpoint
+from detr_lab.engine.cli import check_not_an_input
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is not None:
         overrides["recipe"] = args.recipe
     try:
+        check_not_an_input(args.dst, {"src": args.src}, option="dst")
         path = convert_official_checkpoint(args.src, args.dst, **overrides)
     except Exception as err:
         if args.debug:

@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, parse_backend_arguments, run_tool
+from detr_lab.engine.cli import (
+    add_backend_arguments,
+    add_common_arguments,
+    check_not_an_input,
+    parse_backend_arguments,
+    run_tool,
+)
 from detr_lab.engine.coco_backends import BACKENDS
 
 
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, summary_line
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
+        check_not_an_input(args.output, {"--config": args.config, "--checkpoint": args.checkpoint,
+                                         "--model": args.model, "--annotations": args.annotations},
+                           option="--output")
         options = EvalOptions(
             split=args.split,
             annotations=args.annotations,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, run_tool
+from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, check_not_an_input, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal passed
         from detr_lab.export.from_checkpoint import export_checkpoint
 
+        check_not_an_input(args.output, {"--checkpoint": args.checkpoint, "--config": args.config},
+                           option="--output")
         result = export_checkpoint(
             args.checkpoint,
             args.output,

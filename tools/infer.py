@@ -1,6 +1,9 @@
 """Detect objects in images: `python tools/infer.py IMAGE|FOLDER [...] --checkpoint CKPT [--output-dir DIR]`.
 
-`--backend onnxruntime --model model.onnx` runs an exported model instead (CPU; export extra).
+`--model NAME|FOLDER` runs a zoo model (e.g. `dino-4scale-r50`: downloaded once into
+`$DETR_LAB_CACHE_DIR`, hash checked, converted), a Hub-style model folder or a Hub repository id
+instead of a checkpoint. `--backend onnxruntime --model model.onnx` runs an exported model (CPU;
+export extra).
 
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
@@ -26,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     add_backend_arguments(
-        parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)"
+        parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)", pretrained=True
     )
     parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     add_common_arguments(parser)
-    return parse_backend_arguments(parser, argv)
+    return parse_backend_arguments(parser, argv, pretrained=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_inference(
             args.inputs,
-            args.model if args.backend == "onnxruntime" else args.checkpoint,
+            args.checkpoint if args.checkpoint is not None else args.model,
             output_dir=args.output_dir,
             score_threshold=args.score_threshold,
             device=args.device,
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config,
             overrides=args.overrides,
             backend=args.backend,
+            pretrained=args.backend == "pytorch" and args.model is not None,
         )
         for failure in result.failed:
             print(f"failed: {failure['error']}")

@@ -3,7 +3,8 @@
 
 Only the tools (`tools/*.py`) import this module; the library raises its own errors
 (`detr_lab.errors`, `ConfigError`, `CheckpointError`, `DatasetError`, ...) and the tools translate
-them here. `ToolError` is for the tools' own checks of their arguments.
+them here. `ToolError` is for the tools' own checks of their arguments; `check_not_an_input` refuses an
+output path that is one of the tool's inputs (no tool writes over its inputs).
 
 Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatched checkpoint),
 2 an invalid configuration or command line (ConfigError, as argparse uses 2 for usage errors),
@@ -15,11 +16,12 @@ Exit codes: 0 success, 1 a runtime failure (missing or unreadable file, mismatch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from detr_lab.config import ConfigError
-from detr_lab.errors import DetrLabError, Interrupted
+from detr_lab.errors import DetrLabError, InputError, Interrupted
 
 __all__ = [
     "EXIT_CONFIG_ERROR",
@@ -28,6 +30,7 @@ __all__ = [
     "Interrupted",
     "ToolError",
     "add_common_arguments",
+    "check_not_an_input",
     "one_line",
     "run_tool",
 ]
@@ -54,20 +57,33 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
-    """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file); check the
-    command line with `parse_backend_arguments`."""
+def add_backend_arguments(
+    parser: argparse.ArgumentParser, *, checkpoint_help: str, pretrained: bool = False
+) -> None:
+    """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file; with
+    `pretrained`, also a zoo name, a Hub-style model folder or a Hub repository id for the pytorch
+    backend); check the command line with `parse_backend_arguments`."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                         help="pytorch (default) or onnxruntime (an exported --model)")
-    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
+    model_help = "exported .onnx file (onnxruntime backend)"
+    if pretrained:
+        model_help = ("pytorch backend: a zoo name (e.g. dino-4scale-r50, downloaded once into "
+                      "$DETR_LAB_CACHE_DIR), a model folder or a Hub repo id; onnxruntime: an exported "
+                      ".onnx file")
+    parser.add_argument("--model", help=model_help)
 
 
-def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def parse_backend_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, pretrained: bool = False
+) -> argparse.Namespace:
     """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
-    has a --checkpoint and no --model, and onnxruntime a --model and no --checkpoint."""
+    has a --checkpoint and no --model (with `pretrained`: exactly one of them), and onnxruntime a
+    --model and no --checkpoint."""
     args = parser.parse_args(argv)
-    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
+    if args.backend == "pytorch" and pretrained and (args.checkpoint is None) == (args.model is None):
+        parser.error("the pytorch backend needs --checkpoint FILE or --model NAME|FOLDER (one of them)")
+    if args.backend == "pytorch" and not pretrained and (args.checkpoint is None or args.model is not None):
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
         parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
@@ -106,3 +122,23 @@ def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
         return code
     return 0
 
+
+def check_not_an_input(output: str | os.PathLike | None, inputs: Mapping[str, str | os.PathLike | None],
+                       *, option: str) -> None:
+    """Refuse to write `output` where it is one of the `inputs` (the same file, links resolved).
+
+    Args:
+        output: the file a tool is about to write (None: nothing to check).
+        inputs: option name -> input file (None entries are skipped), e.g. {"--checkpoint": path}.
+        option: the output's option name, for the message.
+    Raises:
+        InputError: "<option> <path> is the <input option> input; writing it would destroy that input:
+            choose another <option>".
+    """
+    if output is None:
+        return
+    target = os.path.realpath(output)
+    for name, given in inputs.items():
+        if given is not None and os.path.realpath(given) == target:
+            raise InputError(f"{option} {output} is the {name} input ({given}); writing it would destroy "
+                             f"that input: choose another {option}")

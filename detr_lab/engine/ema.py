@@ -3,8 +3,12 @@
 Lightning's callback keeps the averaged copy (`torch.optim.swa_utils.AveragedModel`), swaps it in for
 validation, writes it as the checkpoint's `state_dict` (the raw weights go to `current_model_state`,
 the average's counter to `averaging_state`), restores both on resume and copies the average into the
-model when training ends. This module only supplies the averaging rule: the ModelEMA warm-up of
-YOLOv5 / RT-DETR,
+model when training ends. `WarmupEMA` keeps the raw weights of that moment for any checkpoint written
+after it (Lightning's `ModelCheckpoint` writes `last.ckpt` in its own `on_train_end`, after the copy,
+when no `last.ckpt` was written yet in a resumed run), so `current_model_state` always holds the raw
+weights and a further resume continues from them, not from the average.
+
+Besides that, this module supplies the averaging rule: the ModelEMA warm-up of YOLOv5 / RT-DETR,
 
     d_n = decay * (1 - exp(-n / warmup_steps)),   ema = d_n * ema + (1 - d_n) * weights,
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
@@ -54,7 +59,23 @@ class WarmupEMA(WeightAveraging):
             raise ValueError(f"EMA warmup_steps must be >= 0, got {warmup_steps}")
         self.decay = float(decay)
         self.warmup_steps = int(warmup_steps)
+        self._raw_at_end: dict[str, Tensor] | None = None  # the raw weights when the average was copied in
         super().__init__(use_buffers=True, avg_fn=self._average)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raw_at_end = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep a copy of the raw weights, then copy the average into the model (Lightning's rule)."""
+        self._raw_at_end = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Lightning's layout (average in `state_dict`, raw weights in `current_model_state`); after
+        training ended, the raw weights are those kept before the average was copied in."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_at_end is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = dict(self._raw_at_end)
 
     @classmethod
     def from_config(cls, cfg: EmaConfig) -> WarmupEMA:

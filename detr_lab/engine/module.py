@@ -30,6 +30,7 @@ from detr_lab.engine.optim import (
     optimizer_steps_per_epoch,
     scheduler_interval,
 )
+from detr_lab.engine.resume_checks import WORLD_SIZE_KEY
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -175,6 +176,7 @@ class DetectionModule(L.LightningModule):
             "category_ids": list(self.category_ids),
             "class_names": list(self.class_names),
             WEIGHTS_VERSION_KEY: WEIGHTS_VERSION,
+            WORLD_SIZE_KEY: self._trainer.world_size if self._trainer is not None else 1,  # resume checks
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

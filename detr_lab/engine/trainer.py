@@ -2,7 +2,9 @@
 
     trainer = train(load_config("configs/demo.yaml"), resume="auto")
 
-Run directory (`cfg.trainer.output_dir`):
+Run directory (`cfg.trainer.output_dir`; one run at a time, and a new run refuses a folder that holds
+an earlier run's checkpoints, see `detr_lab.engine.run_folder`):
+    .run.lock                   locked while the run lasts (pid, host, start time inside)
     config.yaml                 the fully resolved config, written before training starts
     checkpoints/last.ckpt       the latest state: end of each training epoch (before validation, and
                                 again after it), every `save_every_n_steps` steps, the last step of a
@@ -47,6 +49,8 @@ from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_tempo
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
+from detr_lab.engine.resume_checks import RefuseInexactResume, StepSeeds
+from detr_lab.engine.run_folder import claim_run_folder
 from detr_lab.engine.summary import RunSummary
 from detr_lab.engine.trackers import TrackerReport, build_loggers, require_tracker
 from detr_lab.errors import InputError
@@ -310,12 +314,25 @@ def train(
         MissingExtraError: a tracker of `trainer.loggers` whose package is not installed (checked first).
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
+        InputError: another run holds `trainer.output_dir`, or the folder holds an earlier run's
+            checkpoints and this run would write over them (`detr_lab.engine.run_folder`).
+        ConfigError: a resume that could not continue exactly: other parameter groups, another batch
+            size in mid-epoch, another kind of LR schedule (`detr_lab.engine.resume_checks`).
     """
     for tracker in cfg.trainer.loggers:
         require_tracker(tracker)  # a missing mlflow / wandb extra stops the run before any work
     L.seed_everything(cfg.trainer.seed, workers=True)
     check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)
+    # The run owns its folder from here on: a lock, and no writing over an earlier run's checkpoints.
+    with claim_run_folder(cfg.trainer.output_dir, checkpoint_dir(cfg), ckpt_path):
+        return _train_in_owned_folder(cfg, ckpt_path, resume, init_from, callbacks, progress_bar)
+
+
+def _train_in_owned_folder(
+    cfg: Config, ckpt_path: Path | None, resume: str | None, init_from: str | None,
+    callbacks: Sequence[Callback], progress_bar: bool,
+) -> L.Trainer:
     datamodule = DetectionDataModule(cfg)
     module = DetectionModule(cfg, datamodule.category_ids, datamodule.class_names)
     if ckpt_path is not None:
@@ -330,9 +347,10 @@ def train(
     _save_run_config(cfg)
     _remove_stale_temporaries(cfg)
     preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
-    own: list[Callback] = [preserve]
+    # StepSeeds: dropout, denoising and any other draw of a training step come from (seed, epoch, batch).
+    own: list[Callback] = [preserve, StepSeeds(cfg.trainer.seed)]
     if ckpt_path is not None:
-        own.append(ConfiguredLearningRates())
+        own.extend([RefuseInexactResume(), ConfiguredLearningRates()])
     trainer = build_trainer(cfg, callbacks=[*own, *callbacks], progress_bar=progress_bar)
     _fit_saving_on_signals(trainer, preserve, module, datamodule, ckpt_path)
     return trainer

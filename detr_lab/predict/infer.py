@@ -2,6 +2,7 @@
 
     result = run_inference(["photos/"], "runs/demo/checkpoints/last.ckpt", output_dir="detections")
     result = run_inference(["a.jpg"], "model.onnx", backend="onnxruntime")
+    result = run_inference(["a.jpg"], "dino-4scale-r50", pretrained=True)  # zoo name, model folder, Hub id
 
 See `detections_file` for the json; each annotated copy is a JPEG drawn by
 `detr_lab.visualize.draw.draw_detections`.
@@ -43,12 +44,30 @@ class InferenceResult:
     failed: list[dict]  # {"file", "error"}, as in the json's "failed"
 
 
-def _output_name(path: Path, used: set[str]) -> str:
-    name, index = f"{path.stem}.jpg", 1
-    while name in used:
-        name, index = f"{path.stem}_{index}.jpg", index + 1
-    used.add(name)
-    return name
+def annotated_names(paths: Sequence[Path], output_dir: Path) -> dict[Path, str]:
+    """The file name of each image's annotated copy in `output_dir`: `<stem>.jpg`, then `<stem>_1.jpg`,
+    ... where stems repeat (in input order).
+
+    Raises:
+        InputError: a copy would replace one of the input images (e.g. `--output-dir` is the input
+            folder and an input is a `.jpg`); the message names both and the way out.
+    """
+    used: set[str] = set()
+    names: dict[Path, str] = {}
+    for path in paths:
+        name, index = f"{path.stem}.jpg", 1
+        while name in used:
+            name, index = f"{path.stem}_{index}.jpg", index + 1
+        used.add(name)
+        names[path] = name
+    inputs = {os.path.realpath(path) for path in paths}  # realpath: no error on link loops
+    for path, name in names.items():
+        if os.path.realpath(output_dir / name) in inputs:
+            raise InputError(
+                f"--output-dir {output_dir}: the annotated copy of {path} would replace the input image "
+                f"{output_dir / name}; choose an output folder that holds no input image"
+            )
+    return names
 
 
 def _predict_each(predictor: Predictor, group: list[tuple[Path, np.ndarray]], score_threshold: float):
@@ -88,37 +107,49 @@ def run_inference(
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
+    pretrained: bool = False,
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
     `checkpoint` is the model file: a checkpoint (backend "pytorch"), or an exported `.onnx` file
     (backend "onnxruntime": CPU, no `config_path`, data overrides only); both write the same outputs.
+    With `pretrained`, `checkpoint` is what `Predictor.from_pretrained` takes instead: a zoo name, a
+    Hub-style model folder or a Hub repository id (pytorch backend, no `config_path`).
 
     Every image that could be read has its detections in the json (see `detections_file`); an image
     that cannot be decoded or processed (truncated file, broken link in a folder...) is listed under
-    "failed" with its reason and the others go on. The json is rewritten every 30 s while running and
-    once at the end, also when the run stops on an error or an interrupt ("complete" is then false).
+    "failed" with its reason and the others go on. The json is written when the run starts (replacing
+    an earlier run's), then every 16 images or 10 s while running, and once at the end, also when the
+    run stops on an error or an interrupt ("complete" is then false). No output replaces an input:
+    a folder whose annotated copies would land on input images is refused before anything is written.
 
     Batches hold images of one resized size only (see `same_size_groups`), so no image is padded and
     each image's detections do not depend on `batch_size` or on the other inputs.
     Raises:
-        InputNotFoundError: a missing named image or model file. InputError: a bad argument.
+        InputNotFoundError: a missing named image or model file. InputError: a bad argument, or an
+            output folder where an annotated copy would replace an input image.
         CheckpointError / ConfigError: a checkpoint that does not fit the config.
     """
     _check_arguments(batch_size, score_threshold, backend, config_path, device)
     found = collect_images(inputs)
+    if pretrained and (backend != "pytorch" or config_path is not None):
+        raise InputError("--model NAME|FOLDER runs on the pytorch backend and takes no --config")
+    output_dir = Path(output_dir)
+    names = annotated_names(found.paths, output_dir)  # refuses to write over an input image
     if backend == "onnxruntime":
         predictor = Predictor.from_onnx(checkpoint, overrides=overrides)
+    elif pretrained:
+        predictor = Predictor.from_pretrained(checkpoint, overrides=overrides, device=device)
     else:
         predictor = Predictor.from_checkpoint(
             checkpoint, config_path=config_path, overrides=overrides, device=device
         )
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    header = {"checkpoint": str(checkpoint), "score_threshold": score_threshold}
+    header = {"checkpoint": str(checkpoint), "score_threshold": score_threshold,
+              "images_to_process": len(found.paths)}
     writer = DetectionsWriter(output_dir / DETECTIONS_FILE, header)
     writer.failed.extend(found.failed)
-    used: set[str] = set()
+    writer.start()  # an earlier run's json is replaced before the first new picture
     complete = False
     try:
         for start in range(0, len(found.paths), batch_size):
@@ -133,7 +164,7 @@ def run_inference(
                     if failure is not None:
                         writer.failed.append(failure)
                         continue
-                    name = _output_name(path, used)
+                    name = names[path]
                     boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
                     annotated = draw_detections(image, boxes, labels, predictor.class_names,
                                                 scores=detection["scores"].tolist())
@@ -143,6 +174,7 @@ def run_inference(
                         "file": str(path), "width": width, "height": height, "annotated": name,
                         "detections": detection_records(detection),
                     })
+                    writer.flush()  # by count and time
             writer.flush()
         complete = True
     finally:
