@@ -389,6 +389,9 @@ class DataConfig:
     train_annotations: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
+    # The test split, evaluated by `tools/eval.py --split test` only (a YOLO set: its data.yaml's `test`).
+    test_images: str = "test2017"
+    test_annotations: str = "annotations/instances_test2017.json"
     batch_size: int = _positive(2)  # per device
     num_workers: int = _non_negative(2)
     skip_corrupt_images: bool = True  # training only: a corrupt image is skipped and counted
@@ -462,6 +465,19 @@ class EmaConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Names and stores of the experiment trackers listed in `trainer.loggers` (see engine.trackers)."""
+
+    experiment: str = "detr_lab"  # MLflow experiment, W&B project
+    run_name: str = ""  # "": the output folder's name
+    # "": a local SQLite store, sqlite:///<output_dir>/mlflow.db (MLflow's file store is deprecated);
+    # any MLflow tracking URI otherwise (http://host:5000, databricks, ...)
+    mlflow_uri: str = ""
+    # auto: online when logged in to W&B (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline
+    wandb_mode: str = _choice("auto", "offline", "online", default="auto")
+
+
+@dataclass
 class EarlyStoppingConfig:
     """Stop when val/AP has not improved by more than `min_delta` for `patience` validation rounds."""
 
@@ -512,6 +528,11 @@ class TrainerConfig:
     monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
     # After training: print the final val AP and best checkpoint, and write summary/ (example image, AP plot).
     summary: bool = True
+    # Experiment trackers (Lightning's loggers): csv, tensorboard, mlflow (the mlflow extra), wandb (the
+    # wandb extra). Each receives the resolved config, the metrics, the final metrics and the best checkpoint.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"],
+                               metadata={"choices": ("csv", "tensorboard", "mlflow", "wandb")})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -702,11 +723,15 @@ def _walk_validate(obj: Any, prefix: str, where: str) -> None:
             raise ConfigError(f"{where}: '{dotted}{bad[0]}' is {bad[1]!r}; a config's numbers must be finite")
         choices = meta.get("choices")
         choices = choices() if callable(choices) else choices
-        if choices is not None and value is not None and value not in choices:
+        # a list field with choices (trainer.loggers): each item is checked
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        wrong = next((item for item in items if item not in (choices or ())), None)
+        if choices is not None and value is not None and wrong is not None:
             options = ", ".join(choices)
-            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(wrong), choices, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: '{dotted}' is {value!r}; expected one of: {options}{hint}")
+            what = f"contains {wrong!r}" if isinstance(value, list | tuple) else f"is {value!r}"
+            raise ConfigError(f"{where}: '{dotted}' {what}; expected one of: {options}{hint}")
         if "min" in meta and value is not None:
             low = meta["min"]
             if value < low or (meta.get("exclusive") and value == low):

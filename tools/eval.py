@@ -1,10 +1,13 @@
-"""COCO mAP of a checkpoint: `python tools/eval.py --config X.yaml --checkpoint CKPT [--output results.json]`.
+"""COCO mAP of a checkpoint: `python tools/eval.py --config X.yaml --checkpoint CKPT [--split test]`.
 
 The model comes from the checkpoint (detr_lab, Lightning or official DETR); the config gives the
-dataset, whose validation split is evaluated. `--set model.*=...` overrides reach the model.
-`--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU; needs the
-export extra), with the same batches.
-Prints the 12-line COCOeval summary and writes the COCO results json (original category ids).
+dataset, whose validation split is evaluated, or its test split (`--split test`), or any COCO
+annotation file with its images (`--annotations FILE --images DIR`). `--set model.*=...` overrides
+reach the model. `--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU;
+needs the export extra), with the same batches.
+Prints one summary line (AP, AP50, AP75, APs/m/l, AR100) and the per-class table (the 12-line COCOeval
+table too with --verbose); writes the COCO results json (original category ids) and a report folder:
+per-class AP / AP50 / AR100 CSV, a confusion matrix with background (CSV, PNG), PR curves per class.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from detr_lab.engine.cli import (
     parse_backend_arguments,
     run_tool,
 )
+from detr_lab.engine.coco_backends import BACKENDS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,24 +34,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data = parser.add_argument_group("what to evaluate")
+    data.add_argument("--split", choices=("val", "test"), default="val",
+                      help="split of the config's dataset (default val; test: data.test_images / "
+                      "data.test_annotations, or the data.yaml's test)")
+    data.add_argument("--annotations", help="a COCO instances json to evaluate instead of a split")
+    data.add_argument("--images", help="the image folder of --annotations")
+    report = parser.add_argument_group("report")
+    report.add_argument("--verbose", action="store_true", help="also print the 12-line COCOeval table")
+    report.add_argument("--report-dir", help="report folder (default: beside the results json, its name "
+                        "without .json + '-report')")
+    report.add_argument("--no-report", action="store_true", help="no report folder and no per-class table")
+    report.add_argument("--confusion-iou", type=float, default=0.5,
+                        help="least IoU of a match in the confusion matrix (default 0.5)")
+    report.add_argument("--confusion-score", type=float, default=0.3,
+                        help="least score of a detection in the confusion matrix (default 0.3)")
+    report.add_argument("--coco-backend", choices=BACKENDS, default="pycocotools",
+                        help="COCO evaluation: pycocotools (default) or faster-coco-eval (the eval extra; "
+                        "faster on large sets, same AP)")
     add_common_arguments(parser)
-    return parse_backend_arguments(parser, argv)
+    args = parse_backend_arguments(parser, argv)
+    if (args.annotations is None) != (args.images is None):
+        parser.error("--annotations and --images go together")
+    if args.annotations is not None and args.split != "val":
+        parser.error("--split and --annotations exclude each other")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        from detr_lab.engine.evaluate import evaluate_checkpoint
+        from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, summary_line
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
         check_not_an_input(args.output, {"--config": args.config, "--checkpoint": args.checkpoint,
-                                         "--model": args.model}, option="--output")
+                                         "--model": args.model, "--annotations": args.annotations},
+                           option="--output")
+        options = EvalOptions(
+            split=args.split,
+            annotations=args.annotations,
+            images=args.images,
+            backend=args.coco_backend,
+            report=not args.no_report,
+            report_dir=args.report_dir,
+            confusion_iou=args.confusion_iou,
+            confusion_score=args.confusion_score,
+        )
         common = dict(
             overrides=args.overrides,
             output=args.output,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            options=options,
         )
         if args.backend == "onnxruntime":
             if args.device not in ("auto", "cpu"):
@@ -55,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_onnx(args.config, args.model, **common)
         else:
             result = evaluate_checkpoint(args.config, args.checkpoint, device=args.device, **common)
-        print(result.summary, end="")
-        print(f"{result.num_images} images; COCO results written to {result.results_path}")
+        print(summary_line(result.stats, result.num_images, result.split))
+        if args.verbose:
+            print(result.summary, end="")
+        if result.report is not None:
+            print(result.report.table, end="")
+            print(f"report: {result.report.folder} (per_class.csv, confusion_matrix.csv / .png at IoU "
+                  f"{args.confusion_iou:g} and score {args.confusion_score:g}, pr_curves/)")
+        print(f"COCO results written to {result.results_path}")
 
     return run_tool("eval.py", body, debug=args.debug)
 

@@ -55,10 +55,13 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 
 def coco_split_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
-    """(image folder, annotation json) of a COCO-format split ("train" or "val") under `data.root`."""
+    """(image folder, annotation json) of a COCO-format split ("train", "val" or "test") under `data.root`."""
     root = Path(data_cfg.root)
-    images = data_cfg.train_images if split == "train" else data_cfg.val_images
-    annotations = data_cfg.train_annotations if split == "train" else data_cfg.val_annotations
+    images, annotations = {
+        "train": (data_cfg.train_images, data_cfg.train_annotations),
+        "val": (data_cfg.val_images, data_cfg.val_annotations),
+        "test": (data_cfg.test_images, data_cfg.test_annotations),
+    }[split]
     return root / images, root / annotations
 
 
@@ -112,11 +115,23 @@ class DetectionDataModule(L.LightningDataModule):
         category_ids: explicit class index -> category id mapping (e.g. from a checkpoint); None: derived
             from the data (see the module docstring).
         class_names: the names of `category_ids` (a checkpoint's); lets a YOLO set be mapped by name.
+        eval_split: the split behind `val_dataset` and the validation loader: "val" (default) or
+            "test" (`data.test_images` / `data.test_annotations`, or a YOLO data.yaml's `test`).
+    Raises:
+        DatasetError: `eval_split="test"` on the synthetic dataset, which has no test split.
     """
 
-    def __init__(self, cfg: Config, category_ids: Sequence[int] | None = None,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, category_ids: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None, *, eval_split: str = "val",
+    ) -> None:
         super().__init__()
+        if eval_split not in ("val", "test"):
+            raise ValueError(f"DetectionDataModule: eval_split must be 'val' or 'test', got {eval_split!r}")
+        if eval_split == "test" and cfg.data.dataset == "synthetic":
+            raise DatasetError("data.dataset 'synthetic' has no test split; evaluate another annotation file "
+                               "(tools/eval.py --annotations FILE --images DIR)")
+        self.eval_split = eval_split
         self.cfg = cfg
         self.data_cfg = cfg.data
         self._requested_category_ids = list(category_ids) if category_ids is not None else None
@@ -162,7 +177,7 @@ class DetectionDataModule(L.LightningDataModule):
                     names = [name_of.get(i, UNNAMED_CATEGORY) for i in ids]
                 self._categories = (ids, names)
             else:
-                _, annotation_file = self._paths("val")
+                _, annotation_file = self._paths(self.eval_split)
                 self._categories = read_categories(annotation_file, self._requested_category_ids)
         return self._categories
 
@@ -200,7 +215,7 @@ class DetectionDataModule(L.LightningDataModule):
             )
         if self.val_dataset is None:
             self.val_dataset = self._build_dataset(
-                "val",
+                self.eval_split,
                 transforms=build_eval_transform(self.data_cfg.augment),
                 category_ids=category_ids,
                 skip_corrupt_images=False,  # evaluation must see every image

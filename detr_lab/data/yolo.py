@@ -44,7 +44,7 @@ from detr_lab.data.errors import AnnotationWarning, DatasetError, MissingImageEr
 from detr_lab.data.images import IMAGE_SUFFIXES, upright_size
 from detr_lab.files import atomic_write_text
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""COCO mAP of a checkpoint on the validation split of a config's dataset (behind `tools/eval.py`).
+"""COCO mAP of a checkpoint on a split of a config's dataset or any annotation file (behind `tools/eval.py`).
 
     result = evaluate_checkpoint("configs/detr_r50.yaml", "detr-r50.pth", output="results.json")
     print(result.summary)
+    options = EvalOptions(split="test", report=True)   # or annotations=..., images=...
+    result = evaluate_checkpoint("configs/my_data.yaml", "best.ckpt", options=options)
+    print(summary_line(result.stats, result.num_images, result.split), result.report.table)
 
 The model (architecture, classes) comes from the checkpoint; the YAML gives the data settings. Model
 overrides (`model.*=...`) are applied to the checkpoint's stored config, the others to the YAML.
@@ -27,11 +30,43 @@ from detr_lab.config import Config, load_config
 from detr_lab.data.coco import CocoDetectionDataset
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.errors import DatasetError
+from detr_lab.engine.coco_backends import check_backend
 from detr_lab.engine.detect import detect
 from detr_lab.engine.devices import resolve_device
+from detr_lab.engine.eval_report import EvaluationReport, write_report
 from detr_lab.engine.evaluator import CocoEvaluator
+from detr_lab.errors import InputError, InputNotFoundError
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and what to write besides the results json.
+
+    split: "val" or "test" of the config's dataset (`data.test_images` / `data.test_annotations`, or a
+        YOLO data.yaml's `test`); ignored when `annotations` is given.
+    annotations, images: any COCO instances json and its image folder, instead of a split (both or
+        neither).
+    backend: "pycocotools" or "faster-coco-eval" (the `eval` extra; see `engine.coco_backends`).
+    report: write the report folder (per-class AP, confusion matrix, PR curves; `engine.eval_report`)
+        to `report_dir`, by default beside the results json (`default_report_dir`).
+    confusion_iou, confusion_score: the confusion matrix's IoU and score thresholds.
+    """
+
+    split: str = "val"
+    annotations: str | os.PathLike | None = None
+    images: str | os.PathLike | None = None
+    backend: str = "pycocotools"
+    report: bool = False
+    report_dir: str | os.PathLike | None = None
+    confusion_iou: float = 0.5
+    confusion_score: float = 0.3
+
+    @property
+    def name(self) -> str:
+        """What is evaluated, in file names and the summary line: the split or the annotation file's stem."""
+        return Path(self.annotations).stem if self.annotations is not None else self.split
 
 
 @dataclass
@@ -42,17 +77,67 @@ class EvaluationResult:
     num_images: int
     config: Config  # as evaluated: the checkpoint's model (with overrides), the YAML's data
     forward_passes: int = 0  # batches run through the model
+    split: str = "val"  # what was evaluated: "val", "test" or the annotation file's stem
+    report: EvaluationReport | None = None  # the report folder's content, when one was written
+
+
+def summary_line(stats: dict[str, float], num_images: int, name: str = "val") -> str:
+    """One line: `<name>: AP 0.512  AP50 0.830  AP75 ...  APs ...  APm ...  APl ...  AR100 ...  (N images)`,
+    `-` where COCOeval has nothing to measure (-1)."""
+    shown = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+    numbers = "  ".join(f"{key} {stats[key]:.3f}" if stats[key] > -1 else f"{key} -" for key in shown)
+    return f"{name}: {numbers}  ({num_images} images)"
+
+
+def evaluation_data(cfg: Config, options: EvalOptions) -> Config:
+    """`cfg` with the data to evaluate as its validation split: an explicit annotation file and image
+    folder (`dataset: coco`, `format: coco`, absolute paths), or `cfg` unchanged (the split is chosen by
+    `DetectionDataModule(eval_split=...)`). Checks the options first, so that a tool fails before
+    loading a model.
+
+    Raises:
+        InputError: only one of annotations / images, a split other than val / test, the test split of
+            the synthetic dataset (it has none), or an unknown COCO backend.
+        MissingExtraError: faster-coco-eval asked for and not installed.
+        InputNotFoundError: the annotation file or image folder does not exist.
+    """
+    check_backend(options.backend)
+    if options.split not in ("val", "test"):
+        raise InputError(f"evaluation split {options.split!r} is not 'val' or 'test'")
+    if options.annotations is None and options.split == "test" and cfg.data.dataset == "synthetic":
+        raise InputError("data.dataset 'synthetic' has no test split; evaluate another annotation file "
+                           "(tools/eval.py --annotations FILE --images DIR)")
+    if (options.annotations is None) != (options.images is None):
+        raise InputError("give both an annotation file and an image folder (--annotations FILE --images DIR)")
+    if options.annotations is None:
+        return cfg
+    annotations, images = Path(options.annotations).resolve(), Path(options.images).resolve()
+    if not annotations.is_file():
+        raise InputNotFoundError(f"annotation file not found: {options.annotations}")
+    if not images.is_dir():
+        raise InputNotFoundError(f"image folder not found: {options.images}")
+    data = dataclasses.replace(cfg.data, dataset="coco", format="coco", val_annotations=str(annotations),
+                               val_images=str(images))
+    return dataclasses.replace(cfg, data=data)
 
 
 class ModelMismatchWarning(UserWarning):
     """The YAML given to eval.py describes another model than the checkpoint holds."""
 
 
-def default_results_path(cfg: Config, checkpoint: str | os.PathLike) -> Path:
-    """`<trainer.output_dir>/coco_results-<checkpoint stem>-<8 hex digits of its absolute path>.json`."""
+def default_results_path(cfg: Config, checkpoint: str | os.PathLike, name: str = "val") -> Path:
+    """`<trainer.output_dir>/coco_results-<checkpoint stem>-<8 hex digits of its absolute path>.json`
+    for the val split, with `-<name>` before `.json` for another split or annotation file."""
     resolved = Path(checkpoint).resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
-    return Path(cfg.trainer.output_dir) / f"coco_results-{resolved.stem}-{digest}.json"
+    suffix = "" if name == "val" else f"-{name}"
+    return Path(cfg.trainer.output_dir) / f"coco_results-{resolved.stem}-{digest}{suffix}.json"
+
+
+def default_report_dir(results_path: str | os.PathLike) -> Path:
+    """The report folder beside the results json: `<results json without .json>-report/`."""
+    results_path = Path(results_path)
+    return results_path.with_name(f"{results_path.stem}-report")
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -118,8 +203,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    options: EvalOptions | None = None,
 ) -> EvaluationResult:
-    """Run the checkpoint's model over the val split, score it with COCOeval, write the results json.
+    """Run the checkpoint's model over a split (or annotation file), score it with COCOeval, write the
+    results json (and the report folder with `options.report`).
 
     Args:
         config_path: YAML config giving the dataset (`data.*`); its `model` section is not used.
@@ -129,11 +216,15 @@ def evaluate_checkpoint(
             checkpoint, so evaluating another checkpoint with the same YAML does not overwrite it).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         batch_size: images per forward pass (default `data.batch_size`).
+        options: the split or annotation file, the COCO backend, the report (see `EvalOptions`).
+    Raises:
+        InputError, InputNotFoundError: see `evaluation_data`; DatasetError: an unreadable set.
     """
+    options = options or EvalOptions()
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
-    cfg = load_config(config_path, data_overrides)
+    cfg = evaluation_data(load_config(config_path, data_overrides), options)  # checked before the model loads
     loaded = load_checkpoint(checkpoint, overrides=model_overrides)
     warn_model_differences(cfg.model, loaded.config.model, config_path, checkpoint)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
@@ -141,7 +232,7 @@ def evaluate_checkpoint(
     target_device = resolve_device(device)
     model = optimize_for_inference(loaded.model.to(target_device).eval())
     return evaluate_model(cfg, model, loaded.category_ids, target_device, output=output, progress=progress,
-                          source=checkpoint, class_names=loaded.class_names)
+                          source=checkpoint, class_names=loaded.class_names, options=options)
 
 
 def evaluate_model(
@@ -154,31 +245,46 @@ def evaluate_model(
     progress: bool,
     source: str | os.PathLike,
     class_names: Sequence[str] | None = None,
+    options: EvalOptions | None = None,
 ) -> EvaluationResult:
-    """Predict the val split of `cfg.data` with `model`, score it with COCOeval, write the results json.
+    """Predict the val split of `cfg.data` (or `options.split`) with `model`, score it with COCOeval,
+    write the results json and, with `options.report`, the report folder.
 
     Args:
         cfg: the data settings to evaluate on and the model config (its post-processing).
         model: a ready detector on `device` in eval mode (see `detect`), e.g. an optimized `nn.Module`
             or an onnxruntime `OnnxDetector`.
         category_ids: the dataset category id of each class index.
-        output: the results json (default `default_results_path(cfg, source)`).
+        output: the results json (default `default_results_path(cfg, source, options.name)`).
         source: the model's file, naming the default results json.
         class_names: the names of `category_ids`; a YOLO set whose class indices differ from them is
             then mapped by name (see `DetectionDataModule`).
+        options: see `EvalOptions` (`annotations` / `images` must already be in `cfg`, see
+            `evaluation_data`).
     Raises:
-        DatasetError: an unreadable validation set (see `DetectionDataModule`), or one with nothing to
+        DatasetError: an unreadable evaluation set (see `DetectionDataModule`), or one with nothing to
             evaluate: no images, or no object (non-crowd annotation) to score the detections against.
+        InputError / MissingExtraError: an unknown backend, or faster-coco-eval not installed.
     """
-    datamodule = DetectionDataModule(cfg, category_ids=list(category_ids), class_names=class_names)
+    options = options or EvalOptions()
+    check_backend(options.backend)
+    split = "val" if options.annotations is not None else options.split
+    datamodule = DetectionDataModule(
+        cfg, category_ids=list(category_ids), class_names=class_names, eval_split=split
+    )
     datamodule.prepare_data()
     datamodule.setup("validate")
     check_something_to_evaluate(datamodule.val_dataset)
-    evaluator = CocoEvaluator(datamodule.val_dataset.coco, list(category_ids))
+    evaluator = CocoEvaluator(datamodule.val_dataset.coco, list(category_ids), backend=options.backend)
     postprocess = build_postprocess(cfg.model)
     loader = datamodule.val_dataloader()
     predict_dataset(model, postprocess, loader, evaluator, device, progress=progress)
     stats = evaluator.compute()
-    results_path = evaluator.write_results(output or default_results_path(cfg, source))
+    results_path = evaluator.write_results(output or default_results_path(cfg, source, options.name))
+    report = None
+    if options.report:
+        folder = options.report_dir or default_report_dir(results_path)
+        report = write_report(folder, evaluator, iou_threshold=options.confusion_iou,
+                              score_threshold=options.confusion_score)
     return EvaluationResult(stats, evaluator.summary_text(), results_path, len(evaluator.results), cfg,
-                            forward_passes=len(loader))
+                            forward_passes=len(loader), split=options.name, report=report)

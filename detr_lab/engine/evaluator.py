@@ -18,7 +18,6 @@ category ids, boxes as COCO `[x, y, width, height]` in pixels of the original im
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import os
@@ -28,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from detr_lab.engine.coco_backends import check_backend, run_cocoeval
 from detr_lab.io import atomic_write_text
 
 # The order of COCOeval.stats.
@@ -67,20 +66,27 @@ class CocoEvaluator:
         coco_gt: ground truth as a pycocotools `COCO` object (the validation dataset's `coco`); it is not
             modified, and its annotation ids may be any integers (see `renumber_annotations`).
         category_ids: class index -> original category id of the dataset (length `num_classes`).
+        backend: "pycocotools" or "faster-coco-eval" (the optional `eval` extra; see `coco_backends`).
+    Raises:
+        InputError / MissingExtraError: an unknown backend, or faster-coco-eval not installed.
     """
 
-    def __init__(self, coco_gt: COCO, category_ids: Sequence[int]):
+    def __init__(self, coco_gt: COCO, category_ids: Sequence[int], *, backend: str = "pycocotools"):
+        check_backend(backend)
+        self.backend = backend
         self.coco_gt = coco_gt
         self._scoring_gt: COCO | None = None  # coco_gt with annotation ids 1..N, built on first compute()
         self.category_ids = [int(c) for c in category_ids]
         # image id -> list of COCO result dicts; an image with no detection maps to [].
         self.results: dict[int, list[dict]] = {}
         self.stats: dict[str, float] | None = None
+        self.coco_eval = None  # the last compute()'s evaluator: precision / recall arrays for reports
         self._summary = ""
 
     def reset(self) -> None:
         self.results = {}
         self.stats = None
+        self.coco_eval = None
         self._summary = ""
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
@@ -145,32 +151,14 @@ class CocoEvaluator:
         """
         if not self.results:
             raise ValueError("CocoEvaluator.compute() called before any update()")
-        detections = self.detections()
         if self._scoring_gt is None:
             self._scoring_gt = renumber_annotations(self.coco_gt)
-        coco_gt = self._scoring_gt
-        quiet = io.StringIO()
-        with contextlib.redirect_stdout(quiet):
-            if detections:
-                # loadRes edits its input in place, so give it a copy.
-                coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
-            else:
-                coco_dt = COCO()
-                coco_dt.dataset = {
-                    "images": list(coco_gt.dataset["images"]),
-                    "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
-                    "annotations": [],
-                }
-                coco_dt.createIndex()
-            coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-            coco_eval.params.imgIds = sorted(self.results)
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-        summary = io.StringIO()
-        with contextlib.redirect_stdout(summary):
-            coco_eval.summarize()
-        self._summary = summary.getvalue()
-        self.stats = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+        self.coco_eval = run_cocoeval(self._scoring_gt.dataset, self.detections(), sorted(self.results),
+                                      backend=self.backend, gt_index=self._scoring_gt)
+        coco_eval = self.coco_eval
+        self._summary = coco_eval.summary_text
+        numbers = list(coco_eval.stats)[: len(STAT_NAMES)]  # faster-coco-eval appends more
+        self.stats = {name: float(value) for name, value in zip(STAT_NAMES, numbers, strict=True)}
         return dict(self.stats)
 
     def summary_text(self) -> str:

@@ -13,6 +13,7 @@ an earlier run's checkpoints, see `detr_lab.engine.run_folder`):
     checkpoints/best-*.ckpt     the best validation round by val/AP (with EMA on: the EMA weights' AP)
     summary/                    example.png, ap_over_time.png / .csv (see detr_lab.engine.summary)
     tensorboard/version_N/      TensorBoard events;  csv/version_N/metrics.csv  the same as CSV
+    mlflow.db, wandb/           with `trainer.loggers` listing mlflow / wandb (see detr_lab.engine.trackers)
 
 Multi-GPU and multi-node training use Lightning's DDP strategy: set `trainer.devices` and
 `trainer.num_nodes` and launch one process per GPU with torchrun or srun (Lightning reads the
@@ -36,7 +37,6 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -54,6 +54,7 @@ from detr_lab.engine.resume_checks import RefuseInexactResume, StepSeeds
 from detr_lab.engine.run_folder import claim_run_folder
 from detr_lab.engine.run_messages import StopReport, check_resume_weights
 from detr_lab.engine.summary import RunSummary
+from detr_lab.engine.trackers import TrackerReport, build_loggers, require_tracker
 from detr_lab.errors import InputError
 from detr_lab.io import diff_state_dicts, safe_load
 from detr_lab.models.build import query_spec
@@ -157,16 +158,18 @@ def build_trainer(
     Args:
         callbacks: extra callbacks, added after the standard ones (see `build_callbacks`).
         progress_bar: show the TQDM progress bar.
-        loggers: write TensorBoard and CSV logs under the output directory.
+        loggers: the experiment trackers of `trainer.loggers` (see `detr_lab.engine.trackers`) and the
+            `TrackerReport` callback that gives them the config, final metrics and best checkpoint.
+    Raises:
+        MissingExtraError: mlflow or wandb listed in `trainer.loggers` and not installed.
     """
     t = cfg.trainer
     output_dir = Path(t.output_dir)
     logger: list | bool = False
-    if loggers:
-        logger = [
-            TensorBoardLogger(save_dir=output_dir, name="tensorboard"),
-            CSVLogger(save_dir=output_dir, name="csv"),
-        ]
+    tracking: list[Callback] = []
+    if loggers and t.loggers:
+        logger = build_loggers(cfg)
+        tracking = [TrackerReport(cfg)]
     clip = cfg.optim.clip_grad_norm
     return L.Trainer(
         accelerator=t.accelerator,
@@ -186,7 +189,7 @@ def build_trainer(
         limit_val_batches=_limit(t.limit_val_batches),
         default_root_dir=output_dir,
         logger=logger,
-        callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *callbacks],
+        callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *tracking, *callbacks],
         enable_progress_bar=progress_bar,
         plugins=[AtomicCheckpointIO()],
     )
@@ -360,6 +363,7 @@ def train(
         and the AP plot are printed when fit ends (`RunSummary.result` holds them). With EMA on, the
         module then holds the averaged weights.
     Raises:
+        MissingExtraError: a tracker of `trainer.loggers` whose package is not installed (checked first).
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
         InputError: another run holds `trainer.output_dir`, or the folder holds an earlier run's
@@ -367,6 +371,8 @@ def train(
         ConfigError: a resume that could not continue exactly: other parameter groups, another batch
             size in mid-epoch, another kind of LR schedule (`detr_lab.engine.resume_checks`).
     """
+    for tracker in cfg.trainer.loggers:
+        require_tracker(tracker)  # a missing mlflow / wandb extra stops the run before any work
     L.seed_everything(cfg.trainer.seed, workers=True)
     check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)

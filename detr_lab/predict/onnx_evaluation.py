@@ -16,7 +16,7 @@ import torch
 
 from detr_lab.checkpoints import split_model_overrides
 from detr_lab.config import load_config
-from detr_lab.engine.evaluate import EvaluationResult, evaluate_model
+from detr_lab.engine.evaluate import EvalOptions, EvaluationResult, evaluate_model, evaluation_data
 from detr_lab.errors import InputError
 from detr_lab.export.runtime import OnnxDetector
 
@@ -30,6 +30,7 @@ def evaluate_onnx(
     batch_size: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    options: EvalOptions | None = None,
 ) -> EvaluationResult:
     """`evaluate_checkpoint` for an exported ONNX model, run by onnxruntime on the CPU.
 
@@ -42,19 +43,21 @@ def evaluate_onnx(
         output: the COCO results json (default: `default_results_path` of the ONNX file).
         batch_size: images per forward pass (default `data.batch_size`).
         threads: onnxruntime intra-op threads (default: one per core).
+        options: the split or annotation file, the COCO backend, the report (see `EvalOptions`).
     Raises:
         InputError: a `model.*` override. FileNotFoundError: no such ONNX file. MissingExtraError:
         onnxruntime missing. MetadataError: an ONNX file not written by detr_lab's export.
     """
+    options = options or EvalOptions()
     model_overrides, data_overrides = split_model_overrides(overrides)
     if model_overrides:
         raise InputError(f"model overrides {model_overrides} cannot change an exported ONNX model")
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
-    cfg = load_config(config_path, data_overrides)
+    cfg = evaluation_data(load_config(config_path, data_overrides), options)
     detector = OnnxDetector(model_path, threads=threads)
     cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
     return evaluate_model(
         cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress,
-        source=model_path, class_names=detector.metadata.class_names,
+        source=model_path, class_names=detector.metadata.class_names, options=options,
     )

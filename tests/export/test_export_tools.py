@@ -83,7 +83,8 @@ def test_eval_onnxruntime_ap_equals_pytorch_ap(exported, checkpoints, data_confi
     eval_tool = load_tool("eval")
     assert eval_tool.main(["--config", str(data_config), "--backend", "onnxruntime", "--model", str(path),
                            "--output", str(tmp_path / "tool.json"), "--no-progress"]) == 0
-    assert "Average Precision" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "\nval: AP " in f"\n{printed}" and f"\nreport: {tmp_path / 'tool-report'} " in printed
     with pytest.raises(SystemExit) as usage:
         eval_tool.main(["--config", str(data_config), "--backend", "onnxruntime"])
     assert usage.value.code == 2

@@ -123,11 +123,15 @@ def test_eval_matches_pycocotools_on_written_json(trained, tmp_path, capsys):
 
     output = tmp_path / "cli.json"
     code = load_tool("eval").main(["--config", str(trained["config"]), "--checkpoint", str(trained["last"]),
-                                   "--output", str(output), "--device", "cpu", "--no-progress"])
+                                   "--output", str(output), "--device", "cpu", "--no-progress", "--verbose",
+                                   "--no-report"])
     assert code == 0
     printed = capsys.readouterr().out
-    _, summary = coco_summary(gt_file, output)
-    assert printed.startswith(summary) and len(summary.splitlines()) == 12
+    stats, summary = coco_summary(gt_file, output)
+    first, rest = printed.split("\n", 1)
+    assert first.startswith(f"val: AP {stats[0]:.3f}  AP50 {stats[1]:.3f}  AP75 {stats[2]:.3f}")
+    assert first.endswith("(2 images)")
+    assert rest.startswith(summary) and len(summary.splitlines()) == 12  # --verbose: the COCOeval table
 
 
 def test_eval_model_override_reaches_the_model(trained, tmp_path):
