@@ -24,11 +24,12 @@ from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
 from detr_lab.engine.optim import (
     StepwiseLR,
+    bind_to_trainer,
     build_lr_scheduler,
     build_optimizer,
     freeze_backbone,
-    optimizer_steps_per_epoch,
     scheduler_interval,
+    update_time_fraction,
 )
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 
@@ -167,7 +168,11 @@ class DetectionModule(L.LightningModule):
         # A resumed run's ConfiguredLearningRates has bound its configured schedule already.
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, StepwiseLR) and not scheduler.schedule.bound:
-            scheduler.bind(optimizer_steps_per_epoch(self.trainer), self.trainer.max_epochs)
+            bind_to_trainer(scheduler, self.trainer)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A schedule relative to a time budget reads the time used before its next step.
+        update_time_fraction(self.lr_schedulers(), self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[LIGHTNING_META_KEY] = {
