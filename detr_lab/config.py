@@ -520,6 +520,9 @@ class TrainerConfig:
     monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
     # After training: print the final val AP and best checkpoint, and write summary/ (example image, AP plot).
     summary: bool = True
+    # After each validation round: COCOeval's 12-line table (true) or one line of AP, AP50, AP75,
+    # APs / APm / APl and AR100 (false).
+    coco_table: bool = False
 
 
 @dataclass
@@ -951,10 +954,15 @@ def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text (what `save_config` writes, `--print-config` prints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the fully resolved config as YAML atomically (`detr_lab.files`) and return its path.
 
     Raises:
         FileWriteError: the file cannot be written (the message names the path and the reason).
     """
-    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return atomic_write_text(path, config_yaml(cfg))

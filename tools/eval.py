@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_backend_arguments, add_common_arguments, parse_backend_arguments, run_tool
+from detr_lab.engine.cli import (
+    add_backend_arguments,
+    add_common_arguments,
+    add_print_config_argument,
+    parse_backend_arguments,
+    print_config,
+    run_tool,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default data.batch_size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     return parse_backend_arguments(parser, argv)
 
@@ -32,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
         from detr_lab.engine.evaluate import evaluate_checkpoint
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 

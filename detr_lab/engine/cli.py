@@ -1,5 +1,5 @@
-"""What the command-line tools share: `--set` overrides, `--debug`, the model backend arguments
-(`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
+"""What the command-line tools share: `--set` overrides, `--debug`, `--print-config`, the model backend
+arguments (`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
 
 Only the tools (`tools/*.py`) import this module; the library raises its own errors
 (`detr_lab.errors`, `ConfigError`, `CheckpointError`, `DatasetError`, ...) and the tools translate
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
-from detr_lab.config import ConfigError
+from detr_lab.config import ConfigError, config_yaml, load_config
+from detr_lab.engine.console import warning_line
 from detr_lab.errors import DetrLabError, Interrupted
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "Interrupted",
     "ToolError",
     "add_common_arguments",
+    "add_print_config_argument",
+    "print_config",
     "one_line",
     "run_tool",
 ]
@@ -54,6 +58,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+def add_print_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--print-config`: print the resolved config and exit (see `print_config`)."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (--config, its _base_ files and --set "
+                             "overrides) as YAML and exit")
+
+
+def print_config(config: str | None, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Print `load_config(config, overrides)` as YAML on stdout (what a run would write as config.yaml).
+
+    Raises:
+        ToolError: no --config was given. ConfigError: the config or an override is invalid.
+    """
+    if config is None:
+        raise ToolError("--print-config needs --config")
+    print(config_yaml(load_config(config, overrides)), end="")
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
     """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file); check the
     command line with `parse_backend_arguments`."""
@@ -67,6 +89,8 @@ def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | N
     """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
     has a --checkpoint and no --model, and onnxruntime a --model and no --checkpoint."""
     args = parser.parse_args(argv)
+    if getattr(args, "print_config", False):
+        return args  # no model needed to print the config
     if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
@@ -88,7 +112,11 @@ def one_line(err: BaseException) -> str:
 
 
 def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
-    """Run `body()`, turning an exception into a one-line message and an exit code (see module doc)."""
+    """Run `body()`, turning an exception into a one-line message and an exit code (see module doc).
+    Warnings print as one line `<Category>: <message>`, without the file path and source line (with
+    `--debug`, in Python's own form)."""
+    if not debug:
+        warnings.formatwarning = warning_line
     try:
         body()
     except Interrupted as err:

@@ -46,6 +46,13 @@ warnings.filterwarnings(
 )
 
 
+def validation_line(epoch: int, step: int, stats: dict[str, float]) -> str:
+    """One line of a validation round's COCO numbers (`trainer.coco_table: false`)."""
+    sizes = "/".join(f"{stats[name]:.3f}" for name in ("APs", "APm", "APl"))
+    return (f"validation, epoch {epoch}, step {step}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  "
+            f"AP75 {stats['AP75']:.4f}  APs/m/l {sizes}  AR100 {stats['AR100']:.4f}")
+
+
 class DetectionModule(L.LightningModule):
     """Trains `build_model(cfg.model)` with `build_criterion(cfg.model, cfg.loss)`.
 
@@ -149,7 +156,11 @@ class DetectionModule(L.LightningModule):
         stats = None
         if self.trainer.is_global_zero:
             stats = evaluator.compute()
-            rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{evaluator.summary_text()}")
+            if self.cfg.trainer.coco_table:
+                table = evaluator.summary_text()
+                rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{table}")
+            else:
+                rank_zero_info(validation_line(self.current_epoch, self.global_step, stats))
         stats = self.trainer.strategy.broadcast(stats, src=0)
         # Every rank holds the same values now, so averaging over ranks leaves them unchanged.
         for name in LOGGED_STATS:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from detr_lab.config import AugmentConfig
 from detr_lab.data.errors import DatasetError
 from detr_lab.data.images import load_rgb_image
 from detr_lab.data.transforms import eval_resized_size
+from detr_lab.engine.detect import DEFAULT_DEVICE, DEFAULT_SCORE_THRESHOLD
 from detr_lab.errors import InputError
 from detr_lab.predict.detections_file import (
     DETECTIONS_FILE,
@@ -82,12 +84,14 @@ def run_inference(
     checkpoint: str | os.PathLike,
     *,
     output_dir: str | os.PathLike = "detections",
-    score_threshold: float = 0.5,
-    device: str = "cpu",
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    device: str = DEFAULT_DEVICE,
     batch_size: int = 4,
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
+    draw: bool = True,
+    progress: bool = False,
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
@@ -101,6 +105,9 @@ def run_inference(
 
     Batches hold images of one resized size only (see `same_size_groups`), so no image is padded and
     each image's detections do not depend on `batch_size` or on the other inputs.
+
+    `draw` False writes the json only (its "annotated" entries are null); `progress` shows a bar of
+    the images done on stderr.
     Raises:
         InputNotFoundError: a missing named image or model file. InputError: a bad argument.
         CheckpointError / ConfigError: a checkpoint that does not fit the config.
@@ -120,6 +127,7 @@ def run_inference(
     writer.failed.extend(found.failed)
     used: set[str] = set()
     complete = False
+    bar = tqdm(total=len(found.paths), desc="infer", unit="img", disable=not progress, leave=False)
     try:
         for start in range(0, len(found.paths), batch_size):
             decoded = []
@@ -133,19 +141,22 @@ def run_inference(
                     if failure is not None:
                         writer.failed.append(failure)
                         continue
-                    name = _output_name(path, used)
-                    boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
-                    annotated = draw_detections(image, boxes, labels, predictor.class_names,
-                                                scores=detection["scores"].tolist())
-                    save_picture(annotated, output_dir / name, quality=92)
+                    name = _output_name(path, used) if draw else None
+                    if name is not None:
+                        boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
+                        annotated = draw_detections(image, boxes, labels, predictor.class_names,
+                                                    scores=detection["scores"].tolist())
+                        save_picture(annotated, output_dir / name, quality=92)
                     height, width = image.shape[:2]
                     writer.images.append({
                         "file": str(path), "width": width, "height": height, "annotated": name,
                         "detections": detection_records(detection),
                     })
+            bar.update(len(found.paths[start : start + batch_size]))
             writer.flush()
         complete = True
     finally:
+        bar.close()
         writer.flush(force=True, complete=complete)
     return InferenceResult(writer.path, writer.images, writer.failed)
 
