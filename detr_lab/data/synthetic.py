@@ -198,8 +198,7 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, seed:
     offset = VAL_IMAGE_ID_OFFSET if split == "val" else 0
     images, annotations = [], []
     disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
-    for index in tqdm(range(num_images), desc=f"generating synthetic {split}", unit="img", disable=disable,
-                      leave=False):
+    for index in tqdm(range(num_images), desc=f"generating synthetic {split}", unit="img", disable=disable):
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
         image, objects = draw_synthetic_image(image_size, rng)
         image_id = offset + index + 1
