@@ -4,6 +4,7 @@ time budget, whichever is further along. Expected factors are written out by han
 """
 
 import math
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, Timer
 from torch import nn
 
 from detr_lab.config import ConfigError, OptimConfig, load_config, uses_relative_schedule
+from detr_lab.engine.callbacks import TimedEvaluation
 from detr_lab.engine.optim import (
     MULTISTEP_WARMUP,
     StepwiseLR,
@@ -142,3 +144,16 @@ def test_training_drops_at_the_fraction_of_max_steps(tmp_path):
         warnings.simplefilter("ignore")
         train(cfg, progress_bar=False, callbacks=[rates])
     assert rates.by_step == pytest.approx({0: 1e-4, 1: 1e-4, 2: 1e-5, 3: 1e-5})
+
+
+def test_timed_evaluation_gives_the_schedule_its_training_minutes():
+    # tools/bench_demo_ap.py: 5 of 10 schedule minutes of training time used -> the drop at 0.4 applies.
+    optim = OptimConfig(lr=1.0, lr_drop_epochs=[], lr_drop_at=[0.4], lr_drop_factor=0.1)
+    scheduler = scheduler_for(optim, 100, 100000)
+    timed = TimedEvaluation([100.0], schedule_minutes=10.0)
+    timed._start = time.monotonic() - 300.0
+    trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    timed.on_train_batch_end(trainer, None, None, None, 0)
+    assert scheduler.schedule.time_fraction == pytest.approx(0.5, abs=0.01)
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert timed.records == []  # the 100-minute mark is far
