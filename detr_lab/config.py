@@ -407,7 +407,8 @@ class OptimConfig:
     (`lr_gamma`), and that rate for the last `no_aug_epochs` epochs (`no_aug_epoch`, DEIM's epochs without
     strong augmentation); it does not read `lr_drop_epochs` / `lr_drop_factor`. The run's length is
     `trainer.max_epochs` x the optimizer steps of an epoch (`trainer.accumulate_grad_batches` counted);
-    `trainer.max_steps` / `max_time_minutes` stop a run early without compressing the schedule. DEIM-D-FINE
+    `trainer.max_steps` / `max_time_minutes` stop a run early without compressing the schedule
+    (a schedule given relative to the run, below, is compressed). DEIM-D-FINE
     L and X: `warmup_steps: 2000, flat_epochs: 29, no_aug_epochs: 8, min_lr_ratio: 0.5`, 58 epochs.
     Formulas in `detr_lab.engine.optim`. A resumed run applies these values from the config at its
     current step; `schedule` and warm-up on / off (multistep) cannot change at resume.
