@@ -5,7 +5,7 @@
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image (`--no-images`: the json only).
 Keeps detections scoring >= 0.3 by default (the library's `DEFAULT_SCORE_THRESHOLD`), runs on CUDA when
-available (`--device auto`), and shows the images done on stderr (`--no-progress`: quiet).
+available (`--device auto`), and shows the images done on a terminal (`--no-progress`: quiet).
 An image that cannot be read or processed does not stop the others: it is listed (with its reason) on
 stdout and under "failed" in detections.json, and the exit status is then 1.
 """
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=args.overrides,
             backend=args.backend,
             draw=not args.no_images,
-            progress=not args.no_progress,
+            progress=False if args.no_progress else None,  # a bar on a terminal
         )
         for failure in result.failed:
             print(f"failed: {failure['error']}")

@@ -91,7 +91,7 @@ def run_inference(
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
     draw: bool = True,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
@@ -107,7 +107,7 @@ def run_inference(
     each image's detections do not depend on `batch_size` or on the other inputs.
 
     `draw` False writes the json only (its "annotated" entries are null); `progress` shows a bar of
-    the images done on stderr.
+    the images done on stderr (None: only when stderr is a terminal).
     Raises:
         InputNotFoundError: a missing named image or model file. InputError: a bad argument.
         CheckpointError / ConfigError: a checkpoint that does not fit the config.
@@ -127,7 +127,8 @@ def run_inference(
     writer.failed.extend(found.failed)
     used: set[str] = set()
     complete = False
-    bar = tqdm(total=len(found.paths), desc="infer", unit="img", disable=not progress, leave=False)
+    disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+    bar = tqdm(total=len(found.paths), desc="infer", unit="img", disable=disable, leave=False)
     try:
         for start in range(0, len(found.paths), batch_size):
             decoded = []
