@@ -424,10 +424,19 @@ class OptimConfig:
     (`lr_gamma`), and that rate for the last `no_aug_epochs` epochs (`no_aug_epoch`, DEIM's epochs without
     strong augmentation); it does not read `lr_drop_epochs` / `lr_drop_factor`. The run's length is
     `trainer.max_epochs` x the optimizer steps of an epoch (`trainer.accumulate_grad_batches` counted);
-    `trainer.max_steps` / `max_time_minutes` stop a run early without compressing the schedule. DEIM-D-FINE
+    `trainer.max_steps` / `max_time_minutes` stop a run early without compressing the schedule
+    (a schedule given relative to the run, below, is compressed). DEIM-D-FINE
     L and X: `warmup_steps: 2000, flat_epochs: 29, no_aug_epochs: 8, min_lr_ratio: 0.5`, 58 epochs.
     Formulas in `detr_lab.engine.optim`. A resumed run applies these values from the config at its
     current step; `schedule` and warm-up on / off (multistep) cannot change at resume.
+
+    Relative form (any dataset size, any budget): `lr_drop_at` (fractions in (0, 1), instead of
+    `lr_drop_epochs`, which must then be []), `warmup_fraction` (instead of `warmup_steps`),
+    `flat_fraction` and `no_aug_fraction` (flat_cosine, instead of `flat_epochs` / `no_aug_epochs`).
+    The run's progress p is the larger of steps done / the run's steps (max_epochs x steps per epoch,
+    or `trainer.max_steps` when smaller) and wall time / `trainer.max_time_minutes` (when set), so a
+    time-limited run goes through its whole schedule within its budget. A relative multistep schedule is
+    set at every optimizer step, like one with a warm-up.
     """
 
     lr: float = _positive(1e-4)
@@ -446,6 +455,20 @@ class OptimConfig:
     flat_epochs: int = _non_negative(0)  # full rate up to this epoch (may exceed max_epochs: no decay)
     no_aug_epochs: int = _non_negative(0)  # the last epochs at min_lr_ratio x the rate
     min_lr_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    # The same schedule given relative to the run (`detr_lab.engine.optim.run_progress`): fractions of
+    # the run, which ends at `trainer.max_steps`, `trainer.max_epochs` or `trainer.max_time_minutes`,
+    # whichever comes first, so that a recipe keeps its shape on any dataset size and time budget.
+    lr_drop_at: list[float] = field(default_factory=list)  # drop by lr_drop_factor at these fractions
+    warmup_fraction: float = field(default=0.0, metadata={"min": 0, "max": 1})  # instead of warmup_steps
+    flat_fraction: float = field(default=0.0, metadata={"min": 0, "max": 1})  # flat_cosine: flat_epochs
+    no_aug_fraction: float = field(default=0.0, metadata={"min": 0, "max": 1})  # flat_cosine: no_aug_epochs
+
+
+def uses_relative_schedule(optim: OptimConfig) -> bool:
+    """True when any part of the LR schedule is given as a fraction of the run."""
+    return bool(optim.lr_drop_at) or any(
+        getattr(optim, key) > 0 for key in ("warmup_fraction", "flat_fraction", "no_aug_fraction")
+    )
 
 
 @dataclass
@@ -533,6 +556,9 @@ class TrainerConfig:
     loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"],
                                metadata={"choices": ("csv", "tensorboard", "mlflow", "wandb")})
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # After each validation round: COCOeval's 12-line table (true) or one line of AP, AP50, AP75,
+    # APs / APm / APl and AR100 (false).
+    coco_table: bool = False
 
 
 @dataclass
@@ -863,11 +889,38 @@ def validate(cfg: Config, where: str = "config") -> Config:
     return cfg
 
 
+def _validate_relative_schedule(optim: OptimConfig, where: str) -> None:
+    """Fractions in range, and each part of the schedule given one way only (epochs / steps or fractions)."""
+    for i, fraction in enumerate(optim.lr_drop_at):
+        if not 0 < fraction < 1:
+            raise ConfigError(f"{where}: 'optim.lr_drop_at[{i}]' is {fraction}; give fractions of the run "
+                              "between 0 and 1 (0.8: after 80% of the run)")
+    if optim.lr_drop_at and optim.lr_drop_epochs:
+        raise ConfigError(f"{where}: 'optim.lr_drop_at' ({list(optim.lr_drop_at)}) and "
+                          f"'optim.lr_drop_epochs' ({list(optim.lr_drop_epochs)}) both set; "
+                          "give the drops one way (set 'optim.lr_drop_epochs: []')")
+    if optim.warmup_fraction >= 1:
+        raise ConfigError(f"{where}: 'optim.warmup_fraction' is {optim.warmup_fraction}; it must be below 1")
+    pairs = (("warmup_fraction", "warmup_steps"), ("flat_fraction", "flat_epochs"),
+             ("no_aug_fraction", "no_aug_epochs"))
+    for relative, absolute in pairs:
+        if getattr(optim, relative) > 0 and getattr(optim, absolute) > 0:
+            raise ConfigError(f"{where}: 'optim.{relative}' and 'optim.{absolute}' both set; "
+                              "give one of them")
+    if optim.flat_fraction + optim.no_aug_fraction > 1:
+        raise ConfigError(f"{where}: 'optim.flat_fraction' ({optim.flat_fraction}) + "
+                          f"'optim.no_aug_fraction' ({optim.no_aug_fraction}) exceed the run (1)")
+
+
 def _validate_schedule(optim: OptimConfig, trainer: TrainerConfig, where: str) -> None:
     """The flat-cosine keys set only with `optim.schedule: flat_cosine`, and a tail within the run."""
+    _validate_relative_schedule(optim, where)
+    if optim.schedule == "flat_cosine" and optim.lr_drop_at:
+        raise ConfigError(f"{where}: 'optim.lr_drop_at' applies to 'optim.schedule: multistep' only, not "
+                          "'flat_cosine' (remove it)")
     if optim.schedule != "flat_cosine":
         defaults = OptimConfig()
-        for key in ("flat_epochs", "no_aug_epochs", "min_lr_ratio"):
+        for key in ("flat_epochs", "no_aug_epochs", "min_lr_ratio", "flat_fraction", "no_aug_fraction"):
             if getattr(optim, key) != getattr(defaults, key):
                 raise ConfigError(
                     f"{where}: 'optim.{key}' applies to 'optim.schedule: flat_cosine' only, not "
@@ -1006,10 +1059,15 @@ def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text (what `save_config` writes, `--print-config` prints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the fully resolved config as YAML atomically (`detr_lab.files`) and return its path.
 
     Raises:
         FileWriteError: the file cannot be written (the message names the path and the reason).
     """
-    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return atomic_write_text(path, config_yaml(cfg))

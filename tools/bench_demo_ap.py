@@ -9,7 +9,9 @@ mark, evaluates the whole synthetic validation set with COCOeval and saves a che
 `<output-dir>/<config name>/`). Stops after the last mark. Writes one `<output-dir>/demo_ap.csv` (a
 row per config and mark) and one `<output-dir>/demo_ap.png` (AP against training minutes, a curve per
 config). The default compares the current demo, the DINO demo and the current demo with denoising
-only. `cpu_minutes` is the CPU time the training process used (all its threads), which shows how
+only. A schedule given relative to the run (`optim.lr_drop_at`, ...) runs against `--schedule-minutes` of
+training time (default: the config's `trainer.max_time_minutes`, which the marks replace; none when it
+is 0). `cpu_minutes` is the CPU time the training process used (all its threads), which shows how
 much of the wall time the machine actually gave it. Numbers depend on the machine and on what else
 runs on it.
 """
@@ -35,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", nargs="+", default=DEFAULT_CONFIGS, help="configs trained in turn")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0, 15.0], help="marks (minutes)")
     parser.add_argument("--output-dir", default="runs/bench_demo")
+    parser.add_argument("--schedule-minutes", type=float, default=None,
+                        help="time budget of relative LR schedules (default: each config's max_time_minutes)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [Path(config).stem for config in args.config]
         if len(set(names)) != len(names):
             raise ValueError(f"--config: give configs with distinct file names, got {args.config}")
-        configs = {}
+        configs, budgets = {}, {}
         for name, config in zip(names, args.config, strict=True):
             overrides = [
                 *args.overrides,
@@ -95,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                 "trainer.summary=false",  # the marks' table and plot are this tool's summary
             ]
             configs[name] = load_config(config, overrides)  # every config checked before any training
+            own_budget = load_config(config, args.overrides).trainer.max_time_minutes
+            budgets[name] = args.schedule_minutes or own_budget
         runs: dict[str, list] = {}
         csv_path, png_path = output_dir / "demo_ap.csv", output_dir / "demo_ap.png"
         title = f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
         for name, cfg in configs.items():
-            timed = TimedEvaluation(args.minutes, checkpoint_dir=output_dir / name / "checkpoints")
+            timed = TimedEvaluation(args.minutes, checkpoint_dir=output_dir / name / "checkpoints",
+                                    schedule_minutes=budgets[name] or None)
             train(cfg, callbacks=[timed], progress_bar=False)
             runs[name] = timed.records
             write_csv(runs, csv_path)  # after each config, so a stopped run keeps what it measured

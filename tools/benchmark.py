@@ -21,7 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from detr_lab.engine.cli import ToolError, add_common_arguments, run_tool
+from detr_lab.engine.cli import (
+    ToolError,
+    add_common_arguments,
+    add_print_config_argument,
+    print_config,
+    run_tool,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="inference: also time the detector's parts (backbone, encoder attention, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, images and targets")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmark.json"), help="report path")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -73,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = variant_configs() if args.all else [Path(p) for p in args.config]
         if not configs:
             raise ToolError(f"no model configs found under {CONFIG_DIR}")
+        if args.print_config:
+            for config in configs:
+                print(f"# {config}")
+                print_config(str(config), args.overrides)
+            return
         settings = BenchmarkSettings(
             device=args.device,
             sizes=args.sizes,

@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, run_tool
+from detr_lab.engine.cli import (
+    EXIT_FAILURE,
+    add_common_arguments,
+    add_print_config_argument,
+    print_config,
+    run_tool,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -21,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--brief", action="store_true",
                         help="open a sample of the image files only (the check run when training starts)")
     parser.add_argument("--json", metavar="PATH", help="also write the findings as JSON")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -30,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     found_errors = []
 
     def body() -> None:
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
         from detr_lab.config import load_config
         from detr_lab.data.doctor import diagnose
 

@@ -18,8 +18,10 @@ import sys
 from detr_lab.engine.cli import (
     add_backend_arguments,
     add_common_arguments,
+    add_print_config_argument,
     check_not_an_input,
     parse_backend_arguments,
+    print_config,
     run_tool,
 )
 from detr_lab.engine.coco_backends import BACKENDS
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     report.add_argument("--coco-backend", choices=BACKENDS, default="pycocotools",
                         help="COCO evaluation: pycocotools (default) or faster-coco-eval (the eval extra; "
                         "faster on large sets, same AP)")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     args = parse_backend_arguments(parser, argv)
     if (args.annotations is None) != (args.images is None):
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
         from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, summary_line
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 

@@ -12,13 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import EXIT_FAILURE, add_common_arguments, check_not_an_input, run_tool
+from detr_lab.engine.cli import (
+    EXIT_FAILURE,
+    add_common_arguments,
+    add_print_config_argument,
+    check_not_an_input,
+    print_config,
+    run_tool,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="detr_lab, Lightning or official checkpoint")
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--checkpoint", help="detr_lab, Lightning or official checkpoint (required)")
+    parser.add_argument("--output", help="the .onnx file to write (required)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--height", type=int, help="traced image height (default: the checkpoint's "
                         "square input size for RT-DETR's input policy, else 800)")
@@ -34,10 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="with --verify: also compare on this config's validation images")
     parser.add_argument("--verify-batches", type=int, default=3, help="random batches to verify (default 3)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |difference|")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.config is not None and not args.verify:
+    if args.config is not None and not args.verify and not args.print_config:
         parser.error("--config gives the validation images of --verify; add --verify")
+    if not args.print_config and (args.checkpoint is None or args.output is None):
+        parser.error("the following arguments are required: --checkpoint, --output")
     if args.verify_batches < 0 or args.tolerance < 0:
         parser.error("--verify-batches and --tolerance must be >= 0")
     return args
@@ -49,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         nonlocal passed
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
         from detr_lab.export.from_checkpoint import export_checkpoint
 
         check_not_an_input(args.output, {"--checkpoint": args.checkpoint, "--config": args.config},

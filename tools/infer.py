@@ -6,7 +6,9 @@ instead of a checkpoint. `--backend onnxruntime --model model.onnx` runs an expo
 export extra).
 
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
-category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
+category id, class name) and an annotated JPEG copy of each image (`--no-images`: the json only).
+Keeps detections scoring >= 0.3 by default (the library's `DEFAULT_SCORE_THRESHOLD`), runs on CUDA when
+available (`--device auto`), and shows the images done on a terminal (`--no-progress`: quiet).
 An image that cannot be read or processed does not stop the others: it is listed (with its reason) on
 stdout and under "failed" in detections.json, and the exit status is then 1.
 """
@@ -20,7 +22,9 @@ from detr_lab.engine.cli import (
     ToolError,
     add_backend_arguments,
     add_common_arguments,
+    add_print_config_argument,
     parse_backend_arguments,
+    print_config,
     run_tool,
 )
 
@@ -32,10 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)", pretrained=True
     )
     parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
+    parser.add_argument("--score-threshold", type=float, help="keep detections scoring >= this (default 0.3)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA when available), cpu, cuda, cuda:1")
+    parser.add_argument("--no-images", action="store_true",
+                        help="write detections.json only, no annotated copies")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     return parse_backend_arguments(parser, argv, pretrained=True)
 
@@ -44,19 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
+        from detr_lab.engine.detect import DEFAULT_SCORE_THRESHOLD
         from detr_lab.predict.infer import run_inference
 
+        threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
         result = run_inference(
             args.inputs,
             args.checkpoint if args.checkpoint is not None else args.model,
             output_dir=args.output_dir,
-            score_threshold=args.score_threshold,
+            score_threshold=threshold,
             device=args.device,
             batch_size=args.batch_size,
             config_path=args.config,
             overrides=args.overrides,
             backend=args.backend,
             pretrained=args.backend == "pytorch" and args.model is not None,
+            draw=not args.no_images,
+            progress=False if args.no_progress else None,  # a bar on a terminal
         )
         for failure in result.failed:
             print(f"failed: {failure['error']}")

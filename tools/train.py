@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detr_lab.engine.cli import add_common_arguments, run_tool
+from detr_lab.engine.cli import add_common_arguments, add_print_config_argument, print_config, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,6 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint ('auto': last.ckpt)")
     parser.add_argument("--init-from", metavar="CKPT", help="initial weights (fine-tuning)")
+    add_print_config_argument(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        if args.print_config:
+            print_config(args.config, args.overrides)
+            return
         from detr_lab.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come fast

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from detr_lab.config import DataConfig
 from detr_lab.data.errors import DatasetError
@@ -189,13 +190,15 @@ def draw_synthetic_image(image_size: int, rng: np.random.Generator) -> tuple[Ima
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _write_split(root: Path, split: str, num_images: int, image_size: int, seed: int) -> None:
+def _write_split(root: Path, split: str, num_images: int, image_size: int, seed: int,
+                 progress: bool | None = False) -> None:
     images_dir, annotation_file = split_paths(root, split)
     images_dir.mkdir(parents=True)
     annotation_file.parent.mkdir(parents=True, exist_ok=True)
     offset = VAL_IMAGE_ID_OFFSET if split == "val" else 0
     images, annotations = [], []
-    for index in range(num_images):
+    disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+    for index in tqdm(range(num_images), desc=f"generating synthetic {split}", unit="img", disable=disable):
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
         image, objects = draw_synthetic_image(image_size, rng)
         image_id = offset + index + 1
@@ -242,9 +245,12 @@ def _check_matches(root: Path, meta: dict, wanted: dict) -> None:
 
 
 def generate_synthetic_dataset(
-    root: str | os.PathLike, *, num_train: int = 400, num_val: int = 80, image_size: int = 256, seed: int = 0
+    root: str | os.PathLike, *, num_train: int = 400, num_val: int = 80, image_size: int = 256, seed: int = 0,
+    progress: bool | None = False,
 ) -> Path:
     """Write the synthetic dataset to `root` (which must not exist, or be an empty folder); return `root`.
+
+    `progress`: a bar of the images written per split on stderr (None: only when stderr is a terminal).
 
     Atomic: written into a temporary folder beside `root`, then renamed. If another process completes
     the same dataset first, its copy is kept.
@@ -261,8 +267,8 @@ def generate_synthetic_dataset(
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         os.chmod(partial, 0o755)
-        _write_split(partial, "train", num_train, image_size, seed)
-        _write_split(partial, "val", num_val, image_size, seed)
+        _write_split(partial, "train", num_train, image_size, seed, progress)
+        _write_split(partial, "val", num_val, image_size, seed, progress)
         atomic_write_text(partial / META_FILE, json.dumps(wanted, indent=2))  # last: marks it complete
         try:
             os.rename(partial, root)  # replaces `root` only if it is an empty folder
@@ -278,7 +284,8 @@ def generate_synthetic_dataset(
 
 
 def ensure_synthetic_dataset(data_cfg: DataConfig) -> Path:
-    """Generate the synthetic dataset under `data_cfg.root` on first use; reuse it afterwards.
+    """Generate the synthetic dataset under `data_cfg.root` on first use (with a progress bar on a
+    terminal); reuse it afterwards.
 
     Raises:
         DatasetError: `root` holds a synthetic set made with other `data.synthetic` parameters, or
@@ -297,4 +304,4 @@ def ensure_synthetic_dataset(data_cfg: DataConfig) -> Path:
             "set data.root to a new folder for data.dataset: synthetic"
         )
     return generate_synthetic_dataset(root, num_train=synth.num_train, num_val=synth.num_val,
-                                      image_size=synth.image_size, seed=synth.seed)
+                                      image_size=synth.image_size, seed=synth.seed, progress=None)

@@ -33,8 +33,8 @@ from detr_lab.engine.optim import (
     MULTISTEP,
     StepSchedule,
     StepwiseLR,
+    bind_to_trainer,
     build_param_groups,
-    optimizer_steps_per_epoch,
     saved_schedule_kind,
     schedule_kind,
 )
@@ -178,10 +178,13 @@ class ConfiguredLearningRates(Callback):
         if FLAT_COSINE in (was, now):
             key, value = "optim.schedule", optim.schedule
             hint = f"set it back to {'flat_cosine' if was == FLAT_COSINE else 'multistep'}"
+        elif was == MULTISTEP:  # epoch-stepped then, step-wise now
+            key, value = "optim.warmup_steps / lr_drop_at / warmup_fraction", "set"
+            hint = "give the drops in 'optim.lr_drop_epochs' without warm-up, as the checkpoint's run did"
         else:
             key, value = "optim.warmup_steps", optim.warmup_steps
-            hint = ("set it to 0: the checkpoint's run had no warm-up" if was == MULTISTEP else
-                    "set it back to > 0 (a warm-up already passed no longer changes the rate)")
+            hint = ("set it back to > 0, or give a relative schedule (a warm-up already passed no longer "
+                    "changes the rate)")
         raise ConfigError(f"cannot resume with '{key}: {value}': the checkpoint's LR schedule is {was!r}, "
                           f"the config's {now!r}, and the kind of schedule cannot change in a run; {hint}")
 
@@ -197,10 +200,9 @@ class ConfiguredLearningRates(Callback):
             raise ConfigError(f"cannot apply 'optim' to the resumed optimizer: its parameter groups are "
                               f"{names}, the config gives {sorted(wanted)}")
         if isinstance(scheduler, StepwiseLR):
-            schedule = StepSchedule(optim)
-            schedule.bind(optimizer_steps_per_epoch(trainer), trainer.max_epochs)
-            scheduler.set_schedule(schedule)
-            factor = schedule(scheduler.last_epoch)
+            scheduler.set_schedule(StepSchedule(optim))
+            bind_to_trainer(scheduler, trainer)
+            factor = scheduler.schedule(scheduler.last_epoch)
         else:
             milestones = sorted(optim.lr_drop_epochs)
             factor = optim.lr_drop_factor ** bisect_right(milestones, scheduler.last_epoch)
@@ -241,6 +243,9 @@ class TimedEvaluation(Callback):
         marks_minutes: increasing training-time marks.
         checkpoint_dir: if set, `trainer.save_checkpoint(<dir>/at_<mark>min.ckpt)` at each mark.
         stop_after_last: stop training once the last mark is evaluated.
+        schedule_minutes: if set, a relative LR schedule (`optim.lr_drop_at`, ...) reads the fraction
+            of this many training minutes used (evaluations excluded) as its time budget, in place of
+            `trainer.max_time_minutes`, which the marks replace.
     """
 
     def __init__(
@@ -249,6 +254,7 @@ class TimedEvaluation(Callback):
         *,
         checkpoint_dir: str | Path | None = None,
         stop_after_last: bool = True,
+        schedule_minutes: float | None = None,
     ) -> None:
         marks = [float(m) for m in marks_minutes]
         if not marks or marks != sorted(marks) or marks[0] <= 0:
@@ -256,6 +262,9 @@ class TimedEvaluation(Callback):
         self.marks = marks
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.stop_after_last = stop_after_last
+        if schedule_minutes is not None and schedule_minutes <= 0:
+            raise ValueError(f"schedule_minutes must be > 0, got {schedule_minutes}")
+        self.schedule_minutes = schedule_minutes
         self.records: list[TimedRecord] = []
         self._start = 0.0
         self._eval_seconds = 0.0
@@ -274,6 +283,11 @@ class TimedEvaluation(Callback):
         self._eval_cpu_seconds = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        scheduler = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        relative = isinstance(scheduler, StepwiseLR) and scheduler.schedule.relative
+        if self.schedule_minutes is not None and relative:
+            scheduler.schedule.time_fraction = min(1.0, self.training_minutes() / self.schedule_minutes)
+            scheduler.refresh()
         done = len(self.records)
         if done == len(self.marks) or self.training_minutes() < self.marks[done]:
             return

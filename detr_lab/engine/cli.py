@@ -1,5 +1,5 @@
-"""What the command-line tools share: `--set` overrides, `--debug`, the model backend arguments
-(`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
+"""What the command-line tools share: `--set` overrides, `--debug`, `--print-config`, the model backend
+arguments (`--checkpoint` or `--backend onnxruntime --model`), one-line errors and exit codes.
 
 Only the tools (`tools/*.py`) import this module; the library raises its own errors
 (`detr_lab.errors`, `ConfigError`, `CheckpointError`, `DatasetError`, ...) and the tools translate
@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 
-from detr_lab.config import ConfigError
+from detr_lab.config import ConfigError, config_yaml, load_config
+from detr_lab.engine.console import warning_line
 from detr_lab.errors import DetrLabError, InputError, Interrupted
 
 __all__ = [
@@ -30,7 +32,9 @@ __all__ = [
     "Interrupted",
     "ToolError",
     "add_common_arguments",
+    "add_print_config_argument",
     "check_not_an_input",
+    "print_config",
     "one_line",
     "run_tool",
 ]
@@ -57,6 +61,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+def add_print_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--print-config`: print the resolved config and exit (see `print_config`)."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (--config, its _base_ files and --set "
+                             "overrides) as YAML and exit")
+
+
+def print_config(config: str | None, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Print `load_config(config, overrides)` as YAML on stdout (what a run would write as config.yaml).
+
+    Raises:
+        ToolError: no --config was given. ConfigError: the config or an override is invalid.
+    """
+    if config is None:
+        raise ToolError("--print-config needs --config")
+    print(config_yaml(load_config(config, overrides)), end="")
+
+
 def add_backend_arguments(
     parser: argparse.ArgumentParser, *, checkpoint_help: str, pretrained: bool = False
 ) -> None:
@@ -81,6 +103,8 @@ def parse_backend_arguments(
     has a --checkpoint and no --model (with `pretrained`: exactly one of them), and onnxruntime a
     --model and no --checkpoint."""
     args = parser.parse_args(argv)
+    if getattr(args, "print_config", False):
+        return args  # no model needed to print the config
     if args.backend == "pytorch" and pretrained and (args.checkpoint is None) == (args.model is None):
         parser.error("the pytorch backend needs --checkpoint FILE or --model NAME|FOLDER (one of them)")
     if args.backend == "pytorch" and not pretrained and (args.checkpoint is None or args.model is not None):
@@ -104,7 +128,11 @@ def one_line(err: BaseException) -> str:
 
 
 def run_tool(prog: str, body: Callable[[], object], *, debug: bool) -> int:
-    """Run `body()`, turning an exception into a one-line message and an exit code (see module doc)."""
+    """Run `body()`, turning an exception into a one-line message and an exit code (see module doc).
+    Warnings print as one line `<Category>: <message>`, without the file path and source line (with
+    `--debug`, in Python's own form)."""
+    if not debug:
+        warnings.formatwarning = warning_line
     try:
         body()
     except Interrupted as err:

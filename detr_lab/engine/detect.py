@@ -15,6 +15,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+# The one default score threshold of what shows detections to a person: `Predictor.predict`,
+# `tools/infer.py`, `tools/visualize.py predictions` and the run summary's example image. COCO
+# evaluation keeps every detection (AP needs the low-scoring ones too).
+DEFAULT_SCORE_THRESHOLD = 0.3
+# The default device of the tools and of the Python prediction API: CUDA when available, else the CPU.
+DEFAULT_DEVICE = "auto"
+
 
 @torch.inference_mode()
 def detect(

@@ -24,11 +24,12 @@ from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.engine.health import NonFiniteTrainingError, TrainingHealthWarning
 from detr_lab.engine.optim import (
     StepwiseLR,
+    bind_to_trainer,
     build_lr_scheduler,
     build_optimizer,
     freeze_backbone,
-    optimizer_steps_per_epoch,
     scheduler_interval,
+    update_time_fraction,
 )
 from detr_lab.engine.resume_checks import WORLD_SIZE_KEY
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
@@ -45,6 +46,13 @@ STEP_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "class_error")
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self\.log\('train/", category=PossibleUserWarning
 )
+
+
+def validation_line(epoch: int, step: int, stats: dict[str, float]) -> str:
+    """One line of a validation round's COCO numbers (`trainer.coco_table: false`)."""
+    sizes = "/".join(f"{stats[name]:.3f}" for name in ("APs", "APm", "APl"))
+    return (f"validation, epoch {epoch}, step {step}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  "
+            f"AP75 {stats['AP75']:.4f}  APs/m/l {sizes}  AR100 {stats['AR100']:.4f}")
 
 
 class DetectionModule(L.LightningModule):
@@ -153,7 +161,11 @@ class DetectionModule(L.LightningModule):
         stats = None
         if self.trainer.is_global_zero:
             stats = evaluator.compute()
-            rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{evaluator.summary_text()}")
+            if self.cfg.trainer.coco_table:
+                table = evaluator.summary_text()
+                rank_zero_info(f"COCO bbox evaluation, epoch {self.current_epoch}:\n{table}")
+            else:
+                rank_zero_info(validation_line(self.current_epoch, self.global_step, stats))
         stats = self.trainer.strategy.broadcast(stats, src=0)
         # Every rank holds the same values now, so averaging over ranks leaves them unchanged.
         for name in LOGGED_STATS:
@@ -172,7 +184,11 @@ class DetectionModule(L.LightningModule):
         # A resumed run's ConfiguredLearningRates has bound its configured schedule already.
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, StepwiseLR) and not scheduler.schedule.bound:
-            scheduler.bind(optimizer_steps_per_epoch(self.trainer), self.trainer.max_epochs)
+            bind_to_trainer(scheduler, self.trainer)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A schedule relative to a time budget reads the time used before its next step.
+        update_time_fraction(self.lr_schedulers(), self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[LIGHTNING_META_KEY] = {

@@ -20,6 +20,16 @@ steps_per_epoch the optimizer steps of one epoch (batches / accumulate_grad_batc
 step-wise schedules are a `StepwiseLR` (torch's LambdaLR, stepped after every optimizer step); their
 epoch length is known only once Lightning has set up the training loader, so `bind` fixes it when
 training starts (`DetectionModule.on_train_start`, `ConfiguredLearningRates`).
+
+Relative schedules (`optim.lr_drop_at`, `warmup_fraction`, `flat_fraction`, `no_aug_fraction`) read the
+run's progress p(s) = max(s / S, t) (`run_progress`), with S the optimizer steps of the run
+(max_epochs x steps_per_epoch, or max_steps when smaller) and t the fraction of the time budget used
+(`trainer.max_time_minutes`; 0 without one), taken after every training batch (`update_time_fraction`):
+- multistep: factor(s) = lr_drop_factor ** (number of lr_drop_at <= p(s)), times the linear warm-up
+  min(1, max((s + 1) / S, t) / warmup_fraction) when warmup_fraction > 0 (or the step warm-up above);
+- flat_cosine: the formula above in units of the run, with p(s) for s, 1 for T, warmup_fraction for W
+  (when warmup_steps is 0), flat_fraction for F and no_aug_fraction for A.
+A run limited by time thus goes through its whole schedule within its budget, on any dataset size.
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ import math
 from bisect import bisect_right
 
 import torch
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
-from detr_lab.config import ConfigError, OptimConfig
+from detr_lab.config import ConfigError, OptimConfig, uses_relative_schedule
 
 BACKBONE_KEY = "backbone"
 
@@ -112,7 +124,10 @@ def schedule_kind(optim: OptimConfig) -> str:
     """MULTISTEP (no warm-up: epoch-stepped), MULTISTEP_WARMUP or FLAT_COSINE (step-wise)."""
     if optim.schedule == FLAT_COSINE:
         return FLAT_COSINE
-    return MULTISTEP_WARMUP if optim.warmup_steps > 0 else MULTISTEP
+    # A relative multistep schedule is step-wise too (its drops fall between epochs); the kind keeps its
+    # name, which checkpoints store.
+    stepwise = optim.warmup_steps > 0 or uses_relative_schedule(optim)
+    return MULTISTEP_WARMUP if stepwise else MULTISTEP
 
 
 def saved_schedule_kind(state: dict) -> str:
@@ -137,7 +152,8 @@ def warmup_multistep_factor(
 
 
 def flat_cosine_factor(
-    step: int, *, total_steps: int, warmup_steps: int, flat_steps: int, no_aug_steps: int, min_ratio: float
+    step: float, *, total_steps: float, warmup_steps: float, flat_steps: float, no_aug_steps: float,
+    min_ratio: float,
 ) -> float:
     """LR factor of optimizer step `step` under DEIM's flat-cosine schedule (its `flat_cosine_schedule`
     with init_lr 1 and min_lr `min_ratio`): quadratic warm-up to step `warmup_steps`, flat to step
@@ -160,9 +176,33 @@ def flat_cosine_factor(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def run_progress(step: int, *, total_steps: int, time_fraction: float = 0.0) -> float:
+    """The fraction of the run done before optimizer step `step` (0-based): the larger of
+    `step / total_steps` and `time_fraction` (the fraction of the time budget used), at most 1."""
+    return min(1.0, max(step / total_steps, time_fraction))
+
+
+def relative_multistep_factor(
+    step: int, *, total_steps: int, time_fraction: float, drops_at: list[float], gamma: float,
+    warmup_fraction: float,
+) -> float:
+    """LR factor of optimizer step `step` under a multistep schedule given in fractions of the run:
+    one `gamma` per fraction of `drops_at` <= `run_progress`, times the linear warm-up
+    min(1, max((step + 1) / total_steps, time_fraction) / warmup_fraction) when `warmup_fraction` > 0
+    (the step form's (s + 1) / N with N = warmup_fraction x total_steps)."""
+    progress = run_progress(step, total_steps=total_steps, time_fraction=time_fraction)
+    factor = gamma ** bisect_right(sorted(drops_at), progress)
+    if warmup_fraction > 0:
+        factor *= min(1.0, max((step + 1) / total_steps, time_fraction) / warmup_fraction)
+    return factor
+
+
 class StepSchedule:
     """The LR factor of each optimizer step under `optim` (a step-wise kind), once `bind` has given the
-    epoch length: `schedule(step)` is `warmup_multistep_factor` or `flat_cosine_factor`."""
+    epoch length: `schedule(step)` is `warmup_multistep_factor` or `flat_cosine_factor`, or their
+    relative forms (`relative_multistep_factor`; flat-cosine in units of the run) when `optim` gives
+    any part of the schedule as a fraction of the run. `time_fraction` is the fraction of the run's time
+    budget used so far (0 without one), kept current by `update_time_fraction`."""
 
     def __init__(self, optim: OptimConfig) -> None:
         self.kind = schedule_kind(optim)
@@ -174,23 +214,42 @@ class StepSchedule:
         self.flat_epochs = optim.flat_epochs
         self.no_aug_epochs = optim.no_aug_epochs
         self.min_ratio = optim.min_lr_ratio
+        self.relative = uses_relative_schedule(optim)
+        self.drops_at = sorted(optim.lr_drop_at)
+        self.warmup_fraction = optim.warmup_fraction
+        self.flat_fraction = optim.flat_fraction
+        self.no_aug_fraction = optim.no_aug_fraction
         self.steps_per_epoch: int | None = None
         self.max_epochs: int | None = None
+        self.max_steps = -1
+        self.time_fraction = 0.0
 
     @property
     def bound(self) -> bool:
         return self.steps_per_epoch is not None
 
-    def bind(self, steps_per_epoch: int, max_epochs: int) -> None:
-        """Fix the epoch length (optimizer steps) and the number of epochs of the run."""
+    @property
+    def total_steps(self) -> int:
+        """The optimizer steps of the run: max_epochs x steps_per_epoch, or max_steps when smaller."""
+        if self.steps_per_epoch is None or self.max_epochs is None:
+            raise RuntimeError("StepSchedule: call bind(steps_per_epoch, max_epochs) first")
+        total = self.max_epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps > 0 else total
+
+    def bind(self, steps_per_epoch: int, max_epochs: int, max_steps: int = -1) -> None:
+        """Fix the epoch length (optimizer steps), the number of epochs of the run and its step limit
+        (-1: none; only relative schedules read it)."""
         if steps_per_epoch < 1 or max_epochs < 1:
             raise ValueError(f"StepSchedule.bind: {steps_per_epoch} steps per epoch, {max_epochs} epochs; "
                              "both must be >= 1")
         self.steps_per_epoch, self.max_epochs = int(steps_per_epoch), int(max_epochs)
+        self.max_steps = int(max_steps)
 
     def __call__(self, step: int) -> float:
         if self.steps_per_epoch is None or self.max_epochs is None:
             raise RuntimeError("StepSchedule: call bind(steps_per_epoch, max_epochs) first")
+        if self.relative:
+            return self._relative(step)
         if self.kind == MULTISTEP_WARMUP:
             return warmup_multistep_factor(step, warmup_steps=self.warmup_steps,
                                            steps_per_epoch=self.steps_per_epoch,
@@ -203,6 +262,24 @@ class StepSchedule:
             no_aug_steps=self.no_aug_epochs * self.steps_per_epoch,
             min_ratio=self.min_ratio,
         )
+
+    def _relative(self, step: int) -> float:
+        total = self.total_steps
+        if self.kind == MULTISTEP_WARMUP:
+            factor = relative_multistep_factor(step, total_steps=total, time_fraction=self.time_fraction,
+                                               drops_at=self.drops_at, gamma=self.gamma,
+                                               warmup_fraction=self.warmup_fraction)
+            if step < self.warmup_steps:
+                factor *= (step + 1) / self.warmup_steps
+            return factor
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
+            return (step / self.warmup_steps) ** 2
+        # Epoch-given phases keep their length, as a fraction of this run.
+        flat = self.flat_fraction or self.flat_epochs * self.steps_per_epoch / total
+        tail = self.no_aug_fraction or self.no_aug_epochs * self.steps_per_epoch / total
+        progress = run_progress(step, total_steps=total, time_fraction=self.time_fraction)
+        return flat_cosine_factor(progress, total_steps=1.0, warmup_steps=self.warmup_fraction,
+                                  flat_steps=flat, no_aug_steps=tail, min_ratio=self.min_ratio)
 
 
 class StepwiseLR(torch.optim.lr_scheduler.LambdaLR):
@@ -223,9 +300,15 @@ class StepwiseLR(torch.optim.lr_scheduler.LambdaLR):
         self.schedule = schedule
         self.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
 
-    def bind(self, steps_per_epoch: int, max_epochs: int) -> None:
-        """Fix the schedule's epoch length and set every group's rate for the current step."""
-        self.schedule.bind(steps_per_epoch, max_epochs)
+    def bind(self, steps_per_epoch: int, max_epochs: int, max_steps: int = -1) -> None:
+        """Fix the schedule's epoch length (and run length) and set every group's rate for the current
+        step."""
+        self.schedule.bind(steps_per_epoch, max_epochs, max_steps)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set every group's rate for the current step from the schedule (after its `time_fraction`
+        changed, or a new binding)."""
         factor = self.schedule(self.last_epoch)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
@@ -288,3 +371,41 @@ def optimizer_steps_per_epoch(trainer) -> int:
     if not math.isfinite(batches):
         raise RuntimeError("a step-wise LR schedule needs a training loader of known length")
     return math.ceil(int(batches) / trainer.accumulate_grad_batches)
+
+
+def _budget_timer(trainer) -> Timer | None:
+    """The trainer's `Timer` callback when the run has a time budget (`max_time`), else None."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback.time_remaining(RunningStage.TRAINING) is not None:
+            return callback
+    return None
+
+
+def time_budget_fraction(trainer) -> float:
+    """The fraction of the trainer's time budget (`max_time`, Lightning's `Timer`) used so far, training
+    stage, validation rounds inside it included; 0 when the run has no budget."""
+    timer = _budget_timer(trainer)
+    if timer is None:
+        return 0.0
+    elapsed = timer.time_elapsed(RunningStage.TRAINING)
+    remaining = timer.time_remaining(RunningStage.TRAINING)
+    return min(1.0, max(0.0, elapsed / max(elapsed + remaining, 1e-9)))
+
+
+def bind_to_trainer(scheduler: StepwiseLR, trainer) -> None:
+    """Bind a step-wise scheduler to the run of a Lightning trainer whose training loader is set up: its
+    epoch length, `max_epochs`, `max_steps` and the time budget used so far."""
+    scheduler.schedule.time_fraction = time_budget_fraction(trainer)
+    scheduler.bind(optimizer_steps_per_epoch(trainer), trainer.max_epochs, trainer.max_steps)
+
+
+def update_time_fraction(scheduler, trainer) -> None:
+    """After a training batch: give a relative step-wise schedule the fraction of the time budget used,
+    the same on every process (rank 0's clock), so that all ranks change rate at the same step, and set
+    the rate of the next step with it (Lightning steps the scheduler before the batch-end hooks)."""
+    if not (isinstance(scheduler, StepwiseLR) and scheduler.schedule.relative):
+        return
+    if _budget_timer(trainer) is None:
+        return
+    scheduler.schedule.time_fraction = float(trainer.strategy.broadcast(time_budget_fraction(trainer), src=0))
+    scheduler.refresh()

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 
 from detr_lab.data.collate import pad_images
-from detr_lab.engine.detect import detect
+from detr_lab.engine.detect import DEFAULT_SCORE_THRESHOLD, detect
 from detr_lab.engine.evaluate import predict_dataset
 from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.files import atomic_write, atomic_write_text
@@ -84,10 +84,10 @@ class RunSummary(Callback):
 
     Args:
         output_dir: the run directory; files go to `<output_dir>/summary/`.
-        score_threshold: the predictions drawn in the example image.
+        score_threshold: the predictions drawn in the example image (default `DEFAULT_SCORE_THRESHOLD`).
     """
 
-    def __init__(self, output_dir: str | Path, *, score_threshold: float = 0.3) -> None:
+    def __init__(self, output_dir: str | Path, *, score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> None:
         self.output_dir = Path(output_dir)
         self.score_threshold = score_threshold
         self.history: list[dict] = []  # {"epoch", "step", "AP", "AP50"}

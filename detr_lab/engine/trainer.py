@@ -1,6 +1,11 @@
 """Config -> Lightning Trainer, and the training entry point behind `tools/train.py`.
 
-    trainer = train(load_config("configs/demo.yaml"), resume="auto")
+    from detr_lab.engine.trainer import train              # in a notebook, or any Python program
+    trainer = train("configs/demo.yaml", ["trainer.max_time_minutes=5"], resume="auto")
+    trainer.callback_metrics["val/AP"]
+
+The console stays quiet (`detr_lab.engine.console`): no Lightning banner, tips or model table, one line
+per validation round (`trainer.coco_table: true` for COCOeval's table), the progress bar.
 
 Run directory (`cfg.trainer.output_dir`; one run at a time, and a new run refuses a folder that holds
 an earlier run's checkpoints, see `detr_lab.engine.run_folder`):
@@ -23,6 +28,7 @@ rank from their environment variables).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,12 +47,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from detr_lab.checkpoints import LIGHTNING_META_KEY, load_checkpoint
-from detr_lab.config import Config, ConfigError, save_config
+from detr_lab.checkpoints import LIGHTNING_META_KEY, apply_overrides, load_checkpoint
+from detr_lab.config import Config, ConfigError, load_config, save_config
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.doctor import check_at_training_start
 from detr_lab.engine.callbacks import ConfiguredLearningRates, PreserveTrainingState
 from detr_lab.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from detr_lab.engine.console import quiet_console
 from detr_lab.engine.ema import WarmupEMA
 from detr_lab.engine.health import NonFiniteGuard, QueryUsageMonitor, StalledAPMonitor
 from detr_lab.engine.module import DetectionModule
@@ -163,6 +170,7 @@ def build_trainer(
     Raises:
         MissingExtraError: mlflow or wandb listed in `trainer.loggers` and not installed.
     """
+    quiet_console()
     t = cfg.trainer
     output_dir = Path(t.output_dir)
     logger: list | bool = False
@@ -191,6 +199,7 @@ def build_trainer(
         logger=logger,
         callbacks=[*build_callbacks(cfg, progress_bar=progress_bar), *tracking, *callbacks],
         enable_progress_bar=progress_bar,
+        enable_model_summary=False,  # one line instead (`train`)
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -341,7 +350,8 @@ def _backbone_not_initialised(cfg: Config, transfer: WeightTransfer) -> str:
 
 # ------------------------------------------------------------------------------------- training
 def train(
-    cfg: Config,
+    cfg: Config | str | os.PathLike,
+    overrides: Sequence[str] = (),
     *,
     resume: str | None = None,
     init_from: str | None = None,
@@ -350,7 +360,11 @@ def train(
 ) -> L.Trainer:
     """Train `cfg` from scratch, from `init_from` weights, or resume an interrupted run.
 
+    The Python form of `tools/train.py` (for notebooks: `from detr_lab.engine.trainer import train`).
+
     Args:
+        cfg: a `Config`, or the path of a YAML config (loaded with `load_config`).
+        overrides: dotted `key=value` changes, as `--set` takes them (e.g. "optim.lr=2e-4").
         resume: None, "auto" (resume from `<output_dir>/checkpoints/last.ckpt` when it exists, else
             start) or a checkpoint path. Resuming restores weights, optimizer state, epoch and global
             step; `init_from` is then ignored. The learning rates, weight decay and LR drops of `cfg.optim`
@@ -364,16 +378,21 @@ def train(
         module then holds the averaged weights.
     Raises:
         MissingExtraError: a tracker of `trainer.loggers` whose package is not installed (checked first).
+        ConfigError: an invalid config file, key or override; a resume that could not continue exactly:
+            other parameter groups, another batch size in mid-epoch, another kind of LR schedule
+            (`detr_lab.engine.resume_checks`).
         NonFiniteTrainingError: a non-finite loss, gradient or prediction under
             `trainer.monitors.non_finite: error` (the message names the step and the image ids).
         InputError: another run holds `trainer.output_dir`, or the folder holds an earlier run's
             checkpoints and this run would write over them (`detr_lab.engine.run_folder`).
-        ConfigError: a resume that could not continue exactly: other parameter groups, another batch
-            size in mid-epoch, another kind of LR schedule (`detr_lab.engine.resume_checks`).
     """
+    if not isinstance(cfg, Config):
+        cfg = load_config(cfg, list(overrides))
+    elif overrides:
+        cfg = apply_overrides(cfg, overrides, "train() override")
     for tracker in cfg.trainer.loggers:
         require_tracker(tracker)  # a missing mlflow / wandb extra stops the run before any work
-    L.seed_everything(cfg.trainer.seed, workers=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     check_at_training_start(cfg)  # the dataset doctor, briefly (data.doctor); raises on blocking problems
     ckpt_path = resolve_resume(cfg, resume)
     # The run owns its folder from here on: a lock, and no writing over an earlier run's checkpoints.
@@ -406,6 +425,7 @@ def _train_in_owned_folder(
         rank_zero_info(f"no {checkpoint_dir(cfg) / LAST_CHECKPOINT} yet: starting a new run")
     _save_run_config(cfg)
     _remove_stale_temporaries(cfg)
+    rank_zero_info(parameter_line(module.model))
     preserve = PreserveTrainingState(checkpoint_dir(cfg) / LAST_CHECKPOINT)
     # StepSeeds: dropout, denoising and any other draw of a training step come from (seed, epoch, batch).
     own: list[Callback] = [preserve, StepSeeds(cfg.trainer.seed)]
@@ -428,6 +448,13 @@ def _fit_saving_on_signals(
         except SIGTERMException:
             preserve.received = preserve.received or "SIGTERM"
             preserve.raise_interrupted(saved=False)
+
+
+def parameter_line(model: nn.Module) -> str:
+    """One line in place of Lightning's model table: the parameters, and how many are trained."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"model: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained"
 
 
 @rank_zero_only

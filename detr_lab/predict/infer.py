@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from detr_lab.config import AugmentConfig
 from detr_lab.data.errors import DatasetError
 from detr_lab.data.images import load_rgb_image
 from detr_lab.data.transforms import eval_resized_size
+from detr_lab.engine.detect import DEFAULT_DEVICE, DEFAULT_SCORE_THRESHOLD
 from detr_lab.errors import InputError
 from detr_lab.predict.detections_file import (
     DETECTIONS_FILE,
@@ -101,13 +103,15 @@ def run_inference(
     checkpoint: str | os.PathLike,
     *,
     output_dir: str | os.PathLike = "detections",
-    score_threshold: float = 0.5,
-    device: str = "cpu",
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    device: str = DEFAULT_DEVICE,
     batch_size: int = 4,
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
     pretrained: bool = False,
+    draw: bool = True,
+    progress: bool | None = False,
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
@@ -125,6 +129,9 @@ def run_inference(
 
     Batches hold images of one resized size only (see `same_size_groups`), so no image is padded and
     each image's detections do not depend on `batch_size` or on the other inputs.
+
+    `draw` False writes the json only (its "annotated" entries are null); `progress` shows a bar of
+    the images done on stderr (None: only when stderr is a terminal).
     Raises:
         InputNotFoundError: a missing named image or model file. InputError: a bad argument, or an
             output folder where an annotated copy would replace an input image.
@@ -135,7 +142,8 @@ def run_inference(
     if pretrained and (backend != "pytorch" or config_path is not None):
         raise InputError("--model NAME|FOLDER runs on the pytorch backend and takes no --config")
     output_dir = Path(output_dir)
-    names = annotated_names(found.paths, output_dir)  # refuses to write over an input image
+    # refuses to write over an input image (no pictures with draw=False: nothing to refuse)
+    names = annotated_names(found.paths, output_dir) if draw else {}
     if backend == "onnxruntime":
         predictor = Predictor.from_onnx(checkpoint, overrides=overrides)
     elif pretrained:
@@ -151,6 +159,8 @@ def run_inference(
     writer.failed.extend(found.failed)
     writer.start()  # an earlier run's json is replaced before the first new picture
     complete = False
+    disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+    bar = tqdm(total=len(found.paths), desc="infer", unit="img", disable=disable, leave=False)
     try:
         for start in range(0, len(found.paths), batch_size):
             decoded = []
@@ -164,20 +174,23 @@ def run_inference(
                     if failure is not None:
                         writer.failed.append(failure)
                         continue
-                    name = names[path]
-                    boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
-                    annotated = draw_detections(image, boxes, labels, predictor.class_names,
-                                                scores=detection["scores"].tolist())
-                    save_picture(annotated, output_dir / name, quality=92)
+                    name = names[path] if draw else None
+                    if name is not None:
+                        boxes, labels = detection["boxes"].numpy(), detection["labels"].tolist()
+                        annotated = draw_detections(image, boxes, labels, predictor.class_names,
+                                                    scores=detection["scores"].tolist())
+                        save_picture(annotated, output_dir / name, quality=92)
                     height, width = image.shape[:2]
                     writer.images.append({
                         "file": str(path), "width": width, "height": height, "annotated": name,
                         "detections": detection_records(detection),
                     })
                     writer.flush()  # by count and time
+            bar.update(len(found.paths[start : start + batch_size]))
             writer.flush()
         complete = True
     finally:
+        bar.close()
         writer.flush(force=True, complete=complete)
     return InferenceResult(writer.path, writer.images, writer.failed)
 

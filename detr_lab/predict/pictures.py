@@ -12,6 +12,7 @@ from pathlib import Path
 from detr_lab.checkpoints import split_model_overrides
 from detr_lab.config import load_config
 from detr_lab.data.datamodule import DetectionDataModule
+from detr_lab.engine.detect import DEFAULT_DEVICE, DEFAULT_SCORE_THRESHOLD
 from detr_lab.errors import InputError
 from detr_lab.predict.predictor import Predictor
 from detr_lab.visualize.draw import draw_ground_truth_and_predictions, save_picture
@@ -24,8 +25,8 @@ def validation_predictions(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     num_images: int = 4,
-    score_threshold: float = 0.5,
-    device: str = "cpu",
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    device: str = DEFAULT_DEVICE,
 ) -> list[Path]:
     """Draw ground truth beside the predictions on the first `num_images` validation images.
 

@@ -41,7 +41,7 @@ from detr_lab.config import Config, load_config
 from detr_lab.data.collate import pad_images
 from detr_lab.data.images import ImageInput, to_rgb_array
 from detr_lab.data.transforms import build_eval_transform
-from detr_lab.engine.detect import best_first, detect
+from detr_lab.engine.detect import DEFAULT_DEVICE, DEFAULT_SCORE_THRESHOLD, best_first, detect
 from detr_lab.engine.devices import resolve_device
 from detr_lab.errors import InputError, InputNotFoundError
 from detr_lab.export.runtime import OnnxDetector
@@ -126,7 +126,7 @@ class Predictor:
         *,
         config_path: str | os.PathLike | None = None,
         overrides: Sequence[str] = (),
-        device: str = "cpu",
+        device: str = DEFAULT_DEVICE,
         optimize: bool = True,
     ) -> Predictor:
         """Load any checkpoint `load_checkpoint` reads.
@@ -136,7 +136,7 @@ class Predictor:
                 `CheckpointError` naming the differing tensors); its `data.augment` sets the transform.
             overrides: dotted `key=value`; `model.*` ones go to the checkpoint's stored config (e.g.
                 `model.encoder.attention=act`), the others to the data settings.
-            device: "cpu", "cuda", "cuda:1", "auto".
+            device: "auto" (default: CUDA when available), "cpu", "cuda", "cuda:1".
             optimize: apply `optimize_for_inference` (False keeps the modules as built, for hooks).
         Raises:
             InputNotFoundError: a missing checkpoint. CheckpointError / ConfigError: a checkpoint that
@@ -254,7 +254,7 @@ class Predictor:
         return self.transform(to_rgb_array(image), _NO_BOXES, _NO_LABELS)[0].to(self.device)
 
     def predict(
-        self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = 0.0
+        self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = DEFAULT_SCORE_THRESHOLD
     ) -> list[dict]:
         """Detections for one image or a batch of images (any sizes).
 
@@ -264,8 +264,9 @@ class Predictor:
 
         Args:
             images: image file paths, PIL images, or uint8 `[H, W, 3]` RGB arrays (one, or a sequence).
-            score_threshold: keep detections scoring at least this (0: every query's best class, or the
-                top `num_top` (query, class) pairs with sigmoid classification).
+            score_threshold: keep detections scoring at least this (default `DEFAULT_SCORE_THRESHOLD`,
+                0.3, as tools/infer.py and tools/visualize.py; 0: every query's best class, or the top
+                `num_top` (query, class) pairs with sigmoid classification).
         Returns:
             per image, best first: `boxes` float `[K, 4]` absolute (x1, y1, x2, y2) pixels of that image,
             `scores` `[K]`, `labels` int64 `[K]` (class indices), `category_ids` int64 `[K]` (the

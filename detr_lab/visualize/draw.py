@@ -43,17 +43,22 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _image_figure(image: np.ndarray, title: str, *, min_inches: float = 5.0) -> tuple[Figure, object]:
+SIDE_PX = 130  # px of the strip right of the image holding a legend or a colour bar
+
+
+def _image_figure(
+    image: np.ndarray, title: str, *, min_inches: float = 5.0, side_px: int = 0
+) -> tuple[Figure, object]:
     """A figure sized to the image (longer side at least `min_inches`), the image shown, axes off, and
-    the title wrapped above it."""
+    the title wrapped above it; `side_px` pixels are left free right of the image (legend, colour bar)."""
     height, width = image.shape[:2]
     scale = max(min_inches / max(width, height) * DPI, 1.0)
     scale = min(scale, MAX_PICTURE_SIDE / max(width, height))
     width_px, height_px = max(width * scale, 1.0), max(height * scale, 1.0)
-    lines = textwrap.wrap(title, width=max(30, int(width_px / 7.2))) or [""]
+    lines = textwrap.wrap(title, width=max(30, int((width_px + side_px) / 7.2))) or [""]
     header_px = 14 * len(lines) + 8
-    figure = Figure(figsize=(width_px / DPI, (height_px + header_px) / DPI), dpi=DPI)
-    axes = figure.add_axes((0, 0, 1, height_px / (height_px + header_px)))
+    figure = Figure(figsize=((width_px + side_px) / DPI, (height_px + header_px) / DPI), dpi=DPI)
+    axes = figure.add_axes((0, 0, width_px / (width_px + side_px), height_px / (height_px + header_px)))
     axes.imshow(image)
     axes.set_axis_off()
     axes.set_xlim(-0.5, width - 0.5)
@@ -185,20 +190,73 @@ def save_picture(picture: Image.Image, path: str | os.PathLike, **options: objec
     return path
 
 
+def heatmap_figure(
+    image: np.ndarray, heat: np.ndarray, *, box: Sequence[float] | None, title: str,
+    label: str = "attention weight",
+) -> Figure:
+    """An attention map (`[H, W]`, same size as `image`) over the image, plus the query's box, and a
+    colour bar beside the image giving the weights (`label`) of its colours.
+
+    The colours span the map's own range (min dark, max bright), so weak but uneven attention shows;
+    the colour bar's ends are that minimum and maximum.
+    """
+    figure, axes = _image_figure(image, title, side_px=SIDE_PX)
+    low, high = float(heat.min()), float(heat.max())
+    if high <= low:
+        high = low + 1e-12  # a flat map: one colour
+    shown = axes.imshow(heat, cmap="inferno", alpha=0.6, vmin=low, vmax=high, interpolation="nearest")
+    if box is not None:
+        _box(axes, box, "cyan")
+    left, bottom, width, height = axes.get_position().bounds
+    side = 1 - (left + width)
+    bar_axes = figure.add_axes((left + width + side * 0.12, bottom + height * 0.05, side * 0.14,
+                                height * 0.9))
+    bar = figure.colorbar(shown, cax=bar_axes)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return figure
+
+
 def draw_heatmap(
     image: np.ndarray, heat: np.ndarray, path: str | os.PathLike, *, box: Sequence[float] | None, title: str
 ) -> Path:
-    """An attention map (`[H, W]`, same size as `image`) over the image, plus the query's box.
+    """`heatmap_figure` written as a PNG at `path`."""
+    return save_figure(heatmap_figure(image, heat, box=box, title=title), path)
 
-    The colours span the map's own range (min dark, max bright), so weak but uneven attention shows.
+
+def sampling_points_figure(
+    image: np.ndarray,
+    *,
+    reference: Sequence[float],
+    points: np.ndarray,
+    weights: np.ndarray,
+    box: Sequence[float] | None,
+    title: str,
+) -> Figure:
+    """Deformable attention sampling points of one query, coloured by head, area by weight; the
+    legend stands beside the image, so it covers none of the points.
+
+    Args:
+        reference: (x, y) pixels of the query's reference point (drawn as a star).
+        points: `[heads, N, 2]` (x, y) pixels; weights: `[heads, N]` attention weights.
     """
-    figure, axes = _image_figure(image, title)
-    low, high = float(heat.min()), float(heat.max())
-    scaled = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-    axes.imshow(scaled, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest")
+    figure, axes = _image_figure(image, title, side_px=SIDE_PX)
+    heads = points.shape[0]
+    cmap = colormaps["tab10" if heads <= 10 else "tab20"]
+    largest = float(weights.max()) or 1.0
+    for head in range(heads):
+        sizes = 15 + 150 * weights[head] / largest
+        axes.scatter(points[head, :, 0], points[head, :, 1], s=sizes, color=cmap(head % cmap.N),
+                     edgecolors="black", linewidths=0.5, label=f"head {head}", zorder=3)
+    axes.scatter([reference[0]], [reference[1]], marker="*", s=220, color="white", edgecolors="black",
+                 linewidths=1.0, zorder=4, label="reference point")
     if box is not None:
         _box(axes, box, "cyan")
-    return save_figure(figure, path)
+    left, bottom, width, height = axes.get_position().bounds
+    figure.legend(*axes.get_legend_handles_labels(), loc="upper left",
+                  bbox_to_anchor=(left + width, bottom + height), fontsize=7, framealpha=0.9, markerscale=0.6,
+                  borderaxespad=0.3)
+    return figure
 
 
 def draw_sampling_points(
@@ -211,25 +269,9 @@ def draw_sampling_points(
     box: Sequence[float] | None,
     title: str,
 ) -> Path:
-    """Deformable attention sampling points of one query, coloured by head, area by weight.
-
-    Args:
-        reference: (x, y) pixels of the query's reference point (drawn as a star).
-        points: `[heads, N, 2]` (x, y) pixels; weights: `[heads, N]` attention weights.
-    """
-    figure, axes = _image_figure(image, title)
-    heads = points.shape[0]
-    cmap = colormaps["tab10" if heads <= 10 else "tab20"]
-    largest = float(weights.max()) or 1.0
-    for head in range(heads):
-        sizes = 15 + 150 * weights[head] / largest
-        axes.scatter(points[head, :, 0], points[head, :, 1], s=sizes, color=cmap(head % cmap.N),
-                     edgecolors="black", linewidths=0.5, label=f"head {head}", zorder=3)
-    axes.scatter([reference[0]], [reference[1]], marker="*", s=220, color="white", edgecolors="black",
-                 linewidths=1.0, zorder=4, label="reference point")
-    if box is not None:
-        _box(axes, box, "cyan")
-    axes.legend(loc="upper right", fontsize=6, framealpha=0.7, markerscale=0.6)
+    """`sampling_points_figure` written as a PNG at `path`."""
+    figure = sampling_points_figure(image, reference=reference, points=points, weights=weights, box=box,
+                                    title=title)
     return save_figure(figure, path)
 
 

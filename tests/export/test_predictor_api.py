@@ -29,13 +29,13 @@ def test_predict_takes_paths_pil_images_and_arrays(checkpoints, image_files):
     path = image_files[1]
     as_pil = Image.open(path)
     as_array = np.asarray(Image.open(path).convert("RGB"))
-    results = predictor.predict([path, as_pil, as_array])
+    results = predictor.predict([path, as_pil, as_array], score_threshold=0.0)
     assert len(results) == 3
     for result in results[1:]:
         for key in ("boxes", "scores", "labels", "category_ids"):
             torch.testing.assert_close(result[key], results[0][key])
         assert result["class_names"] == results[0]["class_names"]
-    single = predictor.predict(str(path))  # one image, not in a list
+    single = predictor.predict(str(path), score_threshold=0.0)  # one image, not in a list
     torch.testing.assert_close(single[0]["scores"], results[0]["scores"])
 
 
@@ -43,7 +43,7 @@ def test_predict_output_contract(checkpoints, image_files):
     from export_helpers import CATEGORY_IDS, CLASS_NAMES
 
     predictor = Predictor.from_checkpoint(checkpoints["detr"])
-    results = predictor.predict(image_files)
+    results = predictor.predict(image_files, score_threshold=0.0)  # every query
     for result, path in zip(results, image_files, strict=True):
         width, height = Image.open(path).size
         count = len(result["scores"])
@@ -57,7 +57,7 @@ def test_predict_output_contract(checkpoints, image_files):
         for label, category_id, name in zip(result["labels"].tolist(), result["category_ids"].tolist(),
                                             result["class_names"], strict=True):
             assert (category_id, name) == (CATEGORY_IDS[label], CLASS_NAMES[label])
-    alone = predictor.predict(image_files[:1])[0]  # not padded to the other image's size
+    alone = predictor.predict(image_files[:1], score_threshold=0.0)[0]  # not padded to the other image's size
     threshold = float(alone["scores"].median())
     kept = predictor.predict(image_files[:1], score_threshold=threshold)[0]
     assert 0 < len(kept["scores"]) < 7 and bool((kept["scores"] >= threshold).all())
@@ -104,7 +104,8 @@ def test_onnx_backend_through_the_same_api(checkpoints, image_files, tmp_path):
     assert onnx_predictor.backend == "onnxruntime"
     assert (onnx_predictor.category_ids, onnx_predictor.class_names) == (
         torch_predictor.category_ids, torch_predictor.class_names)
-    for got, expected in zip(onnx_predictor.predict(image_files), torch_predictor.predict(image_files),
+    for got, expected in zip(onnx_predictor.predict(image_files, score_threshold=0.0),
+                             torch_predictor.predict(image_files, score_threshold=0.0),
                              strict=True):
         torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=1e-4)
         torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-2)
