@@ -2,6 +2,7 @@
 
     predictor = Predictor.from_checkpoint("runs/demo/checkpoints/last.ckpt")   # PyTorch, no Lightning
     predictor = Predictor.from_onnx("model.onnx")                               # or onnxruntime (CPU)
+    predictor = Predictor.from_openvino("model.xml")                            # or OpenVINO (CPU)
     for detections in predictor.predict(["a.jpg", pil_image, rgb_array], score_threshold=0.5):
         detections["boxes"], detections["scores"], detections["category_ids"], detections["class_names"]
 
@@ -33,7 +34,8 @@ from detr_lab.data.transforms import build_eval_transform
 from detr_lab.engine.detect import best_first, detect
 from detr_lab.engine.devices import resolve_device
 from detr_lab.errors import InputError, InputNotFoundError
-from detr_lab.export.runtime import OnnxDetector
+from detr_lab.export.backends import open_runtime
+from detr_lab.export.runtime import ExportedRuntime
 from detr_lab.models.build import build_model, build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 
@@ -65,13 +67,15 @@ class Predictor:
             if self.optimize:
                 self.model = optimize_for_inference(self.model)
         elif self.device.type != "cpu":
-            raise ValueError(f"the onnxruntime backend runs on the CPU, not on '{self.device}'")
+            raise ValueError(f"the {self.backend} backend runs on the CPU, not on '{self.device}'")
         self.postprocess = build_postprocess(self.config.model)
         self.transform = build_eval_transform(self.config.data.augment)
 
     @property
     def backend(self) -> str:
-        """"pytorch" or "onnxruntime"."""
+        """"pytorch", "onnxruntime" or "openvino"."""
+        if isinstance(self.model, ExportedRuntime):
+            return self.model.backend
         return "pytorch" if isinstance(self.model, torch.nn.Module) else "onnxruntime"
 
     @classmethod
@@ -93,13 +97,38 @@ class Predictor:
             InputNotFoundError: a missing file. InputError: a `model.*` override.
             MetadataError: not a detr_lab export. MissingExtraError: onnxruntime is not installed.
         """
+        return cls.from_exported("onnxruntime", model_path, overrides=overrides, threads=threads)
+
+    @classmethod
+    def from_openvino(
+        cls,
+        model_path: str | os.PathLike,
+        *,
+        overrides: Sequence[str] = (),
+        threads: int | None = None,
+    ) -> Predictor:
+        """An OpenVINO IR (`tools/export.py --format openvino`, FP32, FP16 or INT8) run by OpenVINO on
+        the CPU; `from_onnx`'s arguments and errors (MissingExtraError: openvino is not installed)."""
+        return cls.from_exported("openvino", model_path, overrides=overrides, threads=threads)
+
+    @classmethod
+    def from_exported(
+        cls,
+        backend: str,
+        model_path: str | os.PathLike,
+        *,
+        overrides: Sequence[str] = (),
+        threads: int | None = None,
+    ) -> Predictor:
+        """`from_onnx` (backend "onnxruntime") or `from_openvino` (backend "openvino")."""
+        kind = {"onnxruntime": "ONNX", "openvino": "OpenVINO"}.get(backend, backend)
         path = Path(model_path)
         if not path.is_file():
-            raise InputNotFoundError(f"ONNX model not found: {path}")
+            raise InputNotFoundError(f"{kind} model not found: {path}")
         model_overrides, other_overrides = split_model_overrides(overrides)
         if model_overrides:
-            raise InputError(f"model overrides {model_overrides} cannot change an exported ONNX model")
-        detector = OnnxDetector(path, threads=threads)
+            raise InputError(f"model overrides {model_overrides} cannot change an exported {kind} model")
+        detector = open_runtime(backend, path, threads=threads)
         meta = detector.metadata
         config = _apply_overrides(meta.config, other_overrides) if other_overrides else meta.config
         return cls(detector, config, meta.category_ids, meta.class_names, torch.device("cpu"), optimize=False)
