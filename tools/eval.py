@@ -3,7 +3,7 @@
 The model comes from the checkpoint (detr_lab, Lightning or official DETR); the config gives the
 dataset, whose validation split is evaluated. `--set model.*=...` overrides reach the model.
 `--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU; needs the
-export extra), with the same batches.
+export extra), with the same batches; `--backend openvino --model model.xml` an OpenVINO IR.
 Prints the 12-line COCOeval summary and writes the COCO results json (original category ids).
 """
 
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-        if args.backend == "onnxruntime":
+        if args.backend in ("onnxruntime", "openvino"):
             if args.device not in ("auto", "cpu"):
-                raise ValueError(f"--backend onnxruntime runs on the CPU; got --device {args.device}")
-            result = evaluate_onnx(args.config, args.model, **common)
+                raise ValueError(f"--backend {args.backend} runs on the CPU; got --device {args.device}")
+            result = evaluate_onnx(args.config, args.model, backend=args.backend, **common)
         else:
             result = evaluate_checkpoint(args.config, args.checkpoint, device=args.device, **common)
         print(result.summary, end="")

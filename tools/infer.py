@@ -1,6 +1,8 @@
 """Detect objects in images: `python tools/infer.py IMAGE|FOLDER [...] --checkpoint CKPT [--output-dir DIR]`.
 
-`--backend onnxruntime --model model.onnx` runs an exported model instead (CPU; export extra).
+`--backend onnxruntime --model model.onnx` runs an exported model instead (CPU; export extra), and
+`--backend openvino --model model.xml` an OpenVINO IR. `--slice 640 --overlap 0.2` detects each image in
+overlapping 640-pixel windows merged class by class (small objects in large images; needs sahi).
 
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image. Runs on the CPU by default.
@@ -33,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
+    parser.add_argument("--slice", type=int, metavar="PIXELS", help="sliced inference: window side in pixels")
+    parser.add_argument("--overlap", type=float, default=0.2,
+                        help="with --slice: window overlap (default 0.2)")
+    parser.add_argument("--slice-merge", choices=("nms", "nmm"), default="nms",
+                        help="with --slice: class-wise NMS (default) or greedy non-maximum merging")
     add_common_arguments(parser)
     return parse_backend_arguments(parser, argv)
 
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_inference(
             args.inputs,
-            args.model if args.backend == "onnxruntime" else args.checkpoint,
+            args.checkpoint if args.backend == "pytorch" else args.model,
             output_dir=args.output_dir,
             score_threshold=args.score_threshold,
             device=args.device,
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config,
             overrides=args.overrides,
             backend=args.backend,
+            slice_size=args.slice,
+            overlap=args.overlap,
+            slice_merge=args.slice_merge,
         )
         for failure in result.failed:
             print(f"failed: {failure['error']}")

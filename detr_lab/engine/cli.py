@@ -55,22 +55,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
-    """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file); check the
-    command line with `parse_backend_arguments`."""
+    """`--checkpoint`, `--backend pytorch|onnxruntime|openvino` and `--model` (an exported .onnx file, or
+    an OpenVINO .xml); check the command line with `parse_backend_arguments`."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
-                        help="pytorch (default) or onnxruntime (an exported --model)")
-    parser.add_argument("--model", help="exported .onnx file (onnxruntime backend)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"), default="pytorch",
+                        help="pytorch (default), onnxruntime or openvino (an exported --model)")
+    parser.add_argument("--model", help="exported .onnx file (onnxruntime) or .xml IR (openvino)")
 
 
 def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
-    has a --checkpoint and no --model, and onnxruntime a --model and no --checkpoint."""
+    has a --checkpoint and no --model, and onnxruntime / openvino a --model and no --checkpoint."""
     args = parser.parse_args(argv)
     if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
         parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    if args.backend == "openvino" and (args.model is None or args.checkpoint is not None):
+        parser.error("--backend openvino needs --model model.xml (and no --checkpoint)")
     return args
 
 

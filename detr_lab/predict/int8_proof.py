@@ -91,7 +91,7 @@ class Int8Report:
         lines = [f"INT8 ({self.backend}), calibrated on {self.calibration_images} {self.calibration_split} "
                  f"images; COCO AP on the validation set:"]
         for m in self.measures:
-            cost = "" if m.name == "fp32" else f", {fp32.ap - m.ap:+.2f} vs FP32"
+            cost = "" if m.name == "fp32" else f", {m.ap - fp32.ap:+.2f} vs FP32"
             diffs = ("" if m.name == "fp32"
                      else f", max |diff| logits {m.logits_diff:.3g} boxes {m.boxes_diff:.3g}")
             lines.append(f"  {m.name}: AP {m.ap:.2f} AP50 {m.ap50:.2f}{cost}{diffs}")
@@ -179,8 +179,9 @@ def quantize_with_proof(
                     spent += max(costs[group], 0.0)
                 else:
                     report.kept_float[group] = (
-                        f"quantized alone it costs {costs[group]:.2f} AP over the base; with it the summed "
-                        f"drop would pass {max_ap_drop:g}"
+                        f"quantized on top of the base it costs {costs[group]:.2f} AP; the base drops "
+                        f"{fp32_ap - base.ap:.2f} and the groups already quantized {spent:.2f}, so with it "
+                        f"the drop would pass --max-ap-drop {max_ap_drop:g}"
                     )
         else:
             report.quantized_groups = list(groups)

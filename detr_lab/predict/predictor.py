@@ -38,6 +38,7 @@ from detr_lab.export.backends import open_runtime
 from detr_lab.export.runtime import ExportedRuntime
 from detr_lab.models.build import build_model, build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
+from detr_lab.predict.slicing import check_slicing, merge_detections, slice_windows
 
 _NO_BOXES, _NO_LABELS = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
 
@@ -184,37 +185,84 @@ class Predictor:
         return self.transform(to_rgb_array(image), _NO_BOXES, _NO_LABELS)[0].to(self.device)
 
     def predict(
-        self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = 0.0
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        score_threshold: float = 0.0,
+        slice_size: int | None = None,
+        overlap: float = 0.2,
+        slice_merge: str = "nms",
+        slice_match_threshold: float = 0.5,
+        slice_full_image: bool = True,
+        slice_batch: int = 4,
     ) -> list[dict]:
-        """Detections for one image or a batch of images (any sizes), run as one padded batch.
+        """Detections for one image or a batch of images (any sizes), run as one padded batch, or, with
+        `slice_size`, each image in overlapping windows merged back (`detr_lab.predict.slicing`).
 
         Args:
             images: image file paths, PIL images, or uint8 `[H, W, 3]` RGB arrays (one, or a sequence).
             score_threshold: keep detections scoring at least this (0: every query's best class, or the
-                top `num_top` (query, class) pairs with sigmoid classification).
+                top `num_top` (query, class) pairs with sigmoid classification); with slicing, applied
+                to each window before merging.
+            slice_size: window side in pixels of the original image (None: no slicing).
+            overlap: fraction of a window side shared by neighbouring windows (0 to 0.9).
+            slice_merge: "nms" or "nmm" (class-wise; see `slicing.merge_detections`), with
+                `slice_match_threshold` on the intersection over the smaller box.
+            slice_full_image: add the whole image's detections before merging (large objects).
+            slice_batch: windows per forward pass.
         Returns:
             per image, best first: `boxes` float `[K, 4]` absolute (x1, y1, x2, y2) pixels of that image,
             `scores` `[K]`, `labels` int64 `[K]` (class indices), `category_ids` int64 `[K]` (the
             dataset's ids), all CPU tensors, and `class_names` (K strings).
         Raises:
             ValueError: an unsupported image type or array; MissingImageError / CorruptImageError: a
-            missing or unreadable file.
+            missing or unreadable file. InputError: bad slicing arguments. MissingExtraError: slicing
+            without sahi.
         """
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         arrays = [to_rgb_array(image) for image in images]
+        if slice_size is None:
+            found = self._detect(arrays, score_threshold)
+        else:
+            check_slicing(slice_size, overlap, slice_merge)
+            if slice_batch < 1:
+                raise InputError(f"slice batch must be >= 1, got {slice_batch}")
+            found = [
+                self._detect_sliced(array, score_threshold, slice_size, overlap, slice_merge,
+                                    slice_match_threshold, slice_full_image, slice_batch)
+                for array in arrays
+            ]
+        ids = torch.tensor(self.category_ids, dtype=torch.int64)
+        for result in found:
+            result["category_ids"] = ids[result["labels"]]
+            result["class_names"] = [self.class_names[label] for label in result["labels"].tolist()]
+        return found
+
+    def _detect(self, arrays: list[np.ndarray], score_threshold: float) -> list[dict]:
+        """`boxes` / `scores` / `labels` (best first, CPU) of uint8 `[H, W, 3]` images in one batch."""
         batch, padding_mask = pad_images([self.preprocess(image) for image in arrays])
         # [B, 3, H, W] zero-padded, [B, H, W] True = padding; [B, 2] (h, w) of the originals
         orig_sizes = torch.tensor([image.shape[:2] for image in arrays])
         detections = detect(self.model, self.postprocess, batch, padding_mask, orig_sizes, self.device)
-        ids = torch.tensor(self.category_ids, dtype=torch.int64)
-        results = []
-        for detection in detections:
-            result = {key: value.cpu() for key, value in best_first(detection, score_threshold).items()}
-            result["category_ids"] = ids[result["labels"]]
-            result["class_names"] = [self.class_names[label] for label in result["labels"].tolist()]
-            results.append(result)
-        return results
+        return [{key: value.cpu() for key, value in best_first(detection, score_threshold).items()}
+                for detection in detections]
+
+    def _detect_sliced(self, array: np.ndarray, score_threshold: float, slice_size: int, overlap: float,
+                       method: str, match_threshold: float, full_image: bool, slice_batch: int) -> dict:
+        windows = slice_windows(array.shape[0], array.shape[1], slice_size, overlap)
+        parts = []
+        for start in range(0, len(windows), slice_batch):
+            chunk = windows[start : start + slice_batch]
+            tiles = [np.ascontiguousarray(array[y1:y2, x1:x2]) for x1, y1, x2, y2 in chunk]
+            for (x1, y1, _, _), found in zip(chunk, self._detect(tiles, score_threshold), strict=True):
+                shift = torch.tensor([x1, y1, x1, y1], dtype=found["boxes"].dtype)
+                parts.append({**found, "boxes": found["boxes"] + shift})
+        if full_image and len(windows) > 1:
+            parts.extend(self._detect([array], score_threshold))
+        merged = {key: torch.cat([part[key] for part in parts]) for key in ("boxes", "scores", "labels")}
+        return merge_detections(merged["boxes"], merged["scores"], merged["labels"], method=method,
+                                match_threshold=match_threshold)
 
 
 def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
