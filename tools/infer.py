@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slice", type=int, metavar="PIXELS", help="sliced inference: window side in pixels")
     parser.add_argument("--overlap", type=float, default=0.2,
                         help="with --slice: window overlap (default 0.2)")
-    parser.add_argument("--slice-merge", choices=("nms", "nmm"), default="nms",
-                        help="with --slice: class-wise NMS (default) or greedy non-maximum merging")
+    parser.add_argument("--slice-merge", choices=("nms", "nmm"), default="nmm",
+                        help="with --slice: class-wise greedy non-maximum merging (default) or NMS")
     add_common_arguments(parser)
     return parse_backend_arguments(parser, argv)
 

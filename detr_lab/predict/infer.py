@@ -95,7 +95,7 @@ def run_inference(
     backend: str = "pytorch",
     slice_size: int | None = None,
     overlap: float = 0.2,
-    slice_merge: str = "nms",
+    slice_merge: str = "nmm",
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
