@@ -19,6 +19,7 @@ from pathlib import Path
 from detr_lab.checkpoints import load_checkpoint, split_model_overrides
 from detr_lab.config import load_config
 from detr_lab.errors import InputNotFoundError
+from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
 from detr_lab.export.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
 from detr_lab.export.openvino_runtime import PRECISIONS, OpenVinoDetector, convert_to_openvino
@@ -92,6 +93,9 @@ def export_checkpoint(
         raise ExportError(f"precision {precision!r}: the ONNX export is FP32; OpenVINO takes {PRECISIONS}")
     if precision == "f16" and not verify:
         raise ExportError("an FP16 OpenVINO model is written only after its proof: add --verify")
+    require("onnx")
+    if format == "openvino":
+        require("openvino")  # before the export's work
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputNotFoundError(f"checkpoint not found: {checkpoint}")
