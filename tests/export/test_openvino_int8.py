@@ -110,8 +110,9 @@ def test_sliced_inference_on_openvino_matches_pytorch(openvino_model, checkpoint
     image = sorted(folder.iterdir())[0]
     options = dict(score_threshold=0.0, slice_size=40, overlap=0.2)
     expected = Predictor.from_checkpoint(checkpoints["refine"], optimize=False).predict(image, **options)[0]
-    got = Predictor.from_openvino(path).predict(image, **options)[0]
-    assert Predictor.from_openvino(path).backend == "openvino"
+    predictor = Predictor.from_openvino(path)
+    assert predictor.backend == "openvino"
+    got = predictor.predict(image, **options)[0]
     assert len(expected["boxes"]) > 0 and got["labels"].tolist() == expected["labels"].tolist()
     assert (got["boxes"] - expected["boxes"]).abs().max() < 1e-2
     argv = [str(image), "--backend", "openvino", "--model", str(path), "--output-dir", str(tmp_path / "out"),
