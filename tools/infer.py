@@ -36,12 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     parser.add_argument("--slice", type=int, metavar="PIXELS", help="sliced inference: window side in pixels")
-    parser.add_argument("--overlap", type=float, default=0.2,
-                        help="with --slice: window overlap (default 0.2)")
-    parser.add_argument("--slice-merge", choices=("nms", "nmm"), default="nmm",
+    parser.add_argument("--overlap", type=float, help="with --slice: window overlap (default 0.2)")
+    parser.add_argument("--slice-merge", choices=("nms", "nmm"),
                         help="with --slice: class-wise greedy non-maximum merging (default) or NMS")
     add_common_arguments(parser)
-    return parse_backend_arguments(parser, argv)
+    args = parse_backend_arguments(parser, argv)
+    if args.slice is None and (args.overlap is not None or args.slice_merge is not None):
+        parser.error("--overlap and --slice-merge set up --slice; add --slice PIXELS")
+    args.overlap = 0.2 if args.overlap is None else args.overlap
+    args.slice_merge = args.slice_merge or "nmm"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

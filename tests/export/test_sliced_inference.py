@@ -23,7 +23,7 @@ from detr_lab.errors import InputError  # noqa: E402
 from detr_lab.predict import Predictor  # noqa: E402
 from detr_lab.predict.slicing import merge_detections, slice_windows  # noqa: E402
 
-from factories import tiny_overrides  # noqa: E402
+from factories import load_tool, tiny_overrides  # noqa: E402
 
 NUM_QUERIES = 40
 EVAL_SIZE = 128
@@ -153,3 +153,10 @@ def test_sliced_ap_beats_whole_image_ap_on_small_objects(predictor, capsys):
               f"sliced AP {sliced_ap:.3f}")
     assert sliced_ap > whole_ap + 0.3
     assert sliced_ap > 0.8
+
+
+def test_infer_refuses_slicing_options_without_slice(tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        load_tool("infer").main([str(tmp_path / "a.jpg"), "--checkpoint", str(tmp_path / "c.ckpt"),
+                                 "--overlap", "0.3"])
+    assert usage.value.code == 2 and "add --slice" in capsys.readouterr().err
