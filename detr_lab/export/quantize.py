@@ -2,7 +2,7 @@
 onnxruntime's static QDQ quantization (`onnxruntime.quantization.quantize_static`) and NNCF's
 post-training quantization of an OpenVINO IR (`nncf.quantize`). No quantizer is written here.
 
-    batches = calibration_batches(cfg, metadata, count=32)               # list of numpy feeds
+    batches, used = calibration_batches(cfg, metadata, count=32)   # numpy feeds, images in them
     quantize_onnxruntime("fp32.onnx", "int8.onnx", batches, float_groups=["box_heads"])
     quantize_openvino("fp32.xml", "int8.xml", batches, float_groups=["box_heads"])
 
@@ -70,10 +70,11 @@ def present_groups(onnx_path: str | os.PathLike) -> dict[str, int]:
 
 def calibration_batches(
     config: Config, metadata: ExportMetadata, count: int, *, split: str = "train"
-) -> list[dict[str, np.ndarray]]:
+) -> tuple[list[dict[str, np.ndarray]], int]:
     """`count` images of the config's `split` ("train" or "val") through the evaluation transform, as
     feeds `{"images": float32 [B, 3, H, W], "padding_mask": bool [B, H, W]}` (batches of
-    `data.batch_size`; a fixed-size export: padded to its traced size, batches of its traced batch).
+    `data.batch_size`; a fixed-size export: padded to its traced size, batches of its traced batch),
+    and the number of images in them (fewer than `count` when the split has fewer).
 
     Raises:
         ValueError: `count` < 1 or an unknown split. DatasetError: an unreadable dataset.
@@ -95,15 +96,15 @@ def calibration_batches(
     feeds, seen = [], 0
     for images, padding_mask, _ in datamodule.val_dataloader():
         images, padding_mask = images.numpy(), padding_mask.numpy().astype(bool)
-        if traced is not None:
+        real = min(count - seen, images.shape[0])
+        images, padding_mask = images[:real], padding_mask[:real]
+        if traced is not None:  # the rest of the traced batch: blank images, as the runtimes fill it
             images, padding_mask = _pad_to(images, padding_mask, traced)
-        take = min(count - seen, images.shape[0]) if traced is None else images.shape[0]
-        feeds.append({"images": np.ascontiguousarray(images[:take], np.float32),
-                      "padding_mask": padding_mask[:take]})
-        seen += min(count - seen, images.shape[0])
+        feeds.append({"images": np.ascontiguousarray(images, np.float32), "padding_mask": padding_mask})
+        seen += real
         if seen >= count:
             break
-    return feeds
+    return feeds, seen
 
 
 def _pad_to(images: np.ndarray, padding_mask: np.ndarray, traced: tuple[int, int, int]):

@@ -60,9 +60,10 @@ class Int8Report:
     """The proof: FP32 and INT8 AP on the validation set, the sensitivity measurements, the verdict."""
 
     backend: str
-    calibration_images: int
+    calibration_images: int  # used (the split may hold fewer than requested)
     calibration_split: str
     max_ap_drop: float
+    calibration_requested: int = 0
     measures: list[Measure] = field(default_factory=list)
     kept_float: dict[str, str] = field(default_factory=dict)  # group -> why
     quantized_groups: list[str] = field(default_factory=list)
@@ -88,8 +89,10 @@ class Int8Report:
     def text(self) -> str:
         """A few lines: each measurement, what stayed float and why, the verdict."""
         fp32 = self.measure("fp32")
+        fewer = (f" (of {self.calibration_requested} requested: the split has no more)"
+                 if self.calibration_images < self.calibration_requested else "")
         lines = [f"INT8 ({self.backend}), calibrated on {self.calibration_images} {self.calibration_split} "
-                 f"images; COCO AP on the validation set:"]
+                 f"images{fewer}; COCO AP on the validation set:"]
         for m in self.measures:
             cost = "" if m.name == "fp32" else f", {m.ap - fp32.ap:+.2f} vs FP32"
             diffs = ("" if m.name == "fp32"
@@ -144,10 +147,12 @@ def quantize_with_proof(
     onnx_path = onnx_path or fp32_path
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    report = Int8Report(backend, calibration_images, calibration_split, max_ap_drop, forced=force)
+    report = Int8Report(backend, calibration_images, calibration_split, max_ap_drop,
+                        calibration_requested=calibration_images, forced=force)
     fp32 = open_runtime(backend, fp32_path)
     cfg = dataclasses.replace(config, model=fp32.metadata.config.model)
-    feeds = calibration_batches(config, fp32.metadata, calibration_images, split=calibration_split)
+    feeds, report.calibration_images = calibration_batches(config, fp32.metadata, calibration_images,
+                                                           split=calibration_split)
     reference = [fp32(torch.from_numpy(f["images"]), torch.from_numpy(f["padding_mask"])) for f in feeds]
     groups = list(present_groups(onnx_path))
     with tempfile.TemporaryDirectory(prefix=".int8_", dir=output.parent) as scratch:
