@@ -15,7 +15,7 @@ one line are independent: neither imports the other; no import cycle between mod
   (pictures of detections, attention and run curves from arrays and models);
 - `engine` (the Lightning training system, COCO evaluation, the one forward path `engine.detect`,
   the tools' command-line helpers `engine.cli`) beside `export` (ONNX export and onnxruntime
-  inference);
+  inference) and `zoo` (the official checkpoints to download, Hub-style model folders);
 - `predict` (the `Predictor` on PyTorch or onnxruntime, inference on files, evaluation of ONNX
   models: what needs both `engine` and `export`) beside `benchmark` (measuring models, paths and
   kernels);

@@ -316,6 +316,37 @@ class OfficialSpec:
                 self.tensor(f"backbone.0.body.{key}", *tensor.shape)
 
 
+def official_detr_spec(
+    backbone: str = "resnet18", *, learned_position: bool = False, **sizes: int
+) -> dict[str, list[int]]:
+    """Key -> shape of an official facebookresearch/detr checkpoint with these settings
+    (`sizes`: see `OFFICIAL_SIZES`; the deformable attention sizes change nothing here)."""
+    spec = OfficialSpec(**sizes)
+    spec.resnet_backbone(backbone)
+    if learned_position:
+        spec.tensor("backbone.1.row_embed.weight", 50, spec.d // 2)
+        spec.tensor("backbone.1.col_embed.weight", 50, spec.d // 2)
+
+    def feed_forward_and_norms(prefix, norms):
+        spec.feed_forward(prefix)
+        for n in range(1, norms + 1):
+            spec.norm(f"{prefix}.norm{n}")
+
+    for i in range(spec.encoder_layers):
+        spec.packed_attention(f"transformer.encoder.layers.{i}.self_attn")
+        feed_forward_and_norms(f"transformer.encoder.layers.{i}", 2)
+    for i in range(spec.decoder_layers):
+        spec.packed_attention(f"transformer.decoder.layers.{i}.self_attn")
+        spec.packed_attention(f"transformer.decoder.layers.{i}.multihead_attn")
+        feed_forward_and_norms(f"transformer.decoder.layers.{i}", 3)
+    spec.norm("transformer.decoder.norm")
+    spec.linear("class_embed", spec.classes + 1)
+    spec.box_mlp("bbox_embed")
+    spec.tensor("query_embed.weight", spec.queries, spec.d)
+    spec.conv("input_proj", 512 if backbone in ("resnet18", "resnet34") else 2048, 1)
+    return spec.shapes
+
+
 def quick_official_state(spec: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """Weights of the shapes in `spec`, filled fast (seed 0): ones for the BN variances and scales,
     float32 noise scaled by the fan-in elsewhere (0.2 for matrices, 0.05 for vectors)."""

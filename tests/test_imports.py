@@ -319,7 +319,7 @@ LAYERS = [
     ("detr_lab.data",),
     ("detr_lab.models",),
     ("detr_lab.checkpoints", "detr_lab.visualize"),
-    ("detr_lab.engine", "detr_lab.export"),  # training / evaluation beside ONNX export
+    ("detr_lab.engine", "detr_lab.export", "detr_lab.zoo"),  # training / evaluation, ONNX export, model zoo
     ("detr_lab.predict", "detr_lab.benchmark"),  # what needs both engine and export
 ]
 # (importer, imported) -> why an earlier layer imports a later one.

@@ -1,6 +1,9 @@
 """Detect objects in images: `python tools/infer.py IMAGE|FOLDER [...] --checkpoint CKPT [--output-dir DIR]`.
 
-`--backend onnxruntime --model model.onnx` runs an exported model instead (CPU; export extra), and
+`--model NAME|FOLDER` runs a zoo model (e.g. `dino-4scale-r50`: downloaded once into
+`$DETR_LAB_CACHE_DIR`, hash checked, converted), a Hub-style model folder or a Hub repository id
+instead of a checkpoint. `--backend onnxruntime --model model.onnx` runs an exported model (CPU;
+export extra), and
 `--backend openvino --model model.xml` an OpenVINO IR. `--slice 640 --overlap 0.2` detects each image in
 overlapping 640-pixel windows merged class by class (small objects in large images; needs sahi).
 
@@ -28,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     add_backend_arguments(
-        parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)"
+        parser, checkpoint_help="detr_lab, Lightning or official DETR file (pytorch backend)", pretrained=True
     )
     parser.add_argument("--output-dir", default="detections", help="results folder (default detections/)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring >= this")
@@ -40,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slice-merge", choices=("nms", "nmm"),
                         help="with --slice: class-wise greedy non-maximum merging (default) or NMS")
     add_common_arguments(parser)
-    args = parse_backend_arguments(parser, argv)
+    args = parse_backend_arguments(parser, argv, pretrained=True)
     if args.slice is None and (args.overlap is not None or args.slice_merge is not None):
         parser.error("--overlap and --slice-merge set up --slice; add --slice PIXELS")
     args.overlap = 0.2 if args.overlap is None else args.overlap
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_inference(
             args.inputs,
-            args.checkpoint if args.backend == "pytorch" else args.model,
+            args.checkpoint if args.checkpoint is not None else args.model,
             output_dir=args.output_dir,
             score_threshold=args.score_threshold,
             device=args.device,
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             slice_size=args.slice,
             overlap=args.overlap,
             slice_merge=args.slice_merge,
+            pretrained=args.backend == "pytorch" and args.model is not None,
         )
         for failure in result.failed:
             print(f"failed: {failure['error']}")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from detr_lab.benchmark.machine import package_version
 from detr_lab.export.dependencies import require
+from detr_lab.export.ort_session import create_session
 from detr_lab.timer import ratio, summarize, time_interleaved
 
 
@@ -102,17 +103,10 @@ def op_type_counts(path: str | os.PathLike) -> dict[str, int]:
 
 
 def make_session(path: str | os.PathLike, threads: int | None, *, profile_prefix: str | None = None):
-    """A CPU `onnxruntime.InferenceSession` with `threads` intra-op threads (None: onnxruntime's
+    """A CPU `onnxruntime.InferenceSession` with detr_lab's settings (`detr_lab.export.ort_session`,
+    given to both graphs of a comparison alike), `threads` intra-op threads (None: onnxruntime's
     choice) and, with `profile_prefix`, onnxruntime's profiler on."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_session(path, threads=threads, profile_prefix=profile_prefix)
 
 
 def time_sessions(

@@ -54,20 +54,33 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, overrides: bool = T
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def add_backend_arguments(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
+def add_backend_arguments(
+    parser: argparse.ArgumentParser, *, checkpoint_help: str, pretrained: bool = False
+) -> None:
     """`--checkpoint`, `--backend pytorch|onnxruntime|openvino` and `--model` (an exported .onnx file, or
-    an OpenVINO .xml); check the command line with `parse_backend_arguments`."""
+    an OpenVINO .xml; with `pretrained`, also a zoo name, a Hub-style model folder or a Hub repository
+    id for the pytorch backend); check the command line with `parse_backend_arguments`."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"), default="pytorch",
                         help="pytorch (default), onnxruntime or openvino (an exported --model)")
-    parser.add_argument("--model", help="exported .onnx file (onnxruntime) or .xml IR (openvino)")
+    model_help = "exported .onnx file (onnxruntime) or .xml IR (openvino)"
+    if pretrained:
+        model_help = ("pytorch backend: a zoo name (e.g. dino-4scale-r50, downloaded once into "
+                      "$DETR_LAB_CACHE_DIR), a model folder or a Hub repo id; onnxruntime: an exported "
+                      ".onnx file; openvino: an .xml IR")
+    parser.add_argument("--model", help=model_help)
 
 
-def parse_backend_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def parse_backend_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, pretrained: bool = False
+) -> argparse.Namespace:
     """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
-    has a --checkpoint and no --model, and onnxruntime / openvino a --model and no --checkpoint."""
+    has a --checkpoint and no --model (with `pretrained`: exactly one of them), and onnxruntime /
+    openvino a --model and no --checkpoint."""
     args = parser.parse_args(argv)
-    if args.backend == "pytorch" and (args.checkpoint is None or args.model is not None):
+    if args.backend == "pytorch" and pretrained and (args.checkpoint is None) == (args.model is None):
+        parser.error("the pytorch backend needs --checkpoint FILE or --model NAME|FOLDER (one of them)")
+    if args.backend == "pytorch" and not pretrained and (args.checkpoint is None or args.model is not None):
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
         parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")

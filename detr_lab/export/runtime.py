@@ -21,6 +21,7 @@ from torch import Tensor
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
 from detr_lab.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from detr_lab.export.ort_session import create_session
 
 
 class OnnxInputError(ValueError):
@@ -123,18 +124,12 @@ class OnnxDetector(ExportedRuntime):
         providers: list[str] | None = None,
         threads: int | None = None,
     ) -> None:
-        ort = require("onnxruntime")
+        require("onnxruntime")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), options, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = create_session(self.path, threads=threads, providers=providers)
         except Exception as err:
             raise ValueError(f"{self.path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
         properties = self.session.get_modelmeta().custom_metadata_map

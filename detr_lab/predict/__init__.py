@@ -1,6 +1,8 @@
 """Prediction: a checkpoint or an exported ONNX model on images, over both `engine` and `export`.
 
-- `predictor.Predictor`: `from_checkpoint` (PyTorch) / `from_onnx` (onnxruntime), `predict(images)`;
+- `predictor.Predictor`: `from_checkpoint` (PyTorch) / `from_onnx` (onnxruntime) / `from_pretrained`
+  (a zoo name, a Hub-style model folder or a Hub repository id, through `detr_lab.zoo`),
+  `predict(images)`, `save_pretrained(folder)`;
 - `inputs.collect_images`: the image files a command line names (folders walked);
 - `infer.run_inference`: images -> `detections.json` + annotated copies (`tools/infer.py`), with
   `detections_file` holding the json's records and its periodic, atomic writer;

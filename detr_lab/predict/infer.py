@@ -3,6 +3,7 @@
     result = run_inference(["photos/"], "runs/demo/checkpoints/last.ckpt", output_dir="detections")
     result = run_inference(["a.jpg"], "model.onnx", backend="onnxruntime")
     result = run_inference(["big.jpg"], "model.xml", backend="openvino", slice_size=640, overlap=0.2)
+    result = run_inference(["a.jpg"], "dino-4scale-r50", pretrained=True)  # zoo name, model folder, Hub id
 
 See `detections_file` for the json; each annotated copy is a JPEG drawn by
 `detr_lab.visualize.draw.draw_detections`.
@@ -93,16 +94,20 @@ def run_inference(
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backend: str = "pytorch",
+    pretrained: bool = False,
     slice_size: int | None = None,
     overlap: float = 0.2,
     slice_merge: str = "nmm",
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
-    `checkpoint` is the model file: a checkpoint (backend "pytorch"), or an exported `.onnx` file
-    (backend "onnxruntime": CPU, no `config_path`, data overrides only), or an OpenVINO `.xml` IR
-    (backend "openvino", the same restrictions); all write the same outputs. With `slice_size`, each
-    image runs in overlapping `slice_size` windows merged class by class (`Predictor.predict`).
+    `checkpoint` is the model file: a checkpoint (backend "pytorch"), an exported `.onnx` file (backend
+    "onnxruntime": CPU, no `config_path`, data overrides only), or an OpenVINO `.xml` IR (backend
+    "openvino", the same restrictions); all write the same outputs.
+    With `pretrained`, `checkpoint` is what `Predictor.from_pretrained` takes instead: a zoo name, a
+    Hub-style model folder or a Hub repository id (pytorch backend, no `config_path`).
+    With `slice_size`, each image runs in overlapping `slice_size` windows merged class by class
+    (`Predictor.predict`).
 
     Every image that could be read has its detections in the json (see `detections_file`); an image
     that cannot be decoded or processed (truncated file, broken link in a folder...) is listed under
@@ -121,8 +126,12 @@ def run_inference(
         check_slicing(slice_size, overlap, slice_merge)
         slicing = {"slice_size": slice_size, "overlap": overlap, "slice_merge": slice_merge}
     found = collect_images(inputs)
+    if pretrained and (backend != "pytorch" or config_path is not None):
+        raise InputError("--model NAME|FOLDER runs on the pytorch backend and takes no --config")
     if backend != "pytorch":
         predictor = Predictor.from_exported(backend, checkpoint, overrides=overrides)
+    elif pretrained:
+        predictor = Predictor.from_pretrained(checkpoint, overrides=overrides, device=device)
     else:
         predictor = Predictor.from_checkpoint(
             checkpoint, config_path=config_path, overrides=overrides, device=device

@@ -3,6 +3,8 @@
     predictor = Predictor.from_checkpoint("runs/demo/checkpoints/last.ckpt")   # PyTorch, no Lightning
     predictor = Predictor.from_onnx("model.onnx")                               # or onnxruntime (CPU)
     predictor = Predictor.from_openvino("model.xml")                            # or OpenVINO (CPU)
+    predictor = Predictor.from_pretrained("dino-4scale-r50")  # zoo name, Hub-style folder or Hub repo id
+    predictor.save_pretrained("my-detector")                   # config.json, model.safetensors, README.md
     for detections in predictor.predict(["a.jpg", pil_image, rgb_array], score_threshold=0.5):
         detections["boxes"], detections["scores"], detections["category_ids"], detections["class_names"]
 
@@ -18,15 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from detr_lab.checkpoints import apply_overrides, load_checkpoint, load_state_exactly, split_model_overrides
+from detr_lab.checkpoints import (
+    LoadedCheckpoint,
+    apply_overrides,
+    load_checkpoint,
+    load_state_exactly,
+    split_model_overrides,
+)
 from detr_lab.config import Config, load_config
 from detr_lab.data.collate import pad_images
 from detr_lab.data.images import ImageInput, to_rgb_array
@@ -39,6 +48,7 @@ from detr_lab.export.runtime import ExportedRuntime
 from detr_lab.models.build import build_model, build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
 from detr_lab.predict.slicing import check_slicing, merge_detections, slice_windows
+from detr_lab.zoo import load_pretrained, save_pretrained
 
 _NO_BOXES, _NO_LABELS = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
 
@@ -48,9 +58,10 @@ class Predictor:
     """A model, its post-processing and its evaluation transform, ready for `predict`.
 
     `model` is an `nn.Module` detector (PyTorch backend) or an `OnnxDetector` (onnxruntime backend,
-    CPU); build one with `from_checkpoint` or `from_onnx`. With `optimize` (default) a PyTorch model
-    is rewritten in place by `optimize_for_inference` (same outputs, faster; not to be trained or
-    saved afterwards, and forward hooks see the rewritten modules).
+    CPU); build one with `from_checkpoint`, `from_pretrained` or `from_onnx`. With `optimize` (default)
+    a PyTorch model is rewritten in place by `optimize_for_inference` (same outputs, faster; not to be
+    trained or saved afterwards, and forward hooks see the rewritten modules; `save_pretrained` reads
+    the weights again through `reload`, which `from_checkpoint` and `from_pretrained` set).
     Raises:
         ValueError: an onnxruntime model with a device other than the CPU.
     """
@@ -61,6 +72,8 @@ class Predictor:
     class_names: list[str]
     device: torch.device
     optimize: bool = True
+    reload: Callable[[], LoadedCheckpoint] | None = None  # the model as loaded, before `optimize`
+    origin: dict[str, Any] = field(default_factory=dict)  # where it came from (folder, zoo entry, file)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, torch.nn.Module):
@@ -171,8 +184,92 @@ class Predictor:
             load_state_exactly(model, loaded.model.state_dict(), where)
         elif other_overrides:
             config = _apply_overrides(loaded.config, other_overrides)
+
+        def reload() -> LoadedCheckpoint:
+            again = load_checkpoint(path, overrides=model_overrides)
+            if config_path is None:
+                return LoadedCheckpoint(again.model, config, again.category_ids, again.class_names)
+            rebuilt = build_model(dataclasses.replace(config.model, backbone=backbone))
+            load_state_exactly(rebuilt, again.model.state_dict(), where)
+            return LoadedCheckpoint(rebuilt.eval(), config, again.category_ids, again.class_names)
+
         return cls(model, config, loaded.category_ids, loaded.class_names, resolve_device(device),
-                   optimize=optimize)
+                   optimize=optimize, reload=reload, origin={"checkpoint": str(path)})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        reference: str | os.PathLike,
+        *,
+        overrides: Sequence[str] = (),
+        device: str = "cpu",
+        optimize: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        mirror: str | os.PathLike | None = None,
+        revision: str | None = None,
+    ) -> Predictor:
+        """A zoo model, a Hub-style folder (`save_pretrained`) or a Hugging Face Hub repository.
+
+        Args:
+            reference: a folder with `config.json` and `model.safetensors`; else a zoo name
+                (`detr_lab.zoo.ZOO`, e.g. "dino-4scale-r50": its official file is downloaded once into
+                the cache, `$DETR_LAB_CACHE_DIR`, its hash checked and converted); else "owner/name", a
+                Hub repository fetched with `huggingface_hub.snapshot_download`.
+            overrides, device, optimize: as `from_checkpoint`.
+            cache_dir: the cache root (default `$DETR_LAB_CACHE_DIR`, else `~/.cache/detr_lab`).
+            mirror: a folder or base address holding zoo files under their names (default
+                `$DETR_LAB_ZOO_MIRROR`), for files published on pages only and offline machines.
+            revision: the Hub repository's branch, tag or commit.
+        Raises:
+            InputError: a reference that is none of these. DownloadError / HashMismatchError: a file
+            that cannot be fetched or does not match its hash (it is not kept). CheckpointError /
+            ConfigError: weights that do not convert or fit, a bad override.
+        """
+        loaded, origin = load_pretrained(reference, overrides, cache=cache_dir, mirror=mirror,
+                                         revision=revision)
+
+        def reload() -> LoadedCheckpoint:
+            return load_pretrained(reference, overrides, cache=cache_dir, mirror=mirror, revision=revision,
+                                   quiet=True)[0]
+
+        return cls(loaded.model, loaded.config, loaded.category_ids, loaded.class_names,
+                   resolve_device(device), optimize=optimize, reload=reload, origin=origin)
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        *,
+        evaluation: Mapping[str, Any] | None = None,
+        report: str | os.PathLike | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Write the model as a Hub-style folder (`detr_lab.zoo.save_pretrained`): `config.json`,
+        `model.safetensors`, a model card `README.md` (with `evaluation`, a metric -> value mapping, and
+        the files of an evaluation `report` file or folder, copied under `evaluation/`).
+
+        The weights are those loaded, before `optimize_for_inference` rewrote the model (read again
+        through `reload` where the model was optimized). `Predictor.from_pretrained(folder)` reads it.
+        Raises:
+            InputError: an onnxruntime predictor, or an optimized one without `reload`.
+            FileWriteError: a file cannot be written.
+        """
+        if self.backend != "pytorch":
+            raise InputError("save_pretrained needs a PyTorch model; an exported ONNX model cannot be saved "
+                             "as a model folder")
+        if self.optimize:
+            if self.reload is None:
+                raise InputError("this Predictor's model was rewritten by optimize_for_inference and it has "
+                                 "no reload; build it with optimize=False to save it")
+            loaded = self.reload()
+        else:
+            loaded = LoadedCheckpoint(self.model, self.config, self.category_ids, self.class_names)
+        loaded = LoadedCheckpoint(loaded.model, self.config, self.category_ids, self.class_names)
+        source = {key: value for key, value in self.origin.items()
+                  if key in ("zoo", "checkpoint", "folder", "hub", "url", "page", "repository",
+                             "sha256_prefix", "coco_ap", "filename", "config")}
+        license_id = self.origin.get("license")
+        return save_pretrained(folder, loaded, source=source, evaluation=evaluation, report=report,
+                               title=title, license_id=license_id)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One image (path, PIL image or uint8 array, see `to_rgb_array`) through the evaluation

@@ -54,16 +54,21 @@ def test_gather_matches_reference_float64_and_gradients(form):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
-def test_form_follows_the_samples_per_value_position():
-    from detr_lab.models.attention.kernels.gather import DIRECT_SAMPLES_PER_POSITION, choose_form
+def test_form_follows_the_samples_per_value_position_and_the_map_size():
+    from detr_lab.models.attention.kernels.gather import choose_form
 
     # RT-DETR's decoder at 640 x 640: 300 queries x 3 levels x 4 points over 8400 positions
     assert choose_form(8400, torch.Size((1, 300, 8, 3, 4, 2))) == "direct"
     # encoder self-attention: one query per position, 4 levels x 4 points each
     assert choose_form(8400, torch.Size((1, 8400, 8, 4, 4, 2))) == "pairs"
-    limit = int(DIRECT_SAMPLES_PER_POSITION * 100)
-    assert choose_form(100, torch.Size((1, limit, 8, 1, 1, 2))) == "direct"
-    assert choose_form(100, torch.Size((1, limit + 1, 8, 1, 1, 2))) == "pairs"
+    # at 8400 positions the limit is 2 samples per position: 16800 samples
+    assert choose_form(8400, torch.Size((1, 16800, 8, 1, 1, 2))) == "direct"
+    assert choose_form(8400, torch.Size((1, 16801, 8, 1, 1, 2))) == "pairs"
+    # D-FINE-N's decoder at 640 x 640: 300 queries x 2 levels x 6 points over 2000 positions (1.8 per
+    # position, over the limit of 2 * 2000 / 8400 = 0.48 there)
+    assert choose_form(2000, torch.Size((1, 300, 8, 2, 6, 2))) == "pairs"
+    assert choose_form(2000, torch.Size((1, 950, 8, 1, 1, 2))) == "direct"
+    assert choose_form(2000, torch.Size((1, 953, 8, 1, 1, 2))) == "pairs"
 
 
 def test_half_precision_runs_in_float32_in_both_forms():

@@ -10,13 +10,15 @@ outside the map) and summed by a batched `MatMul`. Two layouts, chosen from the 
   after the last token of each (image, head)), and each location reads two rows, one per image row
   (y0 and y0 + 1), each fetching the (x0, x0 + 1) pair. Two pair gathers took about 20% less CPU on
   onnxruntime than four single-pixel gathers at the Deformable DETR encoder shape.
-- "direct" (few samples per value position, e.g. a decoder's 300 queries over an 8400-token map):
-  the four neighbours are read straight from the projected value `[B, Lv, heads, dh]` seen as rows
-  (no copy of the map at all); building the pair layout would copy the whole map twice for few
-  samples. RT-DETR's decoder cross-attention at 640 x 640 on onnxruntime: 6.5 ms of CPU against
-  9.2 ms for pairs (GridSample 5.7 ms).
+- "direct" (few samples per value position over a large map, e.g. a decoder's 300 queries over an
+  8400-token map): the four neighbours are read straight from the projected value `[B, Lv, heads, dh]`
+  seen as rows (no copy of the map at all); building the pair layout would copy the whole map twice
+  for few samples. RT-DETR's decoder cross-attention at 640 x 640 on onnxruntime: 6.5 ms of CPU
+  against 9.2 ms for pairs (GridSample 5.7 ms). Over a small map the copy is cheap and the pairs'
+  fewer gathered rows win: D-FINE-N's decoder (2000 positions) 4.0 ms against 4.6 direct.
 
-`DIRECT_SAMPLES_PER_POSITION` sets the switch. Nothing in either form is a Python loop over levels or
+`choose_form` switches by the samples per position and the map length (`DIRECT_SAMPLES_PER_POSITION`,
+`REFERENCE_LENGTH`). Nothing in either form is a Python loop over levels or
 reads tensor values on the host, so a traced graph stays valid for every image size and batch size
 (`torch.onnx.export` with dynamic axes; the form is fixed at tracing), and both use only standard
 ONNX operators (Gather, Floor, MatMul, ...). Unlike ONNX `GridSample` they avoid TensorRT's
@@ -35,12 +37,18 @@ import warnings
 import torch
 from torch import Tensor
 
-# The "direct" form runs when a call has at most this many samples (queries x levels x points, per
-# head) per value position. Measured on onnxruntime (1 thread, 8 heads of width 32, 4 points) over
-# RT-DETR's 8400-position map at 640 x 640: 0.43 samples per position (300 queries) direct 6.5 ms
-# against pairs 9.2, 1.7 (1200 queries) 25 against 29, 4.3 (3000 queries) 60 against 53, and at a
-# Deformable DETR encoder shape (16 per position) 92 against 81.
+# The "direct" form runs when a call has at most DIRECT_SAMPLES_PER_POSITION * length / REFERENCE_LENGTH
+# samples (queries x levels x points, per head) per value position: the pair layout's copy of the map
+# costs more, relative to the gathers it saves, the larger the map. Measured on onnxruntime (1 thread,
+# 8 heads) in CPU time per call, direct against pairs:
+# - 8400 positions (RT-DETR at 640 x 640, head width 32, 3 levels x 4 points): 0.43 samples per
+#   position (300 queries) 6.5 ms against 9.2, 1.7 (1200 queries) 25 against 29, 4.3 (3000 queries) 60
+#   against 53, and at a Deformable DETR encoder shape (16 per position) 92 against 81;
+# - 2000 positions (D-FINE-N at 640 x 640, 40x40 and 20x20 levels x 6 points): head width 16, 0.6
+#   samples per position (100 queries) 1.80 against 1.72, 1.0 (170) 3.1 against 2.6, 1.8 (300) 4.6
+#   against 4.0; head width 32, 1.8 (300) 5.7 against 5.2, 3.6 (600) 10.5 against 9.6.
 DIRECT_SAMPLES_PER_POSITION = 2.0
+REFERENCE_LENGTH = 8400
 
 
 def ms_deform_attn_core_gather(
@@ -61,8 +69,8 @@ def ms_deform_attn_core_gather(
         sampling_locations: `[B, Lq, heads, L, P, 2]`, normalized (x, y) over each level, (0, 0) the
             top-left corner of the map; samples outside read zeros.
         attention_weights: `[B, Lq, heads, L, P]`.
-        form: "pairs" or "direct" (see the module docstring); None chooses by
-            `DIRECT_SAMPLES_PER_POSITION`.
+        form: "pairs" or "direct" (see the module docstring); None chooses by the map length and
+            the samples per position (`choose_form`).
 
     Returns:
         `[B, Lq, heads*dh]` in `value`'s dtype (half precision is computed in float32, as the reference).
@@ -89,14 +97,16 @@ def ms_deform_attn_core_gather(
 
 
 def choose_form(length: int, locations_shape: torch.Size) -> str:
-    """"direct" when the call has at most `DIRECT_SAMPLES_PER_POSITION` samples per value position,
-    else "pairs". Under tracing the choice is fixed in the graph (either form is exact at every size;
-    only the speed depends on it), so the tracer's warning about it is silenced."""
+    """"direct" when the call has at most `DIRECT_SAMPLES_PER_POSITION * length / REFERENCE_LENGTH`
+    samples per value position (per head), i.e. at most `2 * length**2 / 8400` samples, else "pairs".
+    Under tracing the choice is fixed in the graph (either form is exact at every size; only the speed
+    depends on it), so the tracer's warning about it is silenced."""
     _, num_queries, _, num_levels, num_points, _ = locations_shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        direct = bool(num_queries * num_levels * num_points <= DIRECT_SAMPLES_PER_POSITION * length)
-    return "direct" if direct else "pairs"
+        samples = int(num_queries * num_levels * num_points)
+        limit = DIRECT_SAMPLES_PER_POSITION * int(length) * int(length) / REFERENCE_LENGTH
+    return "direct" if samples <= limit else "pairs"
 
 
 def _pixel_coordinates(
