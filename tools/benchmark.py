@@ -10,6 +10,8 @@ Models are built with random weights (no downloads). By default each figure is m
 fast path and the straightforward reference path in the same run, and the table shows the ratio
 fast / reference of the median wall times (and of the CPU times). `fast_bf16` (opt-in) is the fast
 path under bfloat16 autocast; its outputs differ from the float32 ones (the JSON says by how much).
+`onnxruntime`, `openvino`, `onnxruntime_int8`, `openvino_int8` (opt-in, CPU inference, export extra)
+time the model exported at each case's size (INT8: calibrated on the timed batch, latency only).
 `--all` takes every model config directly under configs/ except the demo ones (`demo*.yaml`). See
 `detr_lab.benchmark` for what each mode and figure means. Prints the table and writes the full
 report (every run's time, machine description, load average) as JSON.

@@ -4,7 +4,7 @@ The model comes from the checkpoint (detr_lab, Lightning or official DETR); the 
 dataset, whose validation split is evaluated, or its test split (`--split test`), or any COCO
 annotation file with its images (`--annotations FILE --images DIR`). `--set model.*=...` overrides
 reach the model. `--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU;
-needs the export extra), with the same batches.
+needs the export extra), with the same batches; `--backend openvino --model model.xml` an OpenVINO IR.
 Prints one summary line (AP, AP50, AP75, APs/m/l, AR100) and the per-class table (the 12-line COCOeval
 table too with --verbose); writes the COCO results json (original category ids) and a report folder:
 per-class AP / AP50 / AR100 CSV, a confusion matrix with background (CSV, PNG), PR curves per class.
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             options=options,
         )
-        if args.backend == "onnxruntime":
+        if args.backend in ("onnxruntime", "openvino"):
             if args.device not in ("auto", "cpu"):
-                raise ValueError(f"--backend onnxruntime runs on the CPU; got --device {args.device}")
-            result = evaluate_onnx(args.config, args.model, **common)
+                raise ValueError(f"--backend {args.backend} runs on the CPU; got --device {args.device}")
+            result = evaluate_onnx(args.config, args.model, backend=args.backend, **common)
         else:
             result = evaluate_checkpoint(args.config, args.checkpoint, device=args.device, **common)
         print(summary_line(result.stats, result.num_images, result.split))

@@ -3,7 +3,9 @@
 `--model NAME|FOLDER` runs a zoo model (e.g. `dino-4scale-r50`: downloaded once into
 `$DETR_LAB_CACHE_DIR`, hash checked, converted), a Hub-style model folder or a Hub repository id
 instead of a checkpoint. `--backend onnxruntime --model model.onnx` runs an exported model (CPU;
-export extra).
+export extra), and
+`--backend openvino --model model.xml` an OpenVINO IR. `--slice 640 --overlap 0.2` detects each image in
+overlapping 640-pixel windows merged class by class (small objects in large images; needs sahi).
 
 Writes `<output-dir>/detections.json` (per image: boxes as absolute x1, y1, x2, y2 pixels, score,
 category id, class name) and an annotated JPEG copy of each image (`--no-images`: the json only).
@@ -45,8 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--config", help="YAML whose model must fit the checkpoint")
     add_print_config_argument(parser)
+    parser.add_argument("--slice", type=int, metavar="PIXELS", help="sliced inference: window side in pixels")
+    parser.add_argument("--overlap", type=float, help="with --slice: window overlap (default 0.2)")
+    parser.add_argument("--slice-merge", choices=("nms", "nmm"),
+                        help="with --slice: class-wise greedy non-maximum merging (default) or NMS")
     add_common_arguments(parser)
-    return parse_backend_arguments(parser, argv, pretrained=True)
+    args = parse_backend_arguments(parser, argv, pretrained=True)
+    if args.slice is None and (args.overlap is not None or args.slice_merge is not None):
+        parser.error("--overlap and --slice-merge set up --slice; add --slice PIXELS")
+    args.overlap = 0.2 if args.overlap is None else args.overlap
+    args.slice_merge = args.slice_merge or "nmm"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config,
             overrides=args.overrides,
             backend=args.backend,
+            slice_size=args.slice,
+            overlap=args.overlap,
+            slice_merge=args.slice_merge,
             pretrained=args.backend == "pytorch" and args.model is not None,
             draw=not args.no_images,
             progress=False if args.no_progress else None,  # a bar on a terminal

@@ -20,6 +20,9 @@ the same weights:
 - "onnxruntime" (only when asked for; export extra): the model exported to ONNX at the case's fixed
   size (`detr_lab.export`, gather deformable core) and run by onnxruntime on the CPU with
   `threads` intra-op threads; no breakdown.
+- "openvino", "onnxruntime_int8", "openvino_int8" (only when asked for; export extra): the same export
+  converted to OpenVINO IR (FP32), or quantized to INT8 (onnxruntime static QDQ / NNCF, calibrated on
+  the timed batch: latency only), run on the CPU with `threads` threads; no breakdown.
 - "fast_bf16" (only when asked for): "fast" under `torch.autocast(dtype=torch.bfloat16)`. Not a
   drop-in replacement: outputs move (DETR-R50 with random weights: about 2e-2 on the logits, 1e-3
   on the normalized boxes; a two-stage model may select other proposals altogether). Each inference
@@ -77,14 +80,20 @@ from detr_lab.benchmark.measure import (
 )
 from detr_lab.benchmark.report import format_table
 from detr_lab.config import Config, load_config
-from detr_lab.export.timing import onnxruntime_call
+from detr_lab.export.timing import exported_call, onnxruntime_call
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 from detr_lab.timer import ratio, summarize, synchronize, time_interleaved
 
-MODES = ("fast", "reference", "fast_bf16", "onnxruntime")
+MODES = ("fast", "reference", "fast_bf16", "onnxruntime", "openvino", "onnxruntime_int8", "openvino_int8")
+EXPORTED_MODES = {  # mode -> (runtime, int8)
+    "onnxruntime": ("onnxruntime", False),
+    "openvino": ("openvino", False),
+    "onnxruntime_int8": ("onnxruntime", True),
+    "openvino_int8": ("openvino", True),
+}
 DEFAULT_MODES = ("fast", "reference")
 TASKS = ("inference", "train_step")
 
@@ -278,7 +287,7 @@ def models_for(base: nn.Module, task: str, modes: Sequence[str]) -> dict[str, nn
         model = copy.deepcopy(base)
         if mode == "reference":
             use_reference_paths(model)
-        elif mode == "onnxruntime":
+        elif mode in EXPORTED_MODES:
             pass  # exported as built (the export picks its own attention paths)
         elif task == "inference":
             optimize_for_inference(model)
@@ -374,6 +383,12 @@ def measure_case(
             if task != "inference" or device.type != "cpu":
                 raise ValueError("the onnxruntime mode measures CPU inference only")
             calls[mode] = onnxruntime_call(model, cfg, images, padding_mask, threads=settings.threads)
+        elif mode in EXPORTED_MODES:
+            if task != "inference" or device.type != "cpu":
+                raise ValueError(f"the {mode} mode measures CPU inference only")
+            runtime, int8 = EXPORTED_MODES[mode]
+            calls[mode] = exported_call(model, cfg, images, padding_mask, runtime=runtime, int8=int8,
+                                        threads=settings.threads)
         elif task == "inference":
             calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)
         else:
@@ -402,7 +417,7 @@ def measure_case(
             "cpu_s": summarize(times[mode]["cpu"]),
             "memory": measure_peak_memory(keep_outputs, device),
         }
-        if settings.breakdown and task == "inference" and mode != "onnxruntime":
+        if settings.breakdown and task == "inference" and mode not in EXPORTED_MODES:
             result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
     if "reference" in models:
         flops_model = models["reference"]

@@ -64,6 +64,8 @@ def describe_machine(device: str | torch.device = "cpu") -> dict:
         "torchvision": torchvision.__version__,
         "triton": package_version("triton"),
         "onnxruntime": package_version("onnxruntime"),
+        "openvino": package_version("openvino"),
+        "nncf": package_version("nncf"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": load_average(),

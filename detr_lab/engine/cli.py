@@ -82,17 +82,17 @@ def print_config(config: str | None, overrides: list[str] | tuple[str, ...] = ()
 def add_backend_arguments(
     parser: argparse.ArgumentParser, *, checkpoint_help: str, pretrained: bool = False
 ) -> None:
-    """`--checkpoint`, `--backend pytorch|onnxruntime` and `--model` (an exported .onnx file; with
-    `pretrained`, also a zoo name, a Hub-style model folder or a Hub repository id for the pytorch
-    backend); check the command line with `parse_backend_arguments`."""
+    """`--checkpoint`, `--backend pytorch|onnxruntime|openvino` and `--model` (an exported .onnx file, or
+    an OpenVINO .xml; with `pretrained`, also a zoo name, a Hub-style model folder or a Hub repository
+    id for the pytorch backend); check the command line with `parse_backend_arguments`."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
-                        help="pytorch (default) or onnxruntime (an exported --model)")
-    model_help = "exported .onnx file (onnxruntime backend)"
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"), default="pytorch",
+                        help="pytorch (default), onnxruntime or openvino (an exported --model)")
+    model_help = "exported .onnx file (onnxruntime) or .xml IR (openvino)"
     if pretrained:
         model_help = ("pytorch backend: a zoo name (e.g. dino-4scale-r50, downloaded once into "
                       "$DETR_LAB_CACHE_DIR), a model folder or a Hub repo id; onnxruntime: an exported "
-                      ".onnx file")
+                      ".onnx file; openvino: an .xml IR")
     parser.add_argument("--model", help=model_help)
 
 
@@ -100,8 +100,8 @@ def parse_backend_arguments(
     parser: argparse.ArgumentParser, argv: list[str] | None, *, pretrained: bool = False
 ) -> argparse.Namespace:
     """`parser.parse_args(argv)`, exiting through `parser.error` (status 2) unless the pytorch backend
-    has a --checkpoint and no --model (with `pretrained`: exactly one of them), and onnxruntime a
-    --model and no --checkpoint."""
+    has a --checkpoint and no --model (with `pretrained`: exactly one of them), and onnxruntime /
+    openvino a --model and no --checkpoint."""
     args = parser.parse_args(argv)
     if getattr(args, "print_config", False):
         return args  # no model needed to print the config
@@ -111,6 +111,8 @@ def parse_backend_arguments(
         parser.error("the pytorch backend needs --checkpoint (and no --model)")
     if args.backend == "onnxruntime" and (args.model is None or args.checkpoint is not None):
         parser.error("--backend onnxruntime needs --model model.onnx (and no --checkpoint)")
+    if args.backend == "openvino" and (args.model is None or args.checkpoint is not None):
+        parser.error("--backend openvino needs --model model.xml (and no --checkpoint)")
     return args
 
 

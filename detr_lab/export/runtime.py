@@ -28,53 +28,30 @@ class OnnxInputError(ValueError):
     """A batch that a fixed-size ONNX model cannot take (larger than its traced size)."""
 
 
-class OnnxDetector:
-    """An exported detector run by onnxruntime on the CPU (or the given execution providers).
+class ExportedRuntime:
+    """What the exported-model runtimes share: the PyTorch model's call contract over a `run` of numpy
+    arrays, and the padding of batches to a fixed-size export's traced size.
 
-    Args:
-        path: an `.onnx` file written by `detr_lab.export.export_onnx` (it carries the metadata).
-        providers: onnxruntime execution providers (default `["CPUExecutionProvider"]`).
-        threads: intra-op threads (default: onnxruntime's choice, one per core).
-    Raises:
-        FileNotFoundError: no such file. MetadataError: not a detr_lab export.
-        MissingExtraError: onnxruntime is not installed.
+    Subclasses set `path` (the model file), `metadata` (`ExportMetadata`) and `backend` (its name), and
+    implement `run`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        providers: list[str] | None = None,
-        threads: int | None = None,
-    ) -> None:
-        require("onnxruntime")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        try:
-            self.session = create_session(self.path, threads=threads, providers=providers)
-        except Exception as err:
-            raise ValueError(f"{self.path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
-        properties = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = ExportMetadata.from_properties(dict(properties), str(self.path))
-        names = [item.name for item in self.session.get_inputs()]
-        if names != list(INPUT_NAMES):
-            raise ValueError(f"{self.path}: inputs {names}, expected {list(INPUT_NAMES)}")
-
-    # the nn.Module calls the evaluation code makes on a model
-    def eval(self) -> OnnxDetector:
-        return self
-
-    def to(self, device: torch.device | str) -> OnnxDetector:
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"the onnxruntime backend takes CPU tensors; device '{device}' was requested")
-        return self
+    path: Path
+    metadata: ExportMetadata
+    backend = "exported"
 
     def run(self, images: np.ndarray, padding_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One session call: float32 `[B, 3, H, W]`, bool `[B, H, W]` -> (logits, boxes) arrays."""
-        feed = {"images": images, "padding_mask": padding_mask}
-        logits, boxes = self.session.run(list(OUTPUT_NAMES), feed)
-        return logits, boxes
+        """One runtime call: float32 `[B, 3, H, W]`, bool `[B, H, W]` -> (logits, boxes) arrays."""
+        raise NotImplementedError
+
+    # the nn.Module calls the evaluation code makes on a model
+    def eval(self) -> ExportedRuntime:
+        return self
+
+    def to(self, device: torch.device | str) -> ExportedRuntime:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the {self.backend} backend takes CPU tensors; device '{device}' was requested")
+        return self
 
     def __call__(self, images: Tensor, padding_mask: Tensor) -> dict[str, Tensor]:
         """Detect objects in a padded batch.
@@ -124,3 +101,45 @@ class OnnxDetector:
             logits.append(chunk_logits[:count])
             boxes.append(chunk_boxes[:count])
         return np.concatenate(logits), np.concatenate(boxes)
+
+
+class OnnxDetector(ExportedRuntime):
+    """An exported detector run by onnxruntime on the CPU (or the given execution providers).
+
+    Args:
+        path: an `.onnx` file written by `detr_lab.export.export_onnx` (it carries the metadata).
+        providers: onnxruntime execution providers (default `["CPUExecutionProvider"]`).
+        threads: intra-op threads (default: onnxruntime's choice, one per core).
+    Raises:
+        FileNotFoundError: no such file. MetadataError: not a detr_lab export.
+        MissingExtraError: onnxruntime is not installed.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        require("onnxruntime")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        try:
+            self.session = create_session(self.path, threads=threads, providers=providers)
+        except Exception as err:
+            raise ValueError(f"{self.path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
+        properties = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ExportMetadata.from_properties(dict(properties), str(self.path))
+        names = [item.name for item in self.session.get_inputs()]
+        if names != list(INPUT_NAMES):
+            raise ValueError(f"{self.path}: inputs {names}, expected {list(INPUT_NAMES)}")
+
+    def run(self, images: np.ndarray, padding_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One session call: float32 `[B, 3, H, W]`, bool `[B, H, W]` -> (logits, boxes) arrays."""
+        feed = {"images": images, "padding_mask": padding_mask}
+        logits, boxes = self.session.run(list(OUTPUT_NAMES), feed)
+        return logits, boxes

@@ -1,6 +1,7 @@
-"""Accuracy proof of an export: the ONNX model under onnxruntime against the PyTorch model.
+"""Accuracy proof of an export: the exported model (onnxruntime or OpenVINO) against the PyTorch model.
 
     report = verify_onnx(model, "model.onnx", config=cfg)   # cfg: validation images too (optional)
+    report = verify_runtime(model, OpenVinoDetector("model.xml"), config=cfg)   # any ExportedRuntime
     print(report.text()); assert report.passed
 
 Both models see the same batches: random normalized images of random sizes, padded to the batch's
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from detr_lab.config import Config
 from detr_lab.data.datamodule import DetectionDataModule
-from detr_lab.export.runtime import OnnxDetector, OnnxInputError
+from detr_lab.export.runtime import ExportedRuntime, OnnxDetector, OnnxInputError
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -37,6 +38,7 @@ class VerifyCase:
 class VerifyReport:
     tolerance: float
     cases: list[VerifyCase] = field(default_factory=list)
+    backend: str = "onnxruntime"  # the runtime compared with PyTorch
 
     @property
     def logits_diff(self) -> float:
@@ -58,7 +60,7 @@ class VerifyReport:
         ]
         verdict = "PASSED" if self.passed else "FAILED"
         lines.append(
-            f"verify {verdict}: max |onnxruntime - PyTorch| over {len(self.cases)} batches: "
+            f"verify {verdict}: max |{self.backend} - PyTorch| over {len(self.cases)} batches: "
             f"logits {self.logits_diff:.3g}, boxes {self.boxes_diff:.3g} (tolerance {self.tolerance:g})"
         )
         return "\n".join(lines)
@@ -113,9 +115,27 @@ def verify_onnx(
     Returns:
         a `VerifyReport` (`passed`, per-batch differences, `text()`).
     """
-    detector = OnnxDetector(onnx_path)
+    return verify_runtime(
+        model, OnnxDetector(onnx_path), config=config, num_random=num_random,
+        num_val_batches=num_val_batches, size_range=size_range, tolerance=tolerance, seed=seed,
+    )
+
+
+def verify_runtime(
+    model: nn.Module,
+    detector: ExportedRuntime,
+    *,
+    config: Config | None = None,
+    num_random: int = 3,
+    num_val_batches: int = 2,
+    size_range: tuple[int, int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> VerifyReport:
+    """`verify_onnx` for a loaded runtime (`OnnxDetector`, `OpenVinoDetector`): the same batches, the
+    same report (its `backend` names the runtime)."""
     model = model.eval()
-    report = VerifyReport(tolerance)
+    report = VerifyReport(tolerance, backend=detector.backend)
     generator = torch.Generator().manual_seed(seed)
     traced = detector.metadata.traced_size
     augment = detector.metadata.config.data.augment
@@ -148,7 +168,7 @@ def verify_onnx(
 
 
 @torch.no_grad()
-def _compare(model: nn.Module, detector: OnnxDetector, images: Tensor, padding_mask: Tensor, what: str):
+def _compare(model: nn.Module, detector: ExportedRuntime, images: Tensor, padding_mask: Tensor, what: str):
     traced = detector.metadata.traced_size
     if traced is not None and tuple(images.shape[2:]) != tuple(traced[1:]):
         # both models see the batch padded to the fixed export size (the ONNX runtime would pad it)
@@ -171,7 +191,7 @@ def _compare(model: nn.Module, detector: OnnxDetector, images: Tensor, padding_m
     )
 
 
-def _validation_batches(config: Config, detector: OnnxDetector, count: int):
+def _validation_batches(config: Config, detector: ExportedRuntime, count: int):
     cfg = dataclasses.replace(config, model=detector.metadata.config.model)
     datamodule = DetectionDataModule(cfg, category_ids=detector.metadata.category_ids)
     datamodule.prepare_data()

@@ -2,6 +2,7 @@
 
     result = run_inference(["photos/"], "runs/demo/checkpoints/last.ckpt", output_dir="detections")
     result = run_inference(["a.jpg"], "model.onnx", backend="onnxruntime")
+    result = run_inference(["big.jpg"], "model.xml", backend="openvino", slice_size=640, overlap=0.2)
     result = run_inference(["a.jpg"], "dino-4scale-r50", pretrained=True)  # zoo name, model folder, Hub id
 
 See `detections_file` for the json; each annotated copy is a JPEG drawn by
@@ -32,9 +33,10 @@ from detr_lab.predict.detections_file import (
 )
 from detr_lab.predict.inputs import collect_images
 from detr_lab.predict.predictor import Predictor
+from detr_lab.predict.slicing import check_slicing
 from detr_lab.visualize.draw import draw_detections, save_picture
 
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -72,17 +74,20 @@ def annotated_names(paths: Sequence[Path], output_dir: Path) -> dict[Path, str]:
     return names
 
 
-def _predict_each(predictor: Predictor, group: list[tuple[Path, np.ndarray]], score_threshold: float):
+def _predict_each(predictor: Predictor, group: list[tuple[Path, np.ndarray]], score_threshold: float,
+                  slicing: dict | None = None):
     """(path, image, detection or None, failure or None) per image: the group in one batch, or, if the
-    batch fails, each image alone so that one bad image does not take the others with it."""
+    batch fails, each image alone so that one bad image does not take the others with it. `slicing`:
+    `Predictor.predict`'s slicing arguments (each image then runs in windows)."""
     try:
-        detections = predictor.predict([image for _, image in group], score_threshold=score_threshold)
+        detections = predictor.predict([image for _, image in group], score_threshold=score_threshold,
+                                       **(slicing or {}))
         return [(path, image, det, None) for (path, image), det in zip(group, detections, strict=True)]
     except Exception as err:
         if len(group) == 1:
             path, image = group[0]
             return [(path, image, None, failure_record(path, err))]
-    return [row for item in group for row in _predict_each(predictor, [item], score_threshold)]
+    return [row for item in group for row in _predict_each(predictor, [item], score_threshold, slicing)]
 
 
 def _check_arguments(
@@ -93,9 +98,9 @@ def _check_arguments(
     if not 0.0 <= score_threshold <= 1.0:
         raise InputError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     if backend not in BACKENDS:
-        raise InputError(f"--backend must be pytorch or onnxruntime, got {backend!r}")
-    if backend == "onnxruntime" and (config_path is not None or device not in ("cpu", "auto")):
-        raise InputError("--backend onnxruntime takes no --config (the model is fixed) and runs on the CPU")
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "pytorch" and (config_path is not None or device not in ("cpu", "auto")):
+        raise InputError(f"--backend {backend} takes no --config (the model is fixed) and runs on the CPU")
 
 
 def run_inference(
@@ -112,13 +117,19 @@ def run_inference(
     pretrained: bool = False,
     draw: bool = True,
     progress: bool | None = False,
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+    slice_merge: str = "nmm",
 ) -> InferenceResult:
     """Detect objects in images; write `<output_dir>/detections.json` and an annotated JPEG per image.
 
-    `checkpoint` is the model file: a checkpoint (backend "pytorch"), or an exported `.onnx` file
-    (backend "onnxruntime": CPU, no `config_path`, data overrides only); both write the same outputs.
+    `checkpoint` is the model file: a checkpoint (backend "pytorch"), an exported `.onnx` file (backend
+    "onnxruntime": CPU, no `config_path`, data overrides only), or an OpenVINO `.xml` IR (backend
+    "openvino", the same restrictions); all write the same outputs.
     With `pretrained`, `checkpoint` is what `Predictor.from_pretrained` takes instead: a zoo name, a
     Hub-style model folder or a Hub repository id (pytorch backend, no `config_path`).
+    With `slice_size`, each image runs in overlapping `slice_size` windows merged class by class
+    (`Predictor.predict`).
 
     Every image that could be read has its detections in the json (see `detections_file`); an image
     that cannot be decoded or processed (truncated file, broken link in a folder...) is listed under
@@ -138,14 +149,18 @@ def run_inference(
         CheckpointError / ConfigError: a checkpoint that does not fit the config.
     """
     _check_arguments(batch_size, score_threshold, backend, config_path, device)
+    slicing = None
+    if slice_size is not None:
+        check_slicing(slice_size, overlap, slice_merge)
+        slicing = {"slice_size": slice_size, "overlap": overlap, "slice_merge": slice_merge}
     found = collect_images(inputs)
     if pretrained and (backend != "pytorch" or config_path is not None):
         raise InputError("--model NAME|FOLDER runs on the pytorch backend and takes no --config")
     output_dir = Path(output_dir)
     # refuses to write over an input image (no pictures with draw=False: nothing to refuse)
     names = annotated_names(found.paths, output_dir) if draw else {}
-    if backend == "onnxruntime":
-        predictor = Predictor.from_onnx(checkpoint, overrides=overrides)
+    if backend != "pytorch":
+        predictor = Predictor.from_exported(backend, checkpoint, overrides=overrides)
     elif pretrained:
         predictor = Predictor.from_pretrained(checkpoint, overrides=overrides, device=device)
     else:
@@ -170,7 +185,8 @@ def run_inference(
                 except DatasetError as err:  # missing since listed, truncated, not an image
                     writer.failed.append(failure_record(path, err))
             for group in same_size_groups(decoded, predictor.config.data.augment):
-                for path, image, detection, failure in _predict_each(predictor, group, score_threshold):
+                rows = _predict_each(predictor, group, score_threshold, slicing)
+                for path, image, detection, failure in rows:
                     if failure is not None:
                         writer.failed.append(failure)
                         continue

@@ -1,6 +1,8 @@
-"""COCO mAP of an exported ONNX model run by onnxruntime (`tools/eval.py --backend onnxruntime`).
+"""COCO mAP of an exported model run by onnxruntime or OpenVINO (`tools/eval.py --backend onnxruntime`
+or `--backend openvino`).
 
     result = evaluate_onnx("configs/detr_r50.yaml", "detr-r50.onnx")   # needs the export extra
+    result = evaluate_onnx("configs/detr_r50.yaml", "detr-r50.xml", backend="openvino")
 
 The counterpart of `detr_lab.engine.evaluate.evaluate_checkpoint`: the same validation batches and
 `evaluate_model`, with the model, classes and category ids from the ONNX file's metadata.
@@ -18,7 +20,7 @@ from detr_lab.checkpoints import split_model_overrides
 from detr_lab.config import load_config
 from detr_lab.engine.evaluate import EvalOptions, EvaluationResult, evaluate_model, evaluation_data
 from detr_lab.errors import InputError
-from detr_lab.export.runtime import OnnxDetector
+from detr_lab.export.backends import open_runtime
 
 
 def evaluate_onnx(
@@ -31,8 +33,10 @@ def evaluate_onnx(
     progress: bool = True,
     threads: int | None = None,
     options: EvalOptions | None = None,
+    backend: str = "onnxruntime",
 ) -> EvaluationResult:
-    """`evaluate_checkpoint` for an exported ONNX model, run by onnxruntime on the CPU.
+    """`evaluate_checkpoint` for an exported model, run by onnxruntime (an `.onnx` file) or OpenVINO
+    (`backend="openvino"`, an `.xml` IR) on the CPU.
 
     The model config, classes and category ids come from the ONNX file's metadata (see
     `detr_lab.export`); the YAML gives the dataset. Validation batches are the PyTorch path's
@@ -42,11 +46,12 @@ def evaluate_onnx(
             exported graph is fixed).
         output: the COCO results json (default: `default_results_path` of the ONNX file).
         batch_size: images per forward pass (default `data.batch_size`).
-        threads: onnxruntime intra-op threads (default: one per core).
+        threads: runtime threads (default: the runtime's choice, one per core).
         options: the split or annotation file, the COCO backend, the report (see `EvalOptions`).
+        backend: "onnxruntime" or "openvino".
     Raises:
-        InputError: a `model.*` override. FileNotFoundError: no such ONNX file. MissingExtraError:
-        onnxruntime missing. MetadataError: an ONNX file not written by detr_lab's export.
+        InputError: a `model.*` override. FileNotFoundError: no such model file. MissingExtraError:
+        the runtime missing. MetadataError: a file not written by detr_lab's export.
     """
     options = options or EvalOptions()
     model_overrides, data_overrides = split_model_overrides(overrides)
@@ -55,7 +60,7 @@ def evaluate_onnx(
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
     cfg = evaluation_data(load_config(config_path, data_overrides), options)
-    detector = OnnxDetector(model_path, threads=threads)
+    detector = open_runtime(backend, model_path, threads=threads)
     cfg = dataclasses.replace(cfg, model=detector.metadata.config.model)
     return evaluate_model(
         cfg, detector, detector.metadata.category_ids, torch.device("cpu"), output=output, progress=progress,

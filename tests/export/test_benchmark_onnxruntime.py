@@ -39,3 +39,20 @@ def test_onnxruntime_mode_refuses_the_training_step():
     )
     with pytest.raises(ValueError, match="onnxruntime mode measures CPU inference only"):
         run_benchmark(["configs/deformable.yaml"], settings)
+
+
+@pytest.mark.slow  # export, conversion, quantization + timed runs
+def test_openvino_and_int8_modes_time_their_models():
+    pytest.importorskip("openvino", reason="the export extra (openvino) is not installed")
+    settings = BenchmarkSettings(
+        sizes=[(64, 96)], batch_sizes=[1], tasks=["inference"],
+        modes=["reference", "openvino", "onnxruntime_int8"], runs=1, warmup=1, threads=1, overrides=TINY,
+    )
+    report = run_benchmark(["configs/detr_r50.yaml"], settings)
+    case = report["models"][0]["cases"][0]
+    openvino = case["modes"]["openvino"]["max_abs_difference"]
+    assert openvino["pred_logits"] <= 1e-4 and openvino["pred_boxes"] <= 1e-4  # FP32 IR
+    int8 = case["modes"]["onnxruntime_int8"]
+    assert int8["wall_s"]["median"] > 0 and int8["max_abs_difference"]["pred_logits"] > 1e-6  # quantized
+    text = format_report(report)
+    assert "openvino" in text and "onnxruntime_int8" in text
