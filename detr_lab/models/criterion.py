@@ -30,14 +30,21 @@ from detr_lab.models.queries.denoising import DenoisingLayout
 DEFAULT_WEIGHTS = {"class_weight": 1.0, "bbox_weight": 5.0, "giou_weight": 2.0}
 
 
-def average_num_boxes(targets: list[dict], device: torch.device) -> float:
-    """Target boxes per process (averaged across processes when distributed), at least 1."""
-    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world_size = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num_boxes)
-        world_size = dist.get_world_size()
-    return torch.clamp(num_boxes / world_size, min=1).item()
+def average_count(count: int, device: torch.device) -> float | Tensor:
+    """`count` averaged over the processes, at least 1: a float on one process (counted on the host, no
+    synchronization), a 0-d float32 tensor on `device` when distributed (all-reduced there and left on
+    the device, so that no process waits to read it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(float(count), 1.0)
+    total = torch.tensor([float(count)], device=device)
+    dist.all_reduce(total)
+    return torch.clamp(total / dist.get_world_size(), min=1)[0]
+
+
+def average_num_boxes(targets: list[dict], device: torch.device) -> float | Tensor:
+    """Target boxes per process (averaged across processes when distributed), at least 1; see
+    `average_count` for the type."""
+    return average_count(sum(len(t["labels"]) for t in targets), device)
 
 
 def select_terms(terms: Sequence[str]) -> dict[str, LossTerm]:
@@ -155,7 +162,7 @@ class SetCriterion(nn.Module):
         self,
         outputs: dict,
         targets: list[dict],
-        num_boxes: float,
+        num_boxes: float | Tensor,
         *,
         log: bool,
         indices: Indices | None = None,
@@ -207,7 +214,7 @@ class SetCriterion(nn.Module):
         group: PredictionGroup,
         outputs: dict,
         targets: list[dict],
-        num_boxes: float,
+        num_boxes: float | Tensor,
         union: tuple[Indices, float, dict, dict] | None = None,
     ) -> dict[str, Tensor]:
         """The terms of one declared group, suffixed; zeros when a denoising group has no predictions
@@ -243,7 +250,9 @@ class SetCriterion(nn.Module):
         )
         return {name + group.suffix: value for name, value in terms.items()}
 
-    def union_of_matchings(self, outputs: Mapping, targets: list[dict]) -> tuple[Indices, float, dict, dict]:
+    def union_of_matchings(
+        self, outputs: Mapping, targets: list[dict]
+    ) -> tuple[Indices, float | Tensor, dict, dict]:
         """D-FINE's union matching over the Hungarian groups (see `union_matching`).
 
         Returns:
@@ -277,12 +286,7 @@ class SetCriterion(nn.Module):
                 )
             )
         pairs = sum(len(queries) for queries, _ in union)
-        count = torch.tensor([float(pairs)], device=outputs["pred_logits"].device)
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            world_size = dist.get_world_size()
-        normalizer = torch.clamp(count / world_size, min=1).item()
+        normalizer = average_count(pairs, outputs["pred_logits"].device)
         context = {"union_pairs": pairs, "main_queries": outputs["pred_logits"].shape[1]}
         return union, normalizer, context, own
 
