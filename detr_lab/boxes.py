@@ -45,7 +45,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, check: bool = True) -
     boxes are valid by construction (cxcywh with non-negative sizes, e.g. the training step's matcher and
     box loss, whose non-finite values the training-health check catches).
     """
-    if check and not bool(((boxes1[:, 2:] >= boxes1[:, :2]).all() & (boxes2[:, 2:] >= boxes2[:, :2]).all())):
+    if check and not bool((boxes1[:, 2:] >= boxes1[:, :2]).all() & (boxes2[:, 2:] >= boxes2[:, :2]).all()):
         raise ValueError(
             "generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0 (got inverted or NaN boxes)"
         )

@@ -176,6 +176,7 @@ class HungarianMatcher(nn.Module):
                 return f"HungarianMatcher: non-finite values in targets[{index}]['boxes']"
         bad = (~torch.isfinite(boxes)).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
-            return f"HungarianMatcher: non-finite values in outputs['pred_boxes'] for image(s) {bad} of the batch"
+            return (f"HungarianMatcher: non-finite values in outputs['pred_boxes'] for image(s) {bad} "
+                    "of the batch")
         return (f"HungarianMatcher: non-finite matching cost for image {image} of the batch "
                 "(NaN or inf in pred_logits, pred_boxes or the target boxes)")

@@ -1,19 +1,19 @@
 """Counting device-to-host synchronizations on the CPU, where no device exists to wait for.
 
-`HostSyncCounter` is a `TorchDispatchMode` plus a few patched `torch.Tensor` methods. It records every
-operation that would make the host wait for an accelerator if the tensors lived on one:
+`HostSyncCounter` is a `TorchDispatchMode` plus a few patched `torch.Tensor` methods. The CPU stands
+for the accelerator; the counter records every operation that would make the host wait for it:
 
 - reading a value on the host: `.item()`, `bool()` / `int()` / `float()` of a tensor (Python control
-  flow on tensors), all of which reach `aten._local_scalar_dense`, and `.tolist()`, `.numpy()`, `.cpu()`,
-  `.to("cpu")`;
+  flow on tensors), all of which reach `aten._local_scalar_dense`, and `.tolist()`, `.numpy()`, `.cpu()`;
 - operations whose output size depends on the values (`nonzero`, boolean-mask indexing, `unique`,
   `masked_select`, `repeat_interleave` without `output_size`, `bincount`).
 
-Tensors are "device" tensors unless they were produced on the host: by a counted transfer (`.cpu()`,
-`.to("cpu")`), from Python or NumPy data without a `device=` argument (`torch.tensor`,
-`torch.as_tensor`; `device="cpu"` written out counts as the host), or by an operation whose tensor inputs are all host tensors. Reading a host tensor
-is not counted, as on an accelerator it costs no wait. Each record names the innermost frame outside
-torch (file and function), so a failing test says where a new synchronization came from.
+Tensors are "device" tensors unless they were produced on the host: by a counted transfer (`.cpu()`),
+from Python or NumPy data without a `device=` argument or with the literal `device="cpu"`
+(`torch.tensor`, `torch.as_tensor`), or by an operation whose tensor inputs are all host tensors.
+`.to(<device>)` of a host tensor is a move onto the device (host to device: no wait). Reading a host
+tensor is not counted, as on an accelerator it costs no wait. Each record names the innermost frame
+outside torch (file and function), so a failing test says where a new synchronization came from.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ MATCHER = "detr_lab/models/matcher.py:_match"
 GUARD = "detr_lab/engine/health.py:on_before_optimizer_step"
 # Paths taken only when the tensors are on the CPU, where there is no device to wait for: the
 # deformable attention's CPU kernel and its padding shortcut (`value.device.type == "cpu"`).
-CPU_ONLY = ("detr_lab/models/attention/kernels/cpu_fast.py:", "detr_lab/models/attention/deformable.py:project_value")
+CPU_ONLY = (
+    "detr_lab/models/attention/kernels/cpu_fast.py:", "detr_lab/models/attention/deformable.py:project_value"
+)
 SMALL = [
     "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=8",
     "model.decoder.num_layers=2", "trainer.summary=false", "trainer.monitors.stalled_ap_rounds=0",
