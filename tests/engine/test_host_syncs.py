@@ -11,13 +11,9 @@ import lightning as L
 import pytest
 import torch
 from host_syncs import HostSyncCounter
-from torch.utils.data import DataLoader
+from tiny_members import MEMBERS, fit_steps, member_config, member_module
 
-from detr_lab.config import load_config
 from detr_lab.engine.module import DetectionModule
-from detr_lab.engine.trainer import build_run_callbacks
-
-from factories import REPO, tiny_batch
 
 MATCHER = "detr_lab/models/matcher.py:_match"
 GUARD = "detr_lab/engine/health.py:on_before_optimizer_step"
@@ -26,19 +22,6 @@ GUARD = "detr_lab/engine/health.py:on_before_optimizer_step"
 CPU_ONLY = (
     "detr_lab/models/attention/kernels/cpu_fast.py:", "detr_lab/models/attention/deformable.py:project_value"
 )
-SMALL = [
-    "model.hidden_dim=32", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=8",
-    "model.decoder.num_layers=2", "trainer.summary=false", "trainer.monitors.stalled_ap_rounds=0",
-]
-MEMBERS = {
-    "detr": ("demo_detr.yaml", ["model.encoder.num_layers=1"]),
-    "deformable": ("demo_deformable.yaml", ["model.encoder.num_layers=1", "model.encoder.num_points=2"]),
-    "dino": ("demo_dino.yaml", ["model.encoder.num_layers=1", "model.denoising.dn_number=2"]),
-    "rtdetr": ("demo_rtdetr.yaml", ["model.neck.options.ffn_dim=64", "model.neck.options.num_heads=2",
-                                    "model.denoising.dn_number=2"]),
-    "dfine": ("demo_deim.yaml", ["model.neck.options.ffn_dim=64", "model.neck.options.num_heads=2",
-                                 "model.denoising.dn_number=2"]),
-}
 
 
 class CountingWindow(L.Callback):
@@ -59,21 +42,12 @@ class CountingWindow(L.Callback):
         self.counter.active = False
 
 
-def count_training_syncs(config: str, overrides: list[str], steps: int = 2) -> tuple[Counter, int]:
-    cfg = load_config(REPO / "configs" / config, [*SMALL, *overrides])
-    torch.manual_seed(0)
-    module = DetectionModule(cfg, list(range(1, cfg.model.num_classes + 1)), [
-        str(i) for i in range(cfg.model.num_classes)])
+def count_training_syncs(member: str, steps: int = 2) -> tuple[Counter, int]:
+    module = member_module(member_config(member))
     counter = HostSyncCounter()
     window = CountingWindow(counter, module)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=0.1, callbacks=[*build_run_callbacks(cfg), window],
-    )
-    batch = tiny_batch()
     with counter:
-        trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
+        trainer = fit_steps(module, steps, [window])
     assert trainer.global_step == steps
     events = Counter({site: n for site, n in counter.events.items() if not site.startswith(CPU_ONLY)})
     return events, window.matcher_calls
@@ -82,7 +56,7 @@ def count_training_syncs(config: str, overrides: list[str], steps: int = 2) -> t
 @pytest.mark.slow  # a tiny model of each member trains two steps through Lightning
 @pytest.mark.parametrize("member", sorted(MEMBERS))
 def test_a_training_step_reads_the_device_only_for_matching_and_one_health_check(member):
-    events, matcher_calls = count_training_syncs(*MEMBERS[member])
+    events, matcher_calls = count_training_syncs(member)
     assert matcher_calls >= 2 * 2  # the final layer and at least one auxiliary layer, per step
     assert events == Counter({MATCHER: matcher_calls, GUARD: 2}), dict(events)
 
