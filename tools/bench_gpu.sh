@@ -52,7 +52,7 @@ fi
 if [ "$TINY" = 1 ]; then
     CORE_ARGS="--dtype float32 bfloat16 --runs 1 --warmup 0 --levels 16x16 8x8 4x4 2x2"
     MODEL_ARGS="--sizes 64x64 --batch-sizes 1 --train-batch-sizes 1 --runs 1 --warmup 0 \
-        --set model.num_queries=10 model.decoder.num_layers=1 model.denoising.dn_number=2"
+        --set model.num_queries=10 --set model.decoder.num_layers=1 --set model.denoising.dn_number=2"
 fi
 
 echo "== 2. Deformable attention core: Triton (GPU) or the CPU kernel vs the PyTorch reference"
