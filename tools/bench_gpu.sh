@@ -13,7 +13,7 @@
 # Options: --device cuda|cpu (default cuda), --tiny (64 x 64 images, small attention levels, one timed
 # call: checks that the script works, measures nothing), --out DIR (default runs/bench_gpu, or $OUT_DIR).
 # Extra arguments for tools/benchmark.py: $BENCHMARK_ARGS (replace the sizes, runs and overrides);
-# $BENCH_GPU_CONFIGS replaces the list of model configs.
+# $BENCH_GPU_CONFIGS replaces the list of model configs; $MODEL_TIMEOUT the limit of step 3 (seconds, 170).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
