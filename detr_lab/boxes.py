@@ -37,12 +37,15 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     return inter / union, union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, check: bool = True) -> Tensor:
     """Pairwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes `[N, 4]` x `[M, 4]` -> `[N, M]`.
 
-    Raises ValueError for boxes with x1 < x0 or y1 < y0, which would give meaningless values.
+    Raises ValueError for boxes with x1 < x0 or y1 < y0, which would give meaningless values. The check
+    reads the boxes on the host (a device-to-host synchronization); `check=False` skips it where the
+    boxes are valid by construction (cxcywh with non-negative sizes, e.g. the training step's matcher and
+    box loss, whose non-finite values the training-health check catches).
     """
-    if not bool((boxes1[:, 2:] >= boxes1[:, :2]).all()) or not bool((boxes2[:, 2:] >= boxes2[:, :2]).all()):
+    if check and not bool((boxes1[:, 2:] >= boxes1[:, :2]).all() & (boxes2[:, 2:] >= boxes2[:, :2]).all()):
         raise ValueError(
             "generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0 (got inverted or NaN boxes)"
         )

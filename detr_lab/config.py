@@ -223,6 +223,9 @@ class ModelConfig:
     neck: NeckConfig = field(default_factory=NeckConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Training: the detector's forward compiled by `torch.compile` (nn.Module.compile: the weights'
+    # names do not change). The matcher and the loss stay eager.
+    compile: bool = False
 
 
 @dataclass

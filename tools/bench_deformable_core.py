@@ -24,7 +24,14 @@ import json
 import sys
 from pathlib import Path
 
-from detr_lab.benchmark.deformable_core import DTYPES, KINDS, format_core_table, run_core_benchmark
+from detr_lab.benchmark.deformable_core import (
+    DTYPES,
+    KINDS,
+    R50_SPATIAL_SHAPES,
+    format_core_table,
+    run_core_benchmark,
+)
+from detr_lab.benchmark.detectors import parse_size
 from detr_lab.benchmark.report import write_report
 from detr_lab.engine.cli import add_common_arguments, run_tool
 
@@ -41,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="value dtype(s); locations and weights stay float32",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--levels", type=parse_size, nargs="+", default=list(R50_SPATIAL_SHAPES),
+                        metavar="HxW", help="the value's levels (default: Deformable-DETR-R50, 800 x 1066)")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_core_benchmark(
             device=args.device, kinds=args.kinds, impls=args.impls, dtypes=args.dtype, batch=args.batch,
             runs=args.runs, warmup=args.warmup, threads=args.threads, backward=not args.no_backward,
+            spatial_shapes=[tuple(level) for level in args.levels],
             log=lambda line: print(line, file=sys.stderr),
         )  # fmt: skip
         print(json.dumps(report["machine"]))

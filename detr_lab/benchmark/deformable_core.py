@@ -185,11 +185,13 @@ def run_core_benchmark(
     threads: int | None = None,
     backward: bool = True,
     log: Callable[[str], None] | None = None,
+    spatial_shapes: Sequence[tuple[int, int]] = R50_SPATIAL_SHAPES,
 ) -> dict:
     """`benchmark_core` for every dtype and kind; returns `{"machine", "settings", "rows"}`.
 
     `impls` None means `default_impls(device)`; "triton" is left out (with a `log` line) where Triton
     cannot be imported. `threads` sets torch's CPU threads for the run (restored afterwards).
+    `spatial_shapes`: the value's levels (H, W) (default: Deformable-DETR-R50 at 800 x 1066).
     Raises:
         ValueError: CUDA requested but not available, or an unknown kind or dtype.
     """
@@ -213,14 +215,14 @@ def run_core_benchmark(
             for kind in kinds:
                 rows += benchmark_core(
                     impls, kind, device=device, value_dtype=DTYPES[dtype_name], batch=batch,
-                    warmup=warmup, runs=runs, backward=backward,
+                    warmup=warmup, runs=runs, backward=backward, spatial_shapes=spatial_shapes,
                 )  # fmt: skip
         machine["load_average_end"] = load_average()
     finally:
         torch.set_num_threads(threads_before)
     settings = {"device": device, "kinds": list(kinds), "impls": impls, "dtypes": list(dtypes),
                 "batch": batch, "runs": runs, "warmup": warmup, "threads": threads,
-                "backward": backward}  # fmt: skip
+                "backward": backward, "spatial_shapes": [list(s) for s in spatial_shapes]}  # fmt: skip
     return {"machine": machine, "settings": settings, "rows": rows}
 
 

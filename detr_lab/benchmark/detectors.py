@@ -27,6 +27,9 @@ the same weights:
   drop-in replacement: outputs move (DETR-R50 with random weights: about 2e-2 on the logits, 1e-3
   on the normalized boxes; a two-stage model may select other proposals altogether). Each inference
   case records every mode's largest output difference from the reference path.
+- "fast_compile" (only when asked for): "fast" with the model compiled by `torch.compile`
+  (`nn.Module.compile`, as `model.compile: true` trains; inference without `optimize_for_inference`).
+  The compilation happens in the warm-up calls: give `warmup` >= 1.
 
 Tasks, each at every requested image size and batch size:
 
@@ -87,7 +90,8 @@ from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 from detr_lab.timer import ratio, summarize, synchronize, time_interleaved
 
-MODES = ("fast", "reference", "fast_bf16", "onnxruntime", "openvino", "onnxruntime_int8", "openvino_int8")
+MODES = ("fast", "reference", "fast_bf16", "fast_compile", "onnxruntime", "openvino", "onnxruntime_int8",
+         "openvino_int8")
 EXPORTED_MODES = {  # mode -> (runtime, int8)
     "onnxruntime": ("onnxruntime", False),
     "openvino": ("openvino", False),
@@ -289,6 +293,9 @@ def models_for(base: nn.Module, task: str, modes: Sequence[str]) -> dict[str, nn
             use_reference_paths(model)
         elif mode in EXPORTED_MODES:
             pass  # exported as built (the export picks its own attention paths)
+        elif mode == "fast_compile":
+            use_fast_paths(model)
+            model.compile()
         elif task == "inference":
             optimize_for_inference(model)
         else:

@@ -186,7 +186,9 @@ class NonFiniteGuard(Callback):
             the step (every gradient is set to None, so the optimizer leaves weights and its state
             untouched), counts it in `skipped_steps` and logs `train/skipped_steps`.
     The gradients are checked after the backward pass (all-reduced under DDP, so every rank agrees) and
-    before clipping. Under "16-mixed" precision the gradient scaler already skips steps with inf
+    before clipping, together with the losses of the step's backward passes: one flag computed on the
+    device and read on the host once per optimizer step (the step's one synchronization besides the
+    matcher's). Under "16-mixed" precision the gradient scaler already skips steps with inf
     gradients, so only the loss is checked there. A training step that returns None (the
     `DetectionModule` does so for non-finite predictions under "skip") is counted as skipped too.
     """
@@ -196,40 +198,50 @@ class NonFiniteGuard(Callback):
             raise ValueError(f"NonFiniteGuard: policy must be 'error' or 'skip', got {policy!r}")
         self.policy = policy
         self.skipped_steps = 0
-        self._image_ids: list[int] = []
+        self._batches: list[Any] = []  # the batches since the last optimizer step
         self._batch_idx = 0
-        self._bad_loss: float | None = None
+        self._losses: list[Tensor] = []  # the detached losses of the backward passes since the last step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._image_ids.extend(_batch_image_ids(batch))
+        self._batches.append(batch)  # its image ids are read only if the step is reported
         self._batch_idx = batch_idx
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.policy == "skip" and not outputs:  # the training step returned None: Lightning skipped it
-            self._image_ids = []
+            self._batches = []
             self.skipped_steps += 1
             pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         # Decided at the optimizer step, so that under DDP every rank raises or skips together.
-        if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = float(loss.detach().float().flatten()[0])
+        self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad_grads: list[str] = []
-        if params and "16-mixed" not in str(trainer.precision):
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params])
-            if not bool(finite.all()):
-                names = {id(p): name for name, p in pl_module.named_parameters()}
-                bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
-                bad_grads = bad
-        bad_loss, image_ids = self._bad_loss, self._image_ids
-        self._bad_loss, self._image_ids = None, []
-        if bad_loss is None and not bad_grads:
+        check_grads = bool(params) and "16-mixed" not in str(trainer.precision)
+        losses, batches = self._losses, self._batches
+        self._losses, self._batches = [], []
+        flags = [torch.isfinite(loss).all() for loss in losses]  # on the device, nothing read yet
+        if check_grads:
+            flags += [torch.isfinite(p.grad).all() for p in params]
+        if not flags:
             return
+        finite = torch.stack([flag.to(flags[0].device) for flag in flags])
+        if bool(finite.all()):  # the one host read
+            return
+        # Something is not finite: the rest reads values on the host freely.
+        finite = finite.tolist()
+        bad_loss = next((loss for loss, ok in zip(losses, finite, strict=False) if not ok), None)
+        bad_grads: list[str] = []
+        if check_grads:
+            names = {id(p): name for name, p in pl_module.named_parameters()}
+            grads_ok = finite[len(losses):]
+            bad_grads = [names.get(id(p), "?") for p, ok in zip(params, grads_ok, strict=True) if not ok]
+        if bad_loss is not None:
+            bad_loss = float(bad_loss.float().flatten()[0])
+        image_ids = [image_id for batch in batches for image_id in _batch_image_ids(batch)]
         what = f"non-finite loss ({bad_loss})" if bad_loss is not None else "non-finite gradients"
         if bad_grads:
             more = f" and {len(bad_grads) - 3} more" if len(bad_grads) > 3 else ""

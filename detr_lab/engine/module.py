@@ -34,6 +34,7 @@ from detr_lab.engine.optim import (
 from detr_lab.engine.resume_checks import WORLD_SIZE_KEY
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 from detr_lab.models.criterion import per_image_losses
+from detr_lab.models.matcher import NonFiniteCostError
 
 LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # The terms logged every training step besides the total `loss`: the final decoder layer's main terms.
@@ -91,6 +92,8 @@ class DetectionModule(L.LightningModule):
         self.category_ids = [int(c) for c in category_ids]
         self.class_names = [str(n) for n in class_names]
         self.model = build_model(cfg.model)
+        if cfg.model.compile:
+            self.model.compile()  # in place: the state_dict keys stay those of the eager model
         self.criterion = build_criterion(cfg.model, cfg.loss)
         self.postprocess = build_postprocess(cfg.model)
         # Multi-task knowledge distillation: a frozen teacher held outside the module tree.
@@ -112,13 +115,20 @@ class DetectionModule(L.LightningModule):
         """The weighted loss of one batch; None (Lightning skips the step) when the predictions are
         non-finite and `trainer.monitors.non_finite` is "skip" (single device: under DDP every rank
         must skip together). With "error" that raises `NonFiniteTrainingError` naming the step and the
-        batch's image ids, instead of the matcher's error without them."""
+        batch's image ids, instead of the matcher's error without them.
+
+        No value is read on the host here but the matcher's cost matrix: non-finite predictions show up
+        there (and are then diagnosed), and in the loss and gradients, which `NonFiniteGuard` checks in
+        one combined read per optimizer step."""
         images, padding_mask, targets = batch
         # Extra query sources (denoising) make queries from the ground truth; distillation reads the memory.
         outputs = self.model(images, padding_mask, targets=targets, return_memory=self.distiller is not None)
-        if not self._finite_predictions(outputs, targets, batch_idx):
+        try:
+            losses = self.criterion(outputs, targets)
+        except NonFiniteCostError:
+            if self._finite_predictions(outputs, targets, batch_idx):
+                raise  # the targets are at fault: the matcher's message names them
             return None
-        losses = self.criterion(outputs, targets)
         total = self.criterion.total_loss(losses)
         if self.distiller is not None:
             distillation = self.distiller(outputs, images, padding_mask)
@@ -210,6 +220,7 @@ class DetectionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- helpers
     def _finite_predictions(self, outputs: dict, targets: list[dict], batch_idx: int) -> bool:
+        # Only after the matcher found a non-finite cost (it reads the values on the host).
         finite = torch.isfinite(outputs["pred_logits"]).all() & torch.isfinite(outputs["pred_boxes"]).all()
         if bool(finite):
             return True

@@ -54,7 +54,7 @@ class SoftmaxClassification:
         """`Linear(d, num_classes + 1)` with PyTorch's default initialisation."""
         return nn.Linear(hidden_dim, self.num_logits(num_classes))
 
-    def loss(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
+    def loss(self, logits: Tensor, target_classes: Tensor, num_boxes: float | Tensor) -> Tensor:
         """Cross-entropy over all queries: logits `[B, Q, C + 1]`, target_classes int64 `[B, Q]`
         (`C` = "no object" for unmatched queries). `num_boxes` is not used (a mean over queries)."""
         weights = torch.ones(logits.shape[-1], dtype=logits.dtype, device=logits.device)
@@ -107,7 +107,7 @@ class SigmoidFocalClassification:
         nn.init.constant_(head.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
         return head
 
-    def loss(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
+    def loss(self, logits: Tensor, target_classes: Tensor, num_boxes: float | Tensor) -> Tensor:
         """Focal loss of logits `[B, Q, C]` against one-hot targets (class `C` = all negative), summed
         and divided by `num_boxes`, as Deformable DETR (`mean(1).sum() * Q / num_boxes`)."""
         one_hot = torch.zeros(

@@ -34,15 +34,22 @@ def _all_processes(distributed: bool) -> bool:
     return distributed and dist.is_available() and dist.is_initialized()
 
 
-def average_num_boxes(targets: list[dict], device: torch.device, distributed: bool = True) -> float:
+def average_count(count: int, device: torch.device, distributed: bool = True) -> float | Tensor:
+    """`count` averaged over the processes, at least 1: a float on one process or with `distributed`
+    False (counted on the host, no synchronization, no collective call), a 0-d float32 tensor on
+    `device` when distributed (all-reduced there and left on the device, so that no process waits to
+    read it)."""
+    if not _all_processes(distributed):
+        return max(float(count), 1.0)
+    total = torch.tensor([float(count)], device=device)
+    dist.all_reduce(total)
+    return torch.clamp(total / dist.get_world_size(), min=1)[0]
+
+
+def average_num_boxes(targets: list[dict], device: torch.device, distributed: bool = True) -> float | Tensor:
     """Target boxes per process (averaged across processes when distributed and `distributed`), at
-    least 1. With `distributed` False, the boxes of `targets` alone (no collective call)."""
-    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world_size = 1
-    if _all_processes(distributed):
-        dist.all_reduce(num_boxes)
-        world_size = dist.get_world_size()
-    return torch.clamp(num_boxes / world_size, min=1).item()
+    least 1; with `distributed` False, the boxes of `targets` alone. See `average_count` for the type."""
+    return average_count(sum(len(t["labels"]) for t in targets), device, distributed)
 
 
 def select_terms(terms: Sequence[str]) -> dict[str, LossTerm]:
@@ -160,7 +167,7 @@ class SetCriterion(nn.Module):
         self,
         outputs: dict,
         targets: list[dict],
-        num_boxes: float,
+        num_boxes: float | Tensor,
         *,
         log: bool,
         indices: Indices | None = None,
@@ -212,7 +219,7 @@ class SetCriterion(nn.Module):
         group: PredictionGroup,
         outputs: dict,
         targets: list[dict],
-        num_boxes: float,
+        num_boxes: float | Tensor,
         union: tuple[Indices, float, dict, dict] | None = None,
     ) -> dict[str, Tensor]:
         """The terms of one declared group, suffixed; zeros when a denoising group has no predictions
@@ -250,7 +257,7 @@ class SetCriterion(nn.Module):
 
     def union_of_matchings(
         self, outputs: Mapping, targets: list[dict], distributed: bool = True
-    ) -> tuple[Indices, float, dict, dict]:
+    ) -> tuple[Indices, float | Tensor, dict, dict]:
         """D-FINE's union matching over the Hungarian groups (see `union_matching`); `distributed` as
         in `forward`.
 
@@ -285,12 +292,7 @@ class SetCriterion(nn.Module):
                 )
             )
         pairs = sum(len(queries) for queries, _ in union)
-        count = torch.tensor([float(pairs)], device=outputs["pred_logits"].device)
-        world_size = 1
-        if _all_processes(distributed):
-            dist.all_reduce(count)
-            world_size = dist.get_world_size()
-        normalizer = torch.clamp(count / world_size, min=1).item()
+        normalizer = average_count(pairs, outputs["pred_logits"].device, distributed)
         context = {"union_pairs": pairs, "main_queries": outputs["pred_logits"].shape[1]}
         return union, normalizer, context, own
 

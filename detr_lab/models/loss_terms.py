@@ -45,7 +45,7 @@ class TermInputs:
     predictions: dict
     targets: list[dict]
     indices: Indices
-    num_boxes: float
+    num_boxes: float | Tensor
     classification: Classification
     num_classes: int
     log: bool = False
@@ -92,7 +92,7 @@ def boxes_term(inputs: TermInputs) -> dict[str, Tensor]:
     pred = inputs.predictions["pred_boxes"][inputs.matched_queries()]  # (K, 4)
     target = inputs.matched_targets("boxes").to(pred)
     loss_bbox = F.l1_loss(pred, target, reduction="none").sum() / inputs.num_boxes
-    giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target)))
+    giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), check=False))
     return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / inputs.num_boxes}
 
 
@@ -107,7 +107,9 @@ def iou_class_targets(inputs: TermInputs) -> tuple[Tensor, Tensor]:
     ious = torch.diag(box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))[0]).detach()
     target_classes = torch.full(logits.shape[:2], inputs.num_classes, dtype=torch.int64, device=logits.device)
     target_classes[matched] = inputs.matched_targets("labels").to(logits.device)
-    one_hot = F.one_hot(target_classes, inputs.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, C)
+    # One-hot by scatter: `F.one_hot` reads the class range on the host first.
+    one_hot = logits.new_zeros((*logits.shape[:2], inputs.num_classes + 1))
+    one_hot = one_hot.scatter_(-1, target_classes[..., None], 1.0)[..., :-1]  # (B, Q, C)
     score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
     score[matched] = ious.to(logits.dtype)
     return one_hot, score
@@ -190,8 +192,8 @@ def decoupled_distillation_term(inputs: TermInputs) -> dict[str, Tensor]:
     bins = corners.shape[-1] // 4
     pred = corners.reshape(-1, bins)
     teacher = predictions["teacher_corners"].reshape(-1, bins)
-    if torch.equal(pred, teacher):
-        return {"loss_ddf": pred.sum() * 0.0}
+    # Decided on the device (no host read): distributions equal to the teacher's give exactly 0.
+    same_as_teacher = (pred == teacher).all()
     matched = inputs.matched_queries()
     target_boxes = inputs.matched_targets("boxes").to(predictions["pred_boxes"])
     pred_boxes = predictions["pred_boxes"][matched]
@@ -202,6 +204,10 @@ def decoupled_distillation_term(inputs: TermInputs) -> dict[str, Tensor]:
     mask = torch.zeros(batch, queries, dtype=torch.bool, device=corners.device)
     mask[matched] = True
     mask = mask.repeat_interleave(4, dim=-1).reshape(-1)
+    # Matched queries are distinct, so the counts are known on the host; a stable sort puts the matched
+    # entries first, each part in its original order (as boolean indexing would, without reading the mask).
+    matched_count = 4 * matched[0].numel()
+    order = torch.argsort((~mask).to(torch.uint8), stable=True)
     temperature = float(inputs.options.get("temperature", 5.0))
     divergence = F.kl_div(
         F.log_softmax(pred / temperature, dim=1),
@@ -216,11 +222,12 @@ def decoupled_distillation_term(inputs: TermInputs) -> dict[str, Tensor]:
         positives = 4 * inputs.context["union_pairs"]
         negatives = 4 * batch * inputs.context["main_queries"] - positives
     else:
-        positives, negatives = int(mask.sum()), int(mask.numel() - mask.sum())
+        positives, negatives = matched_count, mask.numel() - matched_count
     num_pos, num_neg = (positives * scale) ** 0.5, (negatives * scale) ** 0.5
-    matched_mean = loss[mask].mean() if mask.any() else loss.sum() * 0.0
-    other_mean = loss[~mask].mean() if (~mask).any() else loss.sum() * 0.0
-    return {"loss_ddf": (matched_mean * num_pos + other_mean * num_neg) / (num_pos + num_neg)}
+    matched_mean = loss[order[:matched_count]].mean() if matched_count else loss.sum() * 0.0
+    other_mean = loss[order[matched_count:]].mean() if matched_count < mask.numel() else loss.sum() * 0.0
+    value = (matched_mean * num_pos + other_mean * num_neg) / (num_pos + num_neg)
+    return {"loss_ddf": torch.where(same_as_teacher, pred.sum() * 0.0, value)}
 
 
 @torch.no_grad()

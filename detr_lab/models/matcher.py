@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -13,6 +14,11 @@ from torch import Tensor, nn
 from detr_lab.boxes import cxcywh_to_xyxy, generalized_box_iou
 from detr_lab.errors import InputError
 from detr_lab.models.classification import Classification, classification_strategy
+
+
+class NonFiniteCostError(ValueError):
+    """A matching cost is NaN or infinite: NaN / inf in the predictions or the target boxes (the message
+    says which)."""
 
 
 @dataclass
@@ -41,8 +47,8 @@ def bbox_cost(ctx: CostInputs) -> Tensor:
 
 
 def giou_cost(ctx: CostInputs) -> Tensor:
-    """Negative generalized IoU."""
-    return -generalized_box_iou(cxcywh_to_xyxy(ctx.boxes), cxcywh_to_xyxy(ctx.target_boxes))
+    """Negative generalized IoU (no box check: non-finite costs are caught on the host, see `_match`)."""
+    return -generalized_box_iou(cxcywh_to_xyxy(ctx.boxes), cxcywh_to_xyxy(ctx.target_boxes), check=False)
 
 
 # Matching-cost table: name -> cost function of `CostInputs` giving `[N, M]` (N predictions of the
@@ -116,8 +122,11 @@ class HungarianMatcher(nn.Module):
             per image `(query_indices, target_indices)`, int64 `[min(Q, N_i)]` each, query indices
             ascending.
         Raises:
-            ValueError: a wrong batch size, or a non-finite cost (NaN/inf predictions or targets).
-        All costs are computed in float32 with autocast disabled, whatever the outputs' dtype.
+            ValueError: a wrong batch size; `NonFiniteCostError` (a ValueError) for a non-finite cost
+                (NaN / inf predictions or targets).
+        All costs are computed in float32 with autocast disabled, whatever the outputs' dtype. The cost
+        matrix goes to the host once, where it is checked and solved: the only device-to-host
+        synchronization of a call.
         """
         # Costs in float32 whatever the autocast state or the outputs' dtype: under bf16 / fp16 mixed
         # precision the focal cost's logs and the GIoU's areas lose the digits that order the matches.
@@ -140,33 +149,34 @@ class HungarianMatcher(nn.Module):
         target_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (M, 4), float32 like boxes
 
-        if not (torch.isfinite(flat_boxes).all() and torch.isfinite(target_boxes).all()):
-            raise ValueError(self._non_finite_message(targets, boxes))
         inputs = CostInputs(flat_logits, flat_boxes, target_labels, target_boxes, self.classification)
         # Summed in the official order (bbox, class, giou) so that float32 rounding matches it.
         order = sorted(self.costs, key=lambda name: ("bbox", "class", "giou").index(name)
                        if name in ("bbox", "class", "giou") else 3)
         cost = sum(self.costs[name] * MATCHING_COSTS[name](inputs) for name in order)
-        cost = cost.view(batch, num_queries, -1).cpu()  # (B, Q, M)
+        cost = cost.view(batch, num_queries, -1).cpu().numpy()  # (B, Q, M), on the host from here on
 
         indices = []
-        for image, block in enumerate(cost.split(sizes, dim=-1)):
-            block = block[image]  # (Q, N_i)
-            if not torch.isfinite(block).all():
-                raise ValueError(
-                    f"HungarianMatcher: non-finite matching cost for image {image} of the batch "
-                    "(NaN or inf in pred_logits, pred_boxes or the target boxes)"
-                )
-            rows, cols = linear_sum_assignment(block.numpy())
+        ends = np.cumsum(sizes)
+        for image, (start, end) in enumerate(zip(ends - np.asarray(sizes), ends, strict=True)):
+            block = cost[image, :, start:end]  # (Q, N_i)
+            if not np.isfinite(block).all():
+                raise NonFiniteCostError(self._non_finite_message(targets, boxes, image))
+            rows, cols = linear_sum_assignment(block)
             indices.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
         return indices
 
     @staticmethod
-    def _non_finite_message(targets: list[dict], boxes: Tensor) -> str:
-        for image, target in enumerate(targets):
+    def _non_finite_message(targets: list[dict], boxes: Tensor, image: int) -> str:
+        # The error path only: these checks read the values on the host.
+        for index, target in enumerate(targets):
             if not torch.isfinite(target["boxes"]).all():
-                return f"HungarianMatcher: non-finite values in targets[{image}]['boxes']"
+                return f"HungarianMatcher: non-finite values in targets[{index}]['boxes']"
         bad = (~torch.isfinite(boxes)).flatten(1).any(1).nonzero().flatten().tolist()
-        return f"HungarianMatcher: non-finite values in outputs['pred_boxes'] for image(s) {bad} of the batch"
+        if bad:
+            return (f"HungarianMatcher: non-finite values in outputs['pred_boxes'] for image(s) {bad} "
+                    "of the batch")
+        return (f"HungarianMatcher: non-finite matching cost for image {image} of the batch "
+                "(NaN or inf in pred_logits, pred_boxes or the target boxes)")
