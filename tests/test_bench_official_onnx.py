@@ -16,6 +16,7 @@ from detr_lab.benchmark.onnx_compare import (
     official_postprocess,
     ratios,
     rtdetr_anchors,
+    time_sessions,
 )
 
 from factories import FIXTURES, load_tool
@@ -183,3 +184,24 @@ def test_one_run_on_two_stand_in_graphs(tool, tmp_path, capsys):
         assert row["ratios"]["detr_lab"]["wall"] > 0
     assert report["machine"]["onnxruntime"] and report["op_types"]["official"]["TopK"] >= 1
     assert report["profile_ms_by_op_type"]["detr_lab"]
+
+
+class _CountingSession:
+    """A stand-in onnxruntime session that records the order of its calls in a shared log."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def run(self, outputs, feed):
+        self.log.append(self.name)
+
+
+def test_block_timing_runs_each_session_in_turns_of_one_untimed_and_block_timed_calls():
+    log: list[str] = []
+    sessions = {"a": _CountingSession("a", log), "b": _CountingSession("b", log)}
+    result = time_sessions(sessions, {"a": {}, "b": {}}, runs=5, warmup=1, block=3)
+    assert [len(result[name]["wall_s"]["values"]) for name in "ab"] == [5, 5]
+    # warm-up a b; turn 1: a (1 untimed + 3), b (1 + 3); turn 2 reversed: b (1 + 2), a (1 + 2)
+    assert "".join(log) == "ab" + "aaaa" + "bbbb" + "bbb" + "aaa"
+    with pytest.raises(ValueError, match="block"):
+        time_sessions(sessions, {"a": {}, "b": {}}, runs=5, warmup=1, block=0)

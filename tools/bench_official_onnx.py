@@ -2,7 +2,7 @@
 
     python tools/bench_official_onnx.py --official-dir /tmp/rtdetr_official/rtdetrv2_pytorch \
         [--family rtdetrv2|dfine] [--official-python PY] [--checkpoint OFFICIAL.pth] [--size 640]
-        [--threads 1 2] [--runs 10] [--warmup 2] [--work-dir runs/bench_official_onnx]
+        [--threads 1 2] [--runs 10] [--warmup 2] [--block 1] [--work-dir runs/bench_official_onnx]
         [--official-exporter torchscript|as-is] [--profile] [--skip-export] [--json PATH]
 
 `--family dfine` (with `--official-dir` the root of Peterande/D-FINE) measures D-FINE-N the same way.
@@ -25,7 +25,8 @@
    graph normalizes); detr_lab's outputs, post-processed as the official graph does (top 300
    sigmoid scores over every (query, class)), must agree with the official ones.
 5. For every `--threads` value, one onnxruntime session per graph with that many intra-op threads,
-   batch 1; the two take turns, `--warmup` untimed rounds, then `--runs` timed ones; medians of the
+   batch 1; the two take turns (`--block` timed calls per turn after an untimed one; default: turns of
+   one call), `--warmup` untimed rounds, then `--runs` timed ones; medians of the
    wall and process CPU times and their ratio detr_lab / official. `--profile` adds onnxruntime's
    per-operator profile (one thread).
 
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10,
                         help="timed runs per graph and thread count (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="timed calls per turn, after one untimed call (default 1: the graphs take "
+                        "turns call by call; > 1 keeps one session's spinning threads off the other's calls)")
     parser.add_argument("--profile", action="store_true", help="also profile both graphs per operator type")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_official_onnx"),
                         help="checkpoints and ONNX files (default runs/bench_official_onnx)")
@@ -105,8 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size < 32 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32, got {args.size}")
-    if args.runs < 1 or args.warmup < 0 or min(args.threads) < 1:
-        parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
+    if args.runs < 1 or args.block < 1 or args.warmup < 0 or min(args.threads) < 1:
+        parser.error("--runs, --block and --threads must be >= 1 and --warmup >= 0")
     if args.family == "dfine" and args.size != 640:
         parser.error("--family dfine: the official D-FINE export script traces at 640 only (--size 640)")
     args.official_config = args.official_config or FAMILIES[args.family]["config"]
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for threads in args.threads:
             sessions = {name: make_session(paths[name], threads) for name in NAMES}
-            times = time_sessions(sessions, feeds, runs=args.runs, warmup=args.warmup)
+            times = time_sessions(sessions, feeds, runs=args.runs, warmup=args.warmup, block=args.block)
             row = {"threads": threads, "times": times,
                    "ratios": {"detr_lab": ratios(times, "detr_lab", "official")}}
             rows.append(row)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "machine": machine,
             "settings": {"family": args.family, "size": args.size, "batch": 1, "threads": args.threads,
-                         "runs": args.runs,
+                         "runs": args.runs, "block": args.block,
                          "warmup": args.warmup, "weights": str(args.checkpoint or "synthetic (test fixture)"),
                          "official_exporter": args.official_exporter},
             "commands": planned,
