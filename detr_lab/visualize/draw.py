@@ -53,10 +53,13 @@ def _image_figure(
     the title wrapped above it; `side_px` pixels are left free right of the image (legend, colour bar)."""
     height, width = image.shape[:2]
     scale = max(min_inches / max(width, height) * DPI, 1.0)
-    scale = min(scale, MAX_PICTURE_SIDE / max(width, height))
-    width_px, height_px = max(width * scale, 1.0), max(height * scale, 1.0)
+    # the whole picture (image, side strip, title) stays within MAX_PICTURE_SIDE on both sides
+    scale = min(scale, (MAX_PICTURE_SIDE - side_px) / width, MAX_PICTURE_SIDE / height)
+    width_px = max(width * scale, 1.0)
     lines = textwrap.wrap(title, width=max(30, int((width_px + side_px) / 7.2))) or [""]
     header_px = 14 * len(lines) + 8
+    scale = min(scale, (MAX_PICTURE_SIDE - header_px) / height)
+    width_px, height_px = max(width * scale, 1.0), max(height * scale, 1.0)
     figure = Figure(figsize=((width_px + side_px) / DPI, (height_px + header_px) / DPI), dpi=DPI)
     axes = figure.add_axes((0, 0, width_px / (width_px + side_px), height_px / (height_px + header_px)))
     axes.imshow(image)
