@@ -31,30 +31,46 @@ def time_interleaved(
     runs: int,
     warmup: int,
     device: str | torch.device | None = None,
+    block: int = 1,
 ) -> dict[str, dict[str, list[float]]]:
-    """Time each call `runs` times after `warmup` untimed rounds, the calls taking turns.
+    """Time each call `runs` times after `warmup` untimed rounds, the calls taking turns (the order of
+    the calls alternating from turn to turn).
+
+    `block` 1: turns of one timed call. `block` > 1: each turn is one untimed call, then up to `block`
+    timed calls of the same name, for callees that leave work behind them (onnxruntime's worker
+    threads keep spinning for a while after a call and, with several threads, slow whichever call runs
+    next; turns of one call charge that to both).
 
     Returns:
         per name `{"wall": [seconds, one per run], "cpu": [process CPU seconds, one per run]}`.
     Raises:
-        ValueError: `runs` < 1 or `warmup` < 0.
+        ValueError: `runs` or `block` < 1, or `warmup` < 0.
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if runs < 1 or warmup < 0 or block < 1:
+        raise ValueError(f"runs must be >= 1, block >= 1 and warmup >= 0, got runs={runs}, block={block}, "
+                         f"warmup={warmup}")
     names = list(calls)
     for _ in range(warmup):
         for name in names:
             calls[name]()
             synchronize(device)
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for run in range(runs):
-        for name in names if run % 2 == 0 else names[::-1]:
-            synchronize(device)
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
-            calls[name]()
-            synchronize(device)
-            times[name]["wall"].append(time.perf_counter() - wall_start)
-            times[name]["cpu"].append(time.process_time() - cpu_start)
+    turn = 0
+    while any(len(times[name]["wall"]) < runs for name in names):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            left = runs - len(times[name]["wall"])
+            if left <= 0:
+                continue
+            if block > 1:
+                calls[name]()  # untimed: what the previous call left behind settles
+            for _ in range(min(block, left)):
+                synchronize(device)
+                cpu_start, wall_start = time.process_time(), time.perf_counter()
+                calls[name]()
+                synchronize(device)
+                times[name]["wall"].append(time.perf_counter() - wall_start)
+                times[name]["cpu"].append(time.process_time() - cpu_start)
+        turn += 1
     return times
 
 

@@ -25,8 +25,7 @@ import collections
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,51 +112,16 @@ def make_session(path: str | os.PathLike, threads: int | None, *, profile_prefix
 def time_sessions(
     sessions: Mapping[str, object], feeds: Mapping[str, dict], *, runs: int, warmup: int, block: int = 1
 ) -> dict[str, dict]:
-    """Wall and CPU seconds of `sessions[name].run(None, feeds[name])`, the sessions taking turns; per
+    """Wall and CPU seconds of `sessions[name].run(None, feeds[name])`, the sessions taking turns of
+    `block` timed calls (`time_interleaved`; use `block` > 1 with several onnxruntime threads); per
     name `{"wall_s": summarize(...), "cpu_s": summarize(...)}` over `runs` timed calls.
-
-    `block` 1: turns of one call (`time_interleaved`). `block` > 1: each turn is one untimed call, then
-    up to `block` timed calls of the same session, the order of the sessions alternating from turn to
-    turn. onnxruntime's worker threads keep spinning for a while after a call and, with several
-    threads, slow the call of whichever session runs next; turns of one call then charge that to both.
 
     Raises:
         ValueError: `runs` or `block` < 1, or `warmup` < 0.
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
     calls = {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()}
-    if block == 1:
-        times = time_interleaved(calls, runs=runs, warmup=warmup)
-    else:
-        times = _time_in_blocks(calls, runs=runs, warmup=warmup, block=block)
+    times = time_interleaved(calls, runs=runs, warmup=warmup, block=block)
     return {name: {"wall_s": summarize(t["wall"]), "cpu_s": summarize(t["cpu"])} for name, t in times.items()}
-
-
-def _time_in_blocks(
-    calls: Mapping[str, Callable[[], object]], *, runs: int, warmup: int, block: int
-) -> dict[str, dict[str, list[float]]]:
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    turn = 0
-    while any(len(times[name]["wall"]) < runs for name in names):
-        for name in names if turn % 2 == 0 else names[::-1]:
-            left = runs - len(times[name]["wall"])
-            if left <= 0:
-                continue
-            calls[name]()  # untimed: the previous session's threads settle
-            for _ in range(min(block, left)):
-                cpu_start, wall_start = time.process_time(), time.perf_counter()
-                calls[name]()
-                times[name]["wall"].append(time.perf_counter() - wall_start)
-                times[name]["cpu"].append(time.process_time() - cpu_start)
-        turn += 1
-    return times
 
 
 def ratios(result: Mapping[str, dict], numerator: str, denominator: str) -> dict[str, float]:
