@@ -401,10 +401,11 @@ class DataConfig:
     # Evaluation batches: "same_size" puts only images of one resized size in a batch (no padding, so AP
     # does not depend on batch size or process count); "padded" is the official DETR batching (parity).
     eval_batching: str = _choice("same_size", "padded", default="same_size")
-    # Training batches: "padded" mixes any images (the official batching; each is zero-padded to the
-    # batch's largest); "aspect_ratio" batches images of one orientation (less padding, closer to the
-    # unpadded evaluation; `detr_lab.data.samplers.AspectRatioBatchSampler`).
-    train_batching: str = _choice("padded", "aspect_ratio", default="padded")
+    # Training batches: "aspect_ratio" (default) batches images of one orientation (less padding, closer
+    # to the unpadded same-size evaluation; `detr_lab.data.samplers.AspectRatioBatchSampler`; no grouping
+    # under the fixed-size `rtdetr` policy, which pads nothing); "padded" mixes any images (the official
+    # DETR / Deformable DETR / DINO batching; each is zero-padded to the batch's largest).
+    train_batching: str = _choice("aspect_ratio", "padded", default="aspect_ratio")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -3,8 +3,10 @@
 The model comes from the checkpoint (detr_lab, Lightning or official DETR); the config gives the
 dataset, whose validation split is evaluated, or its test split (`--split test`), or any COCO
 annotation file with its images (`--annotations FILE --images DIR`). `--set model.*=...` overrides
-reach the model. `--backend onnxruntime --model model.onnx` evaluates an exported model instead (CPU;
-needs the export extra), with the same batches; `--backend openvino --model model.xml` an OpenVINO IR.
+reach the model. `--model NAME|FOLDER` evaluates a zoo model, a model folder written by
+`save_pretrained` (a folder also works as `--checkpoint`) or a Hub repository. `--backend onnxruntime
+--model model.onnx` evaluates an exported model instead (CPU; needs the export extra), with the same
+batches; `--backend openvino --model model.xml` an OpenVINO IR.
 Prints one summary line (AP, AP50, AP75, APs/m/l, AR100) and the per-class table (the 12-line COCOeval
 table too with --verbose); writes the COCO results json (original category ids) and a report folder:
 per-class AP / AP50 / AR100 CSV, a confusion matrix with background (CSV, PNG), PR curves per class.
@@ -30,7 +32,8 @@ from detr_lab.engine.coco_backends import BACKENDS
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config giving the dataset")
-    add_backend_arguments(parser, checkpoint_help="checkpoint to evaluate (pytorch backend)")
+    add_backend_arguments(parser, pretrained=True,
+                          checkpoint_help="checkpoint file or model folder to evaluate (pytorch backend)")
     parser.add_argument("--output", help="COCO results json (default <trainer.output_dir>/"
                         "coco_results-<model file name>-<path hash>.json)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "faster on large sets, same AP)")
     add_print_config_argument(parser)
     add_common_arguments(parser)
-    args = parse_backend_arguments(parser, argv)
+    args = parse_backend_arguments(parser, argv, pretrained=True)
     if (args.annotations is None) != (args.images is None):
         parser.error("--annotations and --images go together")
     if args.annotations is not None and args.split != "val":
@@ -99,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--backend {args.backend} runs on the CPU; got --device {args.device}")
             result = evaluate_onnx(args.config, args.model, backend=args.backend, **common)
         else:
-            result = evaluate_checkpoint(args.config, args.checkpoint, device=args.device, **common)
+            pretrained = args.checkpoint is None  # --model NAME|FOLDER|REPO
+            reference = args.model if pretrained else args.checkpoint
+            result = evaluate_checkpoint(args.config, reference, device=args.device, pretrained=pretrained,
+                                         **common)
         print(summary_line(result.stats, result.num_images, result.split))
         if args.verbose:
             print(result.summary, end="")

@@ -243,7 +243,8 @@ class DetectionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled by `EpochSampler`: order from (seed, epoch), augmentation from (seed, epoch, index),
         so a resumed run draws exactly what the uninterrupted run would. With `data.train_batching:
-        aspect_ratio` a batch holds images of one orientation (`AspectRatioBatchSampler`)."""
+        aspect_ratio` (the default) a batch holds images of one orientation (`AspectRatioBatchSampler`),
+        except under the `rtdetr` policy, whose images all have one size (nothing to group)."""
         # Stateful: Lightning saves its position in every checkpoint, so a run resumed mid-epoch
         # finishes that epoch with the same batches.
         dataset = self._built(self.train_dataset, "train")
@@ -253,7 +254,7 @@ class DetectionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
         options = self._loader_options(self._train_collate())
-        if self.data_cfg.train_batching == "aspect_ratio":
+        if self.data_cfg.train_batching == "aspect_ratio" and self.data_cfg.augment.policy != "rtdetr":
             groups = [orientation_group(size) for size in dataset.upright_sizes()]
             batch_sampler = AspectRatioBatchSampler(sampler, self.data_cfg.batch_size, groups=groups,
                                                     seed=self.cfg.trainer.seed)

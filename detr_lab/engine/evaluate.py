@@ -38,6 +38,8 @@ from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.errors import InputError, InputNotFoundError
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
+from detr_lab.zoo.folder import is_pretrained_folder
+from detr_lab.zoo.pretrained import load_pretrained
 
 
 @dataclass(frozen=True)
@@ -204,13 +206,17 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     progress: bool = True,
     options: EvalOptions | None = None,
+    pretrained: bool = False,
 ) -> EvaluationResult:
     """Run the checkpoint's model over a split (or annotation file), score it with COCOeval, write the
     results json (and the report folder with `options.report`).
 
     Args:
         config_path: YAML config giving the dataset (`data.*`); its `model` section is not used.
-        checkpoint: any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR).
+        checkpoint: any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR), or a
+            model folder written by `save_pretrained` (recognised by its config.json).
+        pretrained: `checkpoint` is a model reference for `load_pretrained` instead: a zoo name, a
+            model folder or a Hugging Face Hub repository id.
         overrides: dotted `key=value`; `model.*` ones go to the checkpoint's config.
         output: where to write the COCO results json (default: `default_results_path`, one file per
             checkpoint, so evaluating another checkpoint with the same YAML does not overwrite it).
@@ -225,7 +231,10 @@ def evaluate_checkpoint(
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
     cfg = evaluation_data(load_config(config_path, data_overrides), options)  # checked before the model loads
-    loaded = load_checkpoint(checkpoint, overrides=model_overrides)
+    if pretrained or is_pretrained_folder(checkpoint):
+        loaded, _ = load_pretrained(checkpoint, model_overrides)
+    else:
+        loaded = load_checkpoint(checkpoint, overrides=model_overrides)
     warn_model_differences(cfg.model, loaded.config.model, config_path, checkpoint)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
 

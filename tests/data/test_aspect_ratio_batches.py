@@ -135,3 +135,26 @@ def test_lightning_rebuilds_the_training_loader_around_its_distributed_sampler()
         assert isinstance(inner, EpochSampler)
         assert (inner.rank, inner.num_replicas, inner.epoch) == (rank, 2, 1)
         assert list(rebuilt.batch_sampler) == _batches(1, num_replicas=2, rank=rank)
+
+
+def test_orientation_grouping_is_the_default_and_skipped_under_the_fixed_size_policy(tmp_path):
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(TINY_RUN_YAML.format(root=tmp_path))
+    cfg = load_config(config_path, ["data.synthetic.num_train=10", "data.batch_size=3"])
+    assert cfg.data.train_batching == "aspect_ratio"
+    datamodule = DetectionDataModule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert isinstance(datamodule.train_dataloader().batch_sampler, AspectRatioBatchSampler)
+    # the rtdetr policy resizes every image to one square: mixed batches, nothing to group
+    square = load_config(config_path, ["data.synthetic.num_train=10", "data.batch_size=3",
+                                       "data.augment.policy=rtdetr"])
+    datamodule = DetectionDataModule(square)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert not isinstance(datamodule.train_dataloader().batch_sampler, AspectRatioBatchSampler)
+    padded = load_config(config_path, ["data.synthetic.num_train=10", "data.train_batching=padded"])
+    datamodule = DetectionDataModule(padded)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert not isinstance(datamodule.train_dataloader().batch_sampler, AspectRatioBatchSampler)

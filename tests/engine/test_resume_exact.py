@@ -3,8 +3,10 @@
 Resume points: the epoch-end checkpoint (after validation), the checkpoint after an epoch's last
 batch (before validation) and one mid-epoch; with max_steps set (Lightning #19617: the next epoch
 used to yield nothing) and without (the resumed epoch used to replay epoch 0's order); augmentation
-on (random crops, scales, flips), whose stream used to restart from the initial seed. Compared: the
-image ids, padded batch shape and pixel sum of every step, and the final weights bit for bit.
+on (random crops, scales, flips), whose stream used to restart from the initial seed; with the default
+orientation-grouped training batches (`data.train_batching: aspect_ratio`) and with `padded` ones.
+Compared: the image ids, padded batch shape and pixel sum of every step, and the final weights bit for
+bit.
 """
 
 import shutil
@@ -58,8 +60,9 @@ class Snapshots(Callback):
             trainer.save_checkpoint(self.directory / MID_EPOCH)
 
 
-def overrides(max_steps: int, workers: int) -> list[str]:
-    return [f"data.num_workers={workers}", "data.synthetic.num_train=8", "trainer.max_epochs=3",
+def overrides(max_steps: int, workers: int, batching: str = "aspect_ratio") -> list[str]:
+    return [f"data.train_batching={batching}", f"data.num_workers={workers}", "data.synthetic.num_train=8",
+            "trainer.max_epochs=3",
             f"trainer.max_steps={max_steps}", "trainer.save_every_n_steps=0", "data.augment.crop_prob=0.5",
             "data.augment.train_scales=[48,64]", "data.augment.crop_resize_scales=[50,60]",
             "data.augment.crop_min_size=30", "data.augment.crop_max_size=50", "data.augment.hflip_prob=0.5"]
@@ -68,8 +71,8 @@ def overrides(max_steps: int, workers: int) -> list[str]:
 _WHOLE: dict = {}
 
 
-def whole_run(root: Path, max_steps: int, workers: int):
-    key = (max_steps, workers)
+def whole_run(root: Path, max_steps: int, workers: int, batching: str = "aspect_ratio"):
+    key = (max_steps, workers, batching)
     if key not in _WHOLE:
         config_path = root / "tiny.yaml"
         config_path.write_text(TINY_RUN_YAML.format(root=root))
@@ -77,7 +80,7 @@ def whole_run(root: Path, max_steps: int, workers: int):
         snapshots.mkdir()
         batches = Batches()
         output_dir = f"trainer.output_dir={root / 'whole'}"
-        cfg = load_config(config_path, [*overrides(max_steps, workers), output_dir])
+        cfg = load_config(config_path, [*overrides(max_steps, workers, batching), output_dir])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = train(cfg, callbacks=[batches, Snapshots(snapshots)], progress_bar=False)
@@ -86,16 +89,17 @@ def whole_run(root: Path, max_steps: int, workers: int):
     return _WHOLE[key]
 
 
-def check_resume(tmp_path_factory, max_steps: int, workers: int, point: str) -> None:
-    new = (max_steps, workers) not in _WHOLE
-    root = tmp_path_factory.mktemp(f"whole_{max_steps}_{workers}") if new else None
-    config_path, snapshots, whole_batches, whole_weights = whole_run(root, max_steps, workers)
+def check_resume(tmp_path_factory, max_steps: int, workers: int, point: str, batching: str = "aspect_ratio"
+                 ) -> None:
+    new = (max_steps, workers, batching) not in _WHOLE
+    root = tmp_path_factory.mktemp(f"whole_{max_steps}_{workers}_{batching}") if new else None
+    config_path, snapshots, whole_batches, whole_weights = whole_run(root, max_steps, workers, batching)
     assert sorted(whole_batches) == list(range(12))
     run = tmp_path_factory.mktemp(f"resumed_{point}")
     (run / "checkpoints").mkdir()
     shutil.copy(snapshots / point, run / "checkpoints" / "last.ckpt")
     batches = Batches()
-    cfg = load_config(config_path, [*overrides(max_steps, workers), f"trainer.output_dir={run}"])
+    cfg = load_config(config_path, [*overrides(max_steps, workers, batching), f"trainer.output_dir={run}"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = train(cfg, resume="auto", callbacks=[batches], progress_bar=False)
@@ -113,6 +117,11 @@ def check_resume(tmp_path_factory, max_steps: int, workers: int, point: str) -> 
 @pytest.mark.parametrize("point", [EPOCH_END, LAST_BATCH, MID_EPOCH])
 def test_resume_matches_the_uninterrupted_run(tmp_path_factory, max_steps, point):
     check_resume(tmp_path_factory, max_steps, 0, point)
+
+
+@pytest.mark.parametrize("point", [LAST_BATCH, MID_EPOCH])
+def test_resume_with_padded_batches(tmp_path_factory, point):
+    check_resume(tmp_path_factory, 12, 0, point, batching="padded")
 
 
 @pytest.mark.slow

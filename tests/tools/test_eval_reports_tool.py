@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
-from detr_lab.checkpoints import save_checkpoint
+from detr_lab.checkpoints import load_checkpoint, save_checkpoint
 from detr_lab.config import load_config
 from detr_lab.data.synthetic import ensure_synthetic_dataset
 from detr_lab.engine import coco_backends
 from detr_lab.models.build import build_model
+from detr_lab.zoo import save_pretrained
 
 from factories import load_tool, synthetic_data_yaml, tiny_overrides
 
@@ -120,3 +121,21 @@ def test_errors_are_one_line_before_the_model_loads(setup, capsys, tmp_path, mon
         with pytest.raises(SystemExit) as exit_info:
             run_eval(setup, *wrong)
         assert exit_info.value.code == 2
+
+
+def test_a_model_folder_evaluates_as_its_checkpoint(setup, capsys, tmp_path):
+    """`--model FOLDER` and `--checkpoint FOLDER` (a save_pretrained folder) give the checkpoint's AP."""
+    folder = save_pretrained(tmp_path / "folder", load_checkpoint(setup["checkpoint"]))
+    assert run_eval(setup, "--no-report") == 0
+    from_file = capsys.readouterr().out.splitlines()[0]
+    eval_tool = load_tool("eval")
+    common = ["--config", str(setup["config"]), "--device", "cpu", "--no-progress", "--no-report"]
+    assert eval_tool.main([*common, "--model", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == from_file
+    assert eval_tool.main([*common, "--checkpoint", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == from_file
+    assert eval_tool.main([*common, "--model", str(tmp_path / "no-such-folder")]) == 1
+    assert "no model folder, zoo name or Hub repository" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        eval_tool.main([*common, "--model", str(folder), "--checkpoint", str(setup["checkpoint"])])
+    assert stop.value.code == 2
