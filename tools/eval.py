@@ -10,12 +10,15 @@ batches; `--backend openvino --model model.xml` an OpenVINO IR.
 Prints one summary line (AP, AP50, AP75, APs/m/l, AR100) and the per-class table (the 12-line COCOeval
 table too with --verbose); writes the COCO results json (original category ids) and a report folder:
 per-class AP / AP50 / AR100 CSV, a confusion matrix with background (CSV, PNG), PR curves per class.
+`--save-pretrained FOLDER` also writes the evaluated model as a Hub-style folder whose model card holds
+this evaluation and its report.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from detr_lab.engine.cli import (
     add_backend_arguments,
@@ -27,6 +30,7 @@ from detr_lab.engine.cli import (
     run_tool,
 )
 from detr_lab.engine.coco_backends import BACKENDS
+from detr_lab.errors import InputError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="least IoU of a match in the confusion matrix (default 0.5)")
     report.add_argument("--confusion-score", type=float, default=0.3,
                         help="least score of a detection in the confusion matrix (default 0.3)")
+    report.add_argument("--save-pretrained", metavar="FOLDER",
+                        help="pytorch backend: also write the evaluated model as a Hub-style folder (config, "
+                        "safetensors weights, classes, a model card with this evaluation and its report)")
     report.add_argument("--coco-backend", choices=BACKENDS, default="pycocotools",
                         help="COCO evaluation: pycocotools (default) or faster-coco-eval (the eval extra; "
                         "faster on large sets, same AP)")
@@ -64,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--annotations and --images go together")
     if args.annotations is not None and args.split != "val":
         parser.error("--split and --annotations exclude each other")
+    if args.save_pretrained is not None and args.backend != "pytorch":
+        parser.error("--save-pretrained needs the pytorch backend (an exported model has no weights to save)")
     return args
 
 
@@ -77,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, summary_line
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
 
-        check_not_an_input(args.output, {"--config": args.config, "--checkpoint": args.checkpoint,
-                                         "--model": args.model, "--annotations": args.annotations},
-                           option="--output")
+        inputs = {"--config": args.config, "--checkpoint": args.checkpoint, "--model": args.model,
+                  "--annotations": args.annotations, "--images": args.images}
+        check_not_an_input(args.output, inputs, option="--output")
+        check_not_an_input(args.save_pretrained, inputs, option="--save-pretrained")
+        folder = Path(args.save_pretrained) if args.save_pretrained is not None else None
+        if folder is not None and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise InputError(f"--save-pretrained {folder} exists and is not an empty folder; choose a new "
+                             "one (nothing is written over an earlier model)")
         options = EvalOptions(
             split=args.split,
             annotations=args.annotations,
@@ -97,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             options=options,
         )
+        pretrained = args.backend == "pytorch" and args.checkpoint is None  # --model NAME|FOLDER|REPO
+        reference = args.model if args.checkpoint is None else args.checkpoint
         if args.backend in ("onnxruntime", "openvino"):
             if args.device not in ("auto", "cpu"):
                 raise ValueError(f"--backend {args.backend} runs on the CPU; got --device {args.device}")
             result = evaluate_onnx(args.config, args.model, backend=args.backend, **common)
         else:
-            pretrained = args.checkpoint is None  # --model NAME|FOLDER|REPO
-            reference = args.model if pretrained else args.checkpoint
             result = evaluate_checkpoint(args.config, reference, device=args.device, pretrained=pretrained,
                                          **common)
         print(summary_line(result.stats, result.num_images, result.split))
@@ -114,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {result.report.folder} (per_class.csv, confusion_matrix.csv / .png at IoU "
                   f"{args.confusion_iou:g} and score {args.confusion_score:g}, pr_curves/)")
         print(f"COCO results written to {result.results_path}")
+        if args.save_pretrained is not None:
+            from detr_lab.checkpoints import split_model_overrides
+            from detr_lab.engine.evaluate import SUMMARY_STATS, load_evaluated_model
+            from detr_lab.zoo import save_pretrained
+
+            loaded = load_evaluated_model(reference, split_model_overrides(args.overrides)[0],
+                                          pretrained=pretrained)  # as loaded, before the inference rewrite
+            evaluation = {key: round(result.stats[key], 4) for key in SUMMARY_STATS}
+            evaluation.update(split=result.split, images=result.num_images, coco_backend=args.coco_backend)
+            save_pretrained(folder, loaded, evaluation=evaluation,
+                            source={"model" if pretrained else "checkpoint": str(reference)},
+                            report=result.report.folder if result.report is not None else None)
+            print(f"model folder written to {folder} (config.json, model.safetensors, README.md)")
 
     return run_tool("eval.py", body, debug=args.debug)
 

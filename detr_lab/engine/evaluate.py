@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detr_lab.checkpoints import load_checkpoint, split_model_overrides
+from detr_lab.checkpoints import LoadedCheckpoint, load_checkpoint, split_model_overrides
 from detr_lab.config import Config, load_config
 from detr_lab.data.coco import CocoDetectionDataset
 from detr_lab.data.datamodule import DetectionDataModule
@@ -83,11 +83,13 @@ class EvaluationResult:
     report: EvaluationReport | None = None  # the report folder's content, when one was written
 
 
+SUMMARY_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # the summary line's numbers
+
+
 def summary_line(stats: dict[str, float], num_images: int, name: str = "val") -> str:
     """One line: `<name>: AP 0.512  AP50 0.830  AP75 ...  APs ...  APm ...  APl ...  AR100 ...  (N images)`,
     `-` where COCOeval has nothing to measure (-1)."""
-    shown = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
-    numbers = "  ".join(f"{key} {stats[key]:.3f}" if stats[key] > -1 else f"{key} -" for key in shown)
+    numbers = "  ".join(f"{key} {stats[key]:.3f}" if stats[key] > -1 else f"{key} -" for key in SUMMARY_STATS)
     return f"{name}: {numbers}  ({num_images} images)"
 
 
@@ -196,6 +198,21 @@ def predict_dataset(
     return evaluator
 
 
+def load_evaluated_model(
+    reference: str | os.PathLike, model_overrides: Sequence[str] = (), *, pretrained: bool = False
+) -> LoadedCheckpoint:
+    """The model `evaluate_checkpoint` evaluates: a checkpoint file (`load_checkpoint`), a model folder
+    written by `save_pretrained` (recognised by its config.json), or with `pretrained` any reference
+    `load_pretrained` takes (zoo name, model folder, Hub repository id).
+
+    Raises:
+        See `load_checkpoint` and `load_pretrained`.
+    """
+    if pretrained or is_pretrained_folder(reference):
+        return load_pretrained(reference, model_overrides)[0]
+    return load_checkpoint(reference, overrides=model_overrides)
+
+
 def evaluate_checkpoint(
     config_path: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -231,10 +248,7 @@ def evaluate_checkpoint(
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
     cfg = evaluation_data(load_config(config_path, data_overrides), options)  # checked before the model loads
-    if pretrained or is_pretrained_folder(checkpoint):
-        loaded, _ = load_pretrained(checkpoint, model_overrides)
-    else:
-        loaded = load_checkpoint(checkpoint, overrides=model_overrides)
+    loaded = load_evaluated_model(checkpoint, model_overrides, pretrained=pretrained)
     warn_model_differences(cfg.model, loaded.config.model, config_path, checkpoint)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
 

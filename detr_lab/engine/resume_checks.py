@@ -12,7 +12,9 @@ restored, with a `ConfigError` naming the key and the way out:
   a new `optim.lr_multipliers` or `optim.no_decay_keys` key splits a group): AdamW's moments
   belong to the groups they were saved with;
 - another `data.batch_size` (or another number of processes) in mid-epoch: the saved loader position
-  counts batches of the old size, so images of that epoch would be skipped or repeated.
+  counts batches of the old size, so images of that epoch would be skipped or repeated;
+- another `data.train_batching` in mid-epoch (the rest of the epoch would be other batches); a
+  checkpoint saved before the key existed was trained with `padded` batches.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def _changed_group_keys(saved_optim: dict, optim) -> list[str]:
     return changes
 
 
+def effective_train_batching(data) -> str:
+    """How a run's training batches were drawn: its `data.train_batching` ("padded" for a saved config
+    from before the key, the default then), or "padded" under the fixed-size `rtdetr` policy, which
+    groups nothing. `data` is a `DataConfig` or a saved config's `data` dict."""
+    get = data.get if isinstance(data, dict) else lambda key, default: getattr(data, key, default)
+    augment = get("augment", None) or {}
+    policy = augment.get("policy", "detr") if isinstance(augment, dict) else augment.policy
+    return "padded" if policy == "rtdetr" else str(get("train_batching", "padded"))
+
+
 def _mid_epoch(checkpoint: dict) -> tuple[bool, int, int]:
     """(taken inside an epoch with batches left, batches done in it, the epoch) from the loop state."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
@@ -145,6 +157,15 @@ class RefuseInexactResume(Callback):
                 f"cannot resume {source} with 'data.batch_size: {now}': it was taken after {done} batches "
                 f"of {was} images in epoch {epoch}, and the rest of that epoch cannot be counted in batches "
                 f"of {now} without skipping or repeating images{way_out} (data.batch_size={was})"
+            )
+        saved_data = saved_cfg.get("data") or {}
+        was_batching = effective_train_batching(saved_data)
+        now_batching = effective_train_batching(pl_module.cfg.data)
+        if saved_data and was_batching != now_batching:
+            raise ConfigError(
+                f"cannot resume {source} with 'data.train_batching: {now_batching}': it was taken after "
+                f"{done} batches of epoch {epoch} drawn with '{was_batching}' batching, and the rest of that "
+                f"epoch would be other batches{way_out} (data.train_batching={was_batching})"
             )
         saved_world = meta.get(WORLD_SIZE_KEY)
         if saved_world is not None and int(saved_world) != trainer.world_size:

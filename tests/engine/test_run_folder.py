@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from detr_lab.config import ConfigError, load_config
+from detr_lab.engine.resume_checks import effective_train_batching
 from detr_lab.engine.run_folder import LOCK_FILE, lock_run_folder
 from detr_lab.engine.trainer import train
 from detr_lab.errors import InputError
@@ -116,3 +117,22 @@ def test_resume_in_mid_epoch_with_another_batch_size_is_refused(finished, tmp_pa
                        r"value .* \(data.batch_size=2\)"):
         start(finished["config"], "data.batch_size=1", f"trainer.output_dir={run}", resume="auto")
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_resume_in_mid_epoch_with_another_batching_is_refused(finished, tmp_path):
+    run = resumable_copy(finished, tmp_path)
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"with 'data.train_batching: padded': it was taken after 1 batches "
+                       r"of epoch 1 drawn with 'aspect_ratio' batching, .*resume with the saved value .* "
+                       r"\(data.train_batching=aspect_ratio\)"):
+        start(finished["config"], "data.train_batching=padded", f"trainer.output_dir={run}", resume="auto")
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_batching_of_a_saved_config_from_before_the_key():
+    assert effective_train_batching({"batch_size": 2}) == "padded"  # the default before the key existed
+    assert effective_train_batching({"train_batching": "aspect_ratio"}) == "aspect_ratio"
+    square = {"train_batching": "aspect_ratio", "augment": {"policy": "rtdetr"}}
+    assert effective_train_batching(square) == "padded"  # nothing is grouped under the rtdetr policy
+    assert effective_train_batching(load_config(overrides=["data.augment.policy=rtdetr"]).data) == "padded"
+    assert effective_train_batching(load_config().data) == "aspect_ratio"

@@ -139,3 +139,31 @@ def test_a_model_folder_evaluates_as_its_checkpoint(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:
         eval_tool.main([*common, "--model", str(folder), "--checkpoint", str(setup["checkpoint"])])
     assert stop.value.code == 2
+
+
+def test_save_pretrained_writes_the_evaluated_model_with_its_report(setup, capsys, tmp_path):
+    folder = tmp_path / "my-detector"
+    assert run_eval(setup, "--report-dir", str(tmp_path / "report"), "--save-pretrained", str(folder)) == 0
+    out = capsys.readouterr().out.splitlines()
+    ap = float(out[0].split()[2])
+    assert out[-1].startswith(f"model folder written to {folder} ")
+    description = json.loads((folder / "config.json").read_text())
+    assert description["evaluation"]["AP"] == pytest.approx(ap, abs=6e-4)
+    assert description["evaluation"]["split"] == "val" and description["evaluation"]["images"] == 3
+    assert description["class_names"] == CLASSES
+    assert (folder / "evaluation" / "per_class.csv").is_file() and (folder / "model.safetensors").is_file()
+    assert "per_class.csv" in (folder / "README.md").read_text()
+    # the folder evaluates to the same AP, and is never written over
+    eval_tool = load_tool("eval")
+    common = ["--config", str(setup["config"]), "--device", "cpu", "--no-progress", "--no-report"]
+    assert eval_tool.main([*common, "--model", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == out[0]
+    weights = (folder / "model.safetensors").read_bytes()
+    assert run_eval(setup, "--save-pretrained", str(folder)) == 1
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert eval_tool.main([*common, "--model", str(folder), "--save-pretrained", str(folder)]) == 1
+    assert "writing it would destroy that input" in capsys.readouterr().err
+    assert (folder / "model.safetensors").read_bytes() == weights
+    with pytest.raises(SystemExit) as stop:
+        eval_tool.main([*common, "--backend", "onnxruntime", "--model", "m.onnx", "--save-pretrained", "x"])
+    assert stop.value.code == 2
