@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(args.config, args.overrides)
             return
-        from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, summary_line
+        from detr_lab.checkpoints import split_model_overrides
+        from detr_lab.config import load_config
+        from detr_lab.engine.evaluate import EvalOptions, evaluate_checkpoint, evaluation_data, summary_line
         from detr_lab.predict.onnx_evaluation import evaluate_onnx
+        from detr_lab.zoo import load_model_reference
 
         inputs = {"--config": args.config, "--checkpoint": args.checkpoint, "--model": args.model,
                   "--annotations": args.annotations, "--images": args.images}
@@ -118,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--backend {args.backend} runs on the CPU; got --device {args.device}")
             result = evaluate_onnx(args.config, args.model, backend=args.backend, **common)
         else:
-            result = evaluate_checkpoint(args.config, reference, device=args.device, pretrained=pretrained,
-                                         **common)
+            model_overrides, data_overrides = split_model_overrides(args.overrides)
+            evaluation_data(load_config(args.config, data_overrides), options)  # data errors first
+            loaded = load_model_reference(reference, model_overrides, pretrained=pretrained)
+            result = evaluate_checkpoint(args.config, loaded, device=args.device, source=reference,
+                                         **{**common, "overrides": data_overrides})
         print(summary_line(result.stats, result.num_images, result.split))
         if args.verbose:
             print(result.summary, end="")
@@ -129,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.confusion_iou:g} and score {args.confusion_score:g}, pr_curves/)")
         print(f"COCO results written to {result.results_path}")
         if args.save_pretrained is not None:
-            from detr_lab.checkpoints import split_model_overrides
-            from detr_lab.engine.evaluate import SUMMARY_STATS, load_evaluated_model
+            from detr_lab.engine.evaluate import SUMMARY_STATS
             from detr_lab.zoo import save_pretrained
 
-            loaded = load_evaluated_model(reference, split_model_overrides(args.overrides)[0],
-                                          pretrained=pretrained)  # as loaded, before the inference rewrite
+            # loaded again: evaluation rewrote the first copy for inference (folded norms, traced backbone)
+            loaded = load_model_reference(reference, model_overrides, pretrained=pretrained)
             evaluation = {key: round(result.stats[key], 4) for key in SUMMARY_STATS}
             evaluation.update(split=result.split, images=result.num_images, coco_backend=args.coco_backend)
             save_pretrained(folder, loaded, evaluation=evaluation,

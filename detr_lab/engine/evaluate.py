@@ -38,8 +38,6 @@ from detr_lab.engine.evaluator import CocoEvaluator
 from detr_lab.errors import InputError, InputNotFoundError
 from detr_lab.models.build import build_postprocess
 from detr_lab.models.optimize import optimize_for_inference
-from detr_lab.zoo.folder import is_pretrained_folder
-from detr_lab.zoo.pretrained import load_pretrained
 
 
 @dataclass(frozen=True)
@@ -198,24 +196,9 @@ def predict_dataset(
     return evaluator
 
 
-def load_evaluated_model(
-    reference: str | os.PathLike, model_overrides: Sequence[str] = (), *, pretrained: bool = False
-) -> LoadedCheckpoint:
-    """The model `evaluate_checkpoint` evaluates: a checkpoint file (`load_checkpoint`), a model folder
-    written by `save_pretrained` (recognised by its config.json), or with `pretrained` any reference
-    `load_pretrained` takes (zoo name, model folder, Hub repository id).
-
-    Raises:
-        See `load_checkpoint` and `load_pretrained`.
-    """
-    if pretrained or is_pretrained_folder(reference):
-        return load_pretrained(reference, model_overrides)[0]
-    return load_checkpoint(reference, overrides=model_overrides)
-
-
 def evaluate_checkpoint(
     config_path: str | os.PathLike,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | LoadedCheckpoint,
     *,
     overrides: Sequence[str] = (),
     output: str | os.PathLike | None = None,
@@ -223,7 +206,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     progress: bool = True,
     options: EvalOptions | None = None,
-    pretrained: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Run the checkpoint's model over a split (or annotation file), score it with COCOeval, write the
     results json (and the report folder with `options.report`).
@@ -231,9 +214,10 @@ def evaluate_checkpoint(
     Args:
         config_path: YAML config giving the dataset (`data.*`); its `model` section is not used.
         checkpoint: any checkpoint `load_checkpoint` reads (detr_lab, Lightning, official DETR), or a
-            model folder written by `save_pretrained` (recognised by its config.json).
-        pretrained: `checkpoint` is a model reference for `load_pretrained` instead: a zoo name, a
-            model folder or a Hugging Face Hub repository id.
+            model already loaded, e.g. by `detr_lab.zoo.load_model_reference` (a model folder, a zoo
+            name), named by `source`.
+        source: what `checkpoint` was loaded from when it is a `LoadedCheckpoint` (names the default
+            results json and the warnings); default the checkpoint's path.
         overrides: dotted `key=value`; `model.*` ones go to the checkpoint's config.
         output: where to write the COCO results json (default: `default_results_path`, one file per
             checkpoint, so evaluating another checkpoint with the same YAML does not overwrite it).
@@ -241,14 +225,21 @@ def evaluate_checkpoint(
         batch_size: images per forward pass (default `data.batch_size`).
         options: the split or annotation file, the COCO backend, the report (see `EvalOptions`).
     Raises:
-        InputError, InputNotFoundError: see `evaluation_data`; DatasetError: an unreadable set.
+        InputError, InputNotFoundError: see `evaluation_data`, or `model.*` overrides with a loaded
+        model; DatasetError: an unreadable set.
     """
     options = options or EvalOptions()
     model_overrides, data_overrides = split_model_overrides(list(overrides))
     if batch_size is not None:
         data_overrides.append(f"data.batch_size={batch_size}")
     cfg = evaluation_data(load_config(config_path, data_overrides), options)  # checked before the model loads
-    loaded = load_evaluated_model(checkpoint, model_overrides, pretrained=pretrained)
+    if isinstance(checkpoint, LoadedCheckpoint):
+        if model_overrides:
+            raise InputError(f"{', '.join(model_overrides)}: a loaded model's overrides are applied when it "
+                             "is loaded (e.g. load_model_reference(reference, overrides))")
+        loaded, checkpoint = checkpoint, source if source is not None else "the given model"
+    else:
+        loaded = load_checkpoint(checkpoint, overrides=model_overrides)
     warn_model_differences(cfg.model, loaded.config.model, config_path, checkpoint)
     cfg = dataclasses.replace(cfg, model=loaded.config.model)
 

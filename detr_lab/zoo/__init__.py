@@ -37,7 +37,7 @@ from detr_lab.zoo.folder import (
     push_to_hub,
     save_pretrained,
 )
-from detr_lab.zoo.pretrained import load_pretrained, load_zoo_checkpoint
+from detr_lab.zoo.pretrained import load_model_reference, load_pretrained, load_zoo_checkpoint
 
 __all__ = [
     "CACHE_ENV",
@@ -52,6 +52,7 @@ __all__ = [
     "fetch_file",
     "file_sha256",
     "is_pretrained_folder",
+    "load_model_reference",
     "load_pretrained",
     "load_pretrained_folder",
     "load_zoo_checkpoint",

@@ -17,6 +17,7 @@ from detr_lab.checkpoints import (
     apply_overrides,
     build_loaded,
     convert_official,
+    load_checkpoint,
     official_categories,
 )
 from detr_lab.errors import InputError
@@ -100,3 +101,20 @@ def load_pretrained(
                          "Predictor.from_checkpoint / --checkpoint")
     raise InputError(f"'{text}' is no model folder, zoo name or Hub repository (owner/name); zoo names: "
                      f"{', '.join(ZOO)}")
+
+
+def load_model_reference(
+    reference: str | os.PathLike, overrides: Sequence[str] = (), *, pretrained: bool = False
+) -> LoadedCheckpoint:
+    """The model a tool's `--checkpoint` / `--model` names: a checkpoint file (`load_checkpoint`), a
+    model folder written by `save_pretrained` (recognised by its config.json, also as a checkpoint),
+    or with `pretrained` any reference `load_pretrained` takes (zoo name, model folder, Hub repository).
+
+    Args:
+        overrides: dotted `model.*` overrides applied to the stored config.
+    Raises:
+        See `load_checkpoint` and `load_pretrained`.
+    """
+    if pretrained or is_pretrained_folder(reference):
+        return load_pretrained(reference, overrides)[0]
+    return load_checkpoint(reference, overrides=overrides)

@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from detr_lab.config import AugmentConfig, Config, DataConfig, SyntheticConfig
 from detr_lab.data.datamodule import DetectionDataModule
 from detr_lab.data.errors import DatasetError
-from detr_lab.data.samplers import EpochSampler, SameSizeBatchSampler
+from detr_lab.data.samplers import AspectRatioBatchSampler, EpochSampler, SameSizeBatchSampler
 
 SMALL_AUGMENT = AugmentConfig(train_scales=[64, 80], max_size=128, crop_resize_scales=[72, 88],
                               crop_min_size=48, crop_max_size=72, eval_size=80, eval_max_size=128)
@@ -76,10 +76,16 @@ def test_loader_settings(tmp_path):
         dm.train_dataloader()
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert train.batch_size == 2 and train.num_workers == 1 and train.persistent_workers
+    assert train.num_workers == 1 and train.persistent_workers
     assert isinstance(train, StatefulDataLoader) and callable(train.state_dict)  # resumable mid-epoch
-    assert isinstance(train.sampler, EpochSampler)  # order from (seed, epoch), keys (epoch, index)
-    assert train.batch_size == 2
+    # the default: batches of one orientation, drawn from the (seed, epoch) order of an EpochSampler
+    assert isinstance(train.batch_sampler, AspectRatioBatchSampler) and train.batch_sampler.batch_size == 2
+    assert isinstance(train.batch_sampler.sampler, EpochSampler)  # keys (epoch, index)
+    cfg.data.train_batching = "padded"
+    mixed = DetectionDataModule(cfg)
+    mixed.setup("fit")
+    loader = mixed.train_dataloader()
+    assert isinstance(loader.sampler, EpochSampler) and loader.batch_size == 2
     assert isinstance(val.batch_sampler, SameSizeBatchSampler)  # no padding: AP independent of batching
     assert isinstance(val.batch_sampler.sampler, torch.utils.data.SequentialSampler)
     cfg.data.eval_batching = "padded"
