@@ -163,7 +163,9 @@ BREAKDOWN_PARTS = (
 )
 
 
-def _breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+def breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules whose forward calls make up each timed part of a detector ("backbone", "neck",
+    "enc_attn" and its "enc_attn_linear" layers, "enc_ffn", "decoder"); parts the model lacks are empty."""
     transformer = getattr(model, "transformer", None)
     encoder_layers = list(getattr(getattr(transformer, "encoder", None), "layers", []))
     attention = [layer.self_attn for layer in encoder_layers if hasattr(layer, "self_attn")]
@@ -183,7 +185,7 @@ def _breakdown_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 def time_breakdown(model: nn.Module, call: Callable[[], object], device: torch.device) -> dict[str, float]:
     """Wall seconds of one `call()` (which runs `model`) per part of `BREAKDOWN_PARTS`, plus "total"."""
-    parts = _breakdown_modules(model)
+    parts = breakdown_modules(model)
     totals = dict.fromkeys(parts, 0.0)
     handles = []
 

@@ -13,8 +13,9 @@ with boxes in normalized cxcywh), in the same process:
   (the standard callbacks, `StepSeeds`, the CSV logger, no progress bar, no validation, no checkpoint
   during the timed steps) on a loader that yields the same batch. A callback times each step from
   Lightning's `on_train_batch_start` to `on_train_batch_end` (training_step, backward, clipping,
-  optimizer and scheduler, callbacks); the median minus the hand-timed step's is the Lightning loop's
-  and the run callbacks' cost.
+  optimizer and scheduler, callbacks). Its difference from the hand-timed step bounds the Lightning
+  loop's and the run callbacks' cost only roughly: the two are separate runs, and on a 2-core CPU
+  their medians differ by hundreds of ms from one run to the next.
 
 The hooks add two synchronizations per timed part (free on the CPU); the criterion's parts are timed
 by wrapping the matcher's forward and each `LOSS_TERMS` entry's function for the duration of the call.
@@ -36,7 +37,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from detr_lab.benchmark.detectors import _breakdown_modules, random_batch, random_targets
+from detr_lab.benchmark.detectors import breakdown_modules, random_batch, random_targets
 from detr_lab.config import Config
 from detr_lab.engine.module import DetectionModule
 from detr_lab.engine.optim import build_optimizer
@@ -87,7 +88,7 @@ class PhaseClock:
 def _timed_parts(module: DetectionModule, clock: PhaseClock) -> Iterator[None]:
     """Time the detector's parts, the matcher and each loss term into `clock` inside the block."""
     handles = []
-    for name, modules in _breakdown_modules(module.model).items():
+    for name, modules in breakdown_modules(module.model).items():
         for part in modules:
             starts: list[float] = []
 
@@ -181,7 +182,8 @@ class _Repeat(torch.utils.data.IterableDataset):
 
 
 def lightning_step_times(module: DetectionModule, batch: Batch, *, steps: int, warmup: int) -> list[float]:
-    """Seconds of each of `steps` training steps fitted by Lightning after `warmup` (see the docstring)."""
+    """Seconds of each of `steps` training steps fitted by Lightning after `warmup` (see the module
+    docstring); the run's folder is temporary, and `module.cfg` is given back unchanged."""
     device = batch[0].device
     with tempfile.TemporaryDirectory(prefix="profile_train_step_") as folder:
         trainer_cfg = dataclasses.replace(
@@ -189,10 +191,14 @@ def lightning_step_times(module: DetectionModule, batch: Batch, *, steps: int, w
             max_time_minutes=0.0, loggers=["csv"], summary=False, save_every_n_steps=0,
             accelerator="cpu" if device.type == "cpu" else module.cfg.trainer.accelerator, devices="1",
         )
-        module.cfg = dataclasses.replace(module.cfg, trainer=trainer_cfg)
+        original = module.cfg
+        module.cfg = dataclasses.replace(original, trainer=trainer_cfg)
         timer = _StepTimes(device)
         callbacks = [StepSeeds(trainer_cfg.seed), timer]
-        trainer = build_trainer(module.cfg, callbacks=callbacks, progress_bar=False)
-        loader = torch.utils.data.DataLoader(_Repeat(batch, warmup + steps), batch_size=None)
-        trainer.fit(module, train_dataloaders=loader)
+        try:
+            trainer = build_trainer(module.cfg, callbacks=callbacks, progress_bar=False)
+            loader = torch.utils.data.DataLoader(_Repeat(batch, warmup + steps), batch_size=None)
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            module.cfg = original
     return timer.seconds[warmup:]
