@@ -42,9 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="traced batch size (default 2 with --dynamic, else 1)")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch size, height and width")
     parser.add_argument(
-        "--deformable-core", choices=("gather", "grid_sample"), default="gather",
-        help="deformable attention as bilinear gathers (default; any size, TensorRT-safe) or ONNX "
-        "GridSample (opset >= 16, fixed size only)",
+        "--deformable-core", choices=("auto", "gather", "grid_sample"), default="auto",
+        help="deformable attention as ONNX GridSample (opset >= 16, fixed size only; faster on "
+        "onnxruntime's CPU) or bilinear gathers (any size; use it for TensorRT); default auto: "
+        "grid_sample for a fixed-size export, gather with --dynamic",
     )
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch")
     parser.add_argument("--config", help="with --verify: also compare on this config's validation images")

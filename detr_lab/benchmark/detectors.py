@@ -18,7 +18,7 @@ the same weights:
   fast core ("auto"), and for inference `optimize_for_inference` (frozen batch norms folded into
   the convolutions, chunked feed-forward blocks, channels-last convolutions).
 - "onnxruntime" (only when asked for; export extra): the model exported to ONNX at the case's fixed
-  size (`detr_lab.export`, gather deformable core) and run by onnxruntime on the CPU with
+  size (`detr_lab.export`, its default deformable core) and run by onnxruntime on the CPU with
   `threads` intra-op threads; no breakdown.
 - "openvino", "onnxruntime_int8", "openvino_int8" (only when asked for; export extra): the same export
   converted to OpenVINO IR (FP32), or quantized to INT8 (onnxruntime static QDQ / NNCF, calibrated on

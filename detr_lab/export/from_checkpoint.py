@@ -56,7 +56,7 @@ def export_checkpoint(
     batch: int | None = None,
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
-    deformable_core: str = "gather",
+    deformable_core: str = "auto",
     verify: bool = False,
     config_path: str | os.PathLike | None = None,
     num_random: int = 3,

@@ -5,12 +5,17 @@
 
 The graph is traced with the TorchScript-based `torch.onnx.export` (dynamo=False): the model runs once
 on an example batch, so the export path avoids host-side reads of tensor values. Deformable attention
-is exported through a core of standard ONNX operators: "gather" (default; bilinear gathers, valid for
-every input size, TensorRT-safe) or "grid_sample" (ONNX `GridSample`, opset >= 16; the per-level
-split sizes are traced as constants, so only for a fixed input size). RepVGG blocks (RT-DETR's
-hybrid encoder) are fused into one convolution each (`detr_lab.models.fusion`), as the official RT-DETR export
-does. Any detector whose forward returns `pred_logits` and `pred_boxes` exports unchanged; ACT's
-adaptive clustering attention is refused (its cluster counts are data-dependent).
+is exported through a core of standard ONNX operators: "gather" (bilinear gathers, valid for every
+input size, TensorRT-safe) or "grid_sample" (ONNX `GridSample`, opset >= 16; the per-level split
+sizes are traced as constants, so only for a fixed input size). "auto" (the default) takes
+"grid_sample" for a fixed-size export at opset >= 16 and "gather" otherwise: on onnxruntime's CPU
+kernels GridSample was the faster of the two at every shape measured (README, "Deformable attention
+in ONNX"). TensorRT miscompiles `grid_sample` (NVIDIA/TensorRT#4813): export for it with "gather".
+RepVGG blocks (RT-DETR's hybrid encoder) are fused into one convolution each, as the official RT-DETR
+export does, and HGNetv2's learnable affine blocks fold into the batch norm and a clamp
+(`detr_lab.models.fusion`). Any detector whose forward returns
+`pred_logits` and `pred_boxes` exports unchanged; ACT's adaptive clustering attention is refused (its
+cluster counts are data-dependent).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from detr_lab.files import atomic_write
 from detr_lab.models.attention.clustering import AdaptiveClusteringAttention
 from detr_lab.models.attention.deformable import MultiScaleDeformableAttention, set_deformable_core
 from detr_lab.models.backbones.vit import ViTBackbone
-from detr_lab.models.fusion import fuse_repvgg_blocks
+from detr_lab.models.fusion import fold_learnable_affine_blocks, fuse_repvgg_blocks
 
 INPUT_NAMES = ("images", "padding_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 DEFORMABLE_CORES = {"gather": "gather", "grid_sample": "reference"}  # export name -> core_impl
+CORE_CHOICES = ("auto", *DEFORMABLE_CORES)
 DEFAULT_OPSET = 17
 MIN_OPSET = {"gather": 13, "grid_sample": 16}
 
@@ -91,7 +97,22 @@ def prepare_for_export(model: nn.Module, deformable_core: str = "gather") -> Exp
     copied = copy.deepcopy(model).float().cpu().eval()
     set_deformable_core(copied, DEFORMABLE_CORES[deformable_core])
     fuse_repvgg_blocks(copied)
+    fold_learnable_affine_blocks(copied)
     return ExportedDetector(copied).eval()
+
+
+def resolve_deformable_core(deformable_core: str, *, dynamic: bool, opset: int) -> str:
+    """The export core that `deformable_core` names: "gather" or "grid_sample" as given; "auto" ->
+    "grid_sample" for a fixed-size export at opset >= 16, else "gather" (see the module docstring).
+
+    Raises:
+        ExportError: a name outside `CORE_CHOICES`.
+    """
+    if deformable_core not in CORE_CHOICES:
+        raise ExportError(f"deformable core must be one of {list(CORE_CHOICES)}, got {deformable_core!r}")
+    if deformable_core != "auto":
+        return deformable_core
+    return "grid_sample" if not dynamic and opset >= MIN_OPSET["grid_sample"] else "gather"
 
 
 def example_inputs(batch: int, height: int, width: int, *, padded: bool = True) -> tuple[Tensor, Tensor]:
@@ -120,7 +141,7 @@ def export_onnx(
     batch: int = 2,
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
-    deformable_core: str = "gather",
+    deformable_core: str = "auto",
 ) -> Path:
     """Trace `model` at `[batch, 3, height, width]` and write the ONNX file atomically.
 
@@ -131,12 +152,13 @@ def export_onnx(
         height, width, batch: the traced input size; the graph accepts only this size unless `dynamic`.
         dynamic: batch size, height and width become dynamic axes (needs the "gather" core).
         opset: ONNX opset (>= 13; >= 16 for "grid_sample").
-        deformable_core: "gather" or "grid_sample" (see the module docstring).
+        deformable_core: "auto" (default), "gather" or "grid_sample" (see the module docstring).
     Raises:
         ExportError: ACT attention, a bad core/opset/size combination.
         MissingExtraError: onnx is not installed.
     """
     onnx = require("onnx")
+    deformable_core = resolve_deformable_core(deformable_core, dynamic=dynamic, opset=opset)
     if min(height, width, batch) < 1:
         raise ExportError(f"export size must be positive, got batch {batch}, height {height}, width {width}")
     if opset < MIN_OPSET.get(deformable_core, 13):
@@ -177,12 +199,35 @@ def export_onnx(
             dynamo=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())
+    drop_trailing_empty_inputs(proto.graph)
     metadata.store(proto, traced_size=None if dynamic else (batch, height, width))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output, "wb") as handle:  # temporary file, fsync, rename
         handle.write(proto.SerializeToString())
     return output
+
+
+def drop_trailing_empty_inputs(graph) -> int:
+    """Remove the empty names at the end of each node's input list (in place; an `onnx.GraphProto`);
+    returns how many were removed.
+
+    An omitted optional input may be written as an empty name or left off the end of the list: the
+    ONNX spec gives both the same meaning. The TorchScript exporter writes `F.pad`'s
+    `Pad(data, pads, "")`, and onnxruntime (1.32) fuses a zero `Pad` into the `Conv` after it only
+    when the list ends at `pads`: HGNetv2's stem (D-FINE, DEIM) saved an unfused pad and a layout
+    reorder over a 321 x 321 map, about 0.7 ms of D-FINE-N's 100 ms at 1 thread.
+    """
+    removed = 0
+    for node in graph.node:
+        names = list(node.input)
+        while names and names[-1] == "":
+            names.pop()
+        if len(names) != len(node.input):
+            removed += len(node.input) - len(names)
+            del node.input[:]
+            node.input.extend(names)
+    return removed
 
 
 def _has_deformable(model: nn.Module) -> bool:

@@ -32,7 +32,7 @@ def onnxruntime_call(
     padding_mask: Tensor,
     *,
     threads: int | None = None,
-    deformable_core: str = "gather",
+    deformable_core: str = "auto",
     directory: str | os.PathLike | None = None,
 ) -> Callable[[], dict]:
     """Export `model` for the fixed size of `images` `[B, 3, H, W]` and return a call running it.
@@ -70,7 +70,7 @@ def exported_call(
     runtime: str = "onnxruntime",
     int8: bool = False,
     threads: int | None = None,
-    deformable_core: str = "gather",
+    deformable_core: str = "auto",
 ) -> Callable[[], dict]:
     """`onnxruntime_call` for "onnxruntime" or "openvino" (FP32 IR converted from the ONNX export),
     optionally INT8 (onnxruntime static QDQ / NNCF, every node quantized, calibrated on `images`).

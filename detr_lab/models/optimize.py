@@ -11,7 +11,9 @@ What `optimize_for_inference` does, in place:
   conv-norm units of RT-DETR's ResNet-vd and hybrid encoder, D-FINE's encoder included (its
   RepNCSPELAN4 and depthwise SCDown convolutions) (`fold_conv_norm_units`; batch norm at its running
   statistics, as in eval mode), after each RepVGG block of the hybrid encoder became one 3x3
-  convolution (`detr_lab.models.fusion.fuse_repvgg_blocks`).
+  convolution (`detr_lab.models.fusion.fuse_repvgg_blocks`). HGNetv2's conv-norm units too (D-FINE,
+  DEIM), after their learnable affine blocks became part of the norm and a clamp
+  (`fold_learnable_affine_blocks`).
 - Stores every 4-D weight (the convolutions) channels-last (`torch.channels_last`). A convolution
   with a channels-last weight returns a channels-last map, so the whole backbone then runs in
   oneDNN's (CPU) / cuDNN's (GPU) preferred NHWC layout without reorders between layers, and the
@@ -54,7 +56,7 @@ from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.backbones import Backbone, FrozenBatchNorm2d, ResNetBackbone
 from detr_lab.models.backbones.resnet_vd import ConvNorm
-from detr_lab.models.fusion import fuse_repvgg_blocks
+from detr_lab.models.fusion import fold_learnable_affine_blocks, fuse_repvgg_blocks
 from detr_lab.models.necks.hybrid_encoder import ConvNormAct
 from detr_lab.models.transformer import FeedForward
 
@@ -130,7 +132,8 @@ def fold_frozen_batch_norms(model: nn.Module) -> int:
 
 def fold_conv_norm_units(model: nn.Module) -> int:
     """Fold the batch norm of every conv-norm unit (ResNet-vd's `ConvNorm`, the hybrid encoder's
-    `ConvNormAct` and its input projections, `Sequential(conv, norm)`) into the convolution, at the
+    `ConvNormAct` and its input projections, `Sequential(conv, norm)`, HGNetv2's `ConvBNAct`) into the
+    convolution, at the
     norm's running statistics (its eval-mode function), and replace the norm by `nn.Identity`. For
     models that are only run. Returns how many were folded (0 on a second call)."""
     count = 0
@@ -140,6 +143,8 @@ def fold_conv_norm_units(model: nn.Module) -> int:
             pairs = [("conv", "norm")]
         elif isinstance(module, nn.Sequential) and list(dict(module.named_children())) == ["conv", "norm"]:
             pairs = [("conv", "norm")]
+        elif list(dict(module.named_children()))[:2] == ["conv", "bn"] and isinstance(module.conv, nn.Conv2d):
+            pairs = [("conv", "bn")]  # HGNetv2's units (timm `ConvBNAct`: conv, bn, act, lab)
         for conv_name, norm_name in pairs:
             norm = getattr(module, norm_name)
             if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)) and norm.running_var is not None:
@@ -359,6 +364,7 @@ def optimize_for_inference(
     """
     fold_frozen_batch_norms(model)
     fuse_repvgg_blocks(model)
+    fold_learnable_affine_blocks(model)
     fold_conv_norm_units(model)
     chunk_feed_forwards(model)
     if channels_last:

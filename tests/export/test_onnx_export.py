@@ -11,7 +11,12 @@ from export_helpers import CATEGORY_IDS, CLASS_NAMES, VARIANTS
 
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.export.metadata import ExportMetadata
-from detr_lab.export.onnx_export import ExportError, export_onnx
+from detr_lab.export.onnx_export import (
+    ExportError,
+    drop_trailing_empty_inputs,
+    export_onnx,
+    resolve_deformable_core,
+)
 from detr_lab.export.runtime import OnnxDetector, OnnxInputError
 from detr_lab.export.verify import random_batch, verify_onnx
 
@@ -95,6 +100,58 @@ def test_grid_sample_core_fixed_size_export(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="opset 15 is too old"):
         export_onnx(loaded.model, tmp_path / "x.onnx", metadata=meta, opset=15, deformable_core="grid_sample")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_auto_core_is_grid_sample_at_a_fixed_size_and_gather_otherwise(checkpoints, tmp_path):
+    assert resolve_deformable_core("auto", dynamic=False, opset=17) == "grid_sample"
+    assert resolve_deformable_core("auto", dynamic=True, opset=17) == "gather"
+    assert resolve_deformable_core("auto", dynamic=False, opset=15) == "gather"  # GridSample: opset 16
+    assert resolve_deformable_core("gather", dynamic=False, opset=17) == "gather"
+    with pytest.raises(ExportError, match="'bilinear'"):
+        resolve_deformable_core("bilinear", dynamic=False, opset=17)
+    onnx = pytest.importorskip("onnx")
+    loaded = load_checkpoint(checkpoints["two_stage"])
+    path = export_onnx(loaded.model, tmp_path / "auto.onnx", metadata=ExportMetadata.from_loaded(loaded),
+                       height=96, width=128, batch=2)  # the default core
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" in ops
+    assert verify_onnx(loaded.model, path, num_random=1).passed
+
+
+def test_trailing_empty_inputs_are_dropped_and_the_pad_fuses_into_the_conv(tmp_path):
+    """`Pad(x, pads, "")` as the TorchScript exporter writes `F.pad`: without the empty name the
+    graph computes the same, and onnxruntime folds the pad into the convolution after it."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(torch.randn(4, 3, 2, 2).numpy(), "w")
+    pads = numpy_helper.from_array(torch.tensor([0, 0, 0, 0, 0, 0, 1, 1]).numpy(), "pads")
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads", ""], ["padded"], mode="constant"),
+         helper.make_node("Conv", ["padded", "w"], ["y"])],
+        "pad_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [weight, pads],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert drop_trailing_empty_inputs(model.graph) == 1
+    assert list(model.graph.node[0].input) == ["x", "pads"]
+    assert drop_trailing_empty_inputs(model.graph) == 0
+    onnx.checker.check_model(model)
+    x = {"x": torch.randn(1, 3, 6, 6).numpy()}
+    outputs, op_counts = [], []
+    for index, serialized in enumerate((before, model.SerializeToString())):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized_{index}.onnx")
+        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, x)[0])
+        optimized = onnx.load(options.optimized_model_filepath)
+        op_counts.append(sum(node.op_type == "Pad" for node in optimized.graph.node))
+    assert (outputs[0] == outputs[1]).all()
+    assert op_counts == [1, 0]
 
 
 def test_act_is_refused_with_the_plain_attention_hint(checkpoints, tmp_path):

@@ -23,6 +23,8 @@ from detr_lab.models.backbones.hgnetv2_keys import (
     official_hgnetv2_state_dict,
 )
 from detr_lab.models.build import build_backbone
+from detr_lab.models.fusion import AffineClamp, fold_learnable_affine_blocks
+from detr_lab.models.optimize import fold_conv_norm_units
 
 from factories import FIXTURES, load_module
 
@@ -229,3 +231,35 @@ def test_config_builds_it_and_names_bad_keys():
         load_config(overrides=[*base, "model.backbone.timm_kwargs.drop_path_rate=0.1"])
     with pytest.raises(ConfigError, match=only.format("dilation", "resnet'")):
         load_config(overrides=[*base, "model.backbone.dilation=true"])
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "frozen_bn"])
+def test_learnable_affine_blocks_fold_into_the_norm_and_a_clamp(norm):
+    """`s * relu(z) + b` as `max(s z + b, b)` (s >= 0) or `min(s z + b, b)` (s < 0): the folded
+    backbone computes the same maps, with scales of both signs and zero."""
+    torch.manual_seed(0)
+    backbone = HGNetv2Backbone("hgnetv2_b0", strides=ALL_STRIDES, use_lab=True, norm=norm).eval()
+    labs = [m for m in backbone.modules() if type(m).__name__ == "LearnableAffineBlock"]
+    with torch.no_grad():
+        for index, lab in enumerate(labs):
+            lab.scale.fill_((-1.5, 0.0, 0.7, 2.0)[index % 4])
+            lab.bias.normal_(0, 0.5)
+        for module in backbone.modules():
+            if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = backbone.feature_maps(images)
+        assert fold_learnable_affine_blocks(backbone) == len(labs) == 30
+        assert fold_learnable_affine_blocks(backbone) == 0
+        clamps = [m for m in backbone.modules() if isinstance(m, AffineClamp)]
+        assert len(clamps) == 30 and {c.lower for c in clamps} == {True, False}
+        folded = backbone.feature_maps(images)
+        assert fold_conv_norm_units(backbone) > 0  # the PyTorch fast path folds the norms after
+        fused = backbone.feature_maps(images)
+    for want, got, got_fused in zip(expected, folded, fused, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_fused, want, rtol=1e-4, atol=1e-4)

@@ -201,6 +201,25 @@ def test_per_level_points_pad_with_zero_weights():
     )
 
 
+def test_attention_without_projections_leaves_the_callers_memory_alone():
+    """D-FINE's attention has no value projection, so its value is the decoder's memory, which every
+    layer reads: padded positions are zeroed in the sampled copy, never in the caller's tensor."""
+    attention = MultiScaleDeformableAttentionV2(16, 2, 2, 2, projections=False)
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    memory = torch.randn(2, 20, 16)
+    before = memory.clone()
+    padding = torch.zeros(2, 20, dtype=torch.bool)
+    padding[1, 12:16] = padding[1, 19] = True
+    query, boxes = torch.randn(2, 3, 16), torch.rand(2, 3, 2, 4) * 0.5 + 0.25
+    output = attention(
+        query, None, memory, key_padding_mask=padding, reference_points=boxes, spatial_shapes=shapes
+    )
+    assert torch.equal(memory, before)
+    zeroed = attention(query, None, memory.masked_fill(padding[..., None], 0.0), reference_points=boxes,
+                       spatial_shapes=shapes)
+    torch.testing.assert_close(output, zeroed, rtol=0, atol=0)
+
+
 def test_decoder_options_need_the_v2_attention():
     with pytest.raises(
         ConfigError, match="'model.decoder.sampling' is read by the cross-attention deformable_v2"

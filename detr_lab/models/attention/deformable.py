@@ -205,15 +205,23 @@ class MultiScaleDeformableAttention(nn.Module):
     def project_value(self, value: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """`[B, Lv, d]` -> the projected values per head `[B, Lv, heads, head_dim]`, zero at padding."""
         batch, length = value.shape[:2]
-        value = self.value_proj(value)
-        # In place on the fresh projection. On CPU a batch without padding (a single image) skips the
-        # pass over the whole map; on GPU the check would cost a host synchronisation, and a traced
-        # graph (ONNX export) must mask whatever its example input was.
+        projected = self.value_proj(value)
+        # On CPU a batch without padding (a single image) skips the pass over the whole map; on GPU
+        # the check would cost a host synchronisation, and a traced graph (ONNX export) must mask
+        # whatever its example input was.
         if key_padding_mask is not None and (
-            value.device.type != "cpu" or torch.jit.is_tracing() or bool(key_padding_mask.any())
+            projected.device.type != "cpu" or torch.jit.is_tracing() or bool(key_padding_mask.any())
         ):
-            value = value.masked_fill_(key_padding_mask[..., None], 0.0)
-        return value.view(batch, length, self.num_heads, self.head_dim)
+            mask = key_padding_mask[..., None]
+            # In place only on a fresh projection. Without one (D-FINE: the identity) `value` is the
+            # caller's memory, shared by every decoder layer: masked out of place, each layer's
+            # masking is the same function of the same inputs, which an exported graph computes once
+            # (onnxruntime's common-subexpression elimination).
+            if projected is value:
+                projected = value.masked_fill(mask, 0.0)
+            else:
+                projected = projected.masked_fill_(mask, 0.0)
+        return projected.view(batch, length, self.num_heads, self.head_dim)
 
     def attend(
         self,
