@@ -22,7 +22,12 @@ from detr_lab.errors import InputNotFoundError
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import ExportMetadata
 from detr_lab.export.onnx_export import DEFAULT_OPSET, ExportError, export_onnx
-from detr_lab.export.openvino_runtime import PRECISIONS, OpenVinoDetector, convert_to_openvino
+from detr_lab.export.openvino_runtime import (
+    PRECISIONS,
+    OpenVinoDetector,
+    OpenVinoRepeatError,
+    convert_to_openvino,
+)
 from detr_lab.export.verify import DEFAULT_TOLERANCE, VerifyReport, verify_onnx, verify_runtime
 
 FORMATS = ("onnx", "openvino")
@@ -136,6 +141,11 @@ def export_checkpoint(
             else:
                 report = verify_runtime(loaded.model, OpenVinoDetector(path), **options)
         if format == "openvino":
+            if report is None:  # the repeat check only (`verify` built a detector, so it ran there)
+                try:
+                    OpenVinoDetector(path)
+                except OpenVinoRepeatError as err:  # nothing written; name the file asked for
+                    raise OpenVinoRepeatError(str(err).replace(str(staged), str(output))) from None
             if precision == "f16" and not report.passed:
                 return ExportResult(None, report, Path(onnx_output) if onnx_output else None)
             os.replace(staged.with_suffix(".bin"), output.with_suffix(".bin"))

@@ -24,11 +24,18 @@ import numpy as np
 
 from detr_lab.export.dependencies import require
 from detr_lab.export.metadata import PREFIX, ExportMetadata, MetadataError
-from detr_lab.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from detr_lab.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, ExportError
 from detr_lab.export.runtime import ExportedRuntime
 
 RT_SECTION = "detr_lab"
 PRECISIONS = ("f32", "f16")
+REPEAT_TOLERANCE = 1e-4
+DYNAMIC_CHECK_SIZE = (1, 128, 128)  # (batch, height, width) of the repeat check for a dynamic IR
+
+
+class OpenVinoRepeatError(ExportError):
+    """OpenVINO returned different outputs for the same input on a compiled model's first and second
+    inference (see `OpenVinoDetector.check_repeatable`)."""
 
 
 def onnx_properties(onnx_path: str | os.PathLike) -> dict[str, str]:
@@ -123,17 +130,19 @@ class OpenVinoDetector(ExportedRuntime):
     Args:
         path: the `.xml` file (its `.bin` beside it).
         threads: inference threads (`INFERENCE_NUM_THREADS`; default: OpenVINO's choice).
+        check: run `check_repeatable` once the model is compiled (on by default).
     Attributes:
         precision: "f32", "f16" or "int8" (from the IR); `inference_precision`: what the compiled model
             computes in (f32 for "f32" and "int8" IRs' float parts).
     Raises:
         FileNotFoundError: no such file. MetadataError: not a detr_lab model.
         MissingExtraError: openvino is not installed. ValueError: OpenVINO cannot read or compile it.
+        OpenVinoRepeatError: the compiled model fails `check_repeatable`.
     """
 
     backend = "openvino"
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, check: bool = True) -> None:
         ov = require("openvino")
         self.path = Path(path)
         if not self.path.is_file():
@@ -159,6 +168,38 @@ class OpenVinoDetector(ExportedRuntime):
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.inference_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         self.request = self.compiled.create_infer_request()
+        if check:
+            self.check_repeatable()
+
+    def check_repeatable(self) -> float:
+        """Run one random batch twice (the traced size, or `DYNAMIC_CHECK_SIZE` for a dynamic IR) and
+        return the largest output difference between the two calls.
+
+        OpenVINO's CPU plugin (2026.4) computes some graphs right on a compiled model's first call and
+        differently on every later one, for instance the trained RT-DETR, DEIM and DINO demo models at
+        their fixed export sizes (logits off by up to 4, AP 0.01 where onnxruntime gives 0.93 on the
+        same ONNX graph): something of the compiled model is overwritten by its first inference.
+        Checking here means no such model is used or written without an error.
+
+        Raises:
+            OpenVinoRepeatError: the two calls differ by more than `REPEAT_TOLERANCE`.
+        """
+        batch, height, width = self.metadata.traced_size or DYNAMIC_CHECK_SIZE
+        generator = np.random.default_rng(0)
+        images = generator.standard_normal((batch, 3, height, width), dtype=np.float32)
+        padding_mask = np.zeros((batch, height, width), bool)
+        first = self.run(images, padding_mask)
+        second = self.run(images, padding_mask)
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(first, second, strict=True))
+        if not difference <= REPEAT_TOLERANCE:
+            ov = require("openvino")
+            raise OpenVinoRepeatError(
+                f"{self.path}: OpenVINO {ov.__version__} returned different outputs for the same input on "
+                f"this model's first and second inference (largest difference {difference:.3g}), so its "
+                "results cannot be trusted; run the ONNX export with onnxruntime instead "
+                "(--backend onnxruntime, Predictor.from_onnx)"
+            )
+        return difference
 
     def run(self, images: np.ndarray, padding_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One inference: float32 `[B, 3, H, W]`, bool `[B, H, W]` -> (logits, boxes) float32 arrays."""

@@ -22,7 +22,7 @@ from detr_lab.config import load_config  # noqa: E402
 from detr_lab.data.synthetic import ensure_synthetic_dataset, split_paths  # noqa: E402
 from detr_lab.errors import MissingExtraError  # noqa: E402
 from detr_lab.export.dependencies import require  # noqa: E402
-from detr_lab.export.openvino_runtime import OpenVinoDetector  # noqa: E402
+from detr_lab.export.openvino_runtime import OpenVinoDetector, OpenVinoRepeatError  # noqa: E402
 from detr_lab.predict import Predictor  # noqa: E402
 
 from factories import load_tool  # noqa: E402
@@ -120,6 +120,35 @@ def test_sliced_inference_on_openvino_matches_pytorch(openvino_model, checkpoint
     assert load_tool("infer").main(argv) == 0
     detections = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert len(detections["images"][0]["detections"]) == len(expected["boxes"])
+
+
+def test_a_model_whose_second_inference_differs_is_refused(openvino_model, checkpoints, tmp_path, monkeypatch,
+                                                        capsys):
+    """The repeat check (OpenVINO 2026.4 computed trained RT-DETR / DEIM / DINO demo graphs right only
+    on a compiled model's first call): a runtime whose second call differs is refused at load, and
+    the export without --verify writes nothing."""
+    path, code, _ = openvino_model
+    assert code == 0
+    assert OpenVinoDetector(path).check_repeatable() <= 1e-4  # a sound model passes
+    original = OpenVinoDetector.run
+    calls = []
+
+    def drifting(self, images, padding_mask):
+        logits, boxes = original(self, images, padding_mask)
+        calls.append(1)
+        return logits + 0.5 * (len(calls) > 1), boxes
+
+    monkeypatch.setattr(OpenVinoDetector, "run", drifting)
+    with pytest.raises(OpenVinoRepeatError, match="first and second inference .largest difference 0.5"):
+        OpenVinoDetector(path)
+    assert OpenVinoDetector(path, check=False).precision == "f32"
+    calls.clear()
+    output = tmp_path / "refused.xml"
+    argv = ["--checkpoint", str(checkpoints["refine"]), "--output", str(output), "--format", "openvino", *SIZE]
+    assert load_tool("export").main(argv) == 1
+    assert "refused.xml: OpenVINO" in capsys.readouterr().err
+    assert not output.exists() and not output.with_suffix(".bin").exists()
+    assert not list(tmp_path.glob(".export_*"))
 
 
 def test_openvino_fp16_is_written_only_when_its_proof_passes(checkpoints, tmp_path, capsys):
