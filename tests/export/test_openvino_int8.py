@@ -144,7 +144,8 @@ def test_a_model_whose_second_inference_differs_is_refused(openvino_model, check
     assert OpenVinoDetector(path, check=False).precision == "f32"
     calls.clear()
     output = tmp_path / "refused.xml"
-    argv = ["--checkpoint", str(checkpoints["refine"]), "--output", str(output), "--format", "openvino", *SIZE]
+    argv = ["--checkpoint", str(checkpoints["refine"]), "--output", str(output), "--format", "openvino",
+            *SIZE]
     assert load_tool("export").main(argv) == 1
     assert "refused.xml: OpenVINO" in capsys.readouterr().err
     assert not output.exists() and not output.with_suffix(".bin").exists()
