@@ -15,6 +15,7 @@ load hits them alike. The files are trusted to hold the checkpoint's model: an I
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,7 +41,8 @@ def backend_calls(
     threads: int,
 ) -> dict[str, Callable[[], object]]:
     """`{"pytorch_fast": ..., name: ...}`: one zero-argument call per backend, each running the same
-    random float32 batch `[1, 3, height, width]` with an all-valid padding mask.
+    random float32 batch `[1, 3, height, width]` with an all-valid padding mask. Sets torch's thread
+    count to `threads`; the PyTorch side is an optimized copy (`loaded.model` is left as it is).
 
     Raises:
         InputNotFoundError: a file that does not exist. InputError: a suffix other than .onnx / .xml,
@@ -57,7 +59,7 @@ def backend_calls(
             raise InputError(f"{name}: {path} is neither .onnx (onnxruntime) nor .xml (OpenVINO)")
         runtimes[name] = RUNTIMES[path.suffix](path, threads=threads)
     torch.set_num_threads(threads)
-    model = optimize_for_inference(loaded.model.eval())
+    model = optimize_for_inference(copy.deepcopy(loaded.model).eval())
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(1, 3, height, width, generator=generator)
     padding_mask = torch.zeros(1, height, width, dtype=torch.bool)
