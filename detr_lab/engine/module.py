@@ -92,6 +92,8 @@ class DetectionModule(L.LightningModule):
         self.category_ids = [int(c) for c in category_ids]
         self.class_names = [str(n) for n in class_names]
         self.model = build_model(cfg.model)
+        if cfg.model.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # the 4-D tensors: convolution weights
         if cfg.model.compile:
             self.model.compile()  # in place: the state_dict keys stay those of the eager model
         self.criterion = build_criterion(cfg.model, cfg.loss)

@@ -141,12 +141,12 @@ class ContrastiveDenoising(nn.Module):
         Raises:
             RuntimeError: a label outside 0..num_classes-1 (on a GPU, a device-side assertion).
         """
-        device = self.label_embed.weight.device
+        device, dtype = self.label_embed.weight.device, self.label_embed.weight.dtype  # float64 models too
         counts = [len(t["labels"]) for t in targets]
         batch, max_objects = len(targets), max(counts, default=0)
         layout = DenoisingLayout(num_denoising_groups(self.dn_number, max_objects), max_objects)
         labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype)
         if labels.numel():  # checked on the device: no host read in the training step
             torch._assert_async(
                 ((labels >= 0) & (labels < self.num_classes)).all(),
@@ -169,8 +169,8 @@ class ContrastiveDenoising(nn.Module):
         boxes = inverse_sigmoid(boxes, eps=DINO_LOGIT_EPS).sigmoid()
 
         width = self.label_embed.embedding_dim
-        queries = torch.zeros(batch, layout.pad_size, width, device=device)
-        reference = torch.full((batch, layout.pad_size, 4), 0.5, device=device)
+        queries = torch.zeros(batch, layout.pad_size, width, device=device, dtype=dtype)
+        reference = torch.full((batch, layout.pad_size, 4), 0.5, device=device, dtype=dtype)
         if labels.numel():
             image = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(counts)]).repeat(
                 copies
