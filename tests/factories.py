@@ -18,6 +18,7 @@ import torchvision
 from omegaconf import OmegaConf
 
 from detr_lab.config import Config, load_config
+from detr_lab.models.two_stage import encoder_proposals
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -487,3 +488,21 @@ def near_tie_alignment(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.T
 def aligned_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """`[B, K, N]` rows of `x` in the order of `near_tie_alignment`."""
     return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def official_anchor_proposals(fixture: dict):
+    """`encoder_proposals` with the official run's float32 anchors in place of this machine's.
+
+    Both codes compute the anchors in float32 (`log(p / (1 - p))`), and float32 `log` may differ by an
+    ulp between CPUs (vectorized kernels): on an AVX-512 Xeon, 366 of the R50vd fixture's 9072 anchor
+    values differ from the machine that wrote it by 1-2 ulp, enough to move float64 outputs by 2.5e-8.
+    The float64 comparisons give both sides the same anchors;
+    `test_rtdetr_variants.py::test_anchors_are_the_official_ones` checks the anchors themselves."""
+    anchors = fixture["state_dict_overrides"]["decoder.anchors"]  # [1, S, 4] float32, inf = unusable
+
+    def proposals(*args):
+        ours, valid = encoder_proposals(*args)
+        assert torch.equal(torch.isinf(ours[:1]), torch.isinf(anchors))
+        return anchors.to(ours.dtype).expand_as(ours).clone(), valid
+
+    return proposals

@@ -16,12 +16,14 @@ from torch import nn
 
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
+from detr_lab.models.queries import mixed
 
 from factories import (
     FIXTURES,
     aligned_rows,
     max_error,
     near_tie_alignment,
+    official_anchor_proposals,
     official_batch,
     rtdetr_fixture_state,
     run_with_selection,
@@ -59,7 +61,7 @@ def test_inferred_config(variant):
     assert m.mlp_activation == m.decoder.activation
 
 
-def test_eval_outputs_float32_and_float64(variant):
+def test_eval_outputs_float32_and_float64(variant, monkeypatch):
     _, fixture, model, _, images, padding_mask = variant
     outputs, selected = run_with_selection(model, images, padding_mask)
     expected = fixture["outputs"]
@@ -69,6 +71,7 @@ def test_eval_outputs_float32_and_float64(variant):
     assert max_error(aligned_rows(outputs["pred_boxes"], order), expected["pred_boxes"]) < ATOL
     assert max_error(aligned_rows(outputs["pred_logits"], order), expected["pred_logits"]) < ATOL
     assert selected.gather(1, order).tolist() == fixture["encoder_topk_indices"].tolist()
+    monkeypatch.setattr(mixed, "encoder_proposals", official_anchor_proposals(fixture))  # see there
     try:
         outputs, selected = run_with_selection(model.double(), images.double(), padding_mask)
     finally:

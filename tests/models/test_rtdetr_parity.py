@@ -15,12 +15,14 @@ from torch import nn
 
 from detr_lab.checkpoints import load_official
 from detr_lab.models.build import build_criterion, build_postprocess
+from detr_lab.models.queries import mixed
 
 from factories import (
     FIXTURES,
     aligned_rows,
     max_error,
     near_tie_alignment,
+    official_anchor_proposals,
     official_batch,
     rtdetr_fixture_state,
     run_with_selection,
@@ -91,8 +93,9 @@ def test_eval_outputs_and_selection_match_in_float32(rtdetr):
     assert "enc_outputs" in outputs and "aux_outputs" in outputs
 
 
-def test_eval_outputs_match_in_float64_row_by_row(rtdetr):
+def test_eval_outputs_match_in_float64_row_by_row(rtdetr, monkeypatch):
     fixture, model, _, images, padding_mask = rtdetr
+    monkeypatch.setattr(mixed, "encoder_proposals", official_anchor_proposals(fixture))
     try:
         outputs, selected = run_with_selection(model.double(), images.double(), padding_mask)
     finally:
