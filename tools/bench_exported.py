@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        import torch
+
         from detr_lab.benchmark.exported import backend_calls, time_backends
         from detr_lab.benchmark.machine import describe_machine, load_average, machine_line
         from detr_lab.benchmark.report import write_report
@@ -74,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_checkpoint(args.checkpoint)
         rows = []
         for threads in args.threads:
-            calls = backend_calls(loaded, files, height=height, width=width, threads=threads)
-            result = time_backends(calls, runs=args.runs, warmup=args.warmup, block=args.block)
+            threads_before = torch.get_num_threads()  # backend_calls sets torch's; given back after
+            try:
+                calls = backend_calls(loaded, files, height=height, width=width, threads=threads)
+                result = time_backends(calls, runs=args.runs, warmup=args.warmup, block=args.block)
+            finally:
+                torch.set_num_threads(threads_before)
             rows.append({"threads": threads, "backends": result})
             print(f"{threads} thread(s), {height} x {width}, batch 1, median of {args.runs}:")
             for name, value in result.items():

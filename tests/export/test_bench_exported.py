@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from detr_lab.checkpoints import load_checkpoint
 from detr_lab.export.metadata import ExportMetadata
@@ -22,7 +23,9 @@ def test_times_every_backend_and_reports_the_ratio(checkpoints, tmp_path, capsys
     report = tmp_path / "report.json"
     argv = ["--checkpoint", str(checkpoints["detr"]), "--file", f"onnxruntime={onnx_path}", "--size", "64x96",
             "--threads", "1", "--runs", "2", "--warmup", "1", "--json", str(report)]
+    threads = torch.get_num_threads()
     assert load_tool("bench_exported").main(argv) == 0
+    assert torch.get_num_threads() == threads  # the tool's --threads 1 does not outlive it
     out = capsys.readouterr().out
     assert "pytorch_fast" in out and "onnxruntime" in out and "machine:" in out
     data = json.loads(report.read_text())
