@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             targets = random_targets(args.train_batch, height, width, num_classes=cfg.model.num_classes,
                                      objects_per_image=args.objects, device=device, generator=generator)
             ours = use_fast_paths(copy.deepcopy(model)).train()
-            theirs = official_model.train()
+            theirs = copy.deepcopy(official_model).train()  # batch norms in train mode move their statistics
             official_criterion.train()
             samples = nested(images, mask)
             if yaml_family:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             times = time_interleaved(calls, runs=args.runs, warmup=args.warmup)
             report["tasks"]["train_step"] = {"size": [height, width], "batch": args.train_batch,
                                              **summarize_pair(times)}
-            del ours
+            del ours, theirs
         if "inference" in args.tasks:
             height, width = inference_size
             images, mask = random_batch(1, height, width, device, generator)
