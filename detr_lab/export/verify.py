@@ -9,6 +9,14 @@ largest like real batches (a fixed-size export: its traced size), and, when a co
 first batches of its validation split. The largest absolute differences of the final-layer
 `pred_logits` and `pred_boxes` (normalized cxcywh) are reported; the proof passes when both are
 within `tolerance` (1e-4 by default).
+
+Query order: a two-stage member (DINO, RT-DETR, D-FINE) selects its queries by a top-k over encoder
+scores, and scores within float rounding of each other may come out in another order in the other
+runtime (or at another thread count). The detections are then the same, in other query rows. So when
+the rows differ beyond the tolerance, each exported query row of an image is paired with a PyTorch
+row by a minimum-cost assignment on the largest difference of (logits, box) (`scipy`'s
+`linear_sum_assignment`), and the differences of the pairs are reported instead, with the number of
+rows that moved. Outputs that differ in anything but the order still fail.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from detr_lab.config import Config
@@ -32,6 +41,7 @@ class VerifyCase:
     description: str  # e.g. "random 2 x 3 x 72 x 96" or "validation batch 0 (2 images)"
     logits_diff: float
     boxes_diff: float
+    reordered: int = 0  # query rows paired with a PyTorch row at another position (near-tied selection)
 
 
 @dataclass
@@ -56,6 +66,7 @@ class VerifyReport:
         """One line per batch, then the verdict line."""
         lines = [
             f"  {case.description}: max |diff| logits {case.logits_diff:.3g}, boxes {case.boxes_diff:.3g}"
+            + (f" ({case.reordered} query rows in another order: near-tied selection)" * bool(case.reordered))
             for case in self.cases
         ]
         verdict = "PASSED" if self.passed else "FAILED"
@@ -88,6 +99,28 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def aligned_differences(got: dict, expected: dict) -> tuple[float, float, int]:
+    """Largest logit and box differences after pairing the query rows of each image (see the module
+    docstring), and the number of rows paired with another position.
+
+    Args:
+        got, expected: `pred_logits` `[B, Q, C]` and `pred_boxes` `[B, Q, 4]` of the same shapes.
+    """
+    logits_diff = boxes_diff = 0.0
+    moved = 0
+    for image in range(expected["pred_logits"].shape[0]):
+        ours = torch.cat((got["pred_logits"][image], got["pred_boxes"][image]), -1).double()
+        theirs = torch.cat((expected["pred_logits"][image], expected["pred_boxes"][image]), -1).double()
+        cost = torch.cdist(ours, theirs, p=float("inf"))  # [Q, Q]
+        rows, columns = (torch.as_tensor(v) for v in linear_sum_assignment(cost.numpy()))
+        moved += int((rows != columns).sum())
+        logits_diff = max(logits_diff, _max_diff(got["pred_logits"][image][rows],
+                                                 expected["pred_logits"][image][columns]))
+        boxes_diff = max(boxes_diff, _max_diff(got["pred_boxes"][image][rows],
+                                               expected["pred_boxes"][image][columns]))
+    return logits_diff, boxes_diff, moved
 
 
 def verify_onnx(
@@ -157,18 +190,21 @@ def verify_runtime(
             ]
             images, padding_mask = random_batch(generator, batch, sizes)
         shape = " x ".join(str(v) for v in images.shape)
-        report.cases.append(_compare(model, detector, images, padding_mask, f"random {shape}"))
+        report.cases.append(_compare(model, detector, images, padding_mask, f"random {shape}", tolerance))
     if config is not None:
         batches = _validation_batches(config, detector, num_val_batches)
         for index, (images, padding_mask) in enumerate(batches):
             count, height, width = images.shape[0], images.shape[2], images.shape[3]
             description = f"validation batch {index} ({count} images, {height}x{width})"
-            report.cases.append(_compare(model, detector, images, padding_mask, description))
+            report.cases.append(_compare(model, detector, images, padding_mask, description, tolerance))
     return report
 
 
 @torch.no_grad()
-def _compare(model: nn.Module, detector: ExportedRuntime, images: Tensor, padding_mask: Tensor, what: str):
+def _compare(
+    model: nn.Module, detector: ExportedRuntime, images: Tensor, padding_mask: Tensor, what: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> VerifyCase:
     traced = detector.metadata.traced_size
     if traced is not None and tuple(images.shape[2:]) != tuple(traced[1:]):
         # both models see the batch padded to the fixed export size (the ONNX runtime would pad it)
@@ -184,11 +220,17 @@ def _compare(model: nn.Module, detector: ExportedRuntime, images: Tensor, paddin
         images, padding_mask = canvas, mask
     expected = model(images, padding_mask)
     got = detector(images, padding_mask)
-    return VerifyCase(
+    case = VerifyCase(
         what,
         _max_diff(got["pred_logits"], expected["pred_logits"]),
         _max_diff(got["pred_boxes"], expected["pred_boxes"]),
     )
+    same_shapes = all(got[key].shape == expected[key].shape for key in ("pred_logits", "pred_boxes"))
+    if max(case.logits_diff, case.boxes_diff) > tolerance and same_shapes:
+        logits_diff, boxes_diff, moved = aligned_differences(got, expected)
+        if moved:
+            case = VerifyCase(what, logits_diff, boxes_diff, reordered=moved)
+    return case
 
 
 def _validation_batches(config: Config, detector: ExportedRuntime, count: int):
