@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from detr_lab.models.activations import activation_function
 from detr_lab.models.backbones.base import valid_extent
+from detr_lab.models.dropout import Dropout
 
 
 class FeedForward(nn.Module):
@@ -30,7 +31,7 @@ class FeedForward(nn.Module):
     ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, embed_dim)
         self.act = activation_function(activation)
 
@@ -50,10 +51,10 @@ class EncoderLayer(nn.Module):
     def __init__(self, *, self_attn: nn.Module, embed_dim: int, ffn_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_dropout = Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(embed_dim)
         self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(embed_dim)
 
     def forward(
@@ -142,14 +143,14 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_dropout = Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(embed_dim)
         self.cross_attn = cross_attn
-        self.cross_attn_dropout = nn.Dropout(dropout)
+        self.cross_attn_dropout = Dropout(dropout)
         self.cross_attn_norm = None if gate else nn.LayerNorm(embed_dim)
         self.cross_attn_gate = GatedFusion(embed_dim) if gate else None
         self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout, activation=activation)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(embed_dim)
 
     def forward(
