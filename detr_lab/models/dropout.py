@@ -10,7 +10,8 @@ share is at least `round(p * 2^15)`. Each element is kept independently with pro
 probability, so the expected output is the input, as with `nn.Dropout`. The draws come from torch's
 default generator, so seeding reproduces the masks.
 
-On other devices, and for `p` in {0, 1}, it is `nn.Dropout` (CUDA's Philox sampler is fast).
+On other devices, and for `p` within 2^-16 of 0 or 1, it is `nn.Dropout` (CUDA's Philox sampler is
+fast).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` with a cheaper mask on the CPU (module docstring). Input and output: any shape."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu" or not x.is_floating_point():
+        threshold = round(self.p * 2**SHARE_BITS)  # 0 or 2^15: p too close to 0 or 1 for 15 bits
+        if (not self.training or threshold in (0, 2**SHARE_BITS) or x.device.type != "cpu"
+                or not x.is_floating_point()):
             return super().forward(x)
         keep, kept = keep_mask(x.shape, self.p, x.device)
         if self.inplace:
