@@ -19,7 +19,7 @@ from detr_lab.benchmark.onnx_compare import (
     time_sessions,
 )
 
-from factories import FIXTURES, load_tool
+from factories import FIXTURES, anchors_within_float32_ulps, load_tool
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,7 @@ def test_anchors_are_the_official_buffers_of_the_fixture():
     assert fixture["eval_spatial_size"] == [320, 320]
     anchors, valid = rtdetr_anchors(320, 320)
     official = fixture["state_dict_overrides"]["decoder.anchors"]
-    # float32 `log` may differ by an ulp between CPUs (see factories.official_anchor_proposals)
-    assert torch.equal(torch.isinf(anchors), torch.isinf(official))
-    finite = torch.isfinite(official)
-    ulp = torch.finfo(torch.float32).eps * official[finite].abs().clamp(min=1)
-    assert bool(((anchors[finite] - official[finite]).abs() <= 2 * ulp).all())
+    assert anchors_within_float32_ulps(anchors, official, ulps=2)
     assert torch.equal(valid, fixture["state_dict_overrides"]["decoder.valid_mask"])
     anchors, valid = rtdetr_anchors(640, 480)
     assert anchors.shape == (1, 80 * 60 + 40 * 30 + 20 * 15, 4) and valid.shape[:2] == anchors.shape[:2]
