@@ -13,7 +13,9 @@ from detr_lab.benchmark import (
     BenchmarkSettings,
     benchmark_config,
     count_flops,
+    format_latency_table,
     format_report,
+    native_size,
     parse_size,
     run_benchmark,
     summarize,
@@ -141,8 +143,40 @@ def test_summary_and_size_parsing():
         ({"modes": []}, "modes must be"),
         ({"sizes": [(16, 64)]}, "at least 32x32"),
         ({"batch_sizes": [0]}, "batch sizes must be >= 1"),
+        ({"threads": [1, 0]}, "threads must be >= 1"),
+        ({"threads": []}, "at least one thread count"),
     ],
 )
 def test_bad_settings_are_rejected(change, message, tiny_config):
     with pytest.raises(ValueError, match=message):
         run_benchmark([tiny_config], BenchmarkSettings(**change))
+
+
+def test_native_size_is_the_evaluation_transforms_size_of_a_coco_photo():
+    # 480 x 640 with DETR's shorter side 800 (longer <= 1333): 800 x 1066.67 -> 800 x 1066;
+    # RT-DETR and D-FINE resize to their square: 640 x 640.
+    assert native_size(benchmark_config("configs/detr_r50.yaml")) == (800, 1066)
+    assert native_size(benchmark_config("configs/rtdetrv2_r18vd.yaml")) == (640, 640)
+    assert native_size(benchmark_config("configs/dfine_n.yaml")) == (640, 640)
+
+
+def test_each_thread_count_is_a_case_at_the_native_size(tiny_config):
+    settings = BenchmarkSettings(
+        sizes=[(32, 32)], native_size=True, batch_sizes=[1], tasks=["inference"], modes=["fast", "reference"],
+        runs=1, warmup=0, threads=[1, 2],
+    )
+    threads = torch.get_num_threads()
+    report = run_benchmark([tiny_config], settings)
+    assert torch.get_num_threads() == threads
+    cases = report["models"][0]["cases"]
+    expected = native_size(benchmark_config(tiny_config))
+    assert [case["threads"] for case in cases] == [1, 2]
+    assert {(case["height"], case["width"]) for case in cases} == {expected} != {(32, 32)}
+    latency = format_latency_table(report)
+    assert "best / fast" in latency
+    rows = [line.split() for line in latency.splitlines()[3:]]
+    assert [row[3] for row in rows] == ["1", "2"]  # the threads column
+    for row, case in zip(rows, cases, strict=True):
+        fast, reference = (case["modes"][m]["wall_s"]["median"] * 1e3 for m in ("fast", "reference"))
+        assert row[4:6] == [f"{fast:.1f}", f"{reference:.1f}"]
+        assert row[6] == ("fast" if fast <= reference else "reference")

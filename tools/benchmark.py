@@ -2,8 +2,9 @@
 
     python tools/benchmark.py --config configs/detr_r50.yaml [--config Y.yaml ...] | --all
         [--device cpu|cuda] [--sizes 800x1066 512x683] [--batch-sizes 1 4]
-        [--train-sizes 800x1066] [--train-batch-sizes 1] [--tasks inference train_step]
-        [--modes fast reference fast_bf16 | --reference | --fast] [--runs 5] [--warmup 1] [--threads N]
+        [--native-size] [--train-sizes 800x1066] [--train-batch-sizes 1] [--tasks inference train_step]
+        [--modes fast reference fast_bf16 | --reference | --fast] [--runs 5] [--warmup 1]
+        [--threads N [N ...]]
         [--breakdown] [--json runs/benchmark.json] [--set model.num_queries=300 ...]
 
 Models are built with random weights (no downloads). By default each figure is measured on both the
@@ -12,6 +13,16 @@ fast / reference of the median wall times (and of the CPU times). `fast_bf16` (o
 path under bfloat16 autocast; its outputs differ from the float32 ones (the JSON says by how much).
 `onnxruntime`, `openvino`, `onnxruntime_int8`, `openvino_int8` (opt-in, CPU inference, export extra)
 time the model exported at each case's size (INT8: calibrated on the timed batch, latency only).
+With several modes, a second table puts them side by side (inference latency, the fastest mode's
+speed-up over the fast path, INT8's over FP32 in the same runtime); `--threads 1 2` measures every case
+at each thread count (torch's and the exported runtimes'), and `--native-size` measures each config at
+its own evaluation size (800 x 1066 for DETR, 640 x 640 for RT-DETR / D-FINE). The deployment latency
+table of the README is one command:
+
+    python tools/benchmark.py --config configs/detr_r50.yaml --config configs/deformable.yaml ... \
+        --tasks inference --native-size --batch-sizes 1 --threads 1 2 \
+        --modes fast onnxruntime openvino onnxruntime_int8 openvino_int8
+
 `--all` takes every model config directly under configs/ except the demo ones (`demo*.yaml`). See
 `detr_lab.benchmark` for what each mode and figure means. Prints the table and writes the full
 report (every run's time, machine description, load average) as JSON.
@@ -49,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(800, 1066), (512, 683)],
                         metavar="HxW", help="inference image sizes (default 800x1066 512x683)")
+    parser.add_argument("--native-size", action="store_true",
+                        help="instead of --sizes, each config's own evaluation size of a 480x640 image")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="inference (default 1 4)")
     parser.add_argument("--train-sizes", type=parse_size, nargs="+", metavar="HxW",
                         help="training-step image sizes (default: the first of --sizes)")
@@ -63,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="only the fast path")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per figure (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="CPU threads, one set of cases per value (default: torch's choice)")
     parser.add_argument("--breakdown", action="store_true",
                         help="inference: also time the detector's parts (backbone, encoder attention, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, images and targets")
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs,
             warmup=args.warmup,
             threads=args.threads,
+            native_size=args.native_size,
             seed=args.seed,
             breakdown=args.breakdown,
             overrides=args.overrides,

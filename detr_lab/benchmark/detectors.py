@@ -83,7 +83,9 @@ from detr_lab.benchmark.measure import (
 )
 from detr_lab.benchmark.report import format_table
 from detr_lab.config import Config, load_config
-from detr_lab.export.timing import exported_call, onnxruntime_call
+from detr_lab.data.transforms import eval_resized_size
+from detr_lab.export.openvino_runtime import OpenVinoRepeatError
+from detr_lab.export.timing import ExportedModel, export_for_timing
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.build import build_criterion, build_model
@@ -116,7 +118,13 @@ class BenchmarkSettings:
     modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     runs: int = 5
     warmup: int = 1
-    threads: int | None = None  # torch CPU threads; None keeps torch's default
+    # CPU threads (torch's, or the exported runtime's intra-op threads), one case per value; None keeps
+    # torch's default (exported runtimes then use their own).
+    threads: int | list[int] | None = None
+    # Measure inference at each config's own evaluation size instead of `sizes`: the size its
+    # evaluation transform gives a 480 x 640 (COCO-typical) image, e.g. 800 x 1066 for DETR and
+    # 640 x 640 for RT-DETR / D-FINE.
+    native_size: bool = False
     objects_per_image: int = 5  # random targets of the training step
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # dotted config overrides for every config
@@ -128,8 +136,11 @@ class BenchmarkSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not self.thread_counts():
+            raise ValueError("threads must name at least one thread count")
+        for threads in self.thread_counts():
+            if threads is not None and threads < 1:
+                raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name, allowed in (("tasks", TASKS), ("modes", MODES)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
@@ -141,6 +152,12 @@ class BenchmarkSettings:
         for batch in [*self.batch_sizes, *self.train_batch_sizes]:
             if batch < 1:
                 raise ValueError(f"batch sizes must be >= 1, got {batch}")
+
+    def thread_counts(self) -> list[int | None]:
+        """The thread counts measured, in order (`[None]`: torch's default only)."""
+        if self.threads is None:
+            return [None]
+        return [self.threads] if isinstance(self.threads, int) else list(self.threads)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -357,12 +374,23 @@ def output_difference(outputs: dict, reference: dict) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------- run
-def _cases(settings: BenchmarkSettings) -> list[tuple[str, int, int, int]]:
+# The image a config's native size is computed for: (height, width) of a typical COCO photo.
+NATIVE_SIZE_IMAGE = (480, 640)
+
+
+def native_size(cfg: Config) -> tuple[int, int]:
+    """(height, width) of a 480 x 640 image after `cfg`'s evaluation transform (the model's own
+    inference size: 800 x 1066 for DETR's shorter side 800, 640 x 640 for RT-DETR's square resize)."""
+    return eval_resized_size(*NATIVE_SIZE_IMAGE, cfg.data.augment)
+
+
+def _cases(settings: BenchmarkSettings, cfg: Config) -> list[tuple[str, int, int, int]]:
     cases = []
+    sizes = [native_size(cfg)] if settings.native_size else settings.sizes
     if "inference" in settings.tasks:
-        cases += [("inference", h, w, b) for h, w in settings.sizes for b in settings.batch_sizes]
+        cases += [("inference", h, w, b) for h, w in sizes for b in settings.batch_sizes]
     if "train_step" in settings.tasks:
-        train_sizes = settings.train_sizes or settings.sizes[:1]
+        train_sizes = settings.train_sizes or sizes[:1]
         cases += [("train_step", h, w, b) for h, w in train_sizes for b in settings.train_batch_sizes]
     return cases
 
@@ -374,8 +402,26 @@ def measure_case(
     case: tuple[str, int, int, int],
     settings: BenchmarkSettings,
     device: torch.device,
+    *,
+    threads: int | None = None,
+    exports: dict[tuple, ExportedModel] | None = None,
 ) -> dict:
-    """Time, memory and FLOPs of one (task, height, width, batch) for every mode."""
+    """Time, memory and FLOPs of one (task, height, width, batch) for every mode, with `threads` CPU
+    threads (torch's and the exported runtimes'; None: their defaults). Exported files are made once
+    per case and mode and kept in `exports` (when given) for the next thread count. A mode whose
+    OpenVINO model fails its repeat check is recorded with its error instead of times."""
+    task, height, width, batch = case
+    exports = {} if exports is None else exports
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure_case(base, criterion, cfg, case, settings, device, threads, exports)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure_case(base, criterion, cfg, case, settings, device, threads, exports) -> dict:
     task, height, width, batch = case
     generator = torch.Generator().manual_seed(settings.seed)
     images, padding_mask = random_batch(batch, height, width, device, generator)
@@ -390,18 +436,20 @@ def measure_case(
     )
     models = models_for(base, task, settings.modes)
     calls = {}
+    refused: dict[str, str] = {}
     for mode, model in models.items():
         dtype = torch.bfloat16 if mode == "fast_bf16" else None
-        if mode == "onnxruntime":
-            if task != "inference" or device.type != "cpu":
-                raise ValueError("the onnxruntime mode measures CPU inference only")
-            calls[mode] = onnxruntime_call(model, cfg, images, padding_mask, threads=settings.threads)
-        elif mode in EXPORTED_MODES:
+        if mode in EXPORTED_MODES:
             if task != "inference" or device.type != "cpu":
                 raise ValueError(f"the {mode} mode measures CPU inference only")
             runtime, int8 = EXPORTED_MODES[mode]
-            calls[mode] = exported_call(model, cfg, images, padding_mask, runtime=runtime, int8=int8,
-                                        threads=settings.threads)
+            key = (mode, task, height, width, batch)
+            if key not in exports:
+                exports[key] = export_for_timing(model, cfg, images, padding_mask, runtime=runtime, int8=int8)
+            try:
+                calls[mode] = exports[key].call(images, padding_mask, threads=threads)
+            except OpenVinoRepeatError as error:
+                refused[mode] = str(error)
         elif task == "inference":
             calls[mode] = inference_call(model, images, padding_mask, autocast_dtype=dtype)
         else:
@@ -415,12 +463,15 @@ def measure_case(
         "height": height,
         "width": width,
         "batch_size": batch,
+        "threads": threads,
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "modes": {},
     }
     outputs: dict[str, object] = {}
-    for mode in settings.modes:
+    for mode, error in refused.items():
+        result["modes"][mode] = {"error": error}
+    for mode in calls:
 
         def keep_outputs(mode: str = mode) -> None:
             outputs[mode] = calls[mode]()
@@ -444,7 +495,8 @@ def measure_case(
         for mode, output in outputs.items():
             if mode != "reference":
                 result["modes"][mode]["max_abs_difference"] = output_difference(output, outputs["reference"])
-    for mode in settings.modes:
+    result["modes"] = {mode: result["modes"][mode] for mode in settings.modes}
+    for mode in times:
         if mode == "reference" or "reference" not in times:
             continue
         fast, reference = times[mode], times["reference"]
@@ -480,13 +532,18 @@ def benchmark_one_config(
         "parameters": count_parameters(base),
         "cases": [],
     }
-    for case in _cases(settings):
-        if log is not None:
-            task, height, width, batch = case
-            log(f"{entry['name']}: {task} {height}x{width} batch {batch} ...")
-        entry["cases"].append(measure_case(base, criterion, cfg, case, settings, device))
-        if log is not None:
-            log(format_case_line(entry["name"], entry["cases"][-1]))
+    exports: dict[tuple, ExportedModel] = {}
+    for case in _cases(settings, cfg):
+        for threads in settings.thread_counts():
+            if log is not None:
+                task, height, width, batch = case
+                in_threads = "" if threads is None else f", {threads} threads"
+                log(f"{entry['name']}: {task} {height}x{width} batch {batch}{in_threads} ...")
+            entry["cases"].append(measure_case(base, criterion, cfg, case, settings, device, threads=threads,
+                                               exports=exports))
+            if log is not None:
+                log(format_case_line(entry["name"], entry["cases"][-1]))
+        exports.clear()
     return entry
 
 
@@ -504,26 +561,31 @@ def run_benchmark(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{settings.device}' requested but CUDA is not available")
     threads_before = torch.get_num_threads()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
+    first_threads = settings.thread_counts()[0]
+    if first_threads is not None:  # the machine description records the first case's threads
+        torch.set_num_threads(first_threads)
     try:
         report = {
             "machine": describe_machine(device),
             "settings": dataclasses.asdict(settings),
             "models": [],
         }
-        for path in config_paths:
-            report["models"].append(benchmark_one_config(path, settings, device, log=log))
-        report["machine"]["load_average_end"] = load_average()
     finally:
         torch.set_num_threads(threads_before)
+    for path in config_paths:
+        report["models"].append(benchmark_one_config(path, settings, device, log=log))
+    report["machine"]["load_average_end"] = load_average()
     return report
 
 
 # ------------------------------------------------------------------------------------------- output
 def format_case_line(name: str, case: dict) -> str:
-    parts = [f"{name} {case['task']} {case['height']}x{case['width']} b{case['batch_size']}:"]
+    threads = "" if case.get("threads") is None else f" t{case['threads']}"
+    parts = [f"{name} {case['task']} {case['height']}x{case['width']} b{case['batch_size']}{threads}:"]
     for mode, figures in case["modes"].items():
+        if "error" in figures:
+            parts.append(f"{mode} refused")
+            continue
         parts.append(f"{mode} {figures['wall_s']['median'] * 1e3:.0f} ms")
     if "ratio" in case:
         parts.append(f"fast/reference {case['ratio']['wall']:.2f} (cpu {case['ratio']['cpu']:.2f})")
@@ -533,7 +595,7 @@ def format_case_line(name: str, case: dict) -> str:
 def format_report(report: dict) -> str:
     """A plain-text table: one row per (model, task, size, batch, mode)."""
     header = (
-        "model", "task", "size", "batch", "mode", "median ms", "min-max ms", "cpu ms",
+        "model", "task", "size", "batch", "threads", "mode", "median ms", "min-max ms", "cpu ms",
         "peak +MiB", "GFLOPs", "params M", "fast/ref (cpu)",
     )
     rows = []
@@ -541,7 +603,12 @@ def format_report(report: dict) -> str:
         params = f"{entry['parameters']['total'] / 1e6:.1f}"
         for case in entry["cases"]:
             size = f"{case['height']}x{case['width']}"
+            threads = "-" if case.get("threads") is None else str(case["threads"])
             for mode, figures in case["modes"].items():
+                if "error" in figures:
+                    rows.append((entry["name"], case["task"], size, str(case["batch_size"]), threads, mode,
+                                 "refused", "", "", "", f"{case['flops'] / 1e9:.1f}", params, ""))
+                    continue
                 wall, cpu = figures["wall_s"], figures["cpu_s"]
                 memory = figures["memory"]
                 mib = memory["increase_mib"] if memory["increase_mib"] is not None else memory["peak_mib"]
@@ -550,16 +617,59 @@ def format_report(report: dict) -> str:
                 if ratio_key in case:
                     ratios = f"{case[ratio_key]['wall']:.2f} ({case[ratio_key]['cpu']:.2f})"
                 rows.append((
-                    entry["name"], case["task"], size, str(case["batch_size"]), mode,
+                    entry["name"], case["task"], size, str(case["batch_size"]), threads, mode,
                     f"{wall['median'] * 1e3:.0f}", f"{wall['min'] * 1e3:.0f}-{wall['max'] * 1e3:.0f}",
                     f"{cpu['median'] * 1e3:.0f}", f"{mib:.0f}", f"{case['flops'] / 1e9:.1f}", params, ratios,
                 ))
     lines = [format_table(header, rows)]
+    latency = format_latency_table(report)
+    if latency:
+        lines += ["", latency]
     breakdown = format_breakdown(report)
     if breakdown:
         lines += ["", breakdown]
     lines.append(machine_line(report["machine"]))
     return "\n".join(lines)
+
+
+def format_latency_table(report: dict) -> str:
+    """Inference latency with the modes side by side (median ms), one row per model, size, batch and
+    thread count, with the fastest mode's speed-up over "fast" and INT8's over FP32 in the same
+    runtime; empty unless several modes were measured. "-" marks a mode refused (its error is in the
+    JSON report)."""
+    modes = report["settings"]["modes"]
+    if len(modes) < 2:
+        return ""
+    int8_pairs = [(f"{runtime}_int8", runtime) for runtime in ("onnxruntime", "openvino")
+                  if runtime in modes and f"{runtime}_int8" in modes]
+    header = ["model", "size", "batch", "threads", *modes, "best"]
+    if "fast" in modes:
+        header.append("best / fast")
+    header += [f"{int8} x" for int8, _ in int8_pairs]
+    rows = []
+    for entry in report["models"]:
+        for case in entry["cases"]:
+            if case["task"] != "inference":
+                continue
+            medians = {mode: figures["wall_s"]["median"] for mode, figures in case["modes"].items()
+                       if "error" not in figures}
+            if not medians:
+                continue
+            best = min(medians, key=medians.get)
+            row = [entry["name"], f"{case['height']}x{case['width']}", str(case["batch_size"]),
+                   "-" if case.get("threads") is None else str(case["threads"]),
+                   *(f"{medians[mode] * 1e3:.1f}" if mode in medians else "-" for mode in modes), best]
+            if "fast" in modes:
+                row.append(f"{medians['fast'] / medians[best]:.2f}" if "fast" in medians else "-")
+            for int8, fp32 in int8_pairs:
+                both = int8 in medians and fp32 in medians
+                row.append(f"{medians[fp32] / medians[int8]:.2f}" if both else "-")
+            rows.append(tuple(row))
+    if not rows:
+        return ""
+    legend = ("inference latency, median ms (best / fast: the fastest mode's speed-up over the PyTorch fast"
+              " path; <runtime>_int8 x: INT8's speed-up over FP32 in that runtime):")
+    return legend + "\n" + format_table(tuple(header), rows)
 
 
 def format_breakdown(report: dict) -> str:
