@@ -404,24 +404,25 @@ def measure_case(
     device: torch.device,
     *,
     threads: int | None = None,
-    exports: dict[tuple, ExportedModel] | None = None,
+    kept: dict[tuple, object] | None = None,
 ) -> dict:
     """Time, memory and FLOPs of one (task, height, width, batch) for every mode, with `threads` CPU
-    threads (torch's and the exported runtimes'; None: their defaults). Exported files are made once
-    per case and mode and kept in `exports` (when given) for the next thread count. A mode whose
+    threads (torch's and the exported runtimes'; None: their defaults). What does not depend on
+    the thread count (each exported mode's file, the FLOP count) is made once and kept in `kept` (when
+    given: the same dict for every thread count of one case, a new one for another case). A mode whose
     OpenVINO model fails its repeat check is recorded with its error instead of times."""
     task, height, width, batch = case
-    exports = {} if exports is None else exports
+    kept = {} if kept is None else kept
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _measure_case(base, criterion, cfg, case, settings, device, threads, exports)
+        return _measure_case(base, criterion, cfg, case, settings, device, threads, kept)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _measure_case(base, criterion, cfg, case, settings, device, threads, exports) -> dict:
+def _measure_case(base, criterion, cfg, case, settings, device, threads, kept) -> dict:
     task, height, width, batch = case
     generator = torch.Generator().manual_seed(settings.seed)
     images, padding_mask = random_batch(batch, height, width, device, generator)
@@ -443,11 +444,12 @@ def _measure_case(base, criterion, cfg, case, settings, device, threads, exports
             if task != "inference" or device.type != "cpu":
                 raise ValueError(f"the {mode} mode measures CPU inference only")
             runtime, int8 = EXPORTED_MODES[mode]
-            key = (mode, task, height, width, batch)
-            if key not in exports:
-                exports[key] = export_for_timing(model, cfg, images, padding_mask, runtime=runtime, int8=int8)
+            if ("export", mode) not in kept:
+                kept["export", mode] = export_for_timing(model, cfg, images, padding_mask, runtime=runtime,
+                                                         int8=int8)
+            exported: ExportedModel = kept["export", mode]
             try:
-                calls[mode] = exports[key].call(images, padding_mask, threads=threads)
+                calls[mode] = exported.call(images, padding_mask, threads=threads)
             except OpenVinoRepeatError as error:
                 refused[mode] = str(error)
         elif task == "inference":
@@ -483,14 +485,17 @@ def _measure_case(base, criterion, cfg, case, settings, device, threads, exports
         }
         if settings.breakdown and task == "inference" and mode not in EXPORTED_MODES:
             result["modes"][mode]["breakdown_s"] = time_breakdown(models[mode], calls[mode], device)
-    if "reference" in models:
-        flops_model = models["reference"]
-    else:
-        flops_model = use_reference_paths(copy.deepcopy(base).train(task == "train_step"))
-    if task == "inference":
-        result["flops"] = count_inference_flops(flops_model, images, padding_mask)
-    else:
-        result["flops"] = count_flops(train_step_call(flops_model, criterion, images, padding_mask, targets))
+    if ("flops",) not in kept:
+        if "reference" in models:
+            flops_model = models["reference"]
+        else:
+            flops_model = use_reference_paths(copy.deepcopy(base).train(task == "train_step"))
+        if task == "inference":
+            kept["flops",] = count_inference_flops(flops_model, images, padding_mask)
+        else:
+            step = train_step_call(flops_model, criterion, images, padding_mask, targets)
+            kept["flops",] = count_flops(step)
+    result["flops"] = kept["flops",]
     if task == "inference" and "reference" in outputs:
         for mode, output in outputs.items():
             if mode != "reference":
@@ -532,18 +537,17 @@ def benchmark_one_config(
         "parameters": count_parameters(base),
         "cases": [],
     }
-    exports: dict[tuple, ExportedModel] = {}
     for case in _cases(settings, cfg):
+        kept: dict[tuple, object] = {}  # exported files and FLOPs, shared by the case's thread counts
         for threads in settings.thread_counts():
             if log is not None:
                 task, height, width, batch = case
                 in_threads = "" if threads is None else f", {threads} threads"
                 log(f"{entry['name']}: {task} {height}x{width} batch {batch}{in_threads} ...")
             entry["cases"].append(measure_case(base, criterion, cfg, case, settings, device, threads=threads,
-                                               exports=exports))
+                                               kept=kept))
             if log is not None:
                 log(format_case_line(entry["name"], entry["cases"][-1]))
-        exports.clear()
     return entry
 
 

@@ -89,7 +89,8 @@ def test_exported_files_are_made_once_for_every_thread_count(monkeypatch):
     )
     report = run_benchmark(["configs/deformable.yaml"], settings)
     assert sorted(exported) == ["onnxruntime", "openvino"]  # one file each, both thread counts
-    assert sorted(loaded_threads) == [("onnxruntime", 1), ("onnxruntime", 2), ("openvino", 1), ("openvino", 2)]
+    assert sorted(loaded_threads) == [("onnxruntime", 1), ("onnxruntime", 2), ("openvino", 1),
+                                      ("openvino", 2)]
     cases = report["models"][0]["cases"]
     assert [case["threads"] for case in cases] == [1, 2]
     for case in cases:
