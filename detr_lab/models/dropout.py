@@ -17,6 +17,7 @@ fast).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARE_BITS = 15  # bits of randomness per element (an int16 share with its sign bit cleared)
@@ -53,15 +54,24 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+def dropout(x: Tensor, p: float, training: bool = True, inplace: bool = False) -> Tensor:
+    """`F.dropout` with the cheaper CPU mask (module docstring); `F.dropout` itself off the CPU, for
+    a non-float `x`, and for `p` within 2^-16 of 0 or 1. Input and output: any shape.
+
+    Raises:
+        ValueError: `p` outside [0, 1] (as `F.dropout`).
+    """
+    threshold = round(p * 2**SHARE_BITS)  # 0 or 2^15: p too close to 0 or 1 for 15 bits
+    if not training or threshold in (0, 2**SHARE_BITS) or x.device.type != "cpu" or not x.is_floating_point():
+        return F.dropout(x, p, training, inplace)
+    keep, kept = keep_mask(x.shape, p, x.device)
+    if inplace:
+        return x.mul_(keep).mul_(1.0 / kept)
+    return _MaskedScale.apply(x, keep, 1.0 / kept)
+
+
 class Dropout(nn.Dropout):
     """`nn.Dropout` with a cheaper mask on the CPU (module docstring). Input and output: any shape."""
 
     def forward(self, x: Tensor) -> Tensor:
-        threshold = round(self.p * 2**SHARE_BITS)  # 0 or 2^15: p too close to 0 or 1 for 15 bits
-        if (not self.training or threshold in (0, 2**SHARE_BITS) or x.device.type != "cpu"
-                or not x.is_floating_point()):
-            return super().forward(x)
-        keep, kept = keep_mask(x.shape, self.p, x.device)
-        if self.inplace:
-            return x.mul_(keep).mul_(1.0 / kept)
-        return _MaskedScale.apply(x, keep, 1.0 / kept)
+        return dropout(x, self.p, self.training, self.inplace)

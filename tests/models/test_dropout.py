@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from detr_lab.models.attention.plain import PlainAttention
 from detr_lab.models.dropout import Dropout, keep_mask
 
 
@@ -60,3 +61,29 @@ def test_seeded_masks_repeat_and_eval_mode_and_edge_probabilities_pass_through()
     inplace = x.clone()
     torch.manual_seed(3)
     assert Dropout(0.5, inplace=True).train()(inplace) is inplace and torch.equal(inplace, first)
+
+
+def test_plain_attention_drops_attention_weights_with_the_cheap_mask_in_training():
+    # The fast (SDPA) path in training on the CPU forms the weights explicitly and drops them with
+    # `keep_mask`: recompute it by hand from the same seed, with a key padding mask in play.
+    torch.manual_seed(0)
+    attention = PlainAttention(32, 4, dropout=0.2).double().train()
+    query, key = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 7, 32, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    torch.manual_seed(3)
+    out = attention(query, key, key, key_padding_mask=padding)
+
+    q, k, v = attention.project(query, key, key)
+    scores = (q @ k.transpose(-2, -1)) / (32 // 4) ** 0.5
+    scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    torch.manual_seed(3)
+    keep, kept = keep_mask(scores.shape, 0.2, torch.device("cpu"))
+    weights = scores.softmax(-1) * keep / kept
+    expected = attention.out_proj(attention.merge_heads(weights @ v))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert (~keep).any() and keep.any()
+    # evaluation, or p = 0: no dropout at all, the SDPA path
+    attention.eval()
+    no_dropout = attention.out_proj(attention.merge_heads(scores.softmax(-1) @ v))
+    torch.testing.assert_close(attention(query, key, key, key_padding_mask=padding), no_dropout)

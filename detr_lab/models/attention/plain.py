@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_lab.models.dropout import dropout as cheap_dropout_fn
+
 from .masks import additive_mask, blocked_keys
 
 PLAIN_IMPLS = ("sdpa", "math")
@@ -145,22 +147,31 @@ class PlainAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.impl == "math":
             out = self.math_attention(q, k, v, mask, dropout)
+        elif dropout > 0 and q.device.type == "cpu":
+            # SDPA's CPU dropout draws one Bernoulli sample per attention weight, the slow sampler that
+            # `detr_lab.models.dropout` replaces: the weights are formed explicitly to use its mask.
+            out = self.math_attention(q, k, v, mask, dropout, cheap_dropout=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if empty is not None:
             out = out.masked_fill(empty, 0.0)  # queries with no allowed key attend to nothing
         return self.out_proj(self.merge_heads(out))
 
-    def math_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    def math_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, *,
+        cheap_dropout: bool = False,
+    ) -> Tensor:
         """softmax(q k^T / sqrt(head_dim) + mask) v, step by step.
 
         q `[B, nh, Lq, hd]`, k and v `[B, nh, Lk, hd]`, additive mask broadcastable to
-        `[B, nh, Lq, Lk]` or None -> `[B, nh, Lq, hd]`.
+        `[B, nh, Lq, Lk]` or None -> `[B, nh, Lq, hd]`. `dropout` on the weights: `F.dropout`, or with
+        `cheap_dropout` `detr_lab.models.dropout.dropout` (same distribution to 2^-15, cheaper mask).
         """
         scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, Lq, Lk)
         if mask is not None:
             scores = scores + mask
-        weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+        drop = cheap_dropout_fn if cheap_dropout else F.dropout
+        weights = drop(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
         return weights @ v
 
 
