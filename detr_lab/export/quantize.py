@@ -143,8 +143,16 @@ def quantize_onnxruntime(
     float_groups: Sequence[str] = (),
     quantize_groups: Sequence[str] | None = None,
 ) -> Path:
-    """Static INT8 quantization (QDQ format, int8 weights per channel and activations, MinMax
-    calibration on `feeds`) of a detr_lab ONNX file with `onnxruntime.quantization.quantize_static`.
+    """Static INT8 quantization (QDQ format, symmetric int8 weights per channel, asymmetric uint8
+    activations, MinMax calibration on `feeds`) of a detr_lab ONNX file with
+    `onnxruntime.quantization.quantize_static`, after onnxruntime's own pre-processing
+    (`quant_pre_process`: its graph optimizations fold the constant subgraphs, so that every
+    convolution's folded weight and bias are initializers the quantizer can quantize).
+
+    Why these settings (measured, DETR-R50 at 512 x 683, one thread, 2-core Xeon with AVX-512 VNNI;
+    FP32 566 ms): int8 activations without pre-processing 668 ms (slower than FP32: weights left in
+    float behind dequantize nodes), uint8 activations 430 ms, uint8 after pre-processing 269 ms
+    (onnxruntime's x86 kernels are built for uint8 activations with int8 weights).
 
     Args:
         float_groups: candidate groups whose nodes stay float.
@@ -159,25 +167,28 @@ def quantize_onnxruntime(
     quantization = require("onnxruntime.quantization")
     if not feeds:
         raise ValueError("INT8 calibration needs at least one batch of images")
-    names = onnx_quantizable_nodes(onnx_path)
-    excluded = group_nodes(names, float_groups)
-    included = None if quantize_groups is None else group_nodes(names, quantize_groups)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.quantizing")
+    prepared = output.with_name(f".{output.name}.prepared.onnx")
     try:
+        quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        names = onnx_quantizable_nodes(prepared)  # the node names survive the pre-processing
+        excluded = group_nodes(names, float_groups)
+        included = None if quantize_groups is None else group_nodes(names, quantize_groups)
         quantization.quantize_static(
-            str(onnx_path), str(staging), _Feeds(feeds), quant_format=quantization.QuantFormat.QDQ,
+            str(prepared), str(staging), _Feeds(feeds), quant_format=quantization.QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
-            activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
             nodes_to_quantize=included, nodes_to_exclude=excluded,
             calibrate_method=quantization.CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
         proto = onnx.load(str(staging))
     finally:
-        if staging.exists():
-            staging.unlink()
+        for leftover in (staging, prepared):
+            if leftover.exists():
+                leftover.unlink()
     source = onnx.load(str(onnx_path), load_external_data=False)
     del proto.metadata_props[:]
     proto.metadata_props.extend(source.metadata_props)
