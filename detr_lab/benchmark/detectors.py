@@ -37,6 +37,11 @@ Tasks, each at every requested image size and batch size:
 - "train_step": forward, set loss with Hungarian matching against random targets, backward (train
   mode, dropout on; no optimizer step).
 
+Cases: every requested image size (or, with `native_size`, each config's own evaluation size of a
+480 x 640 photo) and batch size, each at every thread count of `threads` (torch's intra-op threads and
+the exported runtimes'; the exported files and the FLOP count are made once per case and shared by
+its thread counts). `format_latency_table` puts the inference modes side by side.
+
 Every figure comes from `runs` timed calls after `warmup` untimed ones. The modes are called in
 turn within each run (the order alternating from run to run), so that load from other processes
 affects both alike; `ratio` holds median(fast) / median(reference) of the wall and CPU times, and
