@@ -416,7 +416,6 @@ def measure_case(
     the thread count (each exported mode's file, the FLOP count) is made once and kept in `kept` (when
     given: the same dict for every thread count of one case, a new one for another case). A mode whose
     OpenVINO model fails its repeat check is recorded with its error instead of times."""
-    task, height, width, batch = case
     kept = {} if kept is None else kept
     threads_before = torch.get_num_threads()
     if threads is not None:
