@@ -93,6 +93,7 @@ from detr_lab.export.openvino_runtime import OpenVinoRepeatError
 from detr_lab.export.timing import ExportedModel, export_for_timing
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
+from detr_lab.models.backbones.frozen_norm_conv import fold_frozen_norms_for_training
 from detr_lab.models.build import build_criterion, build_model
 from detr_lab.models.optimize import optimize_for_inference
 from detr_lab.timer import ratio, summarize, synchronize, time_interleaved
@@ -303,10 +304,12 @@ def use_reference_paths(model: nn.Module) -> nn.Module:
 
 def use_fast_paths(model: nn.Module) -> nn.Module:
     """The training paths, as `DetectionModule` sets them up (in place): SDPA plain attention, the
-    device's fast deformable core and channels-last convolution weights (`model.channels_last`)."""
+    device's fast deformable core, channels-last convolution weights (`model.channels_last`) and the
+    frozen batch norms applied by their convolutions (`model.fold_frozen_norms`)."""
     set_plain_attention_impl(model, "sdpa")
     set_deformable_core(model, "auto")
     model.to(memory_format=torch.channels_last)
+    fold_frozen_norms_for_training(model)
     return model
 
 

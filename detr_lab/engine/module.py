@@ -32,6 +32,7 @@ from detr_lab.engine.optim import (
     update_time_fraction,
 )
 from detr_lab.engine.resume_checks import WORLD_SIZE_KEY
+from detr_lab.models.backbones.frozen_norm_conv import fold_frozen_norms_for_training
 from detr_lab.models.build import build_criterion, build_model, build_postprocess
 from detr_lab.models.criterion import per_image_losses
 from detr_lab.models.matcher import NonFiniteCostError
@@ -94,6 +95,8 @@ class DetectionModule(L.LightningModule):
         self.model = build_model(cfg.model)
         if cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)  # the 4-D tensors: convolution weights
+        if cfg.model.fold_frozen_norms:
+            fold_frozen_norms_for_training(self.model)  # same parameters and state dict keys
         if cfg.model.compile:
             self.model.compile()  # in place: the state_dict keys stay those of the eager model
         self.criterion = build_criterion(cfg.model, cfg.loss)

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from detr_lab.models.attention.deformable import set_deformable_core
 from detr_lab.models.attention.plain import set_plain_attention_impl
 from detr_lab.models.backbones import Backbone, FrozenBatchNorm2d, ResNetBackbone
+from detr_lab.models.backbones.frozen_norm_conv import unfold_frozen_norms
 from detr_lab.models.backbones.resnet_vd import ConvNorm
 from detr_lab.models.fusion import fold_learnable_affine_blocks, fuse_repvgg_blocks
 from detr_lab.models.necks.hybrid_encoder import ConvNormAct
@@ -119,7 +120,10 @@ def fold_frozen_batch_norms(model: nn.Module) -> int:
     """Fold the frozen batch norms of every `ResNetBackbone` in `model` into their convolutions.
 
     Each folded norm is replaced by `nn.Identity`. Returns how many were folded (0 on a second call).
+    Norms that training applies inside their convolutions (`fold_frozen_norms_for_training`) are
+    separated again first, so they are folded once.
     """
+    unfold_frozen_norms(model)
     count = 0
     for backbone in [m for m in model.modules() if isinstance(m, ResNetBackbone)]:
         for parent in list(backbone.modules()):
@@ -136,6 +140,7 @@ def fold_conv_norm_units(model: nn.Module) -> int:
     convolution, at the
     norm's running statistics (its eval-mode function), and replace the norm by `nn.Identity`. For
     models that are only run. Returns how many were folded (0 on a second call)."""
+    unfold_frozen_norms(model)  # training's `FrozenNormConv2d` pairs, folded here once
     count = 0
     for module in list(model.modules()):
         pairs = []
