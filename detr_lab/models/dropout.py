@@ -40,18 +40,24 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor
 
 
 class _MaskedScale(torch.autograd.Function):
-    """`x * keep / kept`, and the same for the gradient (the mask is saved as bool)."""
+    """`x * keep / kept`, and the same for the gradient.
+
+    The mask is turned into `x`'s dtype once, holding `1 / kept` where kept and 0 elsewhere, and saved
+    so: one product each way, where a bool mask costs a conversion and two products each way (DETR's
+    `[2, 8, 352, 352]` attention weights, forward and backward, 2 threads: 3.6 against 7.5 ms), for
+    four times a bool mask's memory. The values are the same: `x * (1 * s)` is `(x * 1) * s`.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        scaled = keep.to(x.dtype).mul_(scale)
+        ctx.save_for_backward(scaled)
+        return x * scaled
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        (scaled,) = ctx.saved_tensors
+        return grad * scaled, None, None
 
 
 def dropout(x: Tensor, p: float, training: bool = True, inplace: bool = False) -> Tensor:
