@@ -190,7 +190,9 @@ class DetectionModule(L.LightningModule):
         """AdamW and the schedule of `optim.schedule`, stepped per epoch or per optimizer step. A step-wise
         schedule learns the epoch length in `on_train_start`: asking Lightning for it here would set up the
         training loader before a resumed run's loader position is restored."""
-        optimizer = build_optimizer(self.model, self.cfg.optim)
+        precision = str(getattr(self._trainer, "precision", "32-true"))
+        # Lightning's mixed-precision plugins refuse gradient clipping with a fused optimizer
+        optimizer = build_optimizer(self.model, self.cfg.optim, fused=not precision.endswith("-mixed"))
         scheduler = build_lr_scheduler(optimizer, self.cfg.optim)
         interval = scheduler_interval(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

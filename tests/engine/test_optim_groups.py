@@ -69,3 +69,28 @@ def test_step_decay_per_epoch():
         scheduler.step()
     assert seen == pytest.approx([1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5])
     assert lr_of(optimizer, model.backbone[1].weight) == pytest.approx(2.5e-6)
+
+
+def test_fused_adamw_where_possible_and_the_same_update():
+    optim = OptimConfig(lr=1e-3, lr_backbone=1e-4, weight_decay=1e-2)
+    torch.manual_seed(0)
+    fused_model = Toy()
+    plain_model = Toy()
+    plain_model.load_state_dict(fused_model.state_dict())
+    initial = fused_model.class_embed.weight.detach().clone()
+    fused = build_optimizer(fused_model, optim)
+    plain = build_optimizer(plain_model, optim, fused=False)
+    assert all(g["fused"] for g in fused.param_groups)
+    assert not any(g["fused"] for g in plain.param_groups)
+    inputs = torch.randn(5, 3)
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model.class_embed(model.encoder["value_proj"](model.backbone(inputs))).square().sum().backward()
+            optimizer.step()
+    for (name, a), b in zip(fused_model.state_dict().items(), plain_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(fused_model.class_embed.weight.detach(), initial)  # the steps moved it
+    # a parameter on a device without fused kernels keeps the default implementation
+    meta = Toy().to("meta")
+    assert not any(g["fused"] for g in build_optimizer(meta, optim).param_groups)
