@@ -18,6 +18,7 @@ from detr_lab.models.backbones.frozen_norm_conv import (
     unfold_frozen_norms,
 )
 from detr_lab.models.optimize import optimize_for_inference
+
 from factories import tiny_batch
 
 FROZEN = "model.backbone.norm=frozen_bn"
