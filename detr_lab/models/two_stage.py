@@ -43,7 +43,8 @@ def encoder_proposals(
     device = memory_padding_mask.device
     heights, widths = spatial_shapes[:, 0], spatial_shapes[:, 1]  # (L,)
     areas = heights * widths
-    starts = areas.cumsum(0) - areas  # (L,)
+    levels = torch.arange(areas.shape[0], device=device)
+    starts = (areas[None, :] * (levels[None, :] < levels[:, None])).sum(1)  # (L,): areas of the levels before
     token = torch.arange(length, device=device)  # (S,)
     level = (token[:, None] >= starts[None, :]).sum(1) - 1  # (S,)
     local = token - starts[level]

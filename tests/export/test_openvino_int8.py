@@ -232,3 +232,19 @@ def test_missing_runtime_is_one_line_naming_the_extra(checkpoints, tmp_path, mon
     monkeypatch.setitem(sys.modules, "sahi.slicing", None)
     with pytest.raises(MissingExtraError, match="'sahi' is not installed"):
         Predictor.from_checkpoint(checkpoints["detr"]).predict(np.zeros((80, 80, 3), np.uint8), slice_size=64)
+
+
+@pytest.mark.parametrize("variant", ["two_stage", "dino"])
+def test_two_stage_members_compute_the_same_on_every_call(variant, checkpoints, tmp_path):
+    """The encoder proposals' token offsets used to be a `CumSum` over the level areas: OpenVINO's CPU
+    plugin left that subgraph unfolded, ran it once as a runtime constant and then divided its cached
+    result in place on every call, so every call after the first drifted (0.56, then 0.88 on the
+    logits of a random D-FINE-N). Built without `CumSum`, the graph is folded at conversion and the
+    repeat check passes."""
+    path = tmp_path / f"{variant}.xml"
+    fixed_size = ["--height", "96", "--width", "128"]  # sizes known at export: the subgraph is constant
+    argv = ["--checkpoint", str(checkpoints[variant]), "--output", str(path), "--format", "openvino",
+            *fixed_size]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert load_tool("export").main(argv) == 0
+    assert OpenVinoDetector(path, check=False).check_repeatable() <= 1e-4
