@@ -175,11 +175,12 @@ class OpenVinoDetector(ExportedRuntime):
         """Run one random batch twice (the traced size, or `DYNAMIC_CHECK_SIZE` for a dynamic IR) and
         return the largest output difference between the two calls.
 
-        OpenVINO's CPU plugin (2026.4) computes some graphs right on a compiled model's first call and
-        differently on every later one, for instance the trained RT-DETR, DEIM and DINO demo models at
-        their fixed export sizes (logits off by up to 4, AP 0.01 where onnxruntime gives 0.93 on the
-        same ONNX graph): something of the compiled model is overwritten by its first inference.
-        Checking here means no such model is used or written without an error.
+        OpenVINO's CPU plugin (2026.4) can compute a graph right on a compiled model's first call and
+        differently on every later one: it runs a subgraph with constant inputs that its conversion did
+        not fold once, keeps the result, and may then overwrite that buffer in place. The two-stage
+        members' fixed-size exports did so (logits off by up to 4) until their encoder proposals were
+        built without `CumSum` (`detr_lab.models.two_stage.encoder_proposals`). Checking here means no
+        such model is used or written without an error.
 
         Raises:
             OpenVinoRepeatError: the two calls differ by more than `REPEAT_TOLERANCE`.

@@ -43,8 +43,11 @@ def encoder_proposals(
     device = memory_padding_mask.device
     heights, widths = spatial_shapes[:, 0], spatial_shapes[:, 1]  # (L,)
     areas = heights * widths
+    # Each level's first token: the areas of the levels before it, summed under a mask. Not `cumsum`:
+    # OpenVINO does not fold a `CumSum` of constants, and its CPU plugin then divided the centres below
+    # in place in a buffer it reuses, so a fixed-size export drifted on every call after the first.
     levels = torch.arange(areas.shape[0], device=device)
-    starts = (areas[None, :] * (levels[None, :] < levels[:, None])).sum(1)  # (L,): areas of the levels before
+    starts = (areas[None, :] * (levels[None, :] < levels[:, None])).sum(1)  # (L,)
     token = torch.arange(length, device=device)  # (S,)
     level = (token[:, None] >= starts[None, :]).sum(1) - 1  # (S,)
     local = token - starts[level]
